@@ -1,0 +1,29 @@
+"""The error tree shared by the service, the search and the workers."""
+
+
+class DarwinfrontError(Exception):
+    """Base class of every error darwinfront raises on purpose."""
+
+
+class InvalidSpec(DarwinfrontError, ValueError):
+    """A job spec or configuration document is malformed; the message names the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class InvalidTransition(DarwinfrontError):
+    """A job status change that the state machine forbids (for example out of a terminal state)."""
+
+
+class JobNotFound(DarwinfrontError, KeyError):
+    """No job with this id exists for this tenant."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we don't want that
+        return str(self.args[0]) if self.args else "job not found"
+
+
+class CandidateFailed(DarwinfrontError):
+    """A candidate's evaluation failed (the reason is the message); the search records it and goes on."""

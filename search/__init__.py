@@ -1,0 +1,1 @@
+"""Search strategies, genomes and Pareto math. Pure Python: no torch, Ray or Redis."""

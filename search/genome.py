@@ -1,0 +1,101 @@
+"""Per-layer level genomes for structured pruning, and the level space they live in.
+
+A genome says, for every decoder layer, how many attention units (KV groups) and how many MLP level steps
+(`mlp_step` channels each) are removed. All layers of a model have the same shape, so every level step of a
+group costs the same number of parameters: a mutation that raises one layer and lowers another in the same
+group keeps the parameter count exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from darwinfront.errors import InvalidSpec
+
+
+@dataclass(frozen=True)
+class LevelSpace:
+    """The shape of a model as the search sees it.
+
+    Attributes:
+        n_layers: decoder layers.
+        attn_levels: attention units per layer; level k removes k units (the top level drops the attention).
+        mlp_levels: MLP level steps per layer; level k removes k * mlp_step channels.
+        attn_unit_params: parameters one attention unit holds (q, k, v rows and o columns, biases included).
+        mlp_level_params: parameters one MLP level step holds.
+        dense_params: parameters of the whole dense model (embeddings included).
+    """
+
+    n_layers: int
+    attn_levels: int
+    mlp_levels: int
+    attn_unit_params: int
+    mlp_level_params: int
+    dense_params: int
+
+    def __post_init__(self) -> None:
+        if self.n_layers < 1 or self.attn_levels < 1 or self.mlp_levels < 1:
+            raise InvalidSpec("model", f"nothing to prune in {self}")
+
+    @property
+    def prunable_params(self) -> int:
+        """Parameters the levels can remove: every attention unit and MLP step of every layer."""
+        return self.n_layers * (self.attn_levels * self.attn_unit_params + self.mlp_levels * self.mlp_level_params)
+
+    def params(self, genome: PruneGenome) -> int:
+        """Exact parameter count of the sliced model that `genome` describes."""
+        self.check(genome)
+        removed = sum(genome.attn) * self.attn_unit_params + sum(genome.mlp) * self.mlp_level_params
+        return self.dense_params - removed
+
+    def uniform(self, target: float) -> PruneGenome:
+        """The genome that removes `target` of each group's units, spread as evenly as the levels allow."""
+        if not 0.0 < target < 1.0:
+            raise InvalidSpec("prune.targets", f"target {target} is not in (0, 1)")
+        attn_total = round(target * self.n_layers * self.attn_levels)
+        mlp_total = round(target * self.n_layers * self.mlp_levels)
+        return PruneGenome(attn=_spread(attn_total, self.n_layers), mlp=_spread(mlp_total, self.n_layers))
+
+    def check(self, genome: PruneGenome) -> None:
+        """Raise `InvalidSpec` unless `genome` fits this space."""
+        if len(genome.attn) != self.n_layers or len(genome.mlp) != self.n_layers:
+            raise InvalidSpec("genome", f"expected {self.n_layers} layers, got {len(genome.attn)}/{len(genome.mlp)}")
+        if any(not 0 <= a <= self.attn_levels for a in genome.attn):
+            raise InvalidSpec("genome.attn", f"levels {genome.attn} outside 0..{self.attn_levels}")
+        if any(not 0 <= m <= self.mlp_levels for m in genome.mlp):
+            raise InvalidSpec("genome.mlp", f"levels {genome.mlp} outside 0..{self.mlp_levels}")
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LevelSpace:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class PruneGenome:
+    """Levels removed per layer: `attn[i]` attention units and `mlp[i]` MLP steps of layer i."""
+
+    attn: tuple[int, ...]
+    mlp: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attn", tuple(int(a) for a in self.attn))
+        object.__setattr__(self, "mlp", tuple(int(m) for m in self.mlp))
+
+    def key(self) -> str:
+        """A short stable text form, used to spot duplicates."""
+        return "a" + ".".join(map(str, self.attn)) + "-m" + ".".join(map(str, self.mlp))
+
+    def to_dict(self) -> dict:
+        return {"attn": list(self.attn), "mlp": list(self.mlp)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruneGenome:
+        return cls(attn=tuple(data["attn"]), mlp=tuple(data["mlp"]))
+
+
+def _spread(total: int, n: int) -> tuple[int, ...]:
+    base, extra = divmod(total, n)
+    return tuple(base + (1 if i < extra else 0) for i in range(n))

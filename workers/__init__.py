@@ -1,0 +1,1 @@
+"""The compute side: the driver, Ray evaluators, model loading, surgery, training and metrics."""
