@@ -1,0 +1,176 @@
+"""Plumbing shared by the criteria: model geometry, micro-batches, input statistics captured with hooks.
+
+Units (see saliency.md §1): an attention unit is one KV group, i.e. the k and v head plus the r = H/G query
+heads that share it; its o_proj input columns are the contiguous block [g·r·h, (g+1)·r·h) because heads are
+head-major and query head q reads KV head q // r. An MLP unit is one intermediate channel j (column j of
+down_proj).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+KINDS = ("attn", "mlp")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shape of a Llama-family decoder as the criteria see it."""
+
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    inter: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV group (r)."""
+        return self.n_heads // self.n_kv
+
+    @property
+    def group_width(self) -> int:
+        """o_proj input columns per KV group (r·h)."""
+        return self.group_size * self.head_dim
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Geometry:
+        cfg = model.config
+        n_heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+        assert n_heads % n_kv == 0, (n_heads, n_kv)
+        return cls(cfg.num_hidden_layers, cfg.hidden_size, n_heads, n_kv, head_dim, cfg.intermediate_size)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a causal LM (`model.model.layers`)."""
+    return list(model.model.layers)
+
+
+def target_linear(layer: nn.Module, kind: str) -> nn.Linear:
+    """The linear whose input columns are the units of `kind`: o_proj for "attn", down_proj for "mlp"."""
+    if kind == "attn":
+        return layer.self_attn.o_proj
+    if kind == "mlp":
+        return layer.mlp.down_proj
+    raise ValueError(f"unknown unit kind {kind!r}; expected one of {KINDS}")
+
+
+def check_kinds(kinds: tuple[str, ...]) -> None:
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown unit kinds {bad}; expected a subset of {KINDS}")
+
+
+def micro_batches(calibration: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Split calibration token ids (N, T) into consecutive chunks of at most `batch_size` sequences."""
+    if calibration.dim() != 2:
+        raise ValueError(f"calibration must be token ids of shape (N, T), got {tuple(calibration.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    yield from calibration.split(batch_size)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def run_body(model: nn.Module, ids: torch.Tensor) -> None:
+    """Run the decoder stack on `ids` (the LM head is not needed for input statistics)."""
+    body = getattr(model, "model", model)
+    body(input_ids=ids.to(model_device(model)), use_cache=False)
+
+
+def group_reduce(col: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """Sum per-column o_proj scores (H·h,) into per-KV-group scores (G,)."""
+    return col.reshape(geo.n_kv, geo.group_width).sum(dim=1)
+
+
+def unit_reduce(col: torch.Tensor, kind: str, geo: Geometry) -> torch.Tensor:
+    """Per-column scores of `kind`'s target linear -> per-unit scores."""
+    return group_reduce(col, geo) if kind == "attn" else col
+
+
+def empty() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.float64)
+
+
+class ColumnStats:
+    """Streaming per-column statistics of a linear's input, in fp64.
+
+    Sums are taken about a shift (the first token seen) so that a constant column has exactly zero variance
+    and the result does not depend on how the tokens were split into micro-batches (beyond rounding).
+    """
+
+    def __init__(self, width: int, gram: bool = False):
+        self.n = 0
+        self.shift: torch.Tensor | None = None
+        self.s1 = torch.zeros(width, dtype=torch.float64)  # Σ (x - shift)
+        self.s2 = torch.zeros(width, dtype=torch.float64)  # Σ (x - shift)²
+        self.sq = torch.zeros(width, dtype=torch.float64)  # Σ x²
+        self.xtx = torch.zeros(width, width, dtype=torch.float64) if gram else None  # Σ x xᵀ
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)  # (tokens, width)
+        if self.shift is None:
+            self.shift = x[0].clone()
+        d = x - self.shift
+        self.n += x.shape[0]
+        self.s1 += d.sum(0)
+        self.s2 += (d * d).sum(0)
+        self.sq += (x * x).sum(0)
+        if self.xtx is not None:
+            self.xtx += x.T @ x
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """‖X_j‖₂ over all tokens."""
+        return self.sq.sqrt()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.shift + self.s1 / self.n
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance (unbiased=False) of every column."""
+        m = self.s1 / self.n
+        return (self.s2 / self.n - m * m).clamp_min(0.0)
+
+
+@contextmanager
+def capture_inputs(
+    model: nn.Module, kinds: tuple[str, ...], gram: bool = False
+) -> Iterator[list[dict[str, ColumnStats]]]:
+    """Attach pre-hooks that stream o_proj / down_proj inputs into `ColumnStats`, one dict per layer."""
+    stats: list[dict[str, ColumnStats]] = []
+    handles = []
+    for layer in decoder_layers(model):
+        per_layer = {}
+        for kind in kinds:
+            lin = target_linear(layer, kind)
+            per_layer[kind] = st = ColumnStats(lin.in_features, gram=gram)
+            handles.append(lin.register_forward_pre_hook(lambda _m, args, st=st: st.update(args[0])))
+        stats.append(per_layer)
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def input_stats(
+    model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...], batch_size: int, gram: bool = False
+) -> list[dict[str, ColumnStats]]:
+    """One no-grad pass over `calibration`: per-layer input statistics of each kind's target linear."""
+    with capture_inputs(model, kinds, gram=gram) as stats, torch.no_grad():
+        for ids in micro_batches(calibration, batch_size):
+            run_body(model, ids)
+    return stats
