@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from search.schedule import evaluations_per_generation
+
 BUILTIN_MODELS = ("tiny-llama", "micro-llama")
 BUILTIN_DATA = ("pydoc",)
 
@@ -120,5 +122,6 @@ class JobSpec(_Strict):
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
 
     def planned_evaluations(self) -> int:
-        """Candidate evaluations the search will run: the uniform start plus λ per generation, per target."""
-        return len(self.prune.targets) * (1 + self.search.generations * self.search.offspring)
+        """Candidate evaluations the search will run: the uniform start, then every stage of every generation."""
+        per_generation = evaluations_per_generation(self.search.offspring)
+        return len(self.prune.targets) * (1 + self.search.generations * per_generation)
