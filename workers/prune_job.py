@@ -1,0 +1,145 @@
+"""The `structured_prune` job: one (1+λ) evolution per target, scored on Ray, recorded in Optuna and Redis."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from search.evolution import Evolution, Request, Stage
+from search.genome import LevelSpace
+from search.schedule import halving_schedule
+from service.spec import JobSpec
+from service.store import JobStore
+from workers import artifacts, tracking
+from workers.pool import EvaluatorPool, run_prepare
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """The user asked to cancel; raised between generations."""
+
+
+@dataclass
+class PruneJob:
+    """Runs one job to completion (or cancellation) given its store, its id and a Redis URL for Optuna."""
+
+    store: JobStore
+    job_id: str
+    redis_url: str
+    data_dir: Path
+
+    def run(self) -> None:
+        record = self.store.get(self.job_id)
+        spec = JobSpec.model_validate(record.spec)
+        prepared = run_prepare(record.spec, gpus=spec.resources.gpus_per_evaluator)
+        space = LevelSpace.from_dict(prepared["space"])
+        self.store.append_event(self.job_id, "prepared", {"space": prepared["space"], "dense": prepared["dense"]})
+        stages = [
+            Stage(survivors=s, fitness_tokens=n * spec.data.seq_len, train_tokens=0)
+            for s, n in halving_schedule(spec.search.offspring, prepared["calibration_sequences"])
+        ]
+        evolutions = self._evolutions(spec, space, stages)
+        study = tracking.open_study(self.redis_url, self.job_id)
+        pool = EvaluatorPool(
+            record.spec, prepared, size=spec.resources.evaluators, gpus=spec.resources.gpus_per_evaluator
+        )
+        try:
+            self._search(spec, space, stages, evolutions, study, pool)
+            self._finish(study, pool)
+        finally:
+            pool.shutdown()
+
+    def _evolutions(self, spec: JobSpec, space: LevelSpace, stages: list[Stage]) -> list[Evolution]:
+        checkpoint = self.store.load_checkpoint(self.job_id)
+        if checkpoint is not None:
+            _, state = checkpoint
+            log.info("job %s resumes from generation %s", self.job_id, state["generation"])
+            return [Evolution.from_state(s) for s in state["evolutions"]]
+        return [
+            Evolution(
+                space,
+                space.uniform(target),
+                seed=spec.seed,
+                key=i,
+                offspring=spec.search.offspring,
+                stages=stages,
+                generations=spec.search.generations,
+            )
+            for i, target in enumerate(spec.prune.targets)
+        ]
+
+    def _search(self, spec, space, stages, evolutions, study, pool) -> None:
+        planned = spec.planned_evaluations()
+        evaluations = tracking.trial_count(study)
+        while not all(e.finished for e in evolutions):
+            generation = min(len(e.history) for e in evolutions if not e.finished)
+            evaluations += self._generation(spec, space, stages, evolutions, study, pool)
+            best = {str(t): e.parent_fitness for t, e in zip(spec.prune.targets, evolutions, strict=True)}
+            front = tracking.front(study)
+            self.store.set_front(self.job_id, front, generation=generation)
+            progress = {"generation": generation, "generations": spec.search.generations, "evaluations": evaluations,
+                        "planned": planned, "best": best}
+            self.store.set_progress(self.job_id, progress)
+            state = {"generation": generation, "evolutions": [e.state_dict() for e in evolutions]}
+            self.store.save_checkpoint(self.job_id, generation, state)
+            self.store.append_event(
+                self.job_id, "generation", {"generation": generation, "best": best, "front_size": len(front)}
+            )
+            if self.store.cancel_requested(self.job_id):
+                raise Cancelled
+
+    def _generation(self, spec, space, stages, evolutions, study, pool) -> int:
+        """Run one generation (all its stages) of every evolution, the targets side by side; return evaluations."""
+        last_stage = len(stages) - 1
+        start = {i: len(e.history) for i, e in enumerate(evolutions) if not e.finished}
+        count = 0
+        while True:
+            batch = [(i, r) for i in start if len(evolutions[i].history) == start[i] for r in evolutions[i].ask()]
+            if not batch:
+                return count
+            owner = {r.candidate_id: i for i, r in batch}
+            requests = [_request_dict(r, spec.prune.targets[i], last_stage, spec.data.seq_len) for i, r in batch]
+            for request, reply in pool.map_unordered(requests):
+                fitness = None if reply.get("error") else reply["kl"]
+                evolutions[owner[request["candidate_id"]]].tell(request["candidate_id"], fitness, reply.get("error"))
+                tracking.record(study, space, reply, final=request["final"])
+                count += 1
+                if reply.get("error"):
+                    event = {"candidate_id": reply["candidate_id"], "error": reply["error"]}
+                    self.store.append_event(self.job_id, "candidate_failed", event)
+
+    def _finish(self, study, pool) -> None:
+        """Write the configuration of every front point, and export each as a sliced model archive."""
+        front = tracking.front(study)
+        if not front:
+            raise RuntimeError("every candidate evaluation failed; see the job's events")
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        for point in front:
+            trial = trials[point["trial"]]
+            request = {"genome": trial.user_attrs["genome"]}
+            result = {"candidate_id": point["candidate_id"], "target": point["target"], "kl": point["objectives"]["kl"]}
+            result["held_out_kl"] = point.get("held_out_kl")
+            configuration = pool.call("configuration", request, result)
+            self.store.put_result(self.job_id, point["candidate_id"], configuration)
+            with tempfile.TemporaryDirectory(dir=self.data_dir) as tmp:
+                pool.call("export", configuration, tmp)
+                meta = artifacts.archive(self.data_dir, self.job_id, point["candidate_id"], Path(tmp))
+            self.store.put_artifact(self.job_id, point["candidate_id"], meta)
+        self.store.set_front(self.job_id, front, generation=None)
+
+
+def _request_dict(request: Request, target: float, last_stage: int, seq_len: int) -> dict:
+    final = request.stage == last_stage or request.generation == 0
+    return {
+        "candidate_id": request.candidate_id,
+        "genome": request.genome.to_dict(),
+        "target": target,
+        "generation": request.generation,
+        "stage": request.stage,
+        "seed": request.seed,
+        "sequences": request.stage_spec.fitness_tokens // seq_len,
+        "final": final,
+    }
