@@ -27,3 +27,10 @@ class JobNotFound(DarwinfrontError, KeyError):
 
 class CandidateFailed(DarwinfrontError):
     """A candidate's evaluation failed (the reason is the message); the search records it and goes on."""
+
+
+class CandidateNotFound(DarwinfrontError, KeyError):
+    """No stored result (configuration or exported model) for this candidate of this job."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "candidate not found"

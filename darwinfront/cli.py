@@ -1,0 +1,208 @@
+"""The `darwinfront` command line: serve the embedded stack, submit jobs, follow them, download results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from darwinfront.client import Client
+from darwinfront.errors import DarwinfrontError
+from service.spec import JobSpec
+
+DEFAULT_DATA_DIR = Path(os.environ.get("DARWINFRONT_DATA_DIR", "~/.local/share/darwinfront")).expanduser()
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_spec(path: Path) -> JobSpec:
+    """Read a YAML or JSON job spec and validate it; errors name the file and the field."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise DarwinfrontError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise DarwinfrontError(f"{path} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise DarwinfrontError(f"{path}: a job spec is a mapping, got {type(raw).__name__}")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "spec"
+        raise DarwinfrontError(f"{path}: {field}: {first['msg']}") from None
+
+
+def print_front(front: dict) -> None:
+    points = front.get("points", [])
+    if not points:
+        print("(front is empty so far)")
+        return
+    print(f"{'candidate':<24} {'target':>6} {'params':>10} {'KL':>10} {'held-out KL':>12}")
+    for p in points:
+        held = p.get("held_out_kl")
+        held = f"{held:12.5f}" if held is not None else f"{'-':>12}"
+        target = p.get("target")
+        target = f"{target:6.2f}" if target is not None else f"{'-':>6}"
+        print(f"{p['candidate_id']:<24} {target} {p['objectives']['params']:>10,} {p['objectives']['kl']:10.5f} {held}")
+
+
+def wait_with_bar(client: Client, job_id: str) -> dict:
+    from tqdm import tqdm
+
+    with tqdm(total=1, unit="eval", desc=job_id, dynamic_ncols=True) as bar:
+
+        def update(job: dict) -> None:
+            progress = job.get("progress") or {}
+            bar.total = max(progress.get("planned", 1), 1)
+            bar.n = progress.get("evaluations", 0)
+            bar.set_postfix_str(f"{job['status']} gen {progress.get('generation', '-')}")
+            bar.refresh()
+
+        job = client.wait(job_id, on_progress=update, poll=0.5)
+    return job
+
+
+def cmd_serve(args) -> int:
+    from darwinfront.stack import EmbeddedStack
+
+    with EmbeddedStack(args.data_dir, host=args.host, port=args.port) as stack:
+        print(f"darwinfront is serving at {stack.url} (docs: {stack.url}/docs)")
+        print(f"API key (tenant 'local'): {stack.key}")
+        print(f"Redis: {stack.redis_url}   data: {stack.data_dir}   Ctrl-C stops.")
+        sys.stdout.flush()
+        try:
+            while stack.driver_process is None or stack.driver_process.poll() is None:
+                time.sleep(0.5)
+            print("the driver process exited; see driver.log", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 0
+
+
+def cmd_driver(args) -> int:
+    from workers.driver import main
+
+    main()
+    return 0
+
+
+def cmd_submit(args) -> int:
+    spec = load_spec(args.spec)
+    client = Client(args.url, args.key)
+    job = client.submit(spec)
+    print(job["id"])
+    if args.wait:
+        job = wait_with_bar(client, job["id"])
+        print(f"{job['id']} {job['status']}" + (f": {job['error']}" if job.get("error") else ""))
+        return 0 if job["status"] == "succeeded" else 1
+    return 0
+
+
+def cmd_status(args) -> int:
+    client = Client(args.url, args.key)
+    if args.job:
+        print(json.dumps(client.job(args.job), indent=2))
+        return 0
+    listing = client.jobs(status=args.status)
+    for job in listing["items"]:
+        progress = job.get("progress") or {}
+        done = f"{progress.get('evaluations', 0)}/{progress.get('planned', '?')}"
+        print(f"{job['id']}  {job['status']:<10} {done:>10}  {job.get('name') or ''}")
+    return 0
+
+
+def cmd_front(args) -> int:
+    print_front(Client(args.url, args.key).front(args.job))
+    return 0
+
+
+def cmd_download(args) -> int:
+    client = Client(args.url, args.key)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = [args.candidate] if args.candidate else [p["candidate_id"] for p in client.front(args.job)["points"]]
+    for cid in ids:
+        path = out / f"{cid}.json"
+        path.write_text(json.dumps(client.configuration(args.job, cid), indent=2))
+        print(path)
+        if args.model:
+            print(client.download_model(args.job, cid, out / f"{cid}.tar.gz"))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    job = Client(args.url, args.key).cancel(args.job)
+    print(f"{job['id']} {job['status']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from darwinfront.demo import run_demo
+
+    return run_demo(args.data_dir, EXAMPLES / "prune-tiny.yaml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="darwinfront", description=__doc__)
+    parser.add_argument("--url", help="server URL (default: $DARWINFRONT_URL or the local server)")
+    parser.add_argument("--key", help="API key (default: $DARWINFRONT_API_KEY or the local server's)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the embedded stack: API + driver + Redis + local Ray")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.set_defaults(func=cmd_serve)
+
+    sub.add_parser("driver", help="run a driver against $REDIS_URL").set_defaults(func=cmd_driver)
+
+    p = sub.add_parser("submit", help="submit a job spec (YAML or JSON)")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="one job, or the list of jobs")
+    p.add_argument("job", nargs="?")
+    p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("front", help="print a job's Pareto front")
+    p.add_argument("job")
+    p.set_defaults(func=cmd_front)
+
+    p = sub.add_parser("download", help="download configurations (all front points by default)")
+    p.add_argument("job")
+    p.add_argument("candidate", nargs="?")
+    p.add_argument("-o", "--output", default=".")
+    p.add_argument("--model", action="store_true", help="also download the sliced model archive")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("cancel", help="cancel a job")
+    p.add_argument("job")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("demo", help="run examples/prune-tiny.yaml end to end on the embedded stack")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR / "demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DarwinfrontError as exc:
+        print(f"darwinfront: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""`darwinfront demo`: the whole product on one machine, as a user would drive it.
+
+Starts the embedded stack, submits the example job on the reference model over REST, follows it, prints the
+front, downloads the smallest front model's configuration and applies it to the original model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from darwinfront.cli import load_spec, print_front, wait_with_bar
+from darwinfront.client import Client
+from darwinfront.stack import EmbeddedStack
+
+
+def run_demo(data_dir: Path, spec_path: Path) -> int:
+    spec = load_spec(spec_path)
+    print(f"building or loading {spec.model.source} and starting the embedded stack in {data_dir} ...")
+    with EmbeddedStack(data_dir, port=0) as stack, Client(stack.url, stack.key) as client:
+        print(f"API at {stack.url}; submitting {spec_path.name}")
+        job = client.submit(spec)
+        job = wait_with_bar(client, job["id"])
+        if job["status"] != "succeeded":
+            print(f"job {job['id']} {job['status']}: {job.get('error')}")
+            return 1
+        front = client.front(job["id"])
+        print_front(front)
+        winner = min(front["points"], key=lambda p: p["objectives"]["params"])
+        configuration = client.configuration(job["id"], winner["candidate_id"])
+        out = Path(data_dir) / "downloads"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{winner['candidate_id']}.json").write_text(json.dumps(configuration, indent=2))
+        archive = client.download_model(job["id"], winner["candidate_id"], out / f"{winner['candidate_id']}.tar.gz")
+    return _apply(spec, configuration, archive)
+
+
+def _apply(spec, configuration: dict, archive: Path) -> int:
+    """Apply the downloaded configuration to the original model, as the README shows users."""
+    import torch
+
+    from workers import metrics, modeling, slicing
+    from workers.data import load_texts, token_sequences
+
+    model, tokenizer = modeling.load_model(spec.model.source, device="cpu")
+    tokens = token_sequences(
+        tokenizer, load_texts(spec.data.source), n_tokens=spec.data.calibration_tokens,
+        seq_len=spec.data.seq_len, split="calibration", seed=spec.seed,
+    )
+    teacher = metrics.teacher_logprobs(model, tokens, batch_size=8)
+    dense_params = slicing.count_parameters(model)
+    slicing.apply_configuration(model, configuration)
+    kl = metrics.kl_to_teacher(model, tokens, teacher, batch_size=8)
+    print(f"\napplied {configuration['candidate_id']}: {dense_params:,} -> {slicing.count_parameters(model):,} "
+          f"parameters; KL recomputed {kl:.5f} (front said {configuration['metrics']['kl']:.5f})")
+    prompt = tokenizer("The with statement", return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
+    print("sample:", tokenizer.decode(out[0], skip_special_tokens=True))
+    print(f"sliced model archive: {archive}")
+    return 0
