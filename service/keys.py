@@ -1,0 +1,83 @@
+"""The Redis key schema: the only place that builds key strings. Every key starts with `df:`."""
+
+from __future__ import annotations
+
+PREFIX = "df:"
+
+
+def job(job_id: str) -> str:
+    """Hash: the job's fields (status, tenant, spec JSON, timestamps, error, driver)."""
+    return f"{PREFIX}job:{job_id}"
+
+
+def jobs_by_tenant(tenant: str) -> str:
+    """Sorted set: a tenant's job ids scored by creation time (epoch seconds)."""
+    return f"{PREFIX}tenant:{tenant}:jobs"
+
+
+def jobs_by_status(tenant: str, status: str) -> str:
+    """Sorted set: a tenant's job ids in one status, scored by creation time."""
+    return f"{PREFIX}tenant:{tenant}:jobs:{status}"
+
+
+def queue() -> str:
+    """List: queued job ids; producers push on the left, drivers take from the right."""
+    return f"{PREFIX}queue"
+
+
+def claimed() -> str:
+    """List: ids of jobs a driver has taken off the queue and not yet finished."""
+    return f"{PREFIX}claimed"
+
+
+def events(job_id: str) -> str:
+    """Stream: the job's capped event log."""
+    return f"{PREFIX}job:{job_id}:events"
+
+
+def front(job_id: str) -> str:
+    """String: JSON of the latest Pareto front snapshot."""
+    return f"{PREFIX}job:{job_id}:front"
+
+
+def progress(job_id: str) -> str:
+    """String: JSON of the latest progress report."""
+    return f"{PREFIX}job:{job_id}:progress"
+
+
+def results(job_id: str) -> str:
+    """Hash: candidate id -> configuration JSON."""
+    return f"{PREFIX}job:{job_id}:results"
+
+
+def artifacts(job_id: str) -> str:
+    """Hash: candidate id -> exported artifact metadata JSON."""
+    return f"{PREFIX}job:{job_id}:artifacts"
+
+
+def checkpoint(job_id: str) -> str:
+    """String: JSON `{generation, state}` of the latest search checkpoint."""
+    return f"{PREFIX}job:{job_id}:checkpoint"
+
+
+def cancel(job_id: str) -> str:
+    """String: present when a cancel was requested; the driver polls it."""
+    return f"{PREFIX}job:{job_id}:cancel"
+
+
+def optuna_prefix(job_id: str) -> str:
+    """Key prefix for Optuna's `JournalRedisBackend` of this job."""
+    return f"{PREFIX}optuna:{job_id}:"
+
+
+def idempotency(tenant: str, key: str) -> str:
+    """String: the job id created under this tenant's idempotency key."""
+    return f"{PREFIX}idem:{tenant}:{key}"
+
+
+def job_keys(job_id: str) -> tuple[str, ...]:
+    """Every per-job key except the Optuna journal (used when a job's data is dropped)."""
+    return (
+        job(job_id), events(job_id), front(job_id), progress(job_id), results(job_id),
+        artifacts(job_id), checkpoint(job_id), cancel(job_id),
+    )

@@ -1,0 +1,1 @@
+"""One router per resource: jobs, fronts, events, candidates, health."""

@@ -1,0 +1,49 @@
+"""What a finished candidate can be downloaded as: its configuration JSON and its sliced model archive."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, status
+from fastapi.responses import FileResponse, JSONResponse
+
+from service.routes.deps import JobDep, SettingsDep, StoreDep
+from service.schemas import ErrorBody
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/jobs/{job_id}/candidates", tags=["results"])
+
+CandidateId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+_FILE_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job, or no such candidate in it."}}
+
+
+@router.get("/{candidate_id}/config", responses=_NOT_FOUND)
+def get_configuration(job: JobDep, candidate_id: CandidateId, store: StoreDep) -> JSONResponse:
+    """The candidate's configuration document, as a JSON download."""
+    configuration = store.get_result(job.id, candidate_id)
+    filename = _FILE_SAFE.sub("_", f"{job.id}-{candidate_id}.json")
+    return JSONResponse(configuration, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+@router.get(
+    "/{candidate_id}/model",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/gzip": {}}}, **_NOT_FOUND},
+)
+def get_model(job: JobDep, candidate_id: CandidateId, store: StoreDep, settings: SettingsDep) -> FileResponse:
+    """The sliced model archive (`.tar.gz` of a Hugging Face directory) exported for this candidate."""
+    meta = store.get_artifact(job.id, candidate_id)
+    folder = (settings.artifacts_dir / job.id).resolve()
+    path = (settings.artifacts_dir / meta["path"]).resolve()
+    if not path.is_relative_to(folder) or not path.is_file():
+        log.warning("artifact of %s/%s missing or outside %s: %s", job.id, candidate_id, folder, meta["path"])
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            detail={"code": "artifact_missing",
+                    "message": f"the model archive of candidate {candidate_id!r} is not on this server"},
+        )
+    headers = {"X-Checksum-SHA256": meta["sha256"]} if meta.get("sha256") else None
+    return FileResponse(path, media_type="application/gzip", filename=path.name, headers=headers)

@@ -1,0 +1,69 @@
+"""Jobs: submit, list, read, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
+
+from service.routes.deps import JobDep, SettingsDep, StoreDep, TenantDep
+from service.schemas import ErrorBody, JobCreate, JobList, JobPublic
+from service.status import JobStatus
+from service.validation import validate_spec
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+_NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job for this API key."}}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={422: {"model": ErrorBody, "description": "The spec is invalid; the error names the field."}},
+)
+def create_job(
+    body: JobCreate, tenant: TenantDep, store: StoreDep, settings: SettingsDep, response: Response
+) -> JobPublic:
+    """Submit a compression job. It is queued; a driver picks it up."""
+    spec = body.spec()
+    validate_spec(spec, settings)
+    record = store.create(tenant, spec.model_dump(mode="json"), idempotency_key=body.idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{record.id}"
+    return JobPublic.from_record(record)
+
+
+@router.get("")
+def list_jobs(
+    tenant: TenantDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, description="Page size, at most the server's max_page_size.")] = 50,
+) -> JobList:
+    """The caller's jobs, newest first, optionally only those in one status."""
+    if limit > settings.max_page_size:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail={"code": "invalid_request", "field": "limit",
+                    "message": f"limit: at most {settings.max_page_size}, got {limit}"},
+        )
+    records, total = store.list(tenant, status=status_, offset=offset, limit=limit)
+    return JobList(items=[JobPublic.from_record(r) for r in records], total=total, offset=offset, limit=limit)
+
+
+@router.get("/{job_id}", responses=_NOT_FOUND)
+def get_job(job: JobDep) -> JobPublic:
+    """One job: its status, spec and progress."""
+    return JobPublic.from_record(job)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={**_NOT_FOUND, 409: {"model": ErrorBody, "description": "The job has already finished."}},
+)
+def cancel_job(job: JobDep, store: StoreDep) -> JobPublic:
+    """Cancel a job: a queued one at once; a running one stays running until its driver sees the request."""
+    store.request_cancel(job.id)
+    return JobPublic.from_record(store.get(job.id))

@@ -1,0 +1,119 @@
+"""What the API reads and writes: one schema per direction."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.spec import JobSpec
+from service.status import JobStatus
+from service.store import JobRecord
+
+
+class JobCreate(JobSpec):
+    """A job spec, plus an optional idempotency key: resending the same key returns the first job."""
+
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+        description="Printable ASCII, no spaces; the same key from the same tenant returns the same job.",
+    )
+
+    def spec(self) -> JobSpec:
+        """The job spec without the request-only fields."""
+        return JobSpec.model_validate(self.model_dump(exclude={"idempotency_key"}))
+
+
+class Progress(BaseModel):
+    """How far the search has come."""
+
+    model_config = ConfigDict(extra="allow")
+
+    generation: int | None = None
+    generations: int | None = None
+    evaluations: int | None = None
+    planned: int | None = None
+    best: dict[str, Any] | None = None
+
+
+class JobPublic(BaseModel):
+    """A job as the API shows it to its owner."""
+
+    id: str
+    name: str | None
+    status: JobStatus
+    spec: dict[str, Any]
+    progress: Progress
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_record(cls, record: JobRecord) -> JobPublic:
+        """Build from a stored job (the tenant and the driver id are not shown)."""
+        return cls(
+            id=record.id, name=record.spec.get("name"), status=record.status, spec=record.spec,
+            progress=Progress.model_validate(record.progress), error=record.error,
+            created_at=record.created_at, started_at=record.started_at, finished_at=record.finished_at,
+        )
+
+
+class JobList(BaseModel):
+    """One page of jobs, newest first."""
+
+    items: list[JobPublic]
+    total: int = Field(description="Jobs matching the filter, over all pages.")
+    offset: int
+    limit: int
+
+
+class FrontPoint(BaseModel):
+    """One non-dominated candidate."""
+
+    model_config = ConfigDict(extra="allow")
+
+    candidate_id: str
+    objectives: dict[str, float] = Field(description="Objective values, e.g. {'kl': 0.12, 'params': 0.5}.")
+    target: float | None = None
+    generation: int | None = None
+
+
+class Front(BaseModel):
+    """The latest Pareto front snapshot of a job."""
+
+    job_id: str
+    points: list[FrontPoint]
+    updated_at: datetime | None
+    generation: int | None
+
+
+class Event(BaseModel):
+    """One entry of a job's event log."""
+
+    id: str = Field(description="Stream id; pass it as `after` to read what follows.")
+    time: datetime
+    kind: str
+    data: dict[str, Any]
+
+
+class EventList(BaseModel):
+    """A batch of events, oldest first."""
+
+    items: list[Event]
+    last_id: str = Field(description="Id of the last event returned (or the `after` given when none).")
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong."""
+
+    code: str = Field(description="Stable machine-readable code, e.g. `invalid_spec`, `job_not_found`.")
+    message: str
+    field: str | None = Field(default=None, description="Dotted path of the offending field, if any.")
+
+
+class ErrorBody(BaseModel):
+    """The one shape of every error response."""
+
+    error: ErrorDetail

@@ -1,0 +1,103 @@
+"""The service's one settings class, read from `DARWINFRONT_*` environment variables.
+
+Reach it through `get_settings()` (cached); tests pass their own `Settings` to `create_app` or override the
+dependency. Placeholder secrets are refused when the settings are built, so a misconfigured server never
+starts.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "changethis", "secret", "password"})
+
+
+def _default_data_dir() -> Path:
+    return Path("~/.local/share/darwinfront").expanduser()
+
+
+def _cache_dir() -> Path:
+    return Path("~/.cache/darwinfront").expanduser()
+
+
+class Settings(BaseSettings):
+    """Server configuration.
+
+    Attributes:
+        redis_url: An external Redis (`redis://`, `rediss://` or `unix://`); also read from plain `REDIS_URL`.
+            None means the service starts its own embedded Redis under `data_dir`.
+        data_dir: Holds the embedded Redis database, the artifacts and the API keys file.
+        api_keys_file: JSON `{"tenants": {"<tenant>": ["<sha256 hex of key>", ...]}}`;
+            default `data_dir/api_keys.json`.
+        api_keys: Extra keys from the environment, as JSON mapping plaintext key -> tenant.
+        allowed_model_roots: Local model directories must resolve under one of these.
+        allowed_data_roots: Local calibration files must resolve under one of these.
+        max_evaluations_per_job: Refuse jobs that plan more candidate evaluations than this.
+        max_page_size: The largest `limit` a list request may ask for.
+        cors_origins: Origins allowed by CORS; empty disables the middleware.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DARWINFRONT_", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DARWINFRONT_REDIS_URL", "REDIS_URL", "redis_url")
+    )
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    api_keys_file: Path | None = None
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    allowed_model_roots: list[Path] | None = None
+    allowed_data_roots: list[Path] | None = None
+    max_evaluations_per_job: int = Field(default=100_000, ge=1)
+    max_page_size: int = Field(default=100, ge=1, le=10_000)
+    cors_origins: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _resolve_defaults(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser()
+        if self.allowed_model_roots is None:
+            self.allowed_model_roots = [self.data_dir / "models", _cache_dir(), Path.cwd()]
+        if self.allowed_data_roots is None:
+            self.allowed_data_roots = [self.data_dir / "data", _cache_dir(), Path.cwd()]
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        for key, tenant in self.api_keys.items():
+            if key.strip().lower() in PLACEHOLDER_SECRETS:
+                raise ValueError(
+                    f"DARWINFRONT_API_KEYS holds a placeholder key {key!r} (tenant {tenant!r}); "
+                    "generate a real one with `darwinfront keys create`"
+                )
+            if not tenant.strip():
+                raise ValueError("DARWINFRONT_API_KEYS maps a key to an empty tenant name")
+        if self.redis_url:
+            password = urlsplit(self.redis_url).password
+            if password is not None and password.strip().lower() in PLACEHOLDER_SECRETS:
+                raise ValueError("the Redis URL holds a placeholder password; set a real one")
+        return self
+
+    @property
+    def keys_file(self) -> Path:
+        """Where API key hashes are stored."""
+        return self.api_keys_file or self.data_dir / "api_keys.json"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Root of exported model archives: `<artifacts_dir>/<job id>/...`."""
+        return self.data_dir / "artifacts"
+
+    @property
+    def redis_dir(self) -> Path:
+        """Where the embedded Redis keeps its database."""
+        return self.data_dir / "redis"
+
+
+@functools.lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment (a FastAPI dependency tests override)."""
+    return Settings()

@@ -1,0 +1,95 @@
+"""Spec checks that need the server's settings: where local models and data may live, and the budget cap.
+
+Each check raises `InvalidSpec(field, message)`; the API answers it with a 422 naming the field, before any
+job exists. Paths are resolved (symlinks followed) and must land under an allowed root; `..` is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from darwinfront.errors import InvalidSpec
+from service.settings import Settings
+from service.spec import JobSpec
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_DATASET_ID = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+DATA_SUFFIXES = (".txt", ".jsonl")
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
+
+
+def _under_allowed_root(source: str, roots: list[Path], field: str, what: str) -> Path:
+    """Resolve `source` and require it under one of `roots`; returns the resolved path."""
+    raw = Path(source).expanduser()
+    if ".." in raw.parts:
+        raise InvalidSpec(field, f"{what} path {source!r} must not contain '..'")
+    resolved = raw.resolve()
+    allowed = [root.expanduser().resolve() for root in roots]
+    if not any(resolved.is_relative_to(root) for root in allowed):
+        shown = ", ".join(str(root) for root in allowed) or "(none configured)"
+        raise InvalidSpec(field, f"{what} path {source!r} is outside the allowed directories: {shown}")
+    return resolved
+
+
+def check_model_source(source: str, settings: Settings) -> None:
+    """Accept `builtin:<name>`, a hub id `org/name`, or a local model directory under an allowed root."""
+    field = "model.source"
+    if source.startswith("builtin:"):
+        return  # the spec itself checked the name
+    if not _looks_like_path(source):
+        if _HUB_ID.match(source):
+            return
+        raise InvalidSpec(field, f"{source!r} is neither a local model directory, a hub id 'org/name', "
+                                 "nor builtin:<name>")
+    path = _under_allowed_root(source, settings.allowed_model_roots, field, "model")
+    if not path.is_dir():
+        raise InvalidSpec(field, f"model directory {source!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise InvalidSpec(field, f"model directory {source!r} has no config.json (not a Hugging Face model)")
+
+
+def check_data_source(source: str, settings: Settings) -> None:
+    """Accept `builtin:<name>`, a `datasets` id, or a non-empty .txt/.jsonl file under an allowed root."""
+    field = "data.source"
+    if source.startswith("builtin:"):
+        return
+    if not _looks_like_path(source) and not source.endswith(DATA_SUFFIXES):
+        if _DATASET_ID.match(source):
+            return
+        raise InvalidSpec(field, f"{source!r} is neither a local .txt/.jsonl file, a datasets id, "
+                                 "nor builtin:<name>")
+    path = _under_allowed_root(source, settings.allowed_data_roots, field, "data")
+    if path.suffix not in DATA_SUFFIXES:
+        raise InvalidSpec(field, f"data file {source!r} must end in .txt or .jsonl")
+    if not path.is_file():
+        raise InvalidSpec(field, f"data file {source!r} does not exist")
+    with path.open("rb") as handle:
+        head = handle.read(1 << 20)
+    if not head.strip():
+        raise InvalidSpec(field, f"data file {source!r} is empty")
+
+
+def check_budget(spec: JobSpec, settings: Settings) -> None:
+    """Refuse a spec that plans more evaluations than the server allows per job."""
+    planned = spec.planned_evaluations()
+    if planned > settings.max_evaluations_per_job:
+        raise InvalidSpec(
+            "search",
+            f"the job plans {planned} candidate evaluations (targets, generations and offspring); "
+            f"this server allows at most {settings.max_evaluations_per_job} per job",
+        )
+
+
+def validate_spec(spec: JobSpec, settings: Settings) -> None:
+    """Run every settings-dependent check on a spec that already passed its own validation.
+
+    Raises:
+        InvalidSpec: The first failed check, naming the field.
+    """
+    check_model_source(spec.model.source, settings)
+    check_data_source(spec.data.source, settings)
+    check_budget(spec, settings)
