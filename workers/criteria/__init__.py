@@ -15,6 +15,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "random": ("workers.criteria.random", "Random"),
     "magnitude": ("workers.criteria.magnitude", "Magnitude"),
     "wanda_sp": ("workers.criteria.wanda_sp", "WandaSP"),
+    "obs": ("workers.criteria.obs", "Obs"),
 }
 
 

@@ -110,17 +110,21 @@ class ColumnStats:
     """
 
     def __init__(self, width: int, gram: bool = False):
+        self.width = width
+        self.gram = gram
         self.n = 0
         self.shift: torch.Tensor | None = None
-        self.s1 = torch.zeros(width, dtype=torch.float64)  # Σ (x - shift)
-        self.s2 = torch.zeros(width, dtype=torch.float64)  # Σ (x - shift)²
-        self.sq = torch.zeros(width, dtype=torch.float64)  # Σ x²
-        self.xtx = torch.zeros(width, width, dtype=torch.float64) if gram else None  # Σ x xᵀ
+        self.s1 = self.s2 = self.sq = torch.zeros(width, dtype=torch.float64)
+        self.xtx: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)  # (tokens, width)
+        """Add a batch of inputs (..., width); sums stay on the input's device, in fp64."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, width)
         if self.shift is None:
             self.shift = x[0].clone()
+            self.s1, self.s2, self.sq = (torch.zeros_like(self.shift) for _ in range(3))  # Σd, Σd², Σx²
+            if self.gram:
+                self.xtx = x.new_zeros(self.width, self.width)  # Σ x xᵀ
         d = x - self.shift
         self.n += x.shape[0]
         self.s1 += d.sum(0)

@@ -24,7 +24,7 @@ from workers.criteria.base import LayerScores, UnitScores
 
 def wanda_columns(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """Column scores Σ_i |W_ij|·‖X_j‖ of a linear with weight (out, in) and input column norms (in,)."""
-    return weight.detach().to(torch.float64).abs().sum(0).cpu() * norm
+    return weight.detach().to(device=norm.device, dtype=torch.float64).abs().sum(0) * norm
 
 
 class WandaSP:
@@ -47,6 +47,6 @@ class WandaSP:
             out = {k: empty() for k in KINDS}
             for kind in kinds:
                 col = wanda_columns(target_linear(layer, kind).weight, st[kind].norm)
-                out[kind] = unit_reduce(col, kind, geo)
+                out[kind] = unit_reduce(col, kind, geo).cpu()
             layers.append(LayerScores(**out))
         return UnitScores(layers=tuple(layers), criterion=self.name)
