@@ -27,7 +27,10 @@ def load_spec(path: Path) -> JobSpec:
     except OSError as exc:
         raise DarwinfrontError(f"cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise DarwinfrontError(f"{path} is not valid YAML/JSON: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "cannot parse"
+        raise DarwinfrontError(f"{path} is not valid YAML/JSON{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise DarwinfrontError(f"{path}: a job spec is a mapping, got {type(raw).__name__}")
     try:

@@ -1,0 +1,150 @@
+"""The whole path over real HTTP: embedded Redis, a driver process with a local Ray, the API server.
+
+submit -> poll until succeeded -> front -> download a configuration -> apply -> recompute; cancel; failure.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import time
+
+import httpx
+import pytest
+import torch
+
+from darwinfront.stack import EmbeddedStack
+from service.spec import JobSpec
+from workers import metrics, modeling, slicing
+from workers.data import load_texts, token_sequences
+
+pytestmark = pytest.mark.integration
+
+SPEC = {
+    "name": "e2e",
+    "model": {"source": "builtin:micro-llama", "device": "cpu"},
+    "data": {"calibration_tokens": 1024, "eval_tokens": 512, "seq_len": 64},
+    "prune": {"targets": [0.25, 0.5]},
+    "search": {"generations": 3, "offspring": 4},
+    "seed": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, micro_dir):
+    """One embedded stack for the module (Ray starts once); the micro model is built before the driver runs."""
+    data_dir = tmp_path_factory.mktemp("stack")
+    with EmbeddedStack(data_dir, port=0) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def http(stack):
+    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30) as client:
+        yield client
+
+
+def _wait(http, job_id, statuses=("succeeded", "failed", "cancelled"), timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def finished_job(http):
+    response = http.post("/v1/jobs", json=SPEC)
+    assert response.status_code == 201, response.text
+    job = _wait(http, response.json()["id"])
+    assert job["status"] == "succeeded", job
+    return job
+
+
+def test_submit_poll_front_download_apply(http, finished_job, tmp_path):
+    job_id = finished_job["id"]
+    assert finished_job["progress"]["evaluations"] == JobSpec.model_validate(SPEC).planned_evaluations()
+
+    front = http.get(f"/v1/jobs/{job_id}/front").json()
+    points = front["points"]
+    assert len(points) >= 2
+    params = [p["objectives"]["params"] for p in points]
+    kls = [p["objectives"]["kl"] for p in points]
+    assert params == sorted(params) and kls == sorted(kls, reverse=True)  # a front: smaller means worse
+
+    point = points[0]
+    response = http.get(f"/v1/jobs/{job_id}/candidates/{point['candidate_id']}/config")
+    assert response.status_code == 200
+    configuration = response.json()
+
+    spec = JobSpec.model_validate(SPEC)
+    model, tokenizer = modeling.load_model(spec.model.source, device="cpu")
+    tokens = token_sequences(
+        tokenizer, load_texts(spec.data.source), n_tokens=spec.data.calibration_tokens,
+        seq_len=spec.data.seq_len, split="calibration", seed=spec.seed,
+    )
+    teacher = metrics.teacher_logprobs(model, tokens, batch_size=8)
+    slicing.apply_configuration(model, configuration)
+    assert slicing.count_parameters(model) == point["objectives"]["params"] == configuration["parameters"]
+    kl = metrics.kl_to_teacher(model, tokens, teacher, batch_size=8)
+    assert kl == pytest.approx(point["objectives"]["kl"], abs=1e-4)
+    generated = model.generate(**tokenizer("The if statement", return_tensors="pt"), max_new_tokens=5)
+    assert generated.shape[1] > 0
+
+    archive = tmp_path / "model.tar.gz"
+    response = http.get(f"/v1/jobs/{job_id}/candidates/{point['candidate_id']}/model")
+    assert response.status_code == 200
+    archive.write_bytes(response.content)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path, filter="data")
+    reloaded, _ = slicing.load_pruned(tmp_path / point["candidate_id"])
+    with torch.inference_mode():
+        assert torch.allclose(reloaded(tokens[:2]).logits, model(tokens[:2]).logits, atol=1e-5)
+
+
+def test_every_evaluation_is_in_the_optuna_study(stack, finished_job):
+    from workers import tracking
+
+    study = tracking.open_study(stack.redis_url, finished_job["id"])
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == finished_job["progress"]["evaluations"]
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert complete and all(len(t.values) == 2 for t in complete)
+    assert all("genome" in t.user_attrs for t in trials)
+
+
+def test_events_tell_the_story(http, finished_job):
+    events = http.get(f"/v1/jobs/{finished_job['id']}/events").json()["events"]
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] in ("queued", "started") and kinds[-1] == "succeeded"
+    assert kinds.count("generation") == SPEC["search"]["generations"] + 1
+
+
+def test_cancel_stops_within_a_generation_and_keeps_the_front(http):
+    spec = json.loads(json.dumps(SPEC)) | {"name": "to cancel"}
+    spec["search"] = {"generations": 200, "offspring": 4}
+    job_id = http.post("/v1/jobs", json=spec).json()["id"]
+    deadline = time.monotonic() + 300
+    while (http.get(f"/v1/jobs/{job_id}").json().get("progress") or {}).get("generation", -1) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    cancelled_at = http.get(f"/v1/jobs/{job_id}").json()["progress"]["generation"]
+    job = _wait(http, job_id, timeout=120)
+    assert job["status"] == "cancelled"
+    assert job["progress"]["generation"] <= cancelled_at + 1
+    assert http.get(f"/v1/jobs/{job_id}/front").json()["points"]
+
+
+def test_a_model_that_cannot_load_fails_with_a_readable_error(http, stack, tmp_path_factory, monkeypatch):
+    broken = stack.data_dir / "models" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    spec = SPEC | {"model": {"source": str(broken), "device": "cpu"}, "name": "broken"}
+    response = http.post("/v1/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    job = _wait(http, response.json()["id"], timeout=120)
+    assert job["status"] == "failed"
+    assert job["error"] and "Traceback" not in job["error"]
