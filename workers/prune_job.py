@@ -73,7 +73,7 @@ class PruneJob:
 
     def _search(self, spec, space, stages, evolutions, study, pool) -> None:
         planned = spec.planned_evaluations()
-        evaluations = tracking.trial_count(study)
+        evaluations = tracking.trial_count(study)  # a resumed job counts what it had done
         while not all(e.finished for e in evolutions):
             generation = min(len(e.history) for e in evolutions if not e.finished)
             evaluations += self._generation(spec, space, stages, evolutions, study, pool)
@@ -92,9 +92,14 @@ class PruneJob:
                 raise Cancelled
 
     def _generation(self, spec, space, stages, evolutions, study, pool) -> int:
-        """Run one generation (all its stages) of every evolution, the targets side by side; return evaluations."""
+        """Run one generation (all its stages) of every evolution, the targets side by side; return evaluations.
+
+        A candidate already in the study (evaluated before a driver restart) is told its recorded result
+        instead of being scored again: seeds make ids and results deterministic, so nothing counts twice.
+        """
         last_stage = len(stages) - 1
         start = {i: len(e.history) for i, e in enumerate(evolutions) if not e.finished}
+        recorded = tracking.recorded(study)
         count = 0
         while True:
             batch = [(i, r) for i in start if len(evolutions[i].history) == start[i] for r in evolutions[i].ask()]
@@ -102,7 +107,10 @@ class PruneJob:
                 return count
             owner = {r.candidate_id: i for i, r in batch}
             requests = [_request_dict(r, spec.prune.targets[i], last_stage, spec.data.seq_len) for i, r in batch]
-            for request, reply in pool.map_unordered(requests):
+            for cid in [r["candidate_id"] for r in requests if r["candidate_id"] in recorded]:
+                evolutions[owner[cid]].tell(cid, recorded[cid].get("kl"), recorded[cid].get("error"))
+            fresh = [r for r in requests if r["candidate_id"] not in recorded]
+            for request, reply in pool.map_unordered(fresh):
                 fitness = None if reply.get("error") else reply["kl"]
                 evolutions[owner[request["candidate_id"]]].tell(request["candidate_id"], fitness, reply.get("error"))
                 tracking.record(study, space, reply, final=request["final"])

@@ -95,5 +95,19 @@ def front(study: optuna.Study) -> list[dict]:
     return points
 
 
+def recorded(study: optuna.Study) -> dict[str, dict]:
+    """Every recorded candidate's result by candidate id: `kl` (final or partial-data fitness) or `error`."""
+    results = {}
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        if trial.state == TrialState.COMPLETE:
+            results[attrs["candidate_id"]] = {"kl": trial.values[0]}
+        elif trial.state == TrialState.PRUNED:
+            results[attrs["candidate_id"]] = {"kl": next(iter(trial.intermediate_values.values()))}
+        elif trial.state == TrialState.FAIL:
+            results[attrs["candidate_id"]] = {"kl": None, "error": attrs.get("error", "failed")}
+    return results
+
+
 def trial_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False))
