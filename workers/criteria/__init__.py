@@ -16,6 +16,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "magnitude": ("workers.criteria.magnitude", "Magnitude"),
     "wanda_sp": ("workers.criteria.wanda_sp", "WandaSP"),
     "obs": ("workers.criteria.obs", "Obs"),
+    "flap": ("workers.criteria.flap", "Flap"),
 }
 
 

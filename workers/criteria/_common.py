@@ -98,6 +98,16 @@ def unit_reduce(col: torch.Tensor, kind: str, geo: Geometry) -> torch.Tensor:
     return group_reduce(col, geo) if kind == "attn" else col
 
 
+def unit_columns(units: torch.Tensor, kind: str, geo: Geometry) -> torch.Tensor:
+    """Bool mask over the target linear's input columns covered by `units` (indices of KV groups / channels)."""
+    units = torch.as_tensor(units, dtype=torch.long).reshape(-1)
+    width = geo.group_width if kind == "attn" else 1
+    n = geo.n_kv if kind == "attn" else geo.inter
+    mask = torch.zeros(n, width, dtype=torch.bool)
+    mask[units] = True
+    return mask.reshape(-1)
+
+
 def empty() -> torch.Tensor:
     return torch.zeros(0, dtype=torch.float64)
 
