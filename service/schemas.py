@@ -101,7 +101,7 @@ class Event(BaseModel):
 class EventList(BaseModel):
     """A batch of events, oldest first."""
 
-    items: list[Event]
+    events: list[Event]
     last_id: str = Field(description="Id of the last event returned (or the `after` given when none).")
 
 

@@ -35,8 +35,11 @@ class Settings(BaseSettings):
         api_keys_file: JSON `{"tenants": {"<tenant>": ["<sha256 hex of key>", ...]}}`;
             default `data_dir/api_keys.json`.
         api_keys: Extra keys from the environment, as JSON mapping plaintext key -> tenant.
-        allowed_model_roots: Local model directories must resolve under one of these.
-        allowed_data_roots: Local calibration files must resolve under one of these.
+        cache_dir: Where builtin reference models are built (`DARWINFRONT_CACHE_DIR`, as the workers read it).
+        allowed_model_roots: Local model directories must resolve under one of these; default
+            `data_dir/models`, `cache_dir` and the working directory.
+        allowed_data_roots: Local calibration files must resolve under one of these; default
+            `data_dir/data`, `cache_dir` and the working directory.
         max_evaluations_per_job: Refuse jobs that plan more candidate evaluations than this.
         max_page_size: The largest `limit` a list request may ask for.
         cors_origins: Origins allowed by CORS; empty disables the middleware.
@@ -50,6 +53,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir)
     api_keys_file: Path | None = None
     api_keys: dict[str, str] = Field(default_factory=dict)
+    cache_dir: Path = Field(default_factory=_cache_dir)
     allowed_model_roots: list[Path] | None = None
     allowed_data_roots: list[Path] | None = None
     max_evaluations_per_job: int = Field(default=100_000, ge=1)
@@ -59,10 +63,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _resolve_defaults(self) -> Settings:
         self.data_dir = self.data_dir.expanduser()
+        self.cache_dir = self.cache_dir.expanduser()
         if self.allowed_model_roots is None:
-            self.allowed_model_roots = [self.data_dir / "models", _cache_dir(), Path.cwd()]
+            self.allowed_model_roots = [self.data_dir / "models", self.cache_dir, Path.cwd()]
         if self.allowed_data_roots is None:
-            self.allowed_data_roots = [self.data_dir / "data", _cache_dir(), Path.cwd()]
+            self.allowed_data_roots = [self.data_dir / "data", self.cache_dir, Path.cwd()]
         return self
 
     @model_validator(mode="after")

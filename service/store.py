@@ -145,10 +145,8 @@ class JobStore:
         """A page of the tenant's jobs, newest first, and how many there are in all."""
         if offset < 0 or limit < 1:
             raise ValueError(f"offset must be >= 0 and limit >= 1, got offset={offset}, limit={limit}")
-        if status is None:
-            index = keys.jobs_by_tenant(tenant)
-        else:
-            index = keys.jobs_by_status(tenant, JobStatus(status).value)
+        by_status = status is not None
+        index = keys.jobs_by_status(tenant, JobStatus(status).value) if by_status else keys.jobs_by_tenant(tenant)
         pipe = self._r.pipeline(transaction=False)
         pipe.zcard(index)
         pipe.zrevrange(index, offset, offset + limit - 1)

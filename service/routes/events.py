@@ -21,4 +21,4 @@ def list_events(
 ) -> EventList:
     """Events after `after`, oldest first; poll again with `last_id` to follow the job."""
     items = [Event(**event) for event in store.events(job.id, after=after, count=limit)]
-    return EventList(items=items, last_id=items[-1].id if items else after)
+    return EventList(events=items, last_id=items[-1].id if items else after)

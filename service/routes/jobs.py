@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 
 from service.routes.deps import JobDep, SettingsDep, StoreDep, TenantDep
 from service.schemas import ErrorBody, JobCreate, JobList, JobPublic
@@ -22,12 +22,30 @@ _NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job for this API
     responses={422: {"model": ErrorBody, "description": "The spec is invalid; the error names the field."}},
 )
 def create_job(
-    body: JobCreate, tenant: TenantDep, store: StoreDep, settings: SettingsDep, response: Response
+    body: JobCreate,
+    tenant: TenantDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_header: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")
+    ] = None,
 ) -> JobPublic:
-    """Submit a compression job. It is queued; a driver picks it up."""
+    """Submit a compression job. It is queued; a driver picks it up.
+
+    An idempotency key (the `Idempotency-Key` header or the `idempotency_key` field) makes a retry return the
+    job the first request created.
+    """
+    key = body.idempotency_key or idempotency_header
+    if body.idempotency_key and idempotency_header and body.idempotency_key != idempotency_header:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail={"code": "invalid_request", "field": "idempotency_key",
+                    "message": "idempotency_key: differs from the Idempotency-Key header"},
+        )
     spec = body.spec()
     validate_spec(spec, settings)
-    record = store.create(tenant, spec.model_dump(mode="json"), idempotency_key=body.idempotency_key)
+    record = store.create(tenant, spec.model_dump(mode="json"), idempotency_key=key)
     response.headers["Location"] = f"/v1/jobs/{record.id}"
     return JobPublic.from_record(record)
 
