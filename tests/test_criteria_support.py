@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 torch.set_num_threads(1)
 
@@ -21,7 +23,7 @@ def tiny_model(seed: int = 0, layers: int = 2, **config) -> LlamaForCausalLM:
         num_hidden_layers=layers,
         vocab_size=VOCAB,
         max_position_embeddings=64,
-        attn_implementation="eager",
+        attn_implementation="sdpa",  # eager takes its softmax in fp32; sdpa on CPU stays in fp64
     )
     cfg.update(config)
     torch.manual_seed(seed)
@@ -30,7 +32,23 @@ def tiny_model(seed: int = 0, layers: int = 2, **config) -> LlamaForCausalLM:
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.15)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, LlamaRMSNorm):
+                setattr(parent, name, ExactRMSNorm(child))
     return model
+
+
+class ExactRMSNorm(nn.Module):
+    """LlamaRMSNorm's arithmetic without its round trip through fp32, so fp64 tests see fp64 gradients."""
+
+    def __init__(self, norm: LlamaRMSNorm):
+        super().__init__()
+        self.weight = norm.weight
+        self.variance_epsilon = norm.variance_epsilon
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
 def calibration(n: int = 16, t: int = 32, seed: int = 1) -> torch.Tensor:

@@ -1,0 +1,87 @@
+"""Ablation: the exact ΔKL of removing each unit (or a whole attention / MLP sub-layer) alone.
+
+A unit is removed by setting its gate on the o_proj / down_proj input to 0; the score is
+KL(p_dense ‖ p_ablated) averaged over every calibration token, against the dense model's own next-token
+distributions. One forward pass over the calibration set per unit: the exact oracle the cheaper criteria are
+measured against (saliency.md §6.10), and block scores for sub-layer pruning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from workers.criteria import _gates
+from workers.criteria._common import KINDS, Geometry, check_kinds, empty, micro_batches
+from workers.criteria.base import LayerScores, UnitScores
+
+
+@dataclass(frozen=True)
+class BlockScores:
+    """ΔKL of removing each layer's whole attention (`attn`) or MLP (`mlp`) sub-layer, both (n_layers,)."""
+
+    attn: torch.Tensor
+    mlp: torch.Tensor
+
+
+def dense_logprobs(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+    """The dense model's next-token log-probabilities, one (B, T, vocab) tensor per micro-batch."""
+    with torch.no_grad():
+        return [torch.log_softmax(_gates.logits(model, ids), -1) for ids in micro_batches(calibration, batch_size)]
+
+
+def kl_to_dense(model: nn.Module, calibration: torch.Tensor, dense: list[torch.Tensor], batch_size: int = 8) -> float:
+    """KL(p_dense ‖ p_model) averaged over every token; `dense` from `dense_logprobs` with the same batch_size."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, ref in zip(micro_batches(calibration, batch_size), dense, strict=True):
+            logq = torch.log_softmax(_gates.logits(model, ids), -1)  # (B, T, vocab)
+            total += (ref.exp() * (ref - logq)).sum().item()
+            count += ids.numel()
+    return total / count
+
+
+class Ablation:
+    """Exact single-unit ablation ΔKL (higher = keep); `blocks` scores whole sub-layers the same way."""
+
+    name = "ablation"
+
+    def __init__(self, batch_size: int = 8):
+        self.batch_size = batch_size
+
+    def score(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS) -> UnitScores:
+        """ΔKL of removing each KV group / MLP channel of `kinds` alone, one layer at a time."""
+        check_kinds(kinds)
+        geo = Geometry.of(model)
+        dense = dense_logprobs(model, calibration, self.batch_size)
+        device = next(model.parameters()).device
+        gates = _gates.ones(geo, kinds, device=device)
+        layers = []
+        with _gates.gated(model, gates):
+            for per_kind in gates:
+                out = {k: empty() for k in KINDS}
+                for kind, m in per_kind.items():
+                    scores = torch.empty(m.numel(), dtype=torch.float64)
+                    for u in range(m.numel()):
+                        m[u] = 0.0
+                        scores[u] = kl_to_dense(model, calibration, dense, self.batch_size)
+                        m[u] = 1.0
+                    out[kind] = scores
+                layers.append(LayerScores(**out))
+        return UnitScores(layers=tuple(layers), criterion=self.name)
+
+    def blocks(self, model: nn.Module, calibration: torch.Tensor) -> BlockScores:
+        """ΔKL of zeroing each attention / MLP sub-layer's output (o_proj / down_proj biases, if any, stay)."""
+        geo = Geometry.of(model)
+        dense = dense_logprobs(model, calibration, self.batch_size)
+        gates = _gates.ones(geo, KINDS, device=next(model.parameters()).device)
+        scores = {kind: torch.empty(geo.n_layers, dtype=torch.float64) for kind in KINDS}
+        with _gates.gated(model, gates):
+            for layer, per_kind in enumerate(gates):
+                for kind, m in per_kind.items():
+                    m.zero_()
+                    scores[kind][layer] = kl_to_dense(model, calibration, dense, self.batch_size)
+                    m.fill_(1.0)
+        return BlockScores(**scores)

@@ -1,0 +1,155 @@
+"""Gate criteria: sensitivity of the next-token CE to per-unit multiplicative gates (= 1) on o_proj / down_proj.
+
+* first order, autograd: |∂T/∂m_u|, T = mean CE over every calibration prediction;
+* Fisher, autograd: mean over sequences n of (∂T_n/∂m_u)², T_n = sequence n's mean CE (per-sample gradients
+  from one backward, through gates of shape (B, n_units));
+* first order, SPSA: forward only, on one layer's gates of one kind at a time, with seeded Rademacher probes z:
+  ĝ = mean_k (T(1 + εz_k) − T(1 − εz_k)) / 2ε · z_k. Keep the gate dimension small (KV groups, not channels):
+  E cos(ĝ, g) ≈ √(K / (K + d + 1)) for K probes.
+
+Weights get no gradients (activation memory only). Scores: higher = keep.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workers.criteria import _gates
+from workers.criteria._common import KINDS, Geometry, check_kinds, empty, micro_batches
+from workers.criteria.base import LayerScores, UnitScores
+
+STATS = ("first", "fisher")
+ESTIMATORS = ("autograd", "spsa")
+
+
+def gate_gradients(
+    model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS, batch_size: int = 8
+) -> tuple[_gates.Gates, _gates.Gates]:
+    """Signed gradients ∂T/∂m (T = mean CE) and the Fisher mean_n (∂T_n/∂m)², per layer and kind (fp64, CPU)."""
+    check_kinds(kinds)
+    geo = Geometry.of(model)
+    n_seq, per_seq = calibration.shape[0], calibration.shape[1] - 1
+    first = _gates.ones(geo, kinds)
+    fisher = _gates.ones(geo, kinds)
+    for acc in (*first, *fisher):
+        for kind in acc:
+            acc[kind] = torch.zeros_like(acc[kind])
+    device = next(model.parameters()).device
+    with _gates.frozen(model), torch.enable_grad():
+        for ids in micro_batches(calibration, batch_size):
+            gates = _gates.ones(geo, kinds, batch=ids.shape[0], device=device, grad=True)
+            with _gates.gated(model, gates):
+                loss = _gates.sample_ce(model, ids).sum()
+            flat = [m for per_kind in gates for m in per_kind.values()]
+            grads = iter(torch.autograd.grad(loss, flat))
+            for f_acc, s_acc in zip(first, fisher, strict=True):
+                for kind in kinds:
+                    g = next(grads).detach().to(device="cpu", dtype=torch.float64)  # (B, n_units)
+                    f_acc[kind] += g.sum(0) / (n_seq * per_seq)
+                    s_acc[kind] += (g / per_seq).pow(2).sum(0) / n_seq
+    return first, fisher
+
+
+def mean_ce(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> float:
+    """T: mean next-token CE over every prediction in `calibration` (no grad)."""
+    with torch.no_grad():
+        total = sum(_gates.sample_ce(model, ids).sum().item() for ids in micro_batches(calibration, batch_size))
+    return total / _gates.predictions(calibration)
+
+
+def spsa_gradient(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    layer: int,
+    kind: str,
+    probes: torch.Tensor,
+    *,
+    eps: float = 1e-3,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Forward-only estimate of ∂T/∂m for one layer's gates of `kind`: mean_k (T(1+εz_k) − T(1−εz_k))/2ε · z_k.
+
+    `probes` (K, d) are the z_k: Rademacher for SPSA; basis vectors e_i give d·ĝ = central finite differences.
+    """
+    check_kinds((kind,))
+    geo = Geometry.of(model)
+    gates = _gates.ones(geo, (kind,), device=next(model.parameters()).device)
+    m = gates[layer][kind]
+    if probes.dim() != 2 or probes.shape[1] != m.numel():
+        raise ValueError(f"probes must be (K, {m.numel()}), got {tuple(probes.shape)}")
+    est = torch.zeros(m.numel(), dtype=torch.float64)
+    with _gates.gated(model, gates):
+        for z in probes.to(torch.float64):
+            m.copy_(1.0 + eps * z)
+            plus = mean_ce(model, calibration, batch_size)
+            m.copy_(1.0 - eps * z)
+            minus = mean_ce(model, calibration, batch_size)
+            est += (plus - minus) / (2 * eps) * z
+        m.fill_(1.0)
+    return est / probes.shape[0]
+
+
+def rademacher(k: int, d: int, seed: int) -> torch.Tensor:
+    """K seeded Rademacher probes (K, d) of ±1."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (k, d), generator=gen).to(torch.float64) * 2 - 1
+
+
+class Gate:
+    """Gate-sensitivity criterion.
+
+    Args:
+        stat: "first" (|∂T/∂m|) or "fisher" (mean_n (∂T_n/∂m)²; autograd only).
+        estimator: "autograd" (one backward per micro-batch) or "spsa" (forward only, one layer and kind at a time).
+        probes: SPSA probes per layer and kind (2 forwards over the calibration set each).
+        eps: SPSA perturbation size.
+        seed: seeds the SPSA probes (layer l, kind k use seed + 2l + k).
+        batch_size: sequences per forward pass.
+    """
+
+    def __init__(
+        self,
+        stat: str = "first",
+        estimator: str = "autograd",
+        *,
+        probes: int = 64,
+        eps: float = 1e-3,
+        seed: int = 0,
+        batch_size: int = 8,
+    ):
+        if stat not in STATS or estimator not in ESTIMATORS:
+            raise ValueError(f"unknown gate stat/estimator {stat!r}/{estimator!r}; expected {STATS} / {ESTIMATORS}")
+        if stat == "fisher" and estimator == "spsa":
+            raise ValueError("the Fisher statistic needs per-sample gradients: use estimator='autograd'")
+        self.stat, self.estimator = stat, estimator
+        self.probes, self.eps, self.seed, self.batch_size = probes, eps, seed, batch_size
+        self.name = "gate_spsa" if estimator == "spsa" else ("gate_fisher" if stat == "fisher" else "gate")
+
+    def score(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS) -> UnitScores:
+        """Gate sensitivity of every KV group / MLP channel of `kinds`."""
+        check_kinds(kinds)
+        if self.estimator == "spsa":
+            grads = self._spsa(model, calibration, kinds)
+        else:
+            first, fisher = gate_gradients(model, calibration, kinds, self.batch_size)
+            grads = fisher if self.stat == "fisher" else first
+        layers = []
+        for per_kind in grads:
+            out = {k: empty() for k in KINDS}
+            out.update({k: v.abs() for k, v in per_kind.items()})
+            layers.append(LayerScores(**out))
+        return UnitScores(layers=tuple(layers), criterion=self.name)
+
+    def _spsa(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...]) -> _gates.Gates:
+        geo = Geometry.of(model)
+        out: _gates.Gates = []
+        for layer in range(geo.n_layers):
+            per_kind = {}
+            for kind in kinds:
+                z = rademacher(self.probes, _gates.n_units(kind, geo), self.seed + 2 * layer + KINDS.index(kind))
+                per_kind[kind] = spsa_gradient(
+                    model, calibration, layer, kind, z, eps=self.eps, batch_size=self.batch_size
+                )
+            out.append(per_kind)
+        return out
