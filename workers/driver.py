@@ -44,6 +44,10 @@ class Driver:
     def run_forever(self, poll_seconds: float = 1.0) -> None:
         """Claim and run jobs until `stop()` is called (or SIGTERM / SIGINT in the main thread)."""
         init_ray(self.ray_address)
+        if threading.current_thread() is threading.main_thread():
+            # After ray.init, which installs handlers of its own: stop cleanly between jobs.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
         log.info("driver %s waiting for jobs", self.driver_id)
         while not self.stopping.is_set():
             job_id = self.store.claim(self.driver_id, timeout=poll_seconds)
@@ -78,10 +82,7 @@ def main() -> None:
     url = settings.redis_url
     if not url:
         raise SystemExit("darwinfront driver: set REDIS_URL (or DARWINFRONT_REDIS_URL) to the job store's Redis")
-    driver = Driver(url, settings.data_dir, ray_address=os.environ.get("RAY_ADDRESS"))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: driver.stop())
-    driver.run_forever()
+    Driver(url, settings.data_dir, ray_address=os.environ.get("RAY_ADDRESS")).run_forever()
 
 
 if __name__ == "__main__":

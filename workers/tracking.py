@@ -9,6 +9,7 @@ Optuna's own `best_trials`.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import optuna
 from optuna.distributions import IntDistribution
@@ -21,6 +22,7 @@ from service import keys
 
 OBJECTIVES = ("kl", "params")
 optuna.logging.set_verbosity(logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="workers.tracking")
 
 
 def open_study(redis_url: str, job_id: str) -> optuna.Study:
