@@ -44,16 +44,27 @@ class EvaluatorPool:
         gpus: GPUs each actor reserves (0 on CPU).
     """
 
-    def __init__(self, spec: dict, prepared: dict, *, size: int, gpus: float = 0.0):
+    def __init__(self, spec: dict, prepared: dict, *, size: int, gpus: float = 0.0, max_retries: int = 2):
         cpus = ray.cluster_resources().get("CPU", 1)
         threads = max(1, int(cpus // size)) if gpus == 0 else 0
         shared = ray.put(prepared)
-        actor = ray.remote(Evaluator).options(num_cpus=min(1, cpus / size), num_gpus=gpus, max_restarts=0)
-        self.actors = [actor.remote(spec, shared, threads) for _ in range(size)]
+        self._new_actor = lambda: (
+            ray.remote(Evaluator)
+            .options(num_cpus=min(1, cpus / size), num_gpus=gpus, max_restarts=0)
+            .remote(spec, shared, threads)
+        )
+        self.actors = [self._new_actor() for _ in range(size)]
+        self.max_retries = max_retries
+        self.lost = 0  # evaluators replaced after they died
 
     def map_unordered(self, requests: Iterable[dict]) -> Iterator[tuple[dict, dict]]:
-        """Yield `(request, reply)` as replies arrive, keeping every actor busy with one request."""
+        """Yield `(request, reply)` as replies arrive, keeping every actor busy with one request.
+
+        An evaluator that dies (killed process, lost node) is replaced and its request goes to the next free
+        evaluator, at most `max_retries` times; then the request comes back as a failure with the reason.
+        """
         pending = list(requests)[::-1]
+        attempts: dict[str, int] = {}
         in_flight: dict[ray.ObjectRef, tuple[dict, object]] = {}
         idle = list(self.actors)
         while pending or in_flight:
@@ -62,8 +73,27 @@ class EvaluatorPool:
                 in_flight[actor.evaluate.remote(request)] = (request, actor)
             [done], _ = ray.wait(list(in_flight), num_returns=1)
             request, actor = in_flight.pop(done)
-            idle.append(actor)
-            yield request, ray.get(done)
+            try:
+                reply = ray.get(done)
+            except ray.exceptions.RayActorError as exc:
+                idle.append(self._replace(actor))
+                cid = request["candidate_id"]
+                attempts[cid] = attempts.get(cid, 0) + 1
+                if attempts[cid] <= self.max_retries:
+                    pending.append(request)
+                    continue
+                reply = _lost_reply(request, exc)
+            else:
+                idle.append(actor)
+            yield request, reply
+
+    def _replace(self, dead) -> object:
+        self.lost += 1
+        if self.lost > len(self.actors) * (self.max_retries + 1):
+            raise RuntimeError(f"evaluators keep dying ({self.lost} lost); last: see the driver log")
+        fresh = self._new_actor()
+        self.actors[self.actors.index(dead)] = fresh
+        return fresh
 
     def call(self, method: str, *args) -> object:
         """Run one method on the first actor and wait for it."""
@@ -73,3 +103,7 @@ class EvaluatorPool:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+
+
+def _lost_reply(request: dict, exc: BaseException) -> dict:
+    return {**request, "error": f"evaluator lost: {describe_error(exc)}"}
