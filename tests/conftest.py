@@ -1,0 +1,67 @@
+"""Shared fixtures: the trained micro reference model, and tiny random Llama-family models for surgery tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+SURGERY_KINDS = ("llama_gqa", "llama_mha", "llama_bias", "qwen2_bias")
+
+
+def tiny_model(kind: str = "llama_gqa", seed: int = 0):
+    """A randomly initialised tiny causal LM built from a config (no training, no download).
+
+    Kinds: `llama_gqa` (4 query heads on 2 KV heads, tied embeddings), `llama_mha` (4 heads, 4 KV heads),
+    `llama_bias` (GQA with attention and MLP biases), `qwen2_bias` (Qwen2: q/k/v biases, untied embeddings).
+    Weights are drawn wider than the usual init and biases are non-zero, so every unit visibly matters.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, head_dim=8,
+        intermediate_size=48, max_position_embeddings=64, initializer_range=0.15,
+    )
+    torch.manual_seed(seed)
+    if kind == "qwen2_bias":
+        model = Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common))
+    else:
+        extra = {
+            "llama_gqa": dict(num_key_value_heads=2, tie_word_embeddings=True),
+            "llama_mha": dict(num_key_value_heads=4, tie_word_embeddings=True),
+            "llama_bias": dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
+        }[kind]
+        model = LlamaForCausalLM(LlamaConfig(**common, **extra))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def random_llama():
+    """A randomly initialised tiny GQA Llama (3 layers, 2 KV groups of 2 query heads, MLP width 48)."""
+    return tiny_model("llama_gqa")
+
+
+@pytest.fixture(params=SURGERY_KINDS)
+def surgery_kind(request) -> str:
+    """Each tiny random architecture the slicer must handle (build it with `tiny_model(kind)`): GQA Llama, MHA
+    Llama, Llama with attention and MLP biases, Qwen2 with q/k/v biases."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def micro_dir():
+    """The trained builtin:micro-llama directory, built once (into $DARWINFRONT_CACHE_DIR or the user cache)."""
+    from workers.reference import builtin_model_dir
+
+    return builtin_model_dir("micro-llama")
+
+
+@pytest.fixture
+def micro_model(micro_dir):
+    """A fresh (model, tokenizer) of builtin:micro-llama on the CPU, float32, eval mode."""
+    from workers.modeling import load_model
+
+    return load_model(str(micro_dir), device="cpu")

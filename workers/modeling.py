@@ -1,0 +1,138 @@
+"""Loading models: where a source lives, which device and dtype it runs in, and whether we know its layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from darwinfront.errors import InvalidSpec
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+_ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; `cpu`, `cuda` and `cuda:N` as given (cuda must be available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise InvalidSpec("model.device", f"unknown device {device!r}") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidSpec("model.device", f"device {device!r} asked for, but CUDA is not available here")
+    return resolved
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """`float32`, `bfloat16`, `float16` (or fp32/bf16/fp16, or a torch.dtype) -> the torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise InvalidSpec("model.dtype", f"unknown dtype {name!r}; known: float32, bfloat16, float16")
+    return DTYPES[name]
+
+
+def resolve_source(source: str, cache_dir: Path | None = None) -> str:
+    """Where `from_pretrained` finds a source.
+
+    Args:
+        source: `builtin:<name>` (built on first use, see `workers.reference`), a local directory holding
+            config.json, or a hub id (passed through unchanged).
+        cache_dir: the root builtin models are built under (default: see `reference.builtin_model_dir`).
+
+    Raises:
+        InvalidSpec: on an unknown builtin or a local directory without config.json.
+    """
+    if source.startswith("builtin:"):
+        from workers.reference import builtin_model_dir
+
+        return str(builtin_model_dir(source.removeprefix("builtin:"), cache_dir))
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InvalidSpec("model.source", f"local directory {source!r} has no config.json")
+        return str(path)
+    if source.startswith(("/", "./", "../", "~")) or path.exists():
+        raise InvalidSpec("model.source", f"local path {source!r} is not a model directory")
+    return source
+
+
+def load_model(
+    source: str,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str = "auto",
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer in eval mode.
+
+    Directories that `slicing.save_pruned` wrote (their config carries `darwinfront_layout`) are rebuilt with
+    their per-layer sizes; everything else goes through `AutoModelForCausalLM.from_pretrained`.
+
+    Returns:
+        (model, tokenizer); the tokenizer's pad token falls back to its EOS token.
+
+    Raises:
+        InvalidSpec: on a bad source, device or dtype, or an architecture darwinfront cannot prune.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_source(source, cache_dir)
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    config = AutoConfig.from_pretrained(path, revision=revision)
+    if getattr(config, "darwinfront_layout", None):
+        from workers.slicing import load_pruned
+
+        model, tokenizer = load_pruned(path, dtype=torch_dtype, device=torch_device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch_dtype)
+        model.to(torch_device)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    check_architecture(model)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def check_architecture(model: nn.Module) -> None:
+    """Raise `InvalidSpec` unless `model` has the Llama-family layout the slicer knows.
+
+    That is `model.model.layers[i].self_attn.{q,k,v,o}_proj` and `.mlp.{gate,up,down}_proj` on a
+    LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM.
+    """
+    name = type(model).__name__
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise InvalidSpec(
+            "model.source",
+            f"architecture {name} is not supported; darwinfront prunes {', '.join(SUPPORTED_ARCHITECTURES)}",
+        )
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers:
+        raise InvalidSpec("model.source", f"{name} has no decoder layers at model.model.layers")
+    config = model.config
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise InvalidSpec(
+            "model.source",
+            f"{config.num_attention_heads} query heads do not split into {config.num_key_value_heads} KV groups",
+        )
+    for i, layer in enumerate(layers):
+        for part, projections in (("self_attn", _ATTN_PROJ), ("mlp", _MLP_PROJ)):
+            module = getattr(layer, part, None)
+            if getattr(module, "darwinfront_empty", False):
+                continue  # a sub-block the slicer removed
+            missing = [p for p in projections if not isinstance(getattr(module, p, None), nn.Linear)]
+            if missing:
+                raise InvalidSpec("model.source", f"layer {i} {part} lacks linear {', '.join(missing)}")

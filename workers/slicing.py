@@ -1,0 +1,397 @@
+"""Physical structured slicing of Llama-family models, and the same cut applied as masks.
+
+Units. An attention unit is one KV group: its key and value heads and the `num_attention_heads /
+num_key_value_heads` query heads that read them. Cutting whole groups keeps `num_key_value_groups` valid, and the
+installed attention reshapes with `-1` heads, so a sliced layer needs no config change. An MLP channel is one row of
+gate_proj and up_proj and the matching column of down_proj. A sub-block that keeps no unit is replaced by a module
+that returns its output bias (zeros without one), which is what the masked model computes too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from darwinfront.errors import InvalidSpec
+from search.genome import LevelSpace, PruneGenome
+from workers.criteria.base import UnitScores
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """The units one decoder layer keeps: KV-group indices and MLP channel indices, sorted."""
+
+    attn_units: tuple[int, ...]
+    mlp_channels: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attn_units", tuple(sorted(int(u) for u in self.attn_units)))
+        object.__setattr__(self, "mlp_channels", tuple(sorted(int(c) for c in self.mlp_channels)))
+
+    def to_dict(self) -> dict:
+        return {"attn_units": list(self.attn_units), "mlp_channels": list(self.mlp_channels)}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a sliced model keeps, layer by layer; indices refer to the dense model's units."""
+
+    layers: tuple[LayerLayout, ...]
+
+    def to_dict(self) -> dict:
+        return {"layers": [layer.to_dict() for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Layout:
+        try:
+            layers = tuple(LayerLayout(tuple(d["attn_units"]), tuple(d["mlp_channels"])) for d in data["layers"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidSpec("layout", f"not a layout document: {e!r}") from e
+        return cls(layers=layers)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The dense shape of a Llama-family model, as slicing needs it."""
+
+    n_layers: int
+    hidden: int
+    n_kv: int
+    group: int  # query heads per KV group
+    head_dim: int
+    intermediate: int
+    attn_bias: bool
+    mlp_bias: bool
+
+
+class NoAttention(nn.Module):
+    """Stands in for a self-attention block that keeps no KV group: returns its output bias (or zeros).
+
+    It still writes a one-wide zero placeholder into the KV cache, so the cache counts this layer's tokens
+    (transformers reads the sequence length from the first layer).
+    """
+
+    darwinfront_empty = True
+
+    def __init__(self, layer_idx: int, hidden: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden = hidden
+        self.o_bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+
+    def forward(self, hidden_states: torch.Tensor, *args, cache=None, **kwargs) -> tuple[torch.Tensor, None]:
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        batch, seq = hidden_states.shape[:2]
+        if cache is not None:
+            placeholder = hidden_states.new_zeros(batch, 1, seq, 1)  # (B, 1 head, T, width 1)
+            cache.update(placeholder, placeholder, self.layer_idx)
+        out = hidden_states.new_zeros(batch, seq, self.hidden)  # (B, T, hidden)
+        return (out if self.o_bias is None else out + self.o_bias), None
+
+
+class NoMLP(nn.Module):
+    """Stands in for an MLP that keeps no channel: returns its output bias (or zeros)."""
+
+    darwinfront_empty = True
+
+    def __init__(self, hidden: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.hidden = hidden
+        self.down_bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(*x.shape[:-1], self.hidden)
+        return out if self.down_bias is None else out + self.down_bias
+
+
+def dims(model: nn.Module) -> Dims:
+    """The dense dimensions of `model` (from its config and first layer)."""
+    config = model.config
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return Dims(
+        n_layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        n_kv=n_kv,
+        group=n_heads // n_kv,
+        head_dim=head_dim,
+        intermediate=config.intermediate_size,
+        attn_bias=model.model.layers[0].self_attn.k_proj.bias is not None,
+        mlp_bias=model.model.layers[0].mlp.gate_proj.bias is not None,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of `model`, shared (tied) tensors counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def level_space(model: nn.Module, mlp_step: int) -> LevelSpace:
+    """The search space of a dense model: levels per layer and the exact parameter cost of each level step.
+
+    Args:
+        model: a dense Llama-family model.
+        mlp_step: MLP channels removed per level step; the top level removes `intermediate // mlp_step` steps.
+    """
+    _require_dense(model)
+    d = dims(model)
+    if not 1 <= mlp_step <= d.intermediate:
+        raise InvalidSpec("prune.mlp_multiple", f"{mlp_step} is not in 1..{d.intermediate} (the MLP width)")
+    q_width = d.group * d.head_dim
+    attn_unit = 2 * d.hidden * q_width + 2 * d.hidden * d.head_dim  # q rows, o columns, k and v rows
+    if d.attn_bias:
+        attn_unit += q_width + 2 * d.head_dim
+    channel = 3 * d.hidden + (2 if d.mlp_bias else 0)  # gate and up rows (+ their bias), a down column
+    return LevelSpace(
+        n_layers=d.n_layers,
+        attn_levels=d.n_kv,
+        mlp_levels=d.intermediate // mlp_step,
+        attn_unit_params=attn_unit,
+        mlp_level_params=mlp_step * channel,
+        dense_params=count_parameters(model),
+    )
+
+
+def layout_for(genome: PruneGenome, scores: UnitScores, mlp_step: int) -> Layout:
+    """Keep the highest-scored units of every layer.
+
+    Layer i drops its `genome.attn[i]` lowest-scored KV groups and `genome.mlp[i] * mlp_step` lowest-scored
+    channels. Equal scores keep the lower index (a deterministic order).
+    """
+    if len(genome.attn) != len(scores) or len(genome.mlp) != len(scores):
+        raise InvalidSpec("genome", f"{len(genome.attn)} layers in the genome, {len(scores)} in the scores")
+    layers = []
+    for i, layer in enumerate(scores.layers):
+        attn_keep = _top(layer.attn, len(layer.attn) - genome.attn[i], f"genome.attn[{i}]")
+        mlp_keep = _top(layer.mlp, len(layer.mlp) - genome.mlp[i] * mlp_step, f"genome.mlp[{i}]")
+        layers.append(LayerLayout(attn_keep, mlp_keep))
+    return Layout(tuple(layers))
+
+
+def dense_layout(model: nn.Module) -> Layout:
+    """The layout that keeps every unit of `model`."""
+    d = dims(model)
+    return Layout(tuple(LayerLayout(tuple(range(d.n_kv)), tuple(range(d.intermediate))) for _ in range(d.n_layers)))
+
+
+def slice_model(model: nn.Module, layout: Layout) -> nn.Module:
+    """Cut `model` to `layout` in place: smaller nn.Linear layers, empty sub-blocks for layers that keep nothing.
+
+    The layout is recorded in `model.config.darwinfront_layout`, which `save_pruned` / `load_pruned` rely on.
+    Returns the same model object.
+    """
+    _require_dense(model)
+    d = dims(model)
+    _check_layout(layout, d)
+    for i, (layer, keep) in enumerate(zip(model.model.layers, layout.layers, strict=True)):
+        _slice_attention(layer, i, keep.attn_units, d)
+        _slice_mlp(layer, keep.mlp_channels, d)
+    model.config.darwinfront_layout = layout.to_dict()
+    return model
+
+
+@contextlib.contextmanager
+def masked(model: nn.Module, layout: Layout) -> Iterator[nn.Module]:
+    """Apply `layout` as masks for the duration of the block, without copying weights.
+
+    Forward pre-hooks zero the inputs of o_proj (per head dimension of every dropped KV group's query heads) and
+    of down_proj (per dropped channel); the hooks are removed on exit.
+    """
+    _require_dense(model)
+    d = dims(model)
+    _check_layout(layout, d)
+    handles = []
+    try:
+        for layer, keep in zip(model.model.layers, layout.layers, strict=True):
+            o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+            head_mask = _mask(d.n_kv, keep.attn_units, o_proj.weight).repeat_interleave(d.group * d.head_dim)
+            channel_mask = _mask(d.intermediate, keep.mlp_channels, down_proj.weight)
+            handles.append(o_proj.register_forward_pre_hook(_multiply_input(head_mask)))
+            handles.append(down_proj.register_forward_pre_hook(_multiply_input(channel_mask)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
+    """Save a sliced model (safetensors, config.json with `darwinfront_layout`) and its tokenizer to `path`."""
+    if not getattr(model.config, "darwinfront_layout", None):
+        raise InvalidSpec("model", "save_pruned expects a model cut by slice_model (no darwinfront_layout)")
+    path = Path(path)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def load_pruned(path: str | Path, *, dtype=torch.float32, device="cpu") -> tuple[nn.Module, object]:
+    """Load a directory written by `save_pruned`: build the dense architecture, slice it, load the weights.
+
+    Stock `from_pretrained` cannot express per-layer sizes, hence this. The dense model is built without
+    weight initialisation and sliced before the saved tensors are copied in (strictly: every key must match).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    layout = Layout.from_dict(config.darwinfront_layout)
+    config.darwinfront_layout = None
+    with _no_init(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # skipped with the initialisation
+    slice_model(model, layout)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise InvalidSpec("model.source", f"{path} holds no .safetensors weights")
+    state = {}
+    for file in files:
+        state.update(load_file(file, device=str(device)))
+    _load_strict(model, state)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def apply_configuration(model: nn.Module, config: dict) -> nn.Module:
+    """Slice a dense model to a downloaded configuration document, checking it fits first.
+
+    Args:
+        model: the dense model the configuration was searched on.
+        config: `{"layers": [{"attn_units": [...], "mlp_channels": [...]}, ...], "parameters": int, ...}`.
+
+    Raises:
+        InvalidSpec: when the layer count, unit indices or the resulting parameter count do not match.
+    """
+    if not isinstance(config, dict) or "layers" not in config or "parameters" not in config:
+        raise InvalidSpec("configuration", "expected a document with 'layers' and 'parameters'")
+    _require_dense(model)
+    layout = Layout.from_dict(config)
+    _check_layout(layout, dims(model), field="configuration")
+    slice_model(model, layout)
+    got = count_parameters(model)
+    if got != int(config["parameters"]):
+        raise InvalidSpec(
+            "configuration.parameters",
+            f"the sliced model has {got} parameters, the configuration says {config['parameters']}: "
+            "it was made for a different model",
+        )
+    return model
+
+
+def _top(scores: torch.Tensor, keep: int, field: str) -> tuple[int, ...]:
+    n = len(scores)
+    if not 0 <= keep <= n:
+        raise InvalidSpec(field, f"removes {n - keep} of {n} units")
+    values = scores.detach().double().cpu().tolist()
+    if any(v != v for v in values):
+        raise InvalidSpec("scores", f"NaN unit score in {field.split('[')[0]} scores")
+    order = sorted(range(n), key=lambda j: (-values[j], j))
+    return tuple(sorted(order[:keep]))
+
+
+def _check_layout(layout: Layout, d: Dims, field: str = "layout") -> None:
+    if len(layout.layers) != d.n_layers:
+        raise InvalidSpec(field, f"{len(layout.layers)} layers given, the model has {d.n_layers}")
+    limits = {"attn_units": d.n_kv, "mlp_channels": d.intermediate}
+    for i, layer in enumerate(layout.layers):
+        for name, limit in limits.items():
+            units = getattr(layer, name)
+            if len(set(units)) != len(units) or any(not 0 <= u < limit for u in units):
+                raise InvalidSpec(f"{field}.layers[{i}].{name}", f"indices must be distinct and in 0..{limit - 1}")
+
+
+def _require_dense(model: nn.Module) -> None:
+    if getattr(model.config, "darwinfront_layout", None):
+        raise InvalidSpec("model", "the model is already sliced; slice or mask only a dense model")
+
+
+def _slice_attention(layer: nn.Module, index: int, units: tuple[int, ...], d: Dims) -> None:
+    attn = layer.self_attn
+    if not units:
+        layer.self_attn = NoAttention(index, d.hidden, attn.o_proj.bias)
+        return
+    if len(units) == d.n_kv:
+        return
+    q_rows = _spans(units, d.group * d.head_dim, attn.o_proj.weight.device)
+    kv_rows = _spans(units, d.head_dim, attn.o_proj.weight.device)
+    attn.q_proj = _take(attn.q_proj, q_rows, dim=0)
+    attn.k_proj = _take(attn.k_proj, kv_rows, dim=0)
+    attn.v_proj = _take(attn.v_proj, kv_rows, dim=0)
+    attn.o_proj = _take(attn.o_proj, q_rows, dim=1)
+
+
+def _slice_mlp(layer: nn.Module, channels: tuple[int, ...], d: Dims) -> None:
+    mlp = layer.mlp
+    if not channels:
+        layer.mlp = NoMLP(d.hidden, mlp.down_proj.bias)
+        return
+    if len(channels) == d.intermediate:
+        return
+    idx = torch.tensor(channels, dtype=torch.long, device=mlp.down_proj.weight.device)
+    mlp.gate_proj = _take(mlp.gate_proj, idx, dim=0)
+    mlp.up_proj = _take(mlp.up_proj, idx, dim=0)
+    mlp.down_proj = _take(mlp.down_proj, idx, dim=1)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(channels)
+
+
+def _spans(units: tuple[int, ...], width: int, device) -> torch.Tensor:
+    """Row indices of whole blocks of `width` rows: units (1, 3), width 2 -> [2, 3, 6, 7]."""
+    base = torch.tensor(units, dtype=torch.long, device=device) * width
+    return (base[:, None] + torch.arange(width, device=device)[None, :]).reshape(-1)
+
+
+def _take(linear: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
+    """A new nn.Linear holding rows (dim 0: outputs) or columns (dim 1: inputs) `idx` of `linear`."""
+    weight = linear.weight.detach().index_select(dim, idx).contiguous()
+    bias = linear.bias
+    if bias is not None and dim == 0:
+        bias = bias.detach().index_select(0, idx).contiguous()
+    out_features, in_features = weight.shape
+    new = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def _mask(n: int, keep: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=like.dtype, device=like.device)
+    mask[list(keep)] = 1
+    return mask
+
+
+def _multiply_input(mask: torch.Tensor):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return (args[0] * mask, *args[1:])
+
+    return hook
+
+
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older layout: fall back to a normal (slower) initialisation
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into `model`; every key must match, except tied copies of a loaded tensor."""
+    targets = model.state_dict(keep_vars=True)
+    unexpected = sorted(set(state) - set(targets))
+    loaded_ids = {id(targets[k]) for k in state if k in targets}
+    missing = sorted(k for k in set(targets) - set(state) if id(targets[k]) not in loaded_ids)
+    if unexpected or missing:
+        raise InvalidSpec("model.source", f"weights do not fit the layout: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for key, tensor in state.items():
+            if targets[key].shape != tensor.shape:
+                shapes = f"saved {tuple(tensor.shape)}, layout {tuple(targets[key].shape)}"
+                raise InvalidSpec("model.source", f"{key}: {shapes}")
+            targets[key].copy_(tensor)
