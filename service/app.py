@@ -99,7 +99,7 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.dependency_overrides.get(get_settings, get_settings)()
+    settings: Settings = app.state.settings
     async with AsyncExitStack() as stack:
         url = redis_url(settings)
         if url is None:
@@ -119,7 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API.
 
     Args:
-        settings: Use these instead of the environment's (they also override the `get_settings` dependency).
+        settings: Use these instead of the environment's (`get_settings()`); routes reach them through the
+            `app_settings` dependency.
 
     Returns:
         The application; Redis is opened by its lifespan, when the server starts.
@@ -131,8 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Evolutionary search for compressed variants of language models.",
         lifespan=_lifespan,
     )
-    if settings is not None:
-        app.dependency_overrides[get_settings] = lambda: settings
+    app.state.settings = resolved
     if resolved.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=resolved.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import time
 from pathlib import Path
 
 from service.settings import Settings
@@ -63,15 +64,27 @@ def generate_key(settings: Settings, tenant: str = "local") -> str:
 
 
 class KeyRing:
-    """Looks up the tenant of a key; re-reads the keys file when it changes on disk."""
+    """Looks up the tenant of a key; re-reads the keys file when it changes on disk.
 
-    def __init__(self, settings: Settings):
+    Args:
+        settings: Where the keys file is, and the keys from the environment.
+        recheck_seconds: Look at the file's modification stamp at most this often (a `stat` per request
+            costs more than the rest of the lookup on slow file systems); new keys work after this delay.
+    """
+
+    def __init__(self, settings: Settings, *, recheck_seconds: float = 1.0):
         self.settings = settings
+        self.recheck_seconds = recheck_seconds
         self._env = [(hash_key(key), tenant) for key, tenant in settings.api_keys.items()]
         self._stamp: tuple[int, int] | None = None
+        self._checked = float("-inf")
         self._file: list[tuple[str, str]] = []
 
     def _file_entries(self) -> list[tuple[str, str]]:
+        now = time.monotonic()
+        if now - self._checked < self.recheck_seconds:
+            return self._file
+        self._checked = now
         path = self.settings.keys_file
         try:
             stat = path.stat()
@@ -98,5 +111,5 @@ class KeyRing:
 
 
 def tenant_for(key: str, settings: Settings) -> str | None:
-    """The tenant owning `key` under these settings, or None (reads the keys file; see `KeyRing` to cache)."""
-    return KeyRing(settings).tenant_for(key)
+    """The tenant owning `key` under these settings, or None (reads the keys file now; `KeyRing` caches it)."""
+    return KeyRing(settings, recheck_seconds=0).tenant_for(key)

@@ -89,10 +89,11 @@ def test_generated_keys_are_stored_hashed_and_private(tmp_path: Path) -> None:
 
 def test_keyring_sees_keys_added_after_it_started(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
-    ring = KeyRing(settings)
-    assert ring.tenant_for("df_anything") is None
+    ring, cached = KeyRing(settings, recheck_seconds=0), KeyRing(settings, recheck_seconds=3600)
+    assert ring.tenant_for("df_anything") is None and cached.tenant_for("df_anything") is None
     key = generate_key(settings, tenant="late")
     assert ring.tenant_for(key) == "late"
+    assert cached.tenant_for(key) is None  # not looked at again within the hour
 
 
 def test_a_malformed_keys_file_is_refused(tmp_path: Path) -> None:

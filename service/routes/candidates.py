@@ -4,26 +4,35 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, status
+from fastapi import APIRouter, HTTPException, status
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse
 
-from service.routes.deps import JobDep, SettingsDep, StoreDep
+from service.routes.deps import JobDep, SettingsDep, StoreDep, blocking
 from service.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs/{job_id}/candidates", tags=["results"])
 
-CandidateId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+CandidateId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
 _FILE_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job, or no such candidate in it."}}
 
 
+def _archive_path(artifacts_dir: Path, job_id: str, relative: str) -> Path | None:
+    """The archive's real path if it is a file inside the job's artifact folder (symlinks resolved), else None."""
+    folder = (artifacts_dir / job_id).resolve()
+    path = (artifacts_dir / relative).resolve()
+    return path if path.is_relative_to(folder) and path.is_file() else None
+
+
 @router.get("/{candidate_id}/config", responses=_NOT_FOUND)
-def get_configuration(job: JobDep, candidate_id: CandidateId, store: StoreDep) -> JSONResponse:
+async def get_configuration(job: JobDep, candidate_id: CandidateId, store: StoreDep) -> JSONResponse:
     """The candidate's configuration document, as a JSON download."""
-    configuration = store.get_result(job.id, candidate_id)
+    configuration = await blocking(store.get_result, job.id, candidate_id)
     filename = _FILE_SAFE.sub("_", f"{job.id}-{candidate_id}.json")
     return JSONResponse(configuration, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
@@ -33,13 +42,14 @@ def get_configuration(job: JobDep, candidate_id: CandidateId, store: StoreDep) -
     response_class=FileResponse,
     responses={200: {"content": {"application/gzip": {}}}, **_NOT_FOUND},
 )
-def get_model(job: JobDep, candidate_id: CandidateId, store: StoreDep, settings: SettingsDep) -> FileResponse:
+async def get_model(
+    job: JobDep, candidate_id: CandidateId, store: StoreDep, settings: SettingsDep
+) -> FileResponse:
     """The sliced model archive (`.tar.gz` of a Hugging Face directory) exported for this candidate."""
-    meta = store.get_artifact(job.id, candidate_id)
-    folder = (settings.artifacts_dir / job.id).resolve()
-    path = (settings.artifacts_dir / meta["path"]).resolve()
-    if not path.is_relative_to(folder) or not path.is_file():
-        log.warning("artifact of %s/%s missing or outside %s: %s", job.id, candidate_id, folder, meta["path"])
+    meta = await blocking(store.get_artifact, job.id, candidate_id)
+    path = await blocking(_archive_path, settings.artifacts_dir, job.id, meta["path"])
+    if path is None:
+        log.warning("artifact of %s/%s is missing or outside its job folder: %s", job.id, candidate_id, meta["path"])
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
             detail={"code": "artifact_missing",

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.routes.deps import JobDep, StoreDep
+from service.routes.deps import JobDep, StoreDep, blocking
 from service.schemas import ErrorBody, Front
 
 router = APIRouter(prefix="/jobs", tags=["results"])
 
 
 @router.get("/{job_id}/front", responses={404: {"model": ErrorBody}})
-def get_front(job: JobDep, store: StoreDep) -> Front:
+async def get_front(job: JobDep, store: StoreDep) -> Front:
     """The latest front snapshot; empty until the first generation ends."""
-    snapshot = store.get_front(job.id)
+    snapshot = await blocking(store.get_front, job.id)
     return Front(job_id=job.id, **snapshot)

@@ -6,14 +6,30 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 
-from service.routes.deps import JobDep, SettingsDep, StoreDep, TenantDep
+from service.routes.deps import JobDep, SettingsDep, StoreDep, TenantDep, blocking
 from service.schemas import ErrorBody, JobCreate, JobList, JobPublic
+from service.settings import Settings
 from service.status import JobStatus
+from service.store import JobRecord, JobStore
 from service.validation import validate_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 _NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job for this API key."}}
+IdempotencyHeader = Annotated[
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")
+]
+
+
+def _invalid(field: str, message: str) -> HTTPException:
+    detail = {"code": "invalid_request", "field": field, "message": f"{field}: {message}"}
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail)
+
+
+def _validate_and_create(store: JobStore, settings: Settings, tenant: str, body: JobCreate, key: str | None):
+    spec = body.spec()
+    validate_spec(spec, settings)  # looks at the file system
+    return store.create(tenant, spec.model_dump(mode="json"), idempotency_key=key)
 
 
 @router.post(
@@ -21,37 +37,29 @@ _NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job for this API
     status_code=status.HTTP_201_CREATED,
     responses={422: {"model": ErrorBody, "description": "The spec is invalid; the error names the field."}},
 )
-def create_job(
+async def create_job(
     body: JobCreate,
     tenant: TenantDep,
     store: StoreDep,
     settings: SettingsDep,
     response: Response,
-    idempotency_header: Annotated[
-        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")
-    ] = None,
+    idempotency_header: IdempotencyHeader = None,
 ) -> JobPublic:
     """Submit a compression job. It is queued; a driver picks it up.
 
     An idempotency key (the `Idempotency-Key` header or the `idempotency_key` field) makes a retry return the
     job the first request created.
     """
-    key = body.idempotency_key or idempotency_header
     if body.idempotency_key and idempotency_header and body.idempotency_key != idempotency_header:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail={"code": "invalid_request", "field": "idempotency_key",
-                    "message": "idempotency_key: differs from the Idempotency-Key header"},
-        )
-    spec = body.spec()
-    validate_spec(spec, settings)
-    record = store.create(tenant, spec.model_dump(mode="json"), idempotency_key=key)
+        raise _invalid("idempotency_key", "differs from the Idempotency-Key header")
+    key = body.idempotency_key or idempotency_header
+    record: JobRecord = await blocking(_validate_and_create, store, settings, tenant, body, key)
     response.headers["Location"] = f"/v1/jobs/{record.id}"
     return JobPublic.from_record(record)
 
 
 @router.get("")
-def list_jobs(
+async def list_jobs(
     tenant: TenantDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -61,17 +69,13 @@ def list_jobs(
 ) -> JobList:
     """The caller's jobs, newest first, optionally only those in one status."""
     if limit > settings.max_page_size:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail={"code": "invalid_request", "field": "limit",
-                    "message": f"limit: at most {settings.max_page_size}, got {limit}"},
-        )
-    records, total = store.list(tenant, status=status_, offset=offset, limit=limit)
+        raise _invalid("limit", f"at most {settings.max_page_size}, got {limit}")
+    records, total = await blocking(store.list, tenant, status=status_, offset=offset, limit=limit)
     return JobList(items=[JobPublic.from_record(r) for r in records], total=total, offset=offset, limit=limit)
 
 
 @router.get("/{job_id}", responses=_NOT_FOUND)
-def get_job(job: JobDep) -> JobPublic:
+async def get_job(job: JobDep) -> JobPublic:
     """One job: its status, spec and progress."""
     return JobPublic.from_record(job)
 
@@ -81,7 +85,11 @@ def get_job(job: JobDep) -> JobPublic:
     status_code=status.HTTP_202_ACCEPTED,
     responses={**_NOT_FOUND, 409: {"model": ErrorBody, "description": "The job has already finished."}},
 )
-def cancel_job(job: JobDep, store: StoreDep) -> JobPublic:
+async def cancel_job(job: JobDep, store: StoreDep) -> JobPublic:
     """Cancel a job: a queued one at once; a running one stays running until its driver sees the request."""
-    store.request_cancel(job.id)
-    return JobPublic.from_record(store.get(job.id))
+
+    def cancel() -> JobRecord:
+        store.request_cancel(job.id)
+        return store.get(job.id)
+
+    return JobPublic.from_record(await blocking(cancel))
