@@ -30,11 +30,8 @@ def gate_gradients(
     check_kinds(kinds)
     geo = Geometry.of(model)
     n_seq, per_seq = calibration.shape[0], calibration.shape[1] - 1
-    first = _gates.ones(geo, kinds)
-    fisher = _gates.ones(geo, kinds)
-    for acc in (*first, *fisher):
-        for kind in acc:
-            acc[kind] = torch.zeros_like(acc[kind])
+    first = [{k: torch.zeros(_gates.n_units(k, geo), dtype=torch.float64) for k in kinds} for _ in range(geo.n_layers)]
+    fisher = [{k: torch.zeros_like(v) for k, v in per_kind.items()} for per_kind in first]
     device = next(model.parameters()).device
     with _gates.frozen(model), torch.enable_grad():
         for ids in micro_batches(calibration, batch_size):
