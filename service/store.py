@@ -123,7 +123,7 @@ class JobStore:
         pipe.zadd(keys.jobs_by_tenant(tenant), {job_id: score})
         pipe.zadd(keys.jobs_by_status(tenant, JobStatus.queued.value), {job_id: score})
         pipe.lpush(keys.queue(), job_id)
-        self._queue_event(pipe, job_id, "status", {"status": JobStatus.queued.value})
+        self._queue_event(pipe, job_id, JobStatus.queued.value, {"status": JobStatus.queued.value})
 
     def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
         """The job `job_id`; with `tenant`, only if that tenant owns it.
@@ -188,6 +188,9 @@ class JobStore:
     def set_status(self, job_id: str, status: JobStatus | str, *, error: str | None = None) -> None:
         """Move the job to `status` if the state machine allows it; stamps started_at / finished_at.
 
+        Every status change (and the creation) appends an event whose kind is the new status, in the same
+        transaction, so the event log never disagrees with the job.
+
         Raises:
             JobNotFound: No such job.
             InvalidTransition: The change is not allowed (terminal states are final).
@@ -240,7 +243,7 @@ class JobStore:
         if new is JobStatus.queued:
             pipe.rpush(keys.queue(), job_id)  # the right end: taken next
         data = {"status": new.value} if error is None else {"status": new.value, "error": error}
-        self._queue_event(pipe, job_id, "status", data)
+        self._queue_event(pipe, job_id, new.value, data)  # the event kind is the new status
 
     def request_cancel(self, job_id: str) -> JobStatus:
         """Cancel a queued job at once, or ask the driver of a running job to stop.

@@ -189,7 +189,7 @@ def test_front_and_events(api_client: TestClient, store: JobStore) -> None:
     store.append_event(job_id, "generation", {"generation": 1})
     store.append_event(job_id, "generation", {"generation": 2})
     batch = api_client.get(f"/v1/jobs/{job_id}/events", params={"limit": 2}).json()
-    assert [e["kind"] for e in batch["events"]] == ["status", "generation"]
+    assert [e["kind"] for e in batch["events"]] == ["queued", "generation"]
     rest = api_client.get(f"/v1/jobs/{job_id}/events", params={"after": batch["last_id"]}).json()
     assert [e["data"] for e in rest["events"]] == [{"generation": 2}]
     bad = api_client.get(f"/v1/jobs/{job_id}/events", params={"after": "latest"})
@@ -254,3 +254,13 @@ def test_health_and_readiness(service_settings: Settings, tmp_path: Path, other_
             listing = client.get("/v1/jobs")
             assert listing.status_code == 503 and _error(listing)["code"] == "store_unavailable"
             assert client.get("/healthz").status_code == 200
+
+
+def test_cors_only_for_configured_origins(service_settings: Settings, redis_client: redis.Redis) -> None:
+    settings = service_settings.model_copy(update={"cors_origins": ["https://ui.example"]})
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    with TestClient(create_app(settings)) as client:
+        allowed = client.options("/v1/jobs", headers={"Origin": "https://ui.example", **preflight})
+        refused = client.options("/v1/jobs", headers={"Origin": "https://evil.example", **preflight})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://ui.example"
+    assert "access-control-allow-origin" not in refused.headers

@@ -65,7 +65,10 @@ def test_status_changes_stamp_times_and_terminal_is_final(store: JobStore) -> No
         with pytest.raises(InvalidTransition, match="final"):
             store.set_status(job_id, later)
     assert store.get(job_id).status is JobStatus.failed
-    assert [e["data"]["status"] for e in store.events(job_id)] == ["queued", "running", "failed"]
+    assert [(e["kind"], e["data"]["status"]) for e in store.events(job_id)] == [
+        ("queued", "queued"), ("running", "running"), ("failed", "failed")
+    ]
+    assert store.events(job_id)[-1]["data"]["error"] == "out of memory"
 
 
 def test_queued_cannot_skip_to_succeeded(store: JobStore) -> None:
