@@ -185,4 +185,4 @@ def build_space(table: dict, *, eps: float = 0.05, min_samples: int = 2, metric:
             clusters.setdefault(label if label >= 0 else -1 - layer, []).append(layer)  # noise: its own group
         groups.extend(KVGroup(layers=tuple(ls), candidates=cands) for ls in clusters.values())
     groups.sort(key=lambda g: g.layers[0])
-    return KVSpace(groups=tuple(groups), num_layers=len(rows))
+    return KVSpace(groups=tuple(groups), num_layers=table.get("num_layers", len(rows)))

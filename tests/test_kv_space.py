@@ -58,11 +58,12 @@ def test_dbscan_known_labels():
     assert dbscan([[0], [1], [2], [3], [10]], eps=1.0) == [0, 0, 0, 0, -1]
 
 
-def test_dbscan_border_point_is_not_a_core():
-    # With min_samples=3, point 1 (neighbours 0, 1, 2) is core; 0 and 2 are border points: no chain past them.
-    labels = dbscan([[0.0], [1.0], [2.0], [3.0]], eps=1.0, min_samples=3)
-    assert labels == [0, 0, 0, 0]  # 2 is core too (neighbours 1, 2, 3), so 3 joins
+def test_dbscan_border_points_join_but_do_not_spread():
+    # min_samples=3: only point 1 (neighbours 0, 1, 2) is a core point; 0 and 2 join its cluster as border
+    # points, and 3.5 (1.5 away from 2) stays noise because border point 2 does not spread the cluster.
     assert dbscan([[0.0], [1.0], [2.0], [3.5]], eps=1.0, min_samples=3) == [0, 0, 0, -1]
+    # With 3.0 instead, point 2 has neighbours 1, 2, 3: it is a core point too and takes 3 in.
+    assert dbscan([[0.0], [1.0], [2.0], [3.0]], eps=1.0, min_samples=3) == [0, 0, 0, 0]
 
 
 def _table(rows: dict[int, dict[tuple[int, int], float]]) -> dict:
@@ -86,6 +87,7 @@ def test_build_space_groups_by_candidates_then_clusters():
         {"layers": [5], "candidates": [list(p) for p in KEY_FIRST]},  # DBSCAN noise: its own group
     ]
     assert space.size() == 5**4
+    assert build_space(_table({0: _scaled(1.0), 1: _scaled(1.5)}), eps=0.05).num_layers == 2
 
 
 def test_expand_and_bits():
