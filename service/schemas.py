@@ -25,18 +25,6 @@ class JobCreate(JobSpec):
         return JobSpec.model_validate(self.model_dump(exclude={"idempotency_key"}))
 
 
-class Progress(BaseModel):
-    """How far the search has come."""
-
-    model_config = ConfigDict(extra="allow")
-
-    generation: int | None = None
-    generations: int | None = None
-    evaluations: int | None = None
-    planned: int | None = None
-    best: dict[str, Any] | None = None
-
-
 class JobPublic(BaseModel):
     """A job as the API shows it to its owner."""
 
@@ -44,7 +32,10 @@ class JobPublic(BaseModel):
     name: str | None
     status: JobStatus
     spec: dict[str, Any]
-    progress: Progress
+    progress: dict[str, Any] = Field(
+        description="The driver's latest report: generation, generations, evaluations, planned, best "
+        "(fitness per target). Empty until the first generation ends; keys not yet reported are absent.",
+    )
     error: str | None
     created_at: datetime
     started_at: datetime | None
@@ -55,7 +46,7 @@ class JobPublic(BaseModel):
         """Build from a stored job (the tenant and the driver id are not shown)."""
         return cls(
             id=record.id, name=record.spec.get("name"), status=record.status, spec=record.spec,
-            progress=Progress.model_validate(record.progress), error=record.error,
+            progress=record.progress, error=record.error,
             created_at=record.created_at, started_at=record.started_at, finished_at=record.finished_at,
         )
 

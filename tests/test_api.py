@@ -264,3 +264,11 @@ def test_cors_only_for_configured_origins(service_settings: Settings, redis_clie
         refused = client.options("/v1/jobs", headers={"Origin": "https://evil.example", **preflight})
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://ui.example"
     assert "access-control-allow-origin" not in refused.headers
+
+
+def test_progress_shows_what_the_driver_reported(api_client: TestClient, store: JobStore) -> None:
+    job_id = api_client.post("/v1/jobs", json=GOOD).json()["id"]
+    assert api_client.get(f"/v1/jobs/{job_id}").json()["progress"] == {}
+    report = {"generation": 1, "generations": 2, "evaluations": 9, "planned": 17, "best": {"0.5": 0.31}}
+    store.set_progress(job_id, report)
+    assert api_client.get(f"/v1/jobs/{job_id}").json()["progress"] == report
