@@ -1,0 +1,198 @@
+"""Saliency criteria on the trained reference model: cut the lowest-scored 25% of units per layer, measure KL.
+
+For every registered criterion: score the units on calibration tokens (timed), remove the lowest `--fraction` of
+the KV groups, of the MLP channels, or of both, in every layer (as masks, `workers.slicing.masked`), and report
+KL(p_dense ‖ p_pruned) per token on held-out evaluation tokens. Two compensated variants are added: `obs+update`
+(OBS-updated o_proj / down_proj weights from `obs_levels`) and `flap+bias` (FLAP's mean compensation). Data-aware
+criteria should beat `random` and `magnitude`; the last columns give Spearman's ρ against `ablation` (the exact
+single-unit ΔKL), averaged over layers.
+
+    .venv/bin/python benchmarks/criteria.py                      # builtin:tiny-llama, all criteria
+    .venv/bin/python benchmarks/criteria.py --criteria wanda_sp,flap --fraction 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from search.genome import PruneGenome
+from workers import criteria, data, modeling, slicing
+from workers.criteria.ablation import dense_logprobs, kl_to_dense
+from workers.criteria.base import UnitScores
+from workers.criteria.flap import Flap
+from workers.criteria.obs import obs_levels
+
+CUTS = ("attn", "mlp", "both")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    seconds: float
+    kl: dict[str, float]
+    rho: dict[str, float]
+
+
+def removal_genome(model: nn.Module, fraction: float, cut: str) -> PruneGenome:
+    """Every layer drops round(fraction · units) KV groups (cut attn/both) and channels (cut mlp/both)."""
+    d = slicing.dims(model)
+    attn = round(fraction * d.n_kv) if cut in ("attn", "both") else 0
+    mlp = round(fraction * d.intermediate) if cut in ("mlp", "both") else 0
+    return PruneGenome(attn=(attn,) * d.n_layers, mlp=(mlp,) * d.n_layers)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation (ties broken by index; scores here are continuous)."""
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
+
+
+def mean_rho(scores: UnitScores, oracle: UnitScores | None, kind: str) -> float:
+    if oracle is None:
+        return float("nan")
+    return sum(
+        spearman(getattr(s, kind), getattr(o, kind)) for s, o in zip(scores.layers, oracle.layers, strict=True)
+    ) / len(scores)
+
+
+def held_out_kl(model: nn.Module, scores: UnitScores, fraction: float, held: torch.Tensor, dense, bs: int) -> dict:
+    """KL to dense on held-out tokens after masking the lowest-scored units, per cut."""
+    out = {}
+    for cut in CUTS:
+        layout = slicing.layout_for(removal_genome(model, fraction, cut), scores, mlp_step=1)
+        with slicing.masked(model, layout):
+            out[cut] = kl_to_dense(model, held, dense, bs)
+    return out
+
+
+def obs_updated_kl(model, calib, fraction, held, dense, bs) -> tuple[float, dict]:
+    """KL after cutting OBS's first units and loading its updated weights (compensated OBS)."""
+    started = time.perf_counter()
+    both = removal_genome(model, fraction, "both")
+    levels = {"attn": [both.attn[0]], "mlp": [both.mlp[0]]}
+    res = obs_levels(model, calib, levels, batch_size=bs)
+    seconds = time.perf_counter() - started
+    out = {}
+    for cut in CUTS:
+        kinds = ("attn", "mlp") if cut == "both" else (cut,)
+        pruned = copy.deepcopy(model)
+        with torch.no_grad():
+            for layer, lv in zip(pruned.model.layers, res, strict=True):
+                for kind in kinds:
+                    lin = layer.self_attn.o_proj if kind == "attn" else layer.mlp.down_proj
+                    lin.weight.copy_(lv[kind].weights[levels[kind][0]])
+        out[cut] = kl_to_dense(pruned, held, dense, bs)
+    return seconds, out
+
+
+def flap_bias_kl(model, calib, fraction, held, dense, bs) -> tuple[float, dict]:
+    """KL after cutting FLAP's lowest units and adding its bias compensation."""
+    started = time.perf_counter()
+    fit = Flap(batch_size=bs).fit(model, calib)
+    seconds = time.perf_counter() - started
+    out = {}
+    for cut in CUTS:
+        layout = slicing.layout_for(removal_genome(model, fraction, cut), fit.scores, mlp_step=1)
+        pruned = copy.deepcopy(model)
+        for i, (layer, keep) in enumerate(zip(pruned.model.layers, layout.layers, strict=True)):
+            for kind, kept, n in (
+                ("attn", keep.attn_units, len(fit.scores.layers[i].attn)),
+                ("mlp", keep.mlp_channels, len(fit.scores.layers[i].mlp)),
+            ):
+                removed = torch.tensor(sorted(set(range(n)) - set(kept)), dtype=torch.long)
+                lin = layer.self_attn.o_proj if kind == "attn" else layer.mlp.down_proj
+                bias = fit.bias(pruned, i, kind, removed).to(lin.weight.dtype)
+                lin.bias = nn.Parameter(bias if lin.bias is None else lin.bias.detach() + bias)
+        with slicing.masked(pruned, layout):
+            out[cut] = kl_to_dense(pruned, held, dense, bs)
+    return seconds, out
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    model, tokenizer = modeling.load_model(args.model, dtype=args.dtype, device=args.device)
+    texts = data.load_texts(args.data)
+    pools = {
+        split: data.token_sequences(tokenizer, texts, n_tokens=n, seq_len=args.seq_len, split=split, seed=args.seed)
+        for split, n in (("calibration", args.calibration_tokens), ("evaluation", args.eval_tokens))
+    }
+    device = next(model.parameters()).device
+    calib, held = pools["calibration"].to(device), pools["evaluation"].to(device)
+    dense = dense_logprobs(model, held, args.batch_size)
+    names = args.criteria.split(",") if args.criteria else criteria.names()
+    timed: dict[str, tuple[float, UnitScores]] = {}
+    for name in sorted(names, key=lambda n: n != "ablation"):  # the oracle first, for ρ
+        options = {"seed": args.seed} if name == "random" else {}
+        if name != "magnitude" and name != "random":
+            options["batch_size"] = args.batch_size
+        started = time.perf_counter()
+        scores = criteria.get(name, **options).score(model, calib)
+        timed[name] = (time.perf_counter() - started, scores)
+        print(f"  scored {name} in {timed[name][0]:.1f} s", flush=True)
+    oracle = timed.get("ablation", (0.0, None))[1]
+    rows = [
+        Row(
+            name,
+            sec,
+            held_out_kl(model, scores, args.fraction, held, dense, args.batch_size),
+            {k: mean_rho(scores, oracle, k) for k in ("attn", "mlp")},
+        )
+        for name, (sec, scores) in timed.items()
+    ]
+    nan = {"attn": float("nan"), "mlp": float("nan")}
+    if "obs" in names:
+        rows.append(Row("obs+update", *obs_updated_kl(model, calib, args.fraction, held, dense, args.batch_size), nan))
+    if "flap" in names:
+        rows.append(Row("flap+bias", *flap_bias_kl(model, calib, args.fraction, held, dense, args.batch_size), nan))
+    return rows
+
+
+def print_table(rows: list[Row], args: argparse.Namespace) -> None:
+    print(
+        f"\n{args.model}, lowest {args.fraction:.0%} of units removed per layer; KL(dense ‖ pruned) per token on "
+        f"{args.eval_tokens} held-out tokens; scored on {args.calibration_tokens} calibration tokens; "
+        f"{torch.get_num_threads()} torch threads\n"
+    )
+    head = f"| {'criterion':<12} | {'score s':>8} | {'KL attn':>8} | {'KL mlp':>8} | {'KL both':>8} "
+    print(head + f"| {'ρ attn':>7} | {'ρ mlp':>7} |")
+    print("|" + "|".join("-" * (w + 2) for w in (12, 8, 8, 8, 8, 7, 7)) + "|")
+    for r in sorted(rows, key=lambda r: r.kl["both"]):
+        print(
+            f"| {r.name:<12} | {r.seconds:>8.2f} | {r.kl['attn']:>8.2e} | {r.kl['mlp']:>8.2e} | {r.kl['both']:>8.2e} "
+            f"| {r.rho['attn']:>7.2f} | {r.rho['mlp']:>7.2f} |"
+        )
+    base = {n: next((r.kl["both"] for r in rows if r.name == n), None) for n in ("random", "magnitude")}
+    if None not in base.values():
+        worse = [r.name for r in rows if r.name not in base and r.kl["both"] >= min(base.values())]
+        print(f"\ncriteria not beating both random and magnitude (KL both): {', '.join(worse) or 'none'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="builtin:tiny-llama")
+    parser.add_argument("--data", default="builtin:pydoc")
+    parser.add_argument("--criteria", default="", help="comma-separated names; default: all registered")
+    parser.add_argument("--fraction", type=float, default=0.25)
+    parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    print_table(run(args), args)
+
+
+if __name__ == "__main__":
+    main()
