@@ -128,3 +128,9 @@ def test_gate_spsa_criterion_is_seeded_and_ranks_like_autograd_on_heads():
         assert torch.nn.functional.cosine_similarity(est.attn, ref.attn, dim=0) > 0.9
     with pytest.raises(ValueError, match="Fisher"):
         criteria.get("gate", stat="fisher", estimator="spsa")
+
+
+def test_spsa_refuses_a_step_lost_in_bf16_rounding():
+    model = tiny_model(layers=1).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="eps=0.001"):
+        spsa_gradient(model, calibration(n=2, t=8), 0, "attn", rademacher(4, 2, seed=0), eps=1e-3)

@@ -71,7 +71,10 @@ def spsa_gradient(
     """
     check_kinds((kind,))
     geo = Geometry.of(model)
-    gates = _gates.ones(geo, (kind,), device=next(model.parameters()).device)
+    param = next(model.parameters())
+    if eps < 4 * torch.finfo(param.dtype).eps:
+        raise ValueError(f"eps={eps} is lost in {param.dtype} rounding of the gates; use eps >= 4 * its epsilon")
+    gates = _gates.ones(geo, (kind,), device=param.device)
     m = gates[layer][kind]
     if probes.dim() != 2 or probes.shape[1] != m.numel():
         raise ValueError(f"probes must be (K, {m.numel()}), got {tuple(probes.shape)}")
