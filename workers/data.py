@@ -14,6 +14,7 @@ from darwinfront.errors import InvalidSpec
 
 Split = Literal["calibration", "evaluation"]
 CALIBRATION_SHARE = 0.9
+_TOKENIZE_BATCH = 16
 
 
 def load_texts(source: str) -> list[str]:
@@ -67,15 +68,21 @@ def split_documents(texts: list[str], split: Split, seed: int) -> list[str]:
     return [texts[i] for i in chosen]
 
 
-def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """All documents tokenized (no special tokens) and joined with the EOS token after each one, (n,) int64."""
+def token_stream(tokenizer, texts: list[str], limit: int | None = None) -> torch.Tensor:
+    """Documents tokenized (no special tokens) and joined with the EOS token after each one, (n,) int64.
+
+    With `limit`, tokenizing stops at the first document that brings the stream to `limit` tokens or more.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise InvalidSpec("model.source", "the tokenizer has no EOS token to separate documents")
     ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids.append(eos)
+    for start in range(0, len(texts), _TOKENIZE_BATCH):
+        for doc in tokenizer(texts[start : start + _TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]:
+            ids.extend(doc)
+            ids.append(eos)
+            if limit is not None and len(ids) >= limit:
+                return torch.tensor(ids, dtype=torch.long)
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -100,8 +107,8 @@ def token_sequences(
     """
     if n_tokens < 1 or seq_len < 1:
         raise ValueError(f"n_tokens and seq_len must be positive, got {n_tokens} and {seq_len}")
-    stream = token_stream(tokenizer, split_documents(texts, split, seed))  # (n,)
     need = math.ceil(n_tokens / seq_len)
+    stream = token_stream(tokenizer, split_documents(texts, split, seed), limit=need * seq_len)  # (n,)
     have = stream.numel() // seq_len
     if have < need:
         field = "data.calibration_tokens" if split == "calibration" else "data.eval_tokens"

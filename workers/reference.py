@@ -51,6 +51,7 @@ class Recipe:
     weight_decay: float
     seed: int = 0
     data_source: str = "builtin:pydoc"
+    code_version: int = 1  # bump when the training or data code changes what a recipe produces
 
     def key(self) -> str:
         """The short hash that names this recipe's directory."""
