@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,7 @@ KEY_FIRST = [(8, 8), (8, 4), (4, 4), (4, 2), (2, 2)]
 
 def test_search_space_module_does_not_import_torch():
     code = "import sys, search.kv_space; assert not {'torch', 'ray', 'redis'} & set(sys.modules), 'heavy import'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_pair_vocabulary():
