@@ -20,6 +20,7 @@ import redis
 
 from darwinfront.errors import CandidateNotFound, InvalidTransition, JobNotFound
 from service import keys
+from service.leases import Leases
 from service.status import TERMINAL, JobStatus, check_transition
 
 EVENTS_MAXLEN = 1000
@@ -65,7 +66,7 @@ def _record(fields: dict[str, str], progress: str | None) -> JobRecord:
     )
 
 
-class JobStore:
+class JobStore(Leases):
     """Jobs and everything they produce, kept in Redis.
 
     Args:
@@ -161,11 +162,12 @@ class JobStore:
 
     # ---- status -----------------------------------------------------------------------------------------
 
-    def claim(self, driver_id: str, timeout: float = 1.0) -> str | None:
+    def claim(self, driver_id: str, timeout: float = 1.0, *, lease_seconds: float | None = None) -> str | None:
         """Take the oldest queued job and mark it running for `driver_id`.
 
         Blocks up to `timeout` seconds for a job (0 does not block). Jobs cancelled while they sat on the
-        queue are dropped, not returned.
+        queue are dropped, not returned. With `lease_seconds` the driver also gets the job's lease, which it
+        must renew (`renew_lease`) or lose the job to `requeue_expired`.
 
         Returns:
             The claimed job id, or None when none came in time.
@@ -181,6 +183,8 @@ class JobStore:
                 return None
             try:
                 self._transition(job_id, JobStatus.running, driver=driver_id)
+                if lease_seconds is not None:
+                    self.grant_lease(job_id, driver_id, lease_seconds)
                 return job_id
             except (InvalidTransition, JobNotFound):
                 self._r.lrem(keys.claimed(), 0, job_id)  # cancelled or gone while queued
@@ -238,6 +242,7 @@ class JobStore:
         pipe.zadd(keys.jobs_by_status(tenant, new.value), {job_id: score})
         if old is JobStatus.running:
             pipe.lrem(keys.claimed(), 0, job_id)
+            pipe.delete(keys.lease(job_id))
         if old is JobStatus.queued and new is JobStatus.cancelled:
             pipe.lrem(keys.queue(), 0, job_id)
         if new is JobStatus.queued:
