@@ -36,7 +36,9 @@ class UnitScores:
     @classmethod
     def from_dict(cls, data: dict) -> UnitScores:
         layers = tuple(
-            LayerScores(attn=torch.tensor(s["attn"], dtype=torch.float64), mlp=torch.tensor(s["mlp"], dtype=torch.float64))
+            LayerScores(
+                attn=torch.tensor(s["attn"], dtype=torch.float64), mlp=torch.tensor(s["mlp"], dtype=torch.float64)
+            )
             for s in data["layers"]
         )
         return cls(layers=layers, criterion=data["criterion"])
@@ -47,6 +49,8 @@ class Criterion(Protocol):
 
     name: str
 
-    def score(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = ("attn", "mlp")) -> UnitScores:
+    def score(
+        self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = ("attn", "mlp")
+    ) -> UnitScores:
         """Score every unit of `kinds` in every decoder layer from `calibration` token ids (N, T)."""
         ...
