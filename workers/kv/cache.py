@@ -168,7 +168,8 @@ class _Stream:
         n = self._n_to_flush(self.tail.shape[-2])
         if n:
             self._push(self.tail[..., :n, :])
-            self.tail = self.tail[..., n:, :]
+            rest = self.tail[..., n:, :]
+            self.tail = rest.clone() if rest.shape[-2] else None  # a view would keep the flushed tokens alive
 
     def _n_to_flush(self, held: int) -> int:
         if self.bits == 16:
@@ -198,10 +199,11 @@ class _Stream:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
     def nbytes(self) -> int:
-        held = 0 if self.tail is None else self.tail.numel() * self.tail.element_size()
+        """Bytes of the storage held (a view would keep its whole base tensor alive, so storages count)."""
+        held = [] if self.tail is None else [self.tail]
         if self.quant is not None:
-            held += self.quant.nbytes() if self.packed else self.quant.numel() * self.quant.element_size()
-        return held
+            held += [self.quant.codes, self.quant.scale, self.quant.zero] if self.packed else [self.quant]
+        return sum(t.untyped_storage().nbytes() for t in held)
 
     def apply(self, fn) -> None:
         if self.tail is not None:
