@@ -7,14 +7,21 @@ in `service.validation`.
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from search.schedule import evaluations_per_generation
+from search.schedule import halving_schedule
 
 BUILTIN_MODELS = ("tiny-llama", "micro-llama")
 BUILTIN_DATA = ("pydoc",)
+# The names `workers.criteria.names()` registers (kept here: the service never imports torch); a test holds
+# the two lists equal.
+CRITERIA = (
+    "ablation", "flap", "gate", "gate_fisher", "gate_spsa", "magnitude", "obs", "random", "taylor", "wanda_sp",
+)
 
 
 class _Strict(BaseModel):
@@ -43,7 +50,14 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    """Calibration and held-out evaluation text, cut into sequences of `seq_len` tokens."""
+    """Text for the search, cut into sequences of `seq_len` tokens.
+
+    The calibration documents hold three pools: the fitness pool (`calibration_tokens`; every candidate's KL is
+    measured on it against cached teacher outputs), then, disjoint from it, the training pool (`train_tokens`;
+    the light training of training-aware selection draws its minibatches from it). The level database is
+    computed on the first `database_tokens` of both together. Held-out evaluation text (`eval_tokens`) comes
+    from other documents.
+    """
 
     source: str = Field(
         default="builtin:pydoc",
@@ -52,8 +66,14 @@ class DataSpec(_Strict):
         description="`builtin:pydoc` (Python's own help topics), a local .txt or .jsonl file "
         "(field `text`), or a `datasets` id.",
     )
-    calibration_tokens: int = Field(default=4096, ge=256, le=4_000_000)
-    eval_tokens: int = Field(default=4096, ge=256, le=4_000_000)
+    calibration_tokens: int = Field(default=2048, ge=16, le=4_000_000, description="The fitness pool.")
+    train_tokens: int = Field(
+        default=65_536, ge=0, le=64_000_000, description="The training pool of training-aware selection."
+    )
+    database_tokens: int = Field(
+        default=16_384, ge=16, le=64_000_000, description="Tokens the level database is computed on."
+    )
+    eval_tokens: int = Field(default=4096, ge=16, le=4_000_000)
     seq_len: int = Field(default=128, ge=16, le=32_768)
 
     @field_validator("source")
@@ -69,14 +89,29 @@ class DataSpec(_Strict):
             raise ValueError("calibration_tokens must hold at least one sequence of seq_len tokens")
         if self.eval_tokens < self.seq_len:
             raise ValueError("eval_tokens must hold at least one sequence of seq_len tokens")
+        if self.database_tokens < self.seq_len:
+            raise ValueError("database_tokens must hold at least one sequence of seq_len tokens")
+        if 0 < self.train_tokens < self.seq_len:
+            raise ValueError("train_tokens must be 0 or hold at least one sequence of seq_len tokens")
         return self
+
+    @property
+    def calibration_sequences(self) -> int:
+        """Sequences in the fitness pool."""
+        return math.ceil(self.calibration_tokens / self.seq_len)
 
 
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
 class PruneSpec(_Strict):
-    """Structured pruning: which fractions of the prunable parameters to remove, and how units are chosen."""
+    """Structured pruning: which fractions of the prunable parameters to remove, and how units are chosen.
+
+    A level table cuts every layer's attention units and MLP channels into `levels` equal steps (fewer when
+    they do not divide evenly: one KV group per level, or the nearest count of `mlp_multiple`-wide MLP steps
+    that divides the width), so every step of a group costs the same parameters and the search keeps the
+    budget exactly. The criterion fills the level database once per model, calibration text and table.
+    """
 
     targets: list[Fraction] = Field(
         default_factory=lambda: [0.5],
@@ -84,8 +119,23 @@ class PruneSpec(_Strict):
         max_length=8,
         description="Fractions of the prunable (attention + MLP) parameters to remove; the front spans them.",
     )
-    criterion: Literal["wanda_sp", "magnitude", "random"] = "wanda_sp"
-    mlp_multiple: int = Field(default=8, ge=1, le=1024, description="MLP channels removed per level step.")
+    criterion: str = Field(
+        default="obs",
+        description=f"How units are ranked and the level database filled; one of {', '.join(CRITERIA)}. "
+        "`obs` (ZipLM second-order removal with weight updates, DarwinLM's choice) stores updated weights; "
+        "the others store their removal order.",
+    )
+    attention_unit: Literal["kv_group"] = Field(
+        default="kv_group", description="Attention units: whole KV groups (their K/V heads and query heads)."
+    )
+    levels: int = Field(default=10, ge=1, le=4096, description="Level steps per layer and group (the target).")
+    mlp_multiple: int = Field(default=8, ge=1, le=1024, description="MLP level steps are multiples of this.")
+    training_aware: bool = Field(
+        default=True,
+        description="DarwinLM: fine-tune every candidate briefly before scoring it; false = EvoPress (score as cut).",
+    )
+    train_lr: float = Field(default=3e-4, gt=0.0, le=1.0, description="AdamW learning rate of the light training.")
+    train_batch_size: int = Field(default=8, ge=1, le=4096, description="Sequences per light-training step.")
 
     @field_validator("targets")
     @classmethod
@@ -94,12 +144,84 @@ class PruneSpec(_Strict):
             raise ValueError("targets must be distinct")
         return sorted(value)
 
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, value: str) -> str:
+        if value not in CRITERIA:
+            raise ValueError(f"unknown criterion {value!r}; known: {', '.join(CRITERIA)}")
+        return value
+
 
 class SearchSpec(_Strict):
-    """The evolutionary budget: generations of a (1+λ) evolution per target."""
+    """The (1+λ) evolution per target and its selection stages (DarwinLM's schedule, scaled for small models).
 
-    generations: int = Field(default=10, ge=1, le=10_000)
-    offspring: int = Field(default=8, ge=1, le=512)
+    Every generation λ = `offspring` mutants enter stage 0; stage s scores its candidates on `fitness_tokens[s]`
+    tokens (after `train_tokens[s]` tokens of light training when training-aware) and keeps the best
+    `survivors[s]`; the parent joins the last stage.
+    """
+
+    generations: int = Field(default=30, ge=1, le=10_000)
+    offspring: int = Field(default=16, ge=1, le=512)
+    survivors: list[int] = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        description="Survivors per stage; default halves the field down to 1 (16 offspring: 8/4/2/1).",
+    )
+    fitness_tokens: list[int] = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        description="Tokens each stage scores on, capped by the fitness pool (data.calibration_tokens); "
+        "default doubles up to 2048 in the last stage (256/512/1024/2048).",
+    )
+    train_tokens: list[int] = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        description="Tokens of light training per candidate and stage (training-aware only); default the "
+        "last entries of 2048/8192/16384/32768, halving further back for longer schedules.",
+    )
+    kl_topk: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Score KL on the teacher's top-k tokens (large vocabularies)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_stages(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("survivors") is None:
+            offspring = data.get("offspring", cls.model_fields["offspring"].default)
+            offspring = offspring if isinstance(offspring, int) and offspring >= 1 else 1
+            data["survivors"] = [s for s, _ in halving_schedule(offspring, pool_sequences=1)]
+        n = len(data["survivors"]) if isinstance(data["survivors"], list) else 1
+        if data.get("fitness_tokens") is None:
+            data["fitness_tokens"] = [max(16, 2048 >> (n - 1 - i)) for i in range(n)]
+        if data.get("train_tokens") is None:
+            paper = [2048, 8192, 16384, 32768]
+            data["train_tokens"] = [2048 >> (n - 4 - i) for i in range(n - 4)] + paper[-n:] if n > 4 else paper[-n:]
+        return data
+
+    @model_validator(mode="after")
+    def _consistent_stages(self) -> SearchSpec:
+        n = len(self.survivors)
+        if len(self.fitness_tokens) != n or len(self.train_tokens) != n:
+            raise ValueError("survivors, fitness_tokens and train_tokens need one entry per stage")
+        if self.survivors[-1] != 1:
+            raise ValueError("the last stage keeps one survivor (the next parent)")
+        if any(s < 1 for s in self.survivors) or any(b > a for a, b in itertools.pairwise(self.survivors)):
+            raise ValueError(f"survivors must be positive and non-increasing, got {self.survivors}")
+        if self.survivors[0] > self.offspring:
+            raise ValueError(f"stage 0 keeps {self.survivors[0]} survivors of only {self.offspring} offspring")
+        if any(t < 1 for t in self.fitness_tokens) or any(t < 0 for t in self.train_tokens):
+            raise ValueError("fitness_tokens must be positive and train_tokens non-negative")
+        return self
+
+    def evaluations_per_generation(self) -> int:
+        """Evaluations of one generation: λ offspring, the survivors of every stage but the last, the parent."""
+        return self.offspring + sum(self.survivors[:-1]) + 1
 
 
 class ResourceSpec(_Strict):
@@ -121,7 +243,17 @@ class JobSpec(_Strict):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
 
+    @model_validator(mode="after")
+    def _training_has_data(self) -> JobSpec:
+        if self.prune.training_aware and any(self.search.train_tokens) and self.data.train_tokens == 0:
+            raise ValueError("training-aware selection needs a training pool: set data.train_tokens > 0 "
+                             "(or prune.training_aware: false)")
+        return self
+
     def planned_evaluations(self) -> int:
-        """Candidate evaluations the search will run: the uniform start, then every stage of every generation."""
-        per_generation = evaluations_per_generation(self.search.offspring)
+        """Candidate evaluations the search will run: the uniform start, then every stage of every generation.
+
+        A run can stop early (no unseen offspring left in a small space), never run more.
+        """
+        per_generation = self.search.evaluations_per_generation()
         return len(self.prune.targets) * (1 + self.search.generations * per_generation)

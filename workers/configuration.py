@@ -13,6 +13,7 @@ from service.spec import JobSpec
 from workers.slicing import Layout
 
 FORMAT = "darwinfront.structured_prune/1"
+_METRICS = ("kl", "held_out_kl", "perplexity", "latency_ms", "dense_latency_ms")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -48,6 +49,6 @@ def build_configuration(
         "layers": layout.to_dict()["layers"],
         "parameters": space.params(genome),
         "dense_parameters": space.dense_params,
-        "metrics": {k: result[k] for k in ("kl", "held_out_kl") if result.get(k) is not None},
+        "metrics": {k: result[k] for k in _METRICS if result.get(k) is not None},
         "data": spec.data.model_dump(),
     }

@@ -1,8 +1,9 @@
 """Scoring candidates: the job's inputs, loaded once, and the evaluator that Ray runs as an actor.
 
-An evaluator loads the model, the calibration and held-out tokens and the dense model's log-probabilities once,
-then scores many candidates: it applies a candidate's layout as masks (no copy of the model), measures
-KL(dense ‖ candidate) on the stage's sequences and hands back a small dict.
+An evaluator loads the model, the token pools, the level database and the dense model's outputs on the fitness
+pool once, then scores many candidates in place: it swaps in the level weights of the layers that differ from
+the previous candidate, trains the candidate briefly when the job is training-aware (masks kept, weights put
+back afterwards), measures KL(dense ‖ candidate) on the stage's sequences and hands back a small dict.
 """
 
 from __future__ import annotations
@@ -16,20 +17,25 @@ import torch
 
 from search.genome import LevelSpace, PruneGenome
 from service.spec import JobSpec
-from workers import criteria, data, metrics, modeling, slicing
+from workers import data, database, finetune, fitness, latency, levels, metrics, modeling, slicing
 from workers.configuration import build_configuration
-from workers.criteria.base import UnitScores
 
 
 @dataclass
 class JobInputs:
-    """What every evaluator of a job holds: the dense model and the token pools."""
+    """What every evaluator of a job holds: the dense model and the token pools.
+
+    `calibration` is the fitness pool and `training` the disjoint training pool that follows it in the
+    calibration documents; `database` is the first `data.database_tokens` of the two together.
+    """
 
     spec: JobSpec
     model: torch.nn.Module
     tokenizer: object
     calibration: torch.Tensor  # (N, T) token ids
-    held_out: torch.Tensor  # (M, T) token ids
+    training: torch.Tensor  # (M, T) token ids, M may be 0
+    database: torch.Tensor  # (D, T) token ids
+    held_out: torch.Tensor  # (E, T) token ids
 
     @classmethod
     def load(cls, spec: JobSpec) -> JobInputs:
@@ -38,38 +44,47 @@ class JobInputs:
         )
         modeling.check_architecture(model)
         texts = data.load_texts(spec.data.source)
-        pools = {
-            split: data.token_sequences(
-                tokenizer, texts, n_tokens=n, seq_len=spec.data.seq_len, split=split, seed=spec.seed
-            )
-            for split, n in (("calibration", spec.data.calibration_tokens), ("evaluation", spec.data.eval_tokens))
-        }
-        return cls(spec, model, tokenizer, pools["calibration"], pools["evaluation"])
+        d, t = spec.data, spec.data.seq_len
+        n_fit, n_train = -(-d.calibration_tokens // t), -(-d.train_tokens // t)
+        n_db = -(-d.database_tokens // t)
+        pool = data.token_sequences(
+            tokenizer, texts, n_tokens=max(n_fit + n_train, n_db) * t, seq_len=t, split="calibration", seed=spec.seed
+        )
+        held_out = data.token_sequences(
+            tokenizer, texts, n_tokens=d.eval_tokens, seq_len=t, split="evaluation", seed=spec.seed
+        )
+        device = next(model.parameters()).device
+        return cls(spec, model, tokenizer, pool[:n_fit].to(device), pool[n_fit : n_fit + n_train].to(device),
+                   pool[:n_db].to(device), held_out.to(device))
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+
+def open_database(inputs: JobInputs) -> database.LevelDatabase:
+    """The job's level database, built on first use (once per model, calibration, criterion and table)."""
+    spec = inputs.spec
+    table = levels.table_for(inputs.model, spec.prune.levels, spec.prune.mlp_multiple)
+    options = {"seed": spec.seed} if spec.prune.criterion == "random" else {}
+    return database.build(inputs.model, inputs.database, criterion=spec.prune.criterion, table=table, options=options)
 
 
 def prepare(spec_dict: dict) -> dict:
-    """Describe a job's model: its level space, the criterion's unit scores and the dense baseline.
+    """Describe a job's model: its level space and database, and the dense baseline.
 
-    Runs once per job (as a Ray task); raises with a readable message when the model or data can't be used.
+    Runs once per job (as a Ray task) and builds the level database if no earlier job did; raises with a
+    readable message when the model or data can't be used.
     """
     spec = JobSpec.model_validate(spec_dict)
     inputs = JobInputs.load(spec)
-    space = slicing.level_space(inputs.model, spec.prune.mlp_multiple)
-    options = {"seed": spec.seed} if spec.prune.criterion == "random" else {}
-    criterion = criteria.get(spec.prune.criterion, **options)
-    scores = criterion.score(inputs.model, inputs.calibration.to(inputs.device))
+    db = open_database(inputs)
+    space = levels.level_space(inputs.model, db.table)
     return {
         "space": space.to_dict(),
-        "scores": scores.to_dict(),
+        "database": db.summary(),
         "dense": {
             "params": space.dense_params,
-            "perplexity": metrics.perplexity(inputs.model, inputs.held_out.to(inputs.device), batch_size=8),
+            "perplexity": metrics.perplexity(inputs.model, inputs.held_out, batch_size=8),
         },
         "calibration_sequences": int(inputs.calibration.shape[0]),
+        "training_sequences": int(inputs.training.shape[0]),
     }
 
 
@@ -80,57 +95,109 @@ class Evaluator:
         if threads > 0:
             torch.set_num_threads(threads)
         self.inputs = JobInputs.load(JobSpec.model_validate(spec_dict))
+        spec = self.inputs.spec
         self.space = LevelSpace.from_dict(prepared["space"])
-        self.scores = UnitScores.from_dict(prepared["scores"])
-        device = self.inputs.device
-        self.calibration = self.inputs.calibration.to(device)
-        self.held_out = self.inputs.held_out.to(device)
-        self.teacher = metrics.teacher_logprobs(self.inputs.model, self.calibration, batch_size=8)
-        self.teacher_held_out = metrics.teacher_logprobs(self.inputs.model, self.held_out, batch_size=8)
+        self.database = open_database(self.inputs)
+        self.swapper = database.LevelSwapper(self.inputs.model, self.database)
+        model = self.inputs.model
+        self.snapshot = finetune.Snapshot([p for p in model.parameters() if p.requires_grad])
+        self.train_settings = finetune.TrainSettings(lr=spec.prune.train_lr, batch_size=spec.prune.train_batch_size)
+        self.teacher = fitness.Teacher.of(model, self.inputs.calibration, topk=spec.search.kl_topk)
+        self.teacher_held_out = fitness.Teacher.of(model, self.inputs.held_out)
 
     def layout(self, genome: PruneGenome) -> slicing.Layout:
-        return slicing.layout_for(genome, self.scores, self.inputs.spec.prune.mlp_multiple)
+        return levels.layout(genome, self.database.orders, self.database.table)
+
+    def load(self, genome: PruneGenome, *, train_tokens: int = 0, seed: int = 0) -> dict:
+        """Put `genome` in the model (database weights), then train it on the stage's batches if asked.
+
+        Call `unload()` afterwards when it trained. Returns the training record (empty without training).
+        """
+        self.swapper.apply(genome)
+        batches = finetune.stage_batches(self.inputs.training, train_tokens, seed, self.train_settings.batch_size)
+        if not batches:
+            return {}
+        return finetune.finetune(self.inputs.model, batches, self.swapper.masks(genome), self.train_settings)
+
+    def unload(self) -> None:
+        """Put the dense weights back after a training (the swapper's levels are then all 0)."""
+        self.snapshot.restore()
+        self.swapper.forget()
 
     def evaluate(self, request: dict) -> dict:
-        """Score one candidate on the stage's sequences; failures come back as `error`, never raise."""
+        """Score one candidate on the stage's sequences; failures come back as `error`, never raise.
+
+        `request` holds `genome`, `seed` (the stage's), `sequences` (fitness sequences), `train_tokens`
+        (0 = score as cut) and `final` (also measure held-out KL and perplexity).
+        """
         start = time.perf_counter()
-        reply = {k: request[k] for k in ("candidate_id", "genome", "target", "generation", "stage")}
+        reply = {k: request[k] for k in ("candidate_id", "genome", "target", "generation", "stage") if k in request}
+        reply.update({k: request[k] for k in ("seed", "train_tokens") if k in request})
+        trained = False
         try:
             genome = PruneGenome.from_dict(request["genome"])
             reply["params"] = self.space.params(genome)
-            idx = _stage_indices(self.calibration.shape[0], request["sequences"], request["seed"])
-            with slicing.masked(self.inputs.model, self.layout(genome)):
-                kl = metrics.kl_to_teacher(self.inputs.model, self.calibration[idx], self.teacher[idx], batch_size=8)
-                if request.get("final"):
-                    reply["held_out_kl"] = metrics.kl_to_teacher(
-                        self.inputs.model, self.held_out, self.teacher_held_out, batch_size=8
-                    )
+            idx = _stage_indices(self.inputs.calibration.shape[0], request["sequences"], request["seed"])
+            compute = time.perf_counter()
+            record = self.load(genome, train_tokens=request.get("train_tokens", 0), seed=request["seed"])
+            trained = bool(record)
+            kl = fitness.kl(self.inputs.model, self.inputs.calibration[idx], self.teacher.select(idx))
+            if request.get("final"):
+                model, held_out = self.inputs.model, self.inputs.held_out
+                reply["held_out_kl"] = fitness.kl(model, held_out, self.teacher_held_out)
+                reply["perplexity"] = metrics.perplexity(model, held_out, batch_size=8)
+            reply["compute_seconds"] = time.perf_counter() - compute
+            if record:
+                reply["train_seconds"], reply["train_loss"] = record["seconds"], record["last_loss"]
             if not torch.isfinite(torch.tensor(kl)):
                 raise ValueError(f"non-finite KL {kl}")
             reply["kl"] = float(kl)
         except Exception as exc:  # reported back as the candidate's failure reason
             reply["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            if trained:
+                self.unload()
         reply["seconds"] = time.perf_counter() - start
         return reply
 
     def configuration(self, request: dict, result: dict) -> dict:
-        """The downloadable configuration document of an evaluated candidate."""
+        """The downloadable configuration document of an evaluated candidate.
+
+        `request` holds the `genome`, and for a trained candidate the `seed` and `train_tokens` of the stage
+        that scored it: the export replays that training.
+        """
         genome = PruneGenome.from_dict(request["genome"])
-        return build_configuration(
-            spec=self.inputs.spec,
-            space=self.space,
-            genome=genome,
-            layout=self.layout(genome),
-            model=self.inputs.model,
-            result=result,
+        document = build_configuration(
+            spec=self.inputs.spec, space=self.space, genome=genome, layout=self.layout(genome),
+            model=self.inputs.model, result=result,
         )
+        train_tokens = int(request.get("train_tokens") or 0)
+        document["level_table"] = self.database.table.to_dict()
+        document["database"] = {"key": self.database.key, "criterion": self.database.criterion}
+        document["weights"] = "trained" if train_tokens else "database" if self.database.stores_weights else "dense"
+        document["training"] = {"seed": int(request["seed"]), "tokens": train_tokens,
+                                "lr": self.train_settings.lr, "batch_size": self.train_settings.batch_size
+                                } if train_tokens else None
+        return document
 
     def export(self, configuration: dict, directory: str) -> dict:
-        """Slice a copy of the model to `configuration` and save it (safetensors + config) under `directory`."""
-        model = copy.deepcopy(self.inputs.model).to("cpu")
+        """Slice the candidate of `configuration` (its database weights, trained again as it was scored) and
+        save it (safetensors + config) under `directory`; also time its forward pass against the dense one."""
+        genome = PruneGenome.from_dict(configuration["genome"])
+        training = configuration.get("training") or {}
+        self.swapper.apply(PruneGenome(attn=(0,) * self.space.n_layers, mlp=(0,) * self.space.n_layers))
+        dense_latency = latency.forward_latency(self.inputs.model, seq_len=self.inputs.spec.data.seq_len)
+        trained = bool(self.load(genome, train_tokens=training.get("tokens", 0), seed=training.get("seed", 0)))
+        try:
+            model = copy.deepcopy(self.inputs.model)
+        finally:
+            if trained:
+                self.unload()
         slicing.apply_configuration(model, configuration)
-        slicing.save_pruned(model, self.inputs.tokenizer, Path(directory))
-        return {"params": slicing.count_parameters(model)}
+        sliced_latency = latency.forward_latency(model, seq_len=self.inputs.spec.data.seq_len)
+        slicing.save_pruned(model.to("cpu"), self.inputs.tokenizer, Path(directory))
+        return {"params": slicing.count_parameters(model), "latency_ms": sliced_latency["median_ms"],
+                "dense_latency_ms": dense_latency["median_ms"]}
 
 
 def _stage_indices(pool: int, sequences: int, seed: int) -> torch.Tensor:

@@ -1,25 +1,28 @@
-"""The `structured_prune` job: one (1+λ) evolution per target, scored on Ray, recorded in Optuna and Redis."""
+"""The `structured_prune` job: one (1+λ) evolution per target, scored on Ray, recorded in Optuna and Redis.
+
+The evolutions of all targets run side by side, a generation at a time; their final-stage candidates make one
+front across sizes (KL against parameters). Every front point is exported as a sliced model, with its held-out
+KL and perplexity and its measured forward latency as attributes.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from search.evolution import Evolution, Request, Stage
 from search.genome import LevelSpace
-from search.schedule import halving_schedule
 from service.spec import JobSpec
 from service.store import JobStore
 from workers import artifacts, tracking
+from workers.interrupts import Cancelled, LeaseLost
 from workers.pool import EvaluatorPool, run_prepare
 
 log = logging.getLogger(__name__)
-
-
-class Cancelled(Exception):
-    """The user asked to cancel; raised between generations."""
 
 
 @dataclass
@@ -30,17 +33,16 @@ class PruneJob:
     job_id: str
     redis_url: str
     data_dir: Path
+    lease_lost: threading.Event | None = None  # set by the driver's lease keeper when the job is taken over
 
     def run(self) -> None:
         record = self.store.get(self.job_id)
         spec = JobSpec.model_validate(record.spec)
         prepared = run_prepare(record.spec, gpus=spec.resources.gpus_per_evaluator)
         space = LevelSpace.from_dict(prepared["space"])
-        self.store.append_event(self.job_id, "prepared", {"space": prepared["space"], "dense": prepared["dense"]})
-        stages = [
-            Stage(survivors=s, fitness_tokens=n * spec.data.seq_len, train_tokens=0)
-            for s, n in halving_schedule(spec.search.offspring, prepared["calibration_sequences"])
-        ]
+        event = {k: prepared[k] for k in ("space", "dense", "database")}
+        self.store.append_event(self.job_id, "prepared", event)
+        stages = stages_for(spec, prepared["calibration_sequences"])
         evolutions = self._evolutions(spec, space, stages)
         study = tracking.open_study(self.redis_url, self.job_id)
         pool = EvaluatorPool(
@@ -88,6 +90,8 @@ class PruneJob:
             self.store.append_event(
                 self.job_id, "generation", {"generation": generation, "best": best, "front_size": len(front)}
             )
+            if self.lease_lost is not None and self.lease_lost.is_set():
+                raise LeaseLost
             if self.store.cancel_requested(self.job_id):
                 raise Cancelled
 
@@ -120,23 +124,36 @@ class PruneJob:
                     self.store.append_event(self.job_id, "candidate_failed", event)
 
     def _finish(self, study, pool) -> None:
-        """Write the configuration of every front point, and export each as a sliced model archive."""
+        """Write the configuration of every front point, export each as a sliced model archive and time it."""
         front = tracking.front(study)
         if not front:
             raise RuntimeError("every candidate evaluation failed; see the job's events")
         trials = {t.number: t for t in study.get_trials(deepcopy=False)}
         for point in front:
-            trial = trials[point["trial"]]
-            request = {"genome": trial.user_attrs["genome"]}
-            result = {"candidate_id": point["candidate_id"], "target": point["target"], "kl": point["objectives"]["kl"]}
-            result["held_out_kl"] = point.get("held_out_kl")
+            attrs = trials[point["trial"]].user_attrs
+            request = {k: attrs[k] for k in ("genome", "seed", "train_tokens") if k in attrs}
+            result = {"candidate_id": point["candidate_id"], "target": point["target"], "kl": point["objectives"]["kl"],
+                      "held_out_kl": point.get("held_out_kl"), "perplexity": attrs.get("perplexity")}
             configuration = pool.call("configuration", request, result)
-            self.store.put_result(self.job_id, point["candidate_id"], configuration)
             with tempfile.TemporaryDirectory(dir=self.data_dir) as tmp:
-                pool.call("export", configuration, tmp)
+                exported = pool.call("export", configuration, tmp)
                 meta = artifacts.archive(self.data_dir, self.job_id, point["candidate_id"], Path(tmp))
+            timing = {k: exported[k] for k in ("latency_ms", "dense_latency_ms")}
+            configuration["metrics"].update(timing)
+            point.update(timing, perplexity=attrs.get("perplexity"))
+            self.store.put_result(self.job_id, point["candidate_id"], configuration)
             self.store.put_artifact(self.job_id, point["candidate_id"], meta)
         self.store.set_front(self.job_id, front, generation=None)
+
+
+def stages_for(spec: JobSpec, calibration_sequences: int) -> list[Stage]:
+    """The job's selection stages: fitness tokens capped by the fitness pool, training only when training-aware."""
+    pool_tokens = calibration_sequences * spec.data.seq_len
+    search = spec.search
+    return [
+        Stage(survivors=s, fitness_tokens=min(f, pool_tokens), train_tokens=t if spec.prune.training_aware else 0)
+        for s, f, t in zip(search.survivors, search.fitness_tokens, search.train_tokens, strict=True)
+    ]
 
 
 def _request_dict(request: Request, target: float, last_stage: int, seq_len: int) -> dict:
@@ -148,6 +165,7 @@ def _request_dict(request: Request, target: float, last_stage: int, seq_len: int
         "generation": request.generation,
         "stage": request.stage,
         "seed": request.seed,
-        "sequences": request.stage_spec.fitness_tokens // seq_len,
+        "sequences": max(1, math.ceil(request.stage_spec.fitness_tokens / seq_len)),
+        "train_tokens": request.stage_spec.train_tokens,
         "final": final,
     }

@@ -51,7 +51,8 @@ def record(study: optuna.Study, space: LevelSpace, result: dict, *, final: bool)
     """Add one evaluated candidate to the study; `result` is an evaluator's reply plus its request fields."""
     genome = PruneGenome.from_dict(result["genome"])
     params, dists = genome_params(space, genome)
-    attrs = {k: result[k] for k in ("candidate_id", "target", "generation", "stage", "genome") if k in result}
+    attrs = {k: result[k] for k in ("candidate_id", "target", "generation", "stage", "genome", "seed", "train_tokens")
+             if k in result}
     attrs.update({k: result[k] for k in ("held_out_kl", "perplexity", "seconds") if result.get(k) is not None})
     if result.get("error"):
         attrs["error"] = result["error"]

@@ -1,0 +1,249 @@
+"""The level database: what every level of every layer's attention and MLP looks like, built once and reused.
+
+For each decoder layer and group the database holds the units in removal order (levels are nested: level k
+removes the first `table.removed(kind, k)` of them). With the `obs` criterion it also holds, per level, the
+o_proj / down_proj weight after ZipLM's OBS updates (the removed columns zero), computed on the dense model's
+activations so that levels of different layers combine freely (DarwinLM). Other criteria cut masks: their
+level weights are the dense weights with the removed columns zeroed, made on the fly.
+
+A database is named by (model fingerprint, calibration digest, criterion and its options, level table) and
+stored under `<cache>/databases/<criterion>-<key>/`: `index.json` plus one safetensors file per layer, group and
+level (obs only). The first job builds it under a file lock; later jobs and every evaluator open it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from workers import criteria
+from workers.configuration import model_fingerprint
+from workers.criteria._common import target_linear
+from workers.levels import KINDS, LevelTable, removal_order
+from workers.reference import build_once
+
+FORMAT = "darwinfront.level_database/1"
+INDEX = "index.json"
+WEIGHT_CRITERIA = ("obs",)  # criteria whose levels carry updated weights, not just masks
+
+
+def default_root() -> Path:
+    """`$DARWINFRONT_CACHE_DIR/databases`, else `~/.cache/darwinfront/databases`."""
+    base = os.environ.get("DARWINFRONT_CACHE_DIR") or Path.home() / ".cache/darwinfront"
+    return Path(base) / "databases"
+
+
+def calibration_digest(tokens: torch.Tensor) -> str:
+    """A hash of calibration token ids (shape and values)."""
+    digest = hashlib.sha256(str(tuple(tokens.shape)).encode())
+    digest.update(tokens.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def database_key(fingerprint: str, digest: str, criterion: str, options: dict, table: LevelTable) -> str:
+    """The name of a database: a hash of everything that decides its contents."""
+    blob = json.dumps(
+        {"format": FORMAT, "model": fingerprint, "calibration": digest, "criterion": criterion,
+         "options": options, "table": table.to_dict()},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class LevelDatabase:
+    """An opened level database (the index in memory, weights read from disk on demand).
+
+    Attributes:
+        directory: where it lives.
+        key: its name (see `database_key`).
+        criterion: the criterion that filled it.
+        table: its level table.
+        orders: per layer, kind -> units in removal order.
+        stores_weights: True when levels carry updated weights (obs), False for masks.
+        built: True when this call built it, False when it was found in the cache.
+    """
+
+    directory: Path
+    key: str
+    criterion: str
+    table: LevelTable
+    orders: tuple[dict[str, tuple[int, ...]], ...]
+    stores_weights: bool
+    built: bool = False
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.orders)
+
+    def weight_path(self, layer: int, kind: str, level: int) -> Path:
+        return self.directory / f"layer{layer:03d}.{kind}.level{level:03d}.safetensors"
+
+    def load_weight(self, layer: int, kind: str, level: int, *, device=None) -> torch.Tensor:
+        """The stored (out, in) weight of `kind`'s target linear in `layer` at `level` >= 1 (obs databases)."""
+        if not self.stores_weights or level < 1:
+            raise ValueError(f"{self.criterion} database stores no weight for layer {layer} {kind} level {level}")
+        return load_file(self.weight_path(layer, kind, level), device=str(device or "cpu"))["weight"]
+
+    def removed(self, layer: int, kind: str, level: int) -> tuple[int, ...]:
+        """Units of `layer` that `level` of `kind` removes."""
+        return self.orders[layer][kind][: self.table.removed(kind, level)]
+
+    def summary(self) -> dict:
+        """What a job records about its database (JSON-safe, small)."""
+        return {"key": self.key, "directory": str(self.directory), "criterion": self.criterion,
+                "table": self.table.to_dict(), "stores_weights": self.stores_weights, "built": self.built}
+
+    @classmethod
+    def open(cls, directory: str | Path, *, built: bool = False) -> LevelDatabase:
+        """Open the database stored in `directory`."""
+        directory = Path(directory)
+        index = json.loads((directory / INDEX).read_text())
+        if index.get("format") != FORMAT:
+            raise ValueError(f"{directory} holds {index.get('format')!r}, not {FORMAT}")
+        orders = tuple({k: tuple(layer[k]) for k in KINDS} for layer in index["orders"])
+        return cls(directory, index["key"], index["criterion"], LevelTable.from_dict(index["table"]), orders,
+                   index["stores_weights"], built)
+
+
+def build(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    *,
+    criterion: str,
+    table: LevelTable,
+    options: dict | None = None,
+    root: Path | None = None,
+    batch_size: int = 8,
+) -> LevelDatabase:
+    """Open the database of (model, calibration, criterion, options, table), building it first if needed.
+
+    Args:
+        model: the dense model (read, never written).
+        calibration: token ids (N, T) the criterion scores on (and OBS gathers its Hessians from).
+        criterion: a registered criterion name (`workers.criteria.names()`).
+        table: the level table.
+        options: the criterion's constructor arguments (e.g. `{"seed": 3}` for `random`); part of the key.
+        root: the cache root (default `default_root()`).
+        batch_size: sequences per forward pass while scoring.
+    """
+    options = dict(options or {})
+    key = database_key(model_fingerprint(model), calibration_digest(calibration), criterion, options, table)
+    final = (root or default_root()) / f"{criterion}-{key}"
+    made = []
+
+    def write(out: Path) -> None:
+        made.append(out)
+        _write(out, model, calibration, criterion=criterion, options=options, table=table, key=key,
+               batch_size=batch_size)
+
+    build_once(final, write)
+    return LevelDatabase.open(final, built=bool(made))
+
+
+def _write(out: Path, model, calibration, *, criterion, options, table, key, batch_size) -> None:
+    if criterion in WEIGHT_CRITERIA:
+        orders = _write_obs(out, model, calibration, table, options, batch_size)
+    else:
+        scores = criteria.get(criterion, **options).score(model, calibration)
+        orders = [{"attn": removal_order(s.attn.tolist()), "mlp": removal_order(s.mlp.tolist())}
+                  for s in scores.layers]
+    index = {"format": FORMAT, "key": key, "criterion": criterion, "options": options, "table": table.to_dict(),
+             "stores_weights": criterion in WEIGHT_CRITERIA, "orders": orders}
+    (out / INDEX).write_text(json.dumps(index))
+
+
+def _write_obs(out: Path, model, calibration, table: LevelTable, options: dict, batch_size: int) -> list[dict]:
+    from workers.criteria.obs import obs_levels
+
+    counts = {kind: table.counts(kind) for kind in KINDS}
+    results = obs_levels(model, calibration, counts, batch_size=batch_size, **options)
+    orders = []
+    for i, result in enumerate(results):
+        for kind in KINDS:
+            for level, count in enumerate(counts[kind]):
+                if level:
+                    weight = result[kind].weights[count].to("cpu").contiguous()
+                    save_file({"weight": weight}, out / f"layer{i:03d}.{kind}.level{level:03d}.safetensors")
+        orders.append({kind: result[kind].order.tolist() for kind in KINDS})
+    return orders
+
+
+class LevelSwapper:
+    """Puts a genome's level weights into the model's o_proj / down_proj, in place; only changed layers move.
+
+    The swapper keeps the dense target weights once and remembers which level each (layer, group) holds, so a
+    candidate costs one weight copy per layer that differs from the previous one (EvoPress's `model.state`).
+    Obs weights are read from disk on demand and kept in a small LRU cache.
+
+    Args:
+        model: the dense model to swap weights in (holding dense weights now).
+        database: its level database.
+        cache_bytes: the most bytes of loaded level weights to keep.
+    """
+
+    def __init__(self, model: nn.Module, database: LevelDatabase, *, cache_bytes: int = 256 << 20):
+        layers = list(model.model.layers)
+        if len(layers) != database.n_layers:
+            raise ValueError(f"the database has {database.n_layers} layers, the model {len(layers)}")
+        self.database, self.cache_bytes = database, cache_bytes
+        self.linears = [{kind: target_linear(layer, kind) for kind in KINDS} for layer in layers]
+        self.dense = [{kind: lin.weight.detach().clone() for kind, lin in d.items()} for d in self.linears]
+        self.loaded = [{kind: 0 for kind in KINDS} for _ in layers]
+        self._cache: OrderedDict[tuple[int, str, int], torch.Tensor] = OrderedDict()
+
+    def keep_mask(self, layer: int, kind: str, level: int) -> torch.Tensor:
+        """(in,) 1.0 for the target linear's input columns that `level` keeps, 0.0 for the removed ones."""
+        weight = self.dense[layer][kind]
+        width = weight.shape[1] // self.database.table.units(kind)
+        mask = torch.ones(self.database.table.units(kind), width, dtype=weight.dtype, device=weight.device)
+        mask[list(self.database.removed(layer, kind, level))] = 0
+        return mask.reshape(-1)
+
+    def weight(self, layer: int, kind: str, level: int) -> torch.Tensor:
+        """The (out, in) weight of `kind`'s target linear in `layer` at `level`."""
+        if level == 0:
+            return self.dense[layer][kind]
+        if not self.database.stores_weights:
+            return self.dense[layer][kind] * self.keep_mask(layer, kind, level)
+        key = (layer, kind, level)
+        if key not in self._cache:
+            dense = self.dense[layer][kind]
+            self._cache[key] = self.database.load_weight(layer, kind, level).to(dense.device, dense.dtype)
+            while len(self._cache) > 1 and sum(t.nbytes for t in self._cache.values()) > self.cache_bytes:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return self._cache[key]
+
+    @torch.no_grad()
+    def apply(self, genome) -> int:
+        """Put `genome`'s levels in place; return how many (layer, group) weights were copied."""
+        changed = 0
+        for i, levels in enumerate(zip(genome.attn, genome.mlp, strict=True)):
+            for kind, level in zip(KINDS, levels, strict=True):
+                if self.loaded[i][kind] != level:
+                    self.linears[i][kind].weight.copy_(self.weight(i, kind, level))
+                    self.loaded[i][kind] = level
+                    changed += 1
+        return changed
+
+    def masks(self, genome) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(weight, (1, in) column mask) of every target linear that `genome` cuts: what training must keep zero."""
+        out = []
+        for i, levels in enumerate(zip(genome.attn, genome.mlp, strict=True)):
+            for kind, level in zip(KINDS, levels, strict=True):
+                if level:
+                    out.append((self.linears[i][kind].weight, self.keep_mask(i, kind, level)[None, :]))
+        return out
+
+    def forget(self) -> None:
+        """Record that the weights were put back to dense by someone else (a restored training snapshot)."""
+        self.loaded = [{kind: 0 for kind in KINDS} for _ in self.loaded]

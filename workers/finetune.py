@@ -1,0 +1,107 @@
+"""Light training of a candidate before it is scored: DarwinLM's training-aware selection.
+
+Every candidate of a stage trains on the same minibatches (drawn from the training pool with the stage's seed),
+with a fresh AdamW, starting from the database weights; pruned columns of o_proj / down_proj get zero gradients
+and are zeroed again after every step, so pruned structures stay exactly pruned (DarwinLM's released code
+leaves them free to drift). The model is not copied: `Snapshot` keeps the trainable weights once per evaluator
+and puts them back after each candidate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a candidate is trained: AdamW with `lr`, `batch_size` sequences per step, plain next-token loss.
+
+    `weight_decay` 0.01 and default betas are torch's AdamW defaults, as in DarwinLM; the rate is raised
+    from DarwinLM's 1e-5, which does nothing in a few steps on a small model (darwinlm.md §8.6).
+    """
+
+    lr: float = 3e-4
+    batch_size: int = 8
+    weight_decay: float = 0.01
+
+
+def stage_batches(pool: torch.Tensor, tokens: int, seed: int, batch_size: int) -> list[torch.Tensor]:
+    """The stage's training minibatches: `ceil(tokens / T)` sequences of `pool` (N, T), drawn with `seed`.
+
+    Sequences are drawn without replacement (all of the pool, shuffled, when it is smaller) and cut into
+    batches of `batch_size`; the same `seed` gives the same batches to every candidate of the stage.
+    """
+    if tokens <= 0 or pool.numel() == 0:
+        return []
+    n, t = pool.shape
+    wanted = min(n, math.ceil(tokens / t))
+    generator = torch.Generator().manual_seed(seed % (2**63))
+    rows = torch.randperm(n, generator=generator)[:wanted]
+    return list(pool[rows].split(batch_size))  # each (B, T)
+
+
+class Snapshot:
+    """A copy of `params`' values, taken once, to restore after every candidate (no model deepcopy)."""
+
+    def __init__(self, params: Sequence[nn.Parameter]):
+        self.params = list(params)
+        self.values = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for param, value in zip(self.params, self.values, strict=True):
+            param.copy_(value)
+
+
+def finetune(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    masks: Sequence[tuple[nn.Parameter, torch.Tensor]],
+    settings: TrainSettings,
+) -> dict:
+    """Train `model` in place, one AdamW step per batch, keeping every `(weight, mask)` zero where mask is 0.
+
+    Args:
+        model: a causal LM holding the candidate's weights.
+        batches: token ids, each (B, T); the loss is next-token cross-entropy.
+        masks: weights with a mask broadcastable to them (1 = trainable, 0 = pruned, kept exactly zero).
+        settings: optimiser settings.
+
+    Returns:
+        `steps`, `first_loss`, `last_loss` and `seconds`.
+    """
+    start = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    device = next(model.parameters()).device
+    losses = []
+    model.train()
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            loss = model(input_ids=batch, labels=batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for weight, mask in masks:
+                if weight.grad is not None:
+                    weight.grad.mul_(mask)
+            optimizer.step()
+            with torch.no_grad():
+                for weight, mask in masks:
+                    weight.mul_(mask)
+            losses.append(loss.item())
+    finally:
+        model.eval()
+        optimizer.zero_grad(set_to_none=True)
+    return {
+        "steps": len(losses),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "seconds": time.perf_counter() - start,
+    }

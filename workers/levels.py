@@ -1,0 +1,147 @@
+"""The level table: how many units one level step removes, per group, with every step of a group the same size.
+
+Equal steps are what keep a search's parameter budget exact: a level switch moves one step from one layer to
+another in the same group, and every step of the group costs the same parameters. The table also turns a
+genome and the database's removal orders into the `Layout` that slicing cuts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from darwinfront.errors import InvalidSpec
+from search.genome import LevelSpace, PruneGenome
+from workers import slicing
+
+KINDS = ("attn", "mlp")
+
+
+@dataclass(frozen=True)
+class LevelTable:
+    """Units per layer and units per level step, for the attention (KV groups) and MLP (channels) groups.
+
+    Level k of a group removes `k * step` units; the top level removes `levels * step` (all of them when the
+    step divides the width, which drops the whole sub-layer).
+    """
+
+    attn_units: int
+    attn_step: int
+    mlp_units: int
+    mlp_step: int
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.attn_step <= self.attn_units and 1 <= self.mlp_step <= self.mlp_units):
+            raise InvalidSpec("prune.levels", f"bad level table {self}")
+
+    @property
+    def attn_levels(self) -> int:
+        return self.attn_units // self.attn_step
+
+    @property
+    def mlp_levels(self) -> int:
+        return self.mlp_units // self.mlp_step
+
+    def units(self, kind: str) -> int:
+        """Units per layer of `kind` ("attn" or "mlp")."""
+        return self.attn_units if kind == "attn" else self.mlp_units
+
+    def top(self, kind: str) -> int:
+        """The highest level of `kind`."""
+        return self.attn_levels if kind == "attn" else self.mlp_levels
+
+    def removed(self, kind: str, level: int) -> int:
+        """Units that level `level` of `kind` removes."""
+        if not 0 <= level <= self.top(kind):
+            raise InvalidSpec(f"genome.{kind}", f"level {level} outside 0..{self.top(kind)}")
+        return level * (self.attn_step if kind == "attn" else self.mlp_step)
+
+    def counts(self, kind: str) -> list[int]:
+        """Removed units at every level 0..top, the snapshots a level database holds."""
+        return [self.removed(kind, level) for level in range(self.top(kind) + 1)]
+
+    def to_dict(self) -> dict:
+        return {"attn_units": self.attn_units, "attn_step": self.attn_step,
+                "mlp_units": self.mlp_units, "mlp_step": self.mlp_step}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LevelTable:
+        return cls(**{k: int(data[k]) for k in ("attn_units", "attn_step", "mlp_units", "mlp_step")})
+
+
+def attention_step(units: int, levels: int) -> int:
+    """KV groups per level: `units / levels` when that divides evenly, else one group per level."""
+    return units // levels if levels <= units and units % levels == 0 else 1
+
+
+def mlp_step(width: int, levels: int, multiple: int) -> int:
+    """Channels per MLP level step: a multiple of `multiple`, as near to `width / levels` as equal steps allow.
+
+    When `multiple` divides `width`, the step is `width / d` for the divisor d of `width / multiple` nearest
+    to `levels` (ties go to more levels), so the top level removes the whole MLP. Otherwise the step is the
+    multiple of `multiple` nearest to `width / levels`, and the top level leaves the remainder.
+    """
+    if multiple > width:
+        raise InvalidSpec("prune.mlp_multiple", f"{multiple} is wider than the MLP ({width} channels)")
+    if width % multiple == 0:
+        blocks = width // multiple
+        divisors = [d for d in range(1, blocks + 1) if blocks % d == 0]
+        best = min(divisors, key=lambda d: (abs(d - levels), -d))
+        return width // best
+    return max(multiple, round(width / levels / multiple) * multiple)
+
+
+def table_for(model: nn.Module, levels: int, multiple: int) -> LevelTable:
+    """The level table of a dense Llama-family model for `levels` target steps and MLP multiple `multiple`."""
+    d = slicing.dims(model)
+    return LevelTable(
+        attn_units=d.n_kv,
+        attn_step=attention_step(d.n_kv, levels),
+        mlp_units=d.intermediate,
+        mlp_step=mlp_step(d.intermediate, levels, multiple),
+    )
+
+
+def level_space(model: nn.Module, table: LevelTable) -> LevelSpace:
+    """The search space of a dense model under `table`, with the exact parameter cost of each level step."""
+    d = slicing.dims(model)
+    if (d.n_kv, d.intermediate) != (table.attn_units, table.mlp_units):
+        raise InvalidSpec("prune.levels", f"level table {table} does not fit the model ({d.n_kv}, {d.intermediate})")
+    q_width = d.group * d.head_dim
+    group = 2 * d.hidden * q_width + 2 * d.hidden * d.head_dim  # q rows, o columns, k and v rows
+    if d.attn_bias:
+        group += q_width + 2 * d.head_dim
+    channel = 3 * d.hidden + (2 if d.mlp_bias else 0)  # gate and up rows (+ their bias), a down column
+    return LevelSpace(
+        n_layers=d.n_layers,
+        attn_levels=table.attn_levels,
+        mlp_levels=table.mlp_levels,
+        attn_unit_params=table.attn_step * group,
+        mlp_level_params=table.mlp_step * channel,
+        dense_params=slicing.count_parameters(model),
+    )
+
+
+def removal_order(scores: Sequence[float]) -> list[int]:
+    """Units in removal order for per-unit scores (higher = keep): lowest first, the higher index first on ties.
+
+    The reverse of the order `slicing.layout_for` keeps units in, so both cut the same units.
+    """
+    keep_first = sorted(range(len(scores)), key=lambda j: (-float(scores[j]), j))
+    return keep_first[::-1]
+
+
+def layout(genome: PruneGenome, orders: Sequence[dict[str, Sequence[int]]], table: LevelTable) -> slicing.Layout:
+    """The units every layer keeps: all but the first `table.removed(kind, level)` of its removal order."""
+    if len(genome.attn) != len(orders) or len(genome.mlp) != len(orders):
+        raise InvalidSpec("genome", f"{len(genome.attn)} layers in the genome, {len(orders)} in the database")
+    layers = []
+    for i, order in enumerate(orders):
+        kept = {}
+        for kind, level in (("attn", genome.attn[i]), ("mlp", genome.mlp[i])):
+            gone = set(order[kind][: table.removed(kind, level)])
+            kept[kind] = tuple(u for u in range(table.units(kind)) if u not in gone)
+        layers.append(slicing.LayerLayout(kept["attn"], kept["mlp"]))
+    return slicing.Layout(tuple(layers))
