@@ -105,6 +105,8 @@ def test_topk_kl_is_a_lower_bound_exact_with_one_token_out_and_zero_for_the_teac
     assert 0.0 < fitness.kl(student, tokens, top8) < exact
     rows = torch.tensor([1, 3])
     assert fitness.kl(student, tokens[rows], top8.select(rows)) > 0.0
+    kl, ppl = fitness.kl_and_perplexity(student, tokens, full)
+    assert kl == pytest.approx(exact) and ppl == pytest.approx(metrics.perplexity(student, tokens, batch_size=3))
 
 
 def test_level_switch_offspring_keep_the_real_parameter_count(random_llama):
@@ -220,3 +222,33 @@ def test_identical_fronts_with_one_and_two_evaluators(micro_dir, store, redis_se
         assert point["latency_ms"] > 0 and point["perplexity"] > 1 and point["held_out_kl"] >= 0
         genomes = [store.get_result(job, point["candidate_id"])["genome"] for job in (one, two)]
         assert genomes[0] == genomes[1]
+
+
+def _toy_fitness(genome: PruneGenome) -> float:
+    """A separable toy objective: the later layers are the cheap ones to prune."""
+    attn = sum((3 - i) * a for i, a in enumerate(genome.attn))
+    return attn + sum((3 - i) * 0.5 * m for i, m in enumerate(genome.mlp))
+
+
+def test_nsga_baseline_keeps_the_budget_and_improves_deterministically():
+    from search.genome import LevelSpace
+    from search.nsga import NsgaSearch, repair
+
+    assert sum(repair([4, 4, 0, 0], 3, 4, random.Random(0))) == 3
+    assert repair([0, 0, 0], 5, 2, random.Random(0)) in {(2, 2, 1), (2, 1, 2), (1, 2, 2)}
+    space = LevelSpace(n_layers=4, attn_levels=4, mlp_levels=8, attn_unit_params=10, mlp_level_params=3,
+                       dense_params=1000)
+    start = space.uniform(0.5)
+    bests = []
+    for _ in range(2):
+        run = NsgaSearch(space, start, seed=3, key=0, budget=60, population=8)
+        asked = []
+        while not run.finished:
+            for request in run.ask(limit=5):
+                asked.append(request.genome)
+                run.tell(request.candidate_id, _toy_fitness(request.genome))
+        assert asked[0] == start and len(asked) == 60 == run.evaluations
+        assert len({g.key() for g in asked}) == 60  # distinct evaluations only
+        assert all(space.params(g) == space.params(start) for g in asked)
+        bests.append((run.best.key(), run.best_fitness))
+    assert bests[0] == bests[1] and bests[0][1] < _toy_fitness(start)

@@ -124,6 +124,10 @@ class Evaluator:
         self.snapshot.restore()
         self.swapper.forget()
 
+    def held_out_metrics(self) -> tuple[float, float]:
+        """KL to the dense model and perplexity of the model as it is now, on the held-out sequences."""
+        return fitness.kl_and_perplexity(self.inputs.model, self.inputs.held_out, self.teacher_held_out)
+
     def evaluate(self, request: dict) -> dict:
         """Score one candidate on the stage's sequences; failures come back as `error`, never raise.
 
@@ -143,9 +147,7 @@ class Evaluator:
             trained = bool(record)
             kl = fitness.kl(self.inputs.model, self.inputs.calibration[idx], self.teacher.select(idx))
             if request.get("final"):
-                model, held_out = self.inputs.model, self.inputs.held_out
-                reply["held_out_kl"] = fitness.kl(model, held_out, self.teacher_held_out)
-                reply["perplexity"] = metrics.perplexity(model, held_out, batch_size=8)
+                reply["held_out_kl"], reply["perplexity"] = self.held_out_metrics()
             reply["compute_seconds"] = time.perf_counter() - compute
             if record:
                 reply["train_seconds"], reply["train_loss"] = record["seconds"], record["last_loss"]

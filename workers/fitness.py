@@ -10,6 +10,7 @@ one token is left out.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,3 +82,22 @@ def _coarse_kl(top: torch.Tensor, student: torch.Tensor) -> float:
     q_rest = (1.0 - student.exp().sum(-1)).clamp_min(torch.finfo(torch.float64).tiny)
     rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-300).log() - q_rest.log()), 0.0)
     return float((top.exp() * (top - student)).sum() + rest.sum())
+
+
+@torch.inference_mode()
+def kl_and_perplexity(
+    model: nn.Module, tokens: torch.Tensor, teacher: Teacher, *, batch_size: int = 8
+) -> tuple[float, float]:
+    """Full KL(teacher ‖ model) and the model's perplexity on (N, T) `tokens`, from one forward pass per batch."""
+    if teacher.logprobs is None:
+        raise ValueError("kl_and_perplexity needs a full teacher (no top-k)")
+    n, t = tokens.shape
+    device = next(model.parameters()).device
+    kl_sum = nll_sum = 0.0
+    for chunk, reference in zip(tokens.split(batch_size), teacher.logprobs.split(batch_size), strict=True):
+        chunk = chunk.to(device)
+        student = F.log_softmax(model(input_ids=chunk).logits[:, :-1].float(), dim=-1)  # (B, T-1, vocab)
+        kl_sum += F.kl_div(student, reference.to(device), log_target=True, reduction="sum").item()
+        nll_sum -= student.gather(-1, chunk[:, 1:, None]).sum().item()
+    count = n * (t - 1)
+    return kl_sum / count, math.exp(nll_sum / count)
