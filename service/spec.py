@@ -134,6 +134,11 @@ class PruneSpec(_Strict):
         default=True,
         description="DarwinLM: fine-tune every candidate briefly before scoring it; false = EvoPress (score as cut).",
     )
+    train_loss: Literal["ce", "kd"] = Field(
+        default="ce",
+        description="Light-training loss: `ce` next-token cross-entropy (DarwinLM), or `kd` distillation, "
+        "KL(dense ‖ candidate) on the dense model's outputs (the fitness's own measure).",
+    )
     train_lr: float = Field(default=3e-4, gt=0.0, le=1.0, description="AdamW learning rate of the light training.")
     train_batch_size: int = Field(default=8, ge=1, le=4096, description="Sequences per light-training step.")
 

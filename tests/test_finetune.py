@@ -95,3 +95,19 @@ def test_training_lowers_the_loss_on_its_batches(random_llama):
     batch = _tokens(random_llama.config.vocab_size, 4, seed=4)
     record = finetune.finetune(random_llama, [batch] * 10, [], finetune.TrainSettings(lr=1e-2))
     assert record["last_loss"] < record["first_loss"] - 0.1
+
+
+def test_distillation_starts_at_zero_for_the_dense_model_and_recovers_a_cut_one(setup):
+    from workers import metrics
+
+    model, swapper, _ = setup
+    batches = finetune.stage_batches(_tokens(model.config.vocab_size, 24, seed=3), 256, seed=1, batch_size=4)
+    teacher = [metrics.teacher_logprobs(model, b, batch_size=4) for b in batches]
+    snapshot = finetune.Snapshot(list(model.parameters()))
+    dense = finetune.finetune(model, batches[:1], [], finetune.TrainSettings(lr=1e-2), teacher[:1])
+    assert dense["first_loss"] == pytest.approx(0.0, abs=1e-6)
+    snapshot.restore()
+    genome = PruneGenome(attn=(1, 1, 1), mlp=(3, 3, 3))
+    swapper.apply(genome)
+    cut = finetune.finetune(model, batches * 5, swapper.masks(genome), finetune.TrainSettings(lr=3e-3), teacher * 5)
+    assert cut["first_loss"] > 0.01 and cut["last_loss"] < 0.5 * cut["first_loss"]

@@ -157,7 +157,8 @@ def test_configuration_layout_keeps_what_the_genome_says(random_llama):
 def test_evaluation_restores_the_model_and_the_exported_winner_reloads_to_its_logits(micro_dir, tmp_path):
     from workers.evaluator import Evaluator, prepare
 
-    spec = JobSpec.model_validate(MICRO).model_dump(mode="json")
+    micro = {**MICRO, "prune": {**MICRO["prune"], "train_loss": "kd"}}  # the export replays distillation too
+    spec = JobSpec.model_validate(micro).model_dump(mode="json")
     prepared = prepare(spec)
     evaluator = Evaluator(spec, prepared)
     model = evaluator.inputs.model
@@ -173,6 +174,7 @@ def test_evaluation_restores_the_model_and_the_exported_winner_reloads_to_its_lo
 
     configuration = evaluator.configuration(request, {"candidate_id": "c", "target": 0.5, "kl": reply["kl"]})
     assert configuration["weights"] == "trained" and configuration["training"]["seed"] == 11
+    assert configuration["training"]["loss"] == "kd"
     exported = evaluator.export(configuration, str(tmp_path / "c"))
     assert exported["params"] == reply["params"] == configuration["parameters"]
     assert exported["latency_ms"] > 0 and exported["dense_latency_ms"] > 0

@@ -104,6 +104,8 @@ class Evaluator:
         self.train_settings = finetune.TrainSettings(lr=spec.prune.train_lr, batch_size=spec.prune.train_batch_size)
         self.teacher = fitness.Teacher.of(model, self.inputs.calibration, topk=spec.search.kl_topk)
         self.teacher_held_out = fitness.Teacher.of(model, self.inputs.held_out)
+        self._dense_genome = PruneGenome(attn=(0,) * self.space.n_layers, mlp=(0,) * self.space.n_layers)
+        self._targets: dict[tuple[int, int], list[torch.Tensor]] = {}
 
     def layout(self, genome: PruneGenome) -> slicing.Layout:
         return levels.layout(genome, self.database.orders, self.database.table)
@@ -111,13 +113,29 @@ class Evaluator:
     def load(self, genome: PruneGenome, *, train_tokens: int = 0, seed: int = 0) -> dict:
         """Put `genome` in the model (database weights), then train it on the stage's batches if asked.
 
-        Call `unload()` afterwards when it trained. Returns the training record (empty without training).
+        Call `unload()` afterwards when it trained. Returns the training record (empty without training):
+        `seconds` of training and `teacher_seconds` spent on the dense outputs that distillation needs.
         """
-        self.swapper.apply(genome)
         batches = finetune.stage_batches(self.inputs.training, train_tokens, seed, self.train_settings.batch_size)
+        teacher, teacher_seconds = None, 0.0
+        if batches and self.inputs.spec.prune.train_loss == "kd":
+            started = time.perf_counter()
+            teacher = self._distillation_targets((seed, train_tokens), batches)
+            teacher_seconds = time.perf_counter() - started
+        self.swapper.apply(genome)
         if not batches:
             return {}
-        return finetune.finetune(self.inputs.model, batches, self.swapper.masks(genome), self.train_settings)
+        record = finetune.finetune(self.inputs.model, batches, self.swapper.masks(genome), self.train_settings, teacher)
+        return {**record, "teacher_seconds": teacher_seconds}
+
+    def _distillation_targets(self, key: tuple[int, int], batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The dense model's log-probs on a stage's training batches, computed once per stage (the last two kept)."""
+        if key not in self._targets:
+            self.swapper.apply(self._dense_genome)
+            self._targets[key] = [metrics.teacher_logprobs(self.inputs.model, b, batch_size=len(b)) for b in batches]
+            while len(self._targets) > 2:
+                self._targets.pop(next(iter(self._targets)))
+        return self._targets[key]
 
     def unload(self) -> None:
         """Put the dense weights back after a training (the swapper's levels are then all 0)."""
@@ -137,18 +155,18 @@ class Evaluator:
         start = time.perf_counter()
         reply = {k: request[k] for k in ("candidate_id", "genome", "target", "generation", "stage") if k in request}
         reply.update({k: request[k] for k in ("seed", "train_tokens") if k in request})
-        trained = False
+        trains = request.get("train_tokens", 0) > 0 and self.inputs.training.numel() > 0
         try:
             genome = PruneGenome.from_dict(request["genome"])
             reply["params"] = self.space.params(genome)
             idx = _stage_indices(self.inputs.calibration.shape[0], request["sequences"], request["seed"])
-            compute = time.perf_counter()
             record = self.load(genome, train_tokens=request.get("train_tokens", 0), seed=request["seed"])
-            trained = bool(record)
+            scoring = time.perf_counter()
             kl = fitness.kl(self.inputs.model, self.inputs.calibration[idx], self.teacher.select(idx))
             if request.get("final"):
                 reply["held_out_kl"], reply["perplexity"] = self.held_out_metrics()
-            reply["compute_seconds"] = time.perf_counter() - compute
+            forward = time.perf_counter() - scoring
+            reply["compute_seconds"] = forward + record.get("seconds", 0.0) + record.get("teacher_seconds", 0.0)
             if record:
                 reply["train_seconds"], reply["train_loss"] = record["seconds"], record["last_loss"]
             if not torch.isfinite(torch.tensor(kl)):
@@ -157,7 +175,7 @@ class Evaluator:
         except Exception as exc:  # reported back as the candidate's failure reason
             reply["error"] = f"{type(exc).__name__}: {exc}"
         finally:
-            if trained:
+            if trains:
                 self.unload()
         reply["seconds"] = time.perf_counter() - start
         return reply
@@ -178,8 +196,8 @@ class Evaluator:
         document["database"] = {"key": self.database.key, "criterion": self.database.criterion}
         document["weights"] = "trained" if train_tokens else "database" if self.database.stores_weights else "dense"
         document["training"] = {"seed": int(request["seed"]), "tokens": train_tokens,
-                                "lr": self.train_settings.lr, "batch_size": self.train_settings.batch_size
-                                } if train_tokens else None
+                                "lr": self.train_settings.lr, "batch_size": self.train_settings.batch_size,
+                                "loss": self.inputs.spec.prune.train_loss} if train_tokens else None
         return document
 
     def export(self, configuration: dict, directory: str) -> dict:
@@ -187,7 +205,7 @@ class Evaluator:
         save it (safetensors + config) under `directory`; also time its forward pass against the dense one."""
         genome = PruneGenome.from_dict(configuration["genome"])
         training = configuration.get("training") or {}
-        self.swapper.apply(PruneGenome(attn=(0,) * self.space.n_layers, mlp=(0,) * self.space.n_layers))
+        self.swapper.apply(self._dense_genome)
         dense_latency = latency.forward_latency(self.inputs.model, seq_len=self.inputs.spec.data.seq_len)
         trained = bool(self.load(genome, train_tokens=training.get("tokens", 0), seed=training.get("seed", 0)))
         try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,17 @@ def finetune(
     batches: Sequence[torch.Tensor],
     masks: Sequence[tuple[nn.Parameter, torch.Tensor]],
     settings: TrainSettings,
+    teacher: Sequence[torch.Tensor] | None = None,
 ) -> dict:
     """Train `model` in place, one AdamW step per batch, keeping every `(weight, mask)` zero where mask is 0.
 
     Args:
         model: a causal LM holding the candidate's weights.
-        batches: token ids, each (B, T); the loss is next-token cross-entropy.
+        batches: token ids, each (B, T).
         masks: weights with a mask broadcastable to them (1 = trainable, 0 = pruned, kept exactly zero).
         settings: optimiser settings.
+        teacher: None for next-token cross-entropy (DarwinLM), or the dense model's next-token log-probs per
+            batch, each (B, T-1, vocab), to distil: the loss is then the mean KL(teacher ‖ model) per position.
 
     Returns:
         `steps`, `first_loss`, `last_loss` and `seconds`.
@@ -83,9 +87,14 @@ def finetune(
     losses = []
     model.train()
     try:
-        for batch in batches:
+        for step, batch in enumerate(batches):
             batch = batch.to(device)
-            loss = model(input_ids=batch, labels=batch).loss
+            if teacher is None:
+                loss = model(input_ids=batch, labels=batch).loss
+            else:
+                student = F.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)  # (B, T-1, vocab)
+                target = teacher[step].to(device, torch.float32)
+                loss = F.kl_div(student, target, log_target=True, reduction="sum") / target.shape[:2].numel()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for weight, mask in masks:

@@ -1,0 +1,193 @@
+"""Benchmark: DarwinLM-style search against its baselines at equal evaluation budgets.
+
+On `builtin:tiny-llama` at 50 % of the prunable parameters, for each seed, five arms spend the same number of
+candidate evaluations over the same level space and database:
+
+- uniform: the uniform levels (one evaluation);
+- random: random search at the budget's level sums (`search.baselines.RandomSearch`);
+- nsga2: Optuna NSGA-II with repair to the budget (`search.nsga.NsgaSearch`);
+- evopress: the staged (1+λ) evolution scored as cut;
+- darwinlm: the same evolution with training-aware selection.
+
+Baselines score every candidate on the whole fitness pool (the evolution's last stage, as cut). Each arm's winner is
+then measured on held-out text one-shot (database weights) and after the same post-training for every arm
+(darwinlm.md §8.9): held-out KL to the dense model and perplexity. A longer run of the darwinlm arm with
+`--reference-scale` times the generations gives the "best KL a 10x budget finds". Overhead is the wall time per
+evaluation over the bare forward + training time measured inside it (in process: no Ray, no Redis).
+
+    DARWINFRONT_CACHE_DIR=/tmp/dfcache .venv/bin/python benchmarks/prune_search.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+
+from search.baselines import RandomSearch, UniformOnly
+from search.evolution import Evolution, Stage
+from search.nsga import NsgaSearch
+from search.seeding import derive_seed
+from service.spec import JobSpec
+from workers.evaluator import Evaluator, prepare
+from workers.prune_job import stages_for
+
+ARMS = ("uniform", "random", "nsga2", "evopress", "darwinlm")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="builtin:tiny-llama")
+    p.add_argument("--criterion", default="obs")
+    p.add_argument("--target", type=float, default=0.5)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--generations", type=int, default=10, help="evolution generations (the budget follows)")
+    p.add_argument("--offspring", type=int, default=16)
+    p.add_argument("--train-scale", type=float, default=0.25, help="scales the stage training tokens 2K..32K")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--train-loss", choices=("ce", "kd"), default="ce", help="light- and post-training loss")
+    p.add_argument("--post-train-tokens", type=int, default=32768, help="identical post-training of every winner")
+    p.add_argument("--reference-scale", type=int, default=10, help="generations multiple of the reference run")
+    p.add_argument("--reference-seeds", type=int, default=1, help="seeds that also run the reference (first ones)")
+    p.add_argument("--calibration-tokens", type=int, default=2048)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="write the full results here")
+    return p.parse_args(argv)
+
+
+def job_spec(args, seed: int) -> dict:
+    train = [max(128, int(t * args.train_scale)) for t in (2048, 8192, 16384, 32768)]
+    return JobSpec.model_validate({
+        "model": {"source": args.model, "device": "cpu"},
+        "data": {"calibration_tokens": args.calibration_tokens, "eval_tokens": args.eval_tokens,
+                 "train_tokens": max(65536, args.post_train_tokens)},
+        "prune": {"targets": [args.target], "criterion": args.criterion, "train_lr": args.lr,
+                  "train_loss": args.train_loss},
+        "search": {"generations": args.generations, "offspring": args.offspring, "train_tokens": train},
+        "seed": seed,
+    }).model_dump(mode="json")
+
+
+def run(strategy, evaluator: Evaluator, seq_len: int) -> dict:
+    """Drive an ask/tell strategy with in-process evaluations; time them."""
+    wall, compute, evaluations = 0.0, 0.0, 0
+    while not strategy.finished:
+        batch = strategy.ask(limit=16)  # NSGA-II learns a population at a time
+        if not batch:
+            raise RuntimeError(f"{type(strategy).__name__} asked for nothing but is not finished")
+        for request in batch:
+            started = time.perf_counter()
+            reply = evaluator.evaluate({
+                "candidate_id": request.candidate_id, "genome": request.genome.to_dict(), "target": 0.0,
+                "generation": request.generation, "stage": request.stage, "seed": request.seed,
+                "sequences": max(1, math.ceil(request.stage_spec.fitness_tokens / seq_len)),
+                "train_tokens": request.stage_spec.train_tokens, "final": False,
+            })
+            strategy.tell(request.candidate_id, reply.get("kl"), reply.get("error"))
+            wall += time.perf_counter() - started
+            compute += reply.get("compute_seconds", 0.0)
+            evaluations += 1
+    return {"genome": strategy.best, "fitness": strategy.best_fitness, "evaluations": evaluations,
+            "wall_s": wall, "compute_s": compute}
+
+
+def winner_metrics(evaluator: Evaluator, genome, post_tokens: int, seed: int) -> dict:
+    """Held-out KL and perplexity of `genome` one-shot and after post-training (then the model is put back)."""
+    evaluator.load(genome)
+    kl, ppl = evaluator.held_out_metrics()
+    evaluator.load(genome, train_tokens=post_tokens, seed=derive_seed(seed, "post-train"))
+    post_kl, post_ppl = evaluator.held_out_metrics()
+    evaluator.unload()
+    return {"held_out_kl": kl, "perplexity": ppl, "post_kl": post_kl, "post_perplexity": post_ppl,
+            "genome": genome.to_dict()}
+
+
+def strategies(args, spec: dict, evaluator: Evaluator, seed: int) -> dict:
+    job = JobSpec.model_validate(spec)
+    space = evaluator.space
+    start = space.uniform(args.target)
+    trained = stages_for(job, evaluator.inputs.calibration.shape[0])
+    as_cut = [Stage(s.survivors, s.fitness_tokens, 0) for s in trained]
+    budget = 1 + args.generations * job.search.evaluations_per_generation()
+
+    def evolution(stages, generations):
+        return Evolution(space, start, seed=seed, key=0, generations=generations, offspring=args.offspring,
+                         stages=stages)
+
+    return {
+        "uniform": lambda: UniformOnly(space, start, seed=seed, key=0, stage=as_cut[-1]),
+        "random": lambda: RandomSearch(space, start, seed=seed, key=0, budget=budget, stage=as_cut[-1]),
+        "nsga2": lambda: NsgaSearch(space, start, seed=seed, key=0, budget=budget, stage=as_cut[-1]),
+        "evopress": lambda: evolution(as_cut, args.generations),
+        "darwinlm": lambda: evolution(trained, args.generations),
+        "reference": lambda: evolution(trained, args.generations * args.reference_scale),
+    }
+
+
+def bench_seed(args, seed: int) -> dict:
+    spec = job_spec(args, seed)
+    prepared = prepare(spec)
+    evaluator = Evaluator(spec, prepared, threads=args.threads)
+    seq_len = JobSpec.model_validate(spec).data.seq_len
+    makers = strategies(args, spec, evaluator, seed)
+    arms = list(ARMS) + (["reference"] if seed in args.seeds[: args.reference_seeds] else [])
+    out = {"seed": seed, "database": prepared["database"], "dense_perplexity": prepared["dense"]["perplexity"]}
+    for arm in arms:
+        started = time.perf_counter()
+        result = run(makers[arm](), evaluator, seq_len)
+        metrics = winner_metrics(evaluator, result["genome"], args.post_train_tokens, seed)
+        out[arm] = {**metrics, "fitness": result["fitness"], "evaluations": result["evaluations"],
+                    "overhead": result["wall_s"] / max(result["compute_s"], 1e-12),
+                    "seconds": time.perf_counter() - started}
+        print(f"seed {seed} {arm:9s} evals {result['evaluations']:5d}  held-out KL {metrics['held_out_kl']:.4f}"
+              f" -> post {metrics['post_kl']:.4f}  ppl {metrics['perplexity']:.2f} -> {metrics['post_perplexity']:.2f}"
+              f"  overhead {out[arm]['overhead']:.3f}  {out[arm]['seconds']:.0f} s", flush=True)
+    return out
+
+
+def summarize(results: list[dict]) -> dict:
+    """Mean and std over seeds per arm, and the goal ratios."""
+
+    def stat(arm: str, key: str) -> tuple[float, float]:
+        values = [r[arm][key] for r in results if arm in r]
+        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    table = {arm: {k: stat(arm, k) for k in ("held_out_kl", "post_kl", "perplexity", "post_perplexity",
+                                             "evaluations", "overhead", "seconds")}
+             for arm in [*ARMS, "reference"] if any(arm in r for r in results)}
+    ratios = {}
+    for key in ("held_out_kl", "post_kl"):
+        ratios[f"darwinlm_over_uniform_{key}"] = [r["darwinlm"][key] / r["uniform"][key] for r in results]
+        ratios[f"darwinlm_over_reference_{key}"] = [
+            r["darwinlm"][key] / r["reference"][key] for r in results if "reference" in r
+        ]
+    return {"table": table, "ratios": ratios}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    results = [bench_seed(args, seed) for seed in args.seeds]
+    summary = summarize(results)
+    print("\narm        evals   held-out KL        post-trained KL    ppl        post ppl   overhead")
+    for arm, row in summary["table"].items():
+        cells = [f"{row[k][0]:.4f}±{row[k][1]:.4f}" for k in ("held_out_kl", "post_kl")]
+        cells += [f"{row[k][0]:.2f}" for k in ("perplexity", "post_perplexity")]
+        print(f"{arm:9s} {row['evaluations'][0]:6.0f}   {cells[0]}   {cells[1]}   {cells[2]:9s}  {cells[3]:9s}"
+              f"  {row['overhead'][0]:.3f}")
+    for name, values in summary["ratios"].items():
+        print(f"{name}: {', '.join(f'{v:.3f}' for v in values)}")
+    print(f"total {time.perf_counter() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results, "summary": summary}, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
