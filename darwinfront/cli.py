@@ -14,6 +14,8 @@ from pydantic import ValidationError
 
 from darwinfront.client import Client
 from darwinfront.errors import DarwinfrontError
+from darwinfront.watch import format_front
+from service.schemas import Front, JobPublic
 from service.spec import JobSpec
 
 DEFAULT_DATA_DIR = Path(os.environ.get("DARWINFRONT_DATA_DIR", "~/.local/share/darwinfront")).expanduser()
@@ -41,30 +43,20 @@ def load_spec(path: Path) -> JobSpec:
         raise DarwinfrontError(f"{path}: {field}: {first['msg']}") from None
 
 
-def print_front(front: dict) -> None:
-    points = front.get("points", [])
-    if not points:
-        print("(front is empty so far)")
-        return
-    print(f"{'candidate':<24} {'target':>6} {'params':>10} {'KL':>10} {'held-out KL':>12}")
-    for p in points:
-        held = p.get("held_out_kl")
-        held = f"{held:12.5f}" if held is not None else f"{'-':>12}"
-        target = p.get("target")
-        target = f"{target:6.2f}" if target is not None else f"{'-':>6}"
-        print(f"{p['candidate_id']:<24} {target} {p['objectives']['params']:>10,} {p['objectives']['kl']:10.5f} {held}")
+def print_front(front: Front) -> None:
+    print(format_front(front))
 
 
-def wait_with_bar(client: Client, job_id: str) -> dict:
+def wait_with_bar(client: Client, job_id: str) -> JobPublic:
     from tqdm import tqdm
 
     with tqdm(total=1, unit="eval", desc=job_id, dynamic_ncols=True) as bar:
 
-        def update(job: dict) -> None:
-            progress = job.get("progress") or {}
+        def update(job: JobPublic) -> None:
+            progress = job.progress
             bar.total = max(progress.get("planned", 1), 1)
             bar.n = progress.get("evaluations", 0)
-            bar.set_postfix_str(f"{job['status']} gen {progress.get('generation', '-')}")
+            bar.set_postfix_str(f"{job.status} gen {progress.get('generation', '-')}")
             bar.refresh()
 
         job = client.wait(job_id, on_progress=update, poll=0.5)
@@ -99,29 +91,57 @@ def cmd_submit(args) -> int:
     spec = load_spec(args.spec)
     client = Client(args.url, args.key)
     job = client.submit(spec)
-    print(job["id"])
+    print(job.id)
     if args.wait:
-        job = wait_with_bar(client, job["id"])
-        print(f"{job['id']} {job['status']}" + (f": {job['error']}" if job.get("error") else ""))
-        return 0 if job["status"] == "succeeded" else 1
+        job = wait_with_bar(client, job.id)
+        print(f"{job.id} {job.status}" + (f": {job.error}" if job.error else ""))
+        return 0 if job.status == "succeeded" else 1
     return 0
 
 
 def cmd_status(args) -> int:
     client = Client(args.url, args.key)
     if args.job:
-        print(json.dumps(client.job(args.job), indent=2))
+        print(client.job(args.job).model_dump_json(indent=2))
         return 0
     listing = client.jobs(status=args.status)
-    for job in listing["items"]:
-        progress = job.get("progress") or {}
-        done = f"{progress.get('evaluations', 0)}/{progress.get('planned', '?')}"
-        print(f"{job['id']}  {job['status']:<10} {done:>10}  {job.get('name') or ''}")
+    for job in listing.items:
+        done = f"{job.progress.get('evaluations', 0)}/{job.progress.get('planned', '?')}"
+        print(f"{job.id}  {job.status:<10} {done:>10}  {job.name or ''}")
     return 0
 
 
 def cmd_front(args) -> int:
-    print_front(Client(args.url, args.key).front(args.job))
+    client = Client(args.url, args.key)
+    front = client.front(args.job)
+    print_front(front)
+    if args.plot:
+        from darwinfront.plot import plot_front
+
+        print(plot_front(front, args.plot, dense_params=client.history(args.job).dense_params))
+    return 0
+
+
+def cmd_watch(args) -> int:
+    from darwinfront.watch import watch
+
+    job = watch(Client(args.url, args.key), args.job)
+    print(f"{job.id} {job.status}" + (f": {job.error}" if job.error else ""))
+    return 0 if job.status == "succeeded" else 1
+
+
+def cmd_optuna_dashboard(args) -> int:
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise DarwinfrontError("this needs optuna-dashboard: pip install 'darwinfront[optuna]'") from None
+    from service.history import job_storage
+
+    url = args.redis_url or os.environ.get("DARWINFRONT_REDIS_URL") or os.environ.get("REDIS_URL")
+    if not url:
+        raise DarwinfrontError("give the job store's Redis: --redis-url or DARWINFRONT_REDIS_URL")
+    print(f"optuna-dashboard of job {args.job} at http://{args.host}:{args.port} (Ctrl-C stops)")
+    run_server(job_storage(url, args.job), host=args.host, port=args.port)
     return 0
 
 
@@ -129,7 +149,7 @@ def cmd_download(args) -> int:
     client = Client(args.url, args.key)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    ids = [args.candidate] if args.candidate else [p["candidate_id"] for p in client.front(args.job)["points"]]
+    ids = [args.candidate] if args.candidate else [p.candidate_id for p in client.front(args.job).points]
     for cid in ids:
         path = out / f"{cid}.json"
         path.write_text(json.dumps(client.configuration(args.job, cid), indent=2))
@@ -141,7 +161,7 @@ def cmd_download(args) -> int:
 
 def cmd_cancel(args) -> int:
     job = Client(args.url, args.key).cancel(args.job)
-    print(f"{job['id']} {job['status']}")
+    print(f"{job.id} {job.status}")
     return 0
 
 
@@ -177,7 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("front", help="print a job's Pareto front")
     p.add_argument("job")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="also draw it to FILE (.png, .svg, .pdf: matplotlib)")
     p.set_defaults(func=cmd_front)
+
+    p = sub.add_parser("watch", help="follow a job live: progress bar and front table")
+    p.add_argument("job")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("optuna-dashboard", help="open a job's Optuna study in optuna-dashboard")
+    p.add_argument("job")
+    p.add_argument("--redis-url", help="the job store's Redis (default: $DARWINFRONT_REDIS_URL)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_optuna_dashboard)
 
     p = sub.add_parser("download", help="download configurations (all front points by default)")
     p.add_argument("job")

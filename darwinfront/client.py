@@ -1,10 +1,16 @@
-"""A small Python client for the darwinfront REST API, usable from scripts and notebooks.
+"""A typed Python client for the darwinfront REST API, for scripts and notebooks.
+
+It returns the server's own schema models (`service.schemas`), so what you read is what the API documents:
 
     from darwinfront.client import Client
-    client = Client("http://127.0.0.1:8000", api_key="...")
-    job = client.submit(spec)
-    client.wait(job["id"])
-    front = client.front(job["id"])
+    with Client("http://127.0.0.1:8000", api_key="...") as client:
+        job = client.submit(spec)
+        job = client.wait(job.id, on_progress=lambda j: print(j.progress.get("evaluations")))
+        front = client.front(job.id)
+        best = min(front.points, key=lambda p: p.objectives["kl"])
+        configuration = client.configuration(job.id, best.candidate_id)
+
+`job` and `front` revalidate with ETags: polling an unchanged job costs a 304 and no body.
 """
 
 from __future__ import annotations
@@ -12,23 +18,44 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel
 
 from darwinfront.errors import DarwinfrontError
+from service.schemas import Event, Front, History, JobList, JobPublic
 from service.spec import JobSpec
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+Model = TypeVar("Model", bound=BaseModel)
+_TAG_CACHE_SIZE = 256
 
 
 class ApiError(DarwinfrontError):
     """The server answered with an error; `status` is the HTTP code and the message is the server's."""
 
-    def __init__(self, status: int, message: str, field: str | None = None):
+    def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None):
         super().__init__(f"{message} (HTTP {status})")
-        self.status, self.message, self.field = status, message, field
+        self.status, self.message, self.field, self.code = status, message, field, code
+
+
+@dataclass(frozen=True)
+class StreamMessage:
+    """One server-sent event of a job's stream.
+
+    Attributes:
+        event: `job`, `front`, `end`, or the kind of a job event (`generation`, `running`, `succeeded`, ...).
+        data: A `JobPublic` for `job`, a `Front` for `front`, a dict for `end`, else an `Event`.
+        id: The event's stream id (job events only); pass it as `after` to resume.
+    """
+
+    event: str
+    data: Any
+    id: str | None = None
 
 
 def local_credentials(data_dir: Path | None = None) -> dict:
@@ -38,12 +65,45 @@ def local_credentials(data_dir: Path | None = None) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _stream_message(event: str, data: str, event_id: str | None) -> StreamMessage:
+    payload = json.loads(data) if data else None
+    if event == "job":
+        payload = JobPublic.model_validate(payload)
+    elif event == "front":
+        payload = Front.model_validate(payload)
+    elif event != "end":
+        payload = Event.model_validate(payload)
+    return StreamMessage(event, payload, event_id)
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[StreamMessage]:
+    """Server-sent events from the lines of a `text/event-stream` body (comments skipped)."""
+    event, data, event_id = "message", [], None
+    for line in lines:
+        if not line:
+            if data:
+                yield _stream_message(event, "\n".join(data), event_id)
+            event, data, event_id = "message", [], None
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            event = value
+        elif field == "data":
+            data.append(value)
+        elif field == "id":
+            event_id = value
+
+
 class Client:
     """Talks to one darwinfront server with one API key.
 
     Args:
-        url: the server, e.g. `http://127.0.0.1:8000`; defaults to `DARWINFRONT_URL` or the local server.
-        api_key: defaults to `DARWINFRONT_API_KEY` or the local server's key.
+        url: The server, e.g. `http://127.0.0.1:8000`; defaults to `DARWINFRONT_URL` or the local server.
+        api_key: Defaults to `DARWINFRONT_API_KEY` or the local server's key.
+        timeout: Seconds to wait for each answer (a stream waits this long between two of its messages).
     """
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0):
@@ -53,6 +113,10 @@ class Client:
         if not key:
             raise DarwinfrontError("no API key: pass api_key, set DARWINFRONT_API_KEY, or run `darwinfront serve`")
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
+        self._tags: dict[str, tuple[str, BaseModel]] = {}
+        self.not_modified = 0  # answers the server could skip thanks to an ETag
+
+    # ---- plumbing ---------------------------------------------------------------------------------------
 
     def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
@@ -60,73 +124,135 @@ class Client:
         except httpx.HTTPError as exc:
             raise DarwinfrontError(f"cannot reach {self.url}: {exc}") from exc
         if response.status_code >= 400:
-            try:
-                error = response.json()["error"]
-                raise ApiError(response.status_code, error["message"], error.get("field"))
-            except (ValueError, KeyError, TypeError):
-                raise ApiError(response.status_code, response.text[:500]) from None
+            self._raise_for(response)
         return response
 
-    def submit(self, spec: JobSpec | dict, *, idempotency_key: str | None = None) -> dict:
-        """Create a job; returns the job as the server describes it."""
+    @staticmethod
+    def _raise_for(response: httpx.Response) -> None:
+        try:
+            error = response.json()["error"]
+            message, field, code = error["message"], error.get("field"), error.get("code")
+        except (ValueError, KeyError, TypeError):
+            raise ApiError(response.status_code, response.text[:500]) from None
+        raise ApiError(response.status_code, message, field, code)
+
+    def _get_tagged(self, path: str, model: type[Model]) -> Model:
+        """GET `path` as `model`, sending the ETag of the copy we hold; a 304 returns that copy."""
+        held = self._tags.get(path)
+        headers = {"If-None-Match": held[0]} if held else {}
+        response = self._call("GET", path, headers=headers)
+        if response.status_code == 304 and held:
+            self.not_modified += 1
+            return held[1]
+        value = model.model_validate(response.json())
+        if tag := response.headers.get("ETag"):
+            self._tags.pop(path, None)
+            self._tags[path] = (tag, value)
+            if len(self._tags) > _TAG_CACHE_SIZE:
+                self._tags.pop(next(iter(self._tags)))
+        return value
+
+    # ---- jobs -------------------------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec | dict, *, idempotency_key: str | None = None) -> JobPublic:
+        """Create a job; returns it as the server describes it (queued)."""
         body = spec.model_dump(mode="json", exclude_none=True) if isinstance(spec, JobSpec) else spec
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._call("POST", "/v1/jobs", json=body, headers=headers).json()
+        return JobPublic.model_validate(self._call("POST", "/v1/jobs", json=body, headers=headers).json())
 
-    def job(self, job_id: str) -> dict:
-        return self._call("GET", f"/v1/jobs/{job_id}").json()
+    def job(self, job_id: str) -> JobPublic:
+        """One job: status, spec, progress (revalidated with its ETag)."""
+        return self._get_tagged(f"/v1/jobs/{job_id}", JobPublic)
 
-    def jobs(self, *, status: str | None = None, offset: int = 0, limit: int = 50) -> dict:
+    def jobs(self, *, status: str | None = None, offset: int = 0, limit: int = 50) -> JobList:
+        """A page of your jobs, newest first."""
         params = {"offset": offset, "limit": limit} | ({"status": status} if status else {})
-        return self._call("GET", "/v1/jobs", params=params).json()
+        return JobList.model_validate(self._call("GET", "/v1/jobs", params=params).json())
 
-    def front(self, job_id: str) -> dict:
-        return self._call("GET", f"/v1/jobs/{job_id}/front").json()
+    def cancel(self, job_id: str) -> JobPublic:
+        """Cancel a job (a running one stops at the end of its generation)."""
+        return JobPublic.model_validate(self._call("POST", f"/v1/jobs/{job_id}/cancel").json())
 
-    def events(self, job_id: str, after: str = "0-0") -> list[dict]:
-        return self._call("GET", f"/v1/jobs/{job_id}/events", params={"after": after}).json()["events"]
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll: float = 1.0,
+        on_progress: Callable[[JobPublic], None] | None = None,
+    ) -> JobPublic:
+        """Poll until the job is final and return it; `on_progress(job)` sees the first state and every change.
 
-    def cancel(self, job_id: str) -> dict:
-        return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
+        Raises:
+            DarwinfrontError: The job is still not final after `timeout` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        shown = None
+        while True:
+            job = self.job(job_id)
+            if on_progress is not None and job is not shown:
+                on_progress(job)
+                shown = job
+            if job.status in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise DarwinfrontError(f"job {job_id} still {job.status} after {timeout} s")
+            time.sleep(poll)
+
+    # ---- what a job produces ------------------------------------------------------------------------------
+
+    def front(self, job_id: str) -> Front:
+        """The latest Pareto front snapshot (revalidated with its ETag)."""
+        return self._get_tagged(f"/v1/jobs/{job_id}/front", Front)
+
+    def history(self, job_id: str) -> History:
+        """Best fitness per target and front hypervolume, one point per finished generation."""
+        return History.model_validate(self._call("GET", f"/v1/jobs/{job_id}/history").json())
+
+    def events(self, job_id: str, after: str = "0-0", limit: int = 100) -> list[Event]:
+        """Up to `limit` events after stream id `after`, oldest first."""
+        params = {"after": after, "limit": limit}
+        return [Event.model_validate(e) for e in self._call("GET", f"/v1/jobs/{job_id}/events", params=params)
+                .json()["events"]]
+
+    def stream(self, job_id: str, *, after: str = "0-0") -> Iterator[StreamMessage]:
+        """Follow the job live: its events, `job` and `front` changes, until `end` (the job is final)."""
+        try:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/stream", params={"after": after}) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for(response)
+                yield from parse_sse(response.iter_lines())
+        except httpx.HTTPError as exc:
+            raise DarwinfrontError(f"lost the stream of job {job_id} from {self.url}: {exc}") from exc
 
     def configuration(self, job_id: str, candidate_id: str) -> dict:
+        """A front candidate's configuration document (apply it with `workers.slicing.apply_configuration`)."""
         return self._call("GET", f"/v1/jobs/{job_id}/candidates/{candidate_id}/config").json()
+
+    def download_configuration(self, job_id: str, candidate_id: str, path: Path) -> Path:
+        """Save a candidate's configuration as JSON to `path`."""
+        path = Path(path)
+        path.write_text(json.dumps(self.configuration(job_id, candidate_id), indent=2))
+        return path
 
     def download_model(self, job_id: str, candidate_id: str, path: Path) -> Path:
         """Save the sliced model's archive (.tar.gz) to `path`."""
         path = Path(path)
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/candidates/{candidate_id}/model") as response:
-            if response.status_code >= 400:
-                response.read()
-                self._raise_for(response)
-            with path.open("wb") as out:
-                for chunk in response.iter_bytes():
-                    out.write(chunk)
+        try:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/candidates/{candidate_id}/model") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for(response)
+                with path.open("wb") as out:
+                    for chunk in response.iter_bytes():
+                        out.write(chunk)
+        except httpx.HTTPError as exc:
+            raise DarwinfrontError(f"cannot download from {self.url}: {exc}") from exc
         return path
 
-    def _raise_for(self, response: httpx.Response) -> None:
-        try:
-            error = response.json()["error"]
-        except (ValueError, KeyError, TypeError):
-            raise ApiError(response.status_code, response.text[:500]) from None
-        raise ApiError(response.status_code, error["message"], error.get("field"))
-
-    def wait(
-        self, job_id: str, *, timeout: float | None = None, poll: float = 1.0, on_progress: Callable | None = None
-    ) -> dict:
-        """Poll until the job reaches a terminal status; `on_progress(job)` is called on every poll."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = self.job(job_id)
-            if on_progress:
-                on_progress(job)
-            if job["status"] in TERMINAL:
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise DarwinfrontError(f"job {job_id} still {job['status']} after {timeout} s")
-            time.sleep(poll)
-
     def close(self) -> None:
+        """Close the connection pool."""
         self.http.close()
 
     def __enter__(self) -> Client:

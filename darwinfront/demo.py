@@ -20,18 +20,18 @@ def run_demo(data_dir: Path, spec_path: Path) -> int:
     with EmbeddedStack(data_dir, port=0) as stack, Client(stack.url, stack.key) as client:
         print(f"API at {stack.url}; submitting {spec_path.name}")
         job = client.submit(spec)
-        job = wait_with_bar(client, job["id"])
-        if job["status"] != "succeeded":
-            print(f"job {job['id']} {job['status']}: {job.get('error')}")
+        job = wait_with_bar(client, job.id)
+        if job.status != "succeeded":
+            print(f"job {job.id} {job.status}: {job.error}")
             return 1
-        front = client.front(job["id"])
+        front = client.front(job.id)
         print_front(front)
-        winner = min(front["points"], key=lambda p: p["objectives"]["params"])
-        configuration = client.configuration(job["id"], winner["candidate_id"])
+        winner = min(front.points, key=lambda p: p.objectives["params"])
+        configuration = client.configuration(job.id, winner.candidate_id)
         out = Path(data_dir) / "downloads"
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{winner['candidate_id']}.json").write_text(json.dumps(configuration, indent=2))
-        archive = client.download_model(job["id"], winner["candidate_id"], out / f"{winner['candidate_id']}.tar.gz")
+        (out / f"{winner.candidate_id}.json").write_text(json.dumps(configuration, indent=2))
+        archive = client.download_model(job.id, winner.candidate_id, out / f"{winner.candidate_id}.tar.gz")
     return _apply(spec, configuration, archive)
 
 

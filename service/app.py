@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from darwinfront import __version__
 from darwinfront.errors import CandidateNotFound, InvalidSpec, InvalidTransition, JobNotFound
 from service.embedded import EmbeddedRedis, redis_url
-from service.routes import candidates, events, front, health, jobs
+from service.routes import candidates, dashboard, events, front, health, history, jobs, metrics, stream
 from service.routes.deps import require_tenant
 from service.settings import Settings, get_settings
 from service.store import JobStore
@@ -112,6 +113,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.callback(pool.disconnect)
         app.state.redis_url = url
         app.state.store = JobStore(redis.Redis(connection_pool=pool))
+        app.state.redis = redis.Redis(connection_pool=pool)  # /metrics reads aggregates the store has no call for
+        # Event streams wait on this one (XREAD BLOCK up to stream.HEARTBEAT_SECONDS): a longer socket timeout.
+        app.state.aredis = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=60)
+        stack.push_async_callback(app.state.aredis.aclose)
         yield
 
 
@@ -143,7 +148,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _on_unexpected)
 
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    dashboard.install(app)
     authenticated = [Depends(require_tenant)]
-    for module in (jobs, front, events, candidates):
+    for module in (jobs, front, events, candidates, history, stream):
         app.include_router(module.router, prefix="/v1", dependencies=authenticated)
     return app

@@ -86,3 +86,18 @@ def job_keys(job_id: str) -> tuple[str, ...]:
         job(job_id), events(job_id), front(job_id), progress(job_id), results(job_id),
         artifacts(job_id), checkpoint(job_id), cancel(job_id), lease(job_id),
     )
+
+
+def jobs_by_status_pattern() -> str:
+    """SCAN pattern of every tenant's per-status index (`jobs_by_status`); the status is the last segment."""
+    return f"{PREFIX}tenant:*:jobs:*"
+
+
+def evaluation_telemetry() -> str:
+    """Hash the drivers update per evaluation: `count`, `failed`, `sum` (seconds), `le:<bound>` bucket counts."""
+    return f"{PREFIX}telemetry:evaluations"
+
+
+def evaluator_telemetry() -> str:
+    """Hash: job id -> JSON `{evaluators, lost, at}`, the Ray evaluators its driver holds for it."""
+    return f"{PREFIX}telemetry:evaluators"

@@ -108,3 +108,23 @@ class ErrorBody(BaseModel):
     """The one shape of every error response."""
 
     error: ErrorDetail
+
+
+class HistoryPoint(BaseModel):
+    """One generation of a job: the driver's report, and the front's hypervolume after it."""
+
+    generation: int
+    best: dict[str, float | None] = Field(description="Best fitness (KL) per target, keyed by the target.")
+    front_size: int | None = None
+    hypervolume: float | None = Field(
+        default=None, description="Hypervolume of all candidates up to this generation (see `History.scaling`)."
+    )
+
+
+class History(BaseModel):
+    """A job's progress over generations, oldest first."""
+
+    job_id: str
+    dense_params: int | None = Field(description="The dense model's parameters; None until the job is prepared.")
+    scaling: str = Field(description="How the two objectives are scaled for the hypervolume.")
+    points: list[HistoryPoint]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 
+from service.etag import conditional
 from service.routes.deps import JobDep, StoreDep, blocking
 from service.schemas import ErrorBody, Front
 
 router = APIRouter(prefix="/jobs", tags=["results"])
 
 
-@router.get("/{job_id}/front", responses={404: {"model": ErrorBody}})
-async def get_front(job: JobDep, store: StoreDep) -> Front:
-    """The latest front snapshot; empty until the first generation ends."""
+@router.get("/{job_id}/front", responses={404: {"model": ErrorBody}, 304: {"description": "Unchanged."}})
+async def get_front(job: JobDep, store: StoreDep, request: Request, response: Response) -> Front:
+    """The latest front snapshot; empty until the first generation ends. `If-None-Match` gets a 304 if unchanged."""
     snapshot = await blocking(store.get_front, job.id)
-    return Front(job_id=job.id, **snapshot)
+    return conditional(request, response, Front(job_id=job.id, **snapshot))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 
+from service.etag import conditional
 from service.routes.deps import JobDep, SettingsDep, StoreDep, TenantDep, blocking
 from service.schemas import ErrorBody, JobCreate, JobList, JobPublic
 from service.settings import Settings
@@ -74,10 +75,10 @@ async def list_jobs(
     return JobList(items=[JobPublic.from_record(r) for r in records], total=total, offset=offset, limit=limit)
 
 
-@router.get("/{job_id}", responses=_NOT_FOUND)
-async def get_job(job: JobDep) -> JobPublic:
-    """One job: its status, spec and progress."""
-    return JobPublic.from_record(job)
+@router.get("/{job_id}", responses={**_NOT_FOUND, 304: {"description": "Unchanged since the `If-None-Match` tag."}})
+async def get_job(job: JobDep, request: Request, response: Response) -> JobPublic:
+    """One job: its status, spec and progress. Tagged with an ETag; `If-None-Match` gets a 304 if unchanged."""
+    return conditional(request, response, JobPublic.from_record(job))
 
 
 @router.post(

@@ -1,0 +1,89 @@
+"""`darwinfront watch JOB`: follow a job live, a progress bar of its evaluations and its front as a table.
+
+It reads the job's server-sent event stream (`Client.stream`), so a change shows as soon as the driver writes it;
+a dropped stream is resumed after the last event seen.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from tqdm import tqdm
+
+from darwinfront.client import Client, StreamMessage
+from darwinfront.errors import DarwinfrontError
+from service.schemas import Front, JobPublic
+
+RECONNECTS = 5
+
+
+def _cell(value: float | None, width: int, digits: int) -> str:
+    return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+
+def format_front(front: Front) -> str:
+    """The front as a fixed-width table, smallest model first."""
+    if not front.points:
+        return "(front is empty so far)"
+    lines = [f"{'candidate':<24} {'target':>6} {'params':>12} {'KL':>10} {'held-out KL':>12}"]
+    for p in sorted(front.points, key=lambda p: p.objectives.get("params", 0)):
+        lines.append(
+            f"{p.candidate_id:<24} {_cell(p.target, 6, 2)} {int(p.objectives.get('params', 0)):>12,} "
+            f"{_cell(p.objectives.get('kl'), 10, 5)} {_cell(getattr(p, 'held_out_kl', None), 12, 5)}"
+        )
+    return "\n".join(lines)
+
+
+class _Display:
+    """The bar (on stderr) and the front tables and notices (on `out`)."""
+
+    def __init__(self, job_id: str, out: TextIO, bar: bool):
+        self.out = out
+        self.bar = tqdm(total=1, unit="eval", desc=job_id, dynamic_ncols=True, disable=not bar, file=sys.stderr)
+        self.job: JobPublic | None = None
+
+    def show(self, message: StreamMessage) -> None:
+        if message.event == "job":
+            self.job = message.data
+            progress = self.job.progress
+            self.bar.total = max(int(progress.get("planned", 1)), 1)
+            self.bar.n = int(progress.get("evaluations", 0))
+            generation = progress.get("generation", "-")
+            self.bar.set_postfix_str(f"{self.job.status} gen {generation}/{progress.get('generations', '?')}")
+            self.bar.refresh()
+        elif message.event == "front" and message.data.points:
+            tqdm.write(f"\nfront after generation {message.data.generation}:\n{format_front(message.data)}",
+                       file=self.out)
+        elif message.event == "candidate_failed":
+            data = message.data.data
+            tqdm.write(f"candidate {data.get('candidate_id')} failed: {data.get('error')}", file=self.out)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def watch(client: Client, job_id: str, *, out: TextIO | None = None, bar: bool = True) -> JobPublic:
+    """Follow `job_id` until it is final; returns the final job. Tables go to `out` (stdout), the bar to stderr.
+
+    Raises:
+        DarwinfrontError: The server cannot be reached, or the stream dropped more than `RECONNECTS` times in a row.
+    """
+    display, last, failures = _Display(job_id, out or sys.stdout, bar), "0-0", 0
+    try:
+        while True:
+            try:
+                for message in client.stream(job_id, after=last):
+                    failures = 0
+                    last = message.id or last
+                    display.show(message)
+                    if message.event == "end":
+                        return display.job or client.job(job_id)
+            except DarwinfrontError:
+                failures += 1
+                if failures > RECONNECTS:
+                    raise
+            time.sleep(min(2.0 * failures, 10.0))
+    finally:
+        display.close()

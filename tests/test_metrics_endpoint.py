@@ -1,0 +1,114 @@
+"""`/metrics`: the Prometheus text the API renders from Redis, parsed with Prometheus' own parser."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.history import front_hypervolume, hypervolume_by_generation, scaled
+from workers.telemetry import LATENCY_BUCKETS, Telemetry, bucket_field
+
+pytest_plugins = ["service_fixtures"]
+
+SPEC = {"model": {"source": "builtin:micro-llama"}, "prune": {"targets": [0.5]}}
+DENSE = 1000
+# (1 - e^-KL, params / dense) = (0.5, 0.5) and (0.75, 0.25): hypervolume 0.25 * 0.25 + 0.5 * 0.5 = 0.3125.
+FRONT = [
+    {"candidate_id": "small", "objectives": {"kl": math.log(4), "params": 250}, "target": 0.75, "generation": 1},
+    {"candidate_id": "half", "objectives": {"kl": math.log(2), "params": 500}, "target": 0.5, "generation": 0},
+]
+
+
+def scrape(api_client) -> dict[str, dict[tuple, float]]:
+    """name -> {sorted label items: value} of every sample."""
+    response = api_client.get("/metrics", headers={"Authorization": ""})  # scrapers carry no key
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_hypervolume_known_answers():
+    assert scaled(math.log(2), 500, DENSE) == pytest.approx((0.5, 0.5))
+    assert front_hypervolume(FRONT, DENSE) == pytest.approx(0.3125)
+    assert front_hypervolume([], DENSE) == 0.0
+    # up to generation 0 only "half" counts; generation 1 adds "small"; a dominated point changes nothing
+    trials = [(0, math.log(2), 500), (1, math.log(4), 250), (1, 5.0, 900)]
+    assert hypervolume_by_generation(trials, DENSE) == pytest.approx({0: 0.25, 1: 0.3125})
+    with pytest.raises(ValueError, match="dense_params"):
+        scaled(0.1, 10, 0)
+
+
+def test_latency_buckets():
+    assert bucket_field(0.01) == "le:0.01" and bucket_field(0.3) == "le:0.5"
+    assert bucket_field(LATENCY_BUCKETS[-1] + 1) == "le:+Inf"
+
+
+def test_metrics_report_jobs_queue_evaluations_and_fronts(api_client, store, redis_client):
+    queued = api_client.post("/v1/jobs", json=SPEC).json()["id"]
+    running = api_client.post("/v1/jobs", json=SPEC).json()["id"]
+    assert store.claim("d1", timeout=0) == queued  # the oldest is taken first: it runs, `running` waits
+    running, queued = queued, running
+    store.append_event(running, "prepared", {"dense": {"params": DENSE}})
+    store.set_front(running, FRONT)
+    store.set_progress(running, {"generation": 1, "evaluations": 7, "planned": 20})
+    meter = Telemetry(redis_client)
+    meter.evaluation(0.3)
+    meter.evaluation(2.0, failed=True)
+    meter.evaluation(None, failed=True)  # a lost evaluator: counted, no latency
+    meter.evaluators(running, 2, lost=1)
+    meter.evaluators("finished-long-ago", 5)  # not running: not counted
+
+    m = scrape(api_client)
+    assert m["darwinfront_jobs"][(("status", "queued"),)] == 1
+    assert m["darwinfront_jobs"][(("status", "running"),)] == 1
+    assert m["darwinfront_jobs"][(("status", "succeeded"),)] == 0
+    assert m["darwinfront_queue_depth"][()] == 1
+    assert m["darwinfront_evaluations_total"][()] == 3
+    assert m["darwinfront_evaluations_failed_total"][()] == 2
+    buckets = m["darwinfront_evaluation_seconds_bucket"]
+    assert buckets[(("le", "0.25"),)] == 0 and buckets[(("le", "0.5"),)] == 1
+    assert buckets[(("le", "2.5"),)] == 2 and buckets[(("le", "+Inf"),)] == 2
+    assert m["darwinfront_evaluation_seconds_count"][()] == 2
+    assert m["darwinfront_evaluation_seconds_sum"][()] == pytest.approx(2.3)
+    job = (("job_id", running),)
+    assert m["darwinfront_job_evaluations_total"][job] == 7
+    assert m["darwinfront_job_planned_evaluations"][job] == 20
+    assert m["darwinfront_front_size"][job] == 2
+    assert m["darwinfront_front_hypervolume"][job] == pytest.approx(0.3125)
+    assert m["darwinfront_ray_evaluators_alive"][()] == 2
+    assert m["darwinfront_job_evaluators_replaced_total"][job] == 1
+
+
+def test_counters_move_and_finished_jobs_leave_the_per_job_series(api_client, store, redis_client):
+    job_id = api_client.post("/v1/jobs", json=SPEC).json()["id"]
+    store.claim("d1", timeout=0)
+    store.set_progress(job_id, {"generation": 0, "evaluations": 4, "planned": 8})
+    before = scrape(api_client)
+    Telemetry(redis_client).evaluation(0.04)
+    store.set_progress(job_id, {"generation": 1, "evaluations": 8, "planned": 8})
+    after = scrape(api_client)
+    job = (("job_id", job_id),)
+    assert before["darwinfront_job_evaluations_total"][job] == 4 and after["darwinfront_job_evaluations_total"][job] == 8
+    assert after["darwinfront_evaluations_total"][()] == before["darwinfront_evaluations_total"][()] + 1
+    assert job not in after.get("darwinfront_front_hypervolume", {})  # no dense size known: no hypervolume
+
+    store.set_status(job_id, "succeeded")
+    done = scrape(api_client)
+    assert done["darwinfront_jobs"][(("status", "succeeded"),)] == 1
+    assert done["darwinfront_jobs"][(("status", "running"),)] == 0
+    assert job not in done.get("darwinfront_job_evaluations_total", {})
+
+
+def test_evaluators_entry_is_removed_at_zero(redis_client):
+    from service import keys
+
+    meter = Telemetry(redis_client)
+    meter.evaluators("j1", 3)
+    assert redis_client.hexists(keys.evaluator_telemetry(), "j1")
+    meter.evaluators("j1", 0)
+    assert not redis_client.hexists(keys.evaluator_telemetry(), "j1")
