@@ -71,9 +71,8 @@ class EmbeddedStack:
     def _start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env_url = os.environ.get("DARWINFRONT_REDIS_URL") or os.environ.get("REDIS_URL")
-        self.redis_url = env_url or self._exit.enter_context(EmbeddedRedis(self.data_dir / "redis")).url
-        keys_file = self.data_dir / "api-keys.json"
-        self.settings = Settings(redis_url=self.redis_url, data_dir=self.data_dir, api_keys_file=keys_file)
+        self.redis_url = env_url or self._exit.enter_context(EmbeddedRedis(self.data_dir)).url
+        self.settings = Settings(redis_url=self.redis_url, data_dir=self.data_dir)
         self.key = generate_key(self.settings, tenant="local")
         credentials = credentials_path(self.data_dir)
         credentials.write_text(json.dumps({"url": self.url, "api_key": self.key}))

@@ -42,7 +42,11 @@ class Settings(BaseSettings):
             `data_dir/data`, `cache_dir` and the working directory.
         max_evaluations_per_job: Refuse jobs that plan more candidate evaluations than this.
         max_page_size: The largest `limit` a list request may ask for.
-        cors_origins: Origins allowed by CORS; empty disables the middleware.
+        max_body_bytes: Request bodies larger than this are refused with 413 before they are parsed.
+        max_active_jobs_per_tenant: Queued + running jobs one tenant may have; more are refused with 429.
+        max_active_evaluations_per_tenant: Planned evaluations summed over a tenant's queued and running jobs,
+            the new one included; a job that would exceed it is refused with 422.
+        cors_origins: Origins allowed by CORS; empty (the default) disables the middleware.
     """
 
     model_config = SettingsConfigDict(env_prefix="DARWINFRONT_", extra="ignore")
@@ -58,6 +62,10 @@ class Settings(BaseSettings):
     allowed_data_roots: list[Path] | None = None
     max_evaluations_per_job: int = Field(default=100_000, ge=1)
     max_page_size: int = Field(default=100, ge=1, le=10_000)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_active_jobs_per_tenant: int = Field(default=16, ge=1)
+    max_active_evaluations_per_tenant: int = Field(default=400_000, ge=1)
+    lease_seconds: float = Field(default=30.0, gt=0.5, le=3600)
     cors_origins: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -18,10 +18,42 @@ import redis
 from service.settings import Settings
 from service.status import JobStatus
 from service.store import JobStore
+from workers.interrupts import Cancelled, LeaseLost
 from workers.pool import describe_error, init_ray
-from workers.prune_job import Cancelled, PruneJob
+from workers.prune_job import PruneJob
 
 log = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    """Renews a job's lease from a background thread; `lost` is set once the job is no longer ours.
+
+    A renewal that fails because Redis is away is retried at the next beat: the job is only lost when Redis
+    answers that another driver holds it.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, driver_id: str, seconds: float):
+        self.store, self.job_id, self.driver_id, self.seconds = store, job_id, driver_id, seconds
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                if not self.store.renew_lease(self.job_id, self.driver_id, self.seconds):
+                    self.lost.set()
+                    return
+            except redis.RedisError as exc:
+                log.warning("lease renewal of %s failed (%s); retrying", self.job_id, exc)
 
 
 class Driver:
@@ -31,12 +63,16 @@ class Driver:
         redis_url: the job store's Redis (also Optuna's).
         data_dir: where sliced-model archives go (the API serves them from there).
         ray_address: a Ray cluster to join; None starts a local one.
+        lease_seconds: how long a job stays ours without a heartbeat before another driver may take it.
     """
 
-    def __init__(self, redis_url: str, data_dir: Path, *, ray_address: str | None = None):
+    def __init__(
+        self, redis_url: str, data_dir: Path, *, ray_address: str | None = None, lease_seconds: float = 30.0
+    ):
         self.redis_url = redis_url
         self.data_dir = Path(data_dir)
         self.ray_address = ray_address
+        self.lease_seconds = lease_seconds
         self.store = JobStore(redis.Redis.from_url(redis_url, decode_responses=True))
         self.driver_id = f"{socket.gethostname()}:{os.getpid()}"
         self.stopping = threading.Event()
@@ -50,26 +86,63 @@ class Driver:
                 signal.signal(sig, lambda *_: self.stop())
         log.info("driver %s waiting for jobs", self.driver_id)
         while not self.stopping.is_set():
-            job_id = self.store.claim(self.driver_id, timeout=poll_seconds)
+            try:
+                for job_id in self.store.requeue_expired():
+                    log.warning("job %s lost its driver; requeued", job_id)
+                job_id = self.store.claim(self.driver_id, timeout=poll_seconds, lease_seconds=self.lease_seconds)
+            except redis.RedisError as exc:
+                log.warning("Redis unavailable (%s); waiting", exc)
+                self.stopping.wait(poll_seconds)
+                continue
             if job_id is not None:
                 self.run_job(job_id)
 
-    def run_job(self, job_id: str) -> JobStatus:
-        """Run a claimed job and record its terminal status; never raises for a job's own failure."""
+    def run_job(self, job_id: str) -> JobStatus | None:
+        """Run a claimed job to its terminal status; None if the job was lost to another driver.
+
+        A job's own failure becomes its status and error, never an exception here. When Redis goes away
+        mid-job the driver waits for it and resumes the job from its checkpoint and recorded candidates.
+        """
+        with LeaseKeeper(self.store, job_id, self.driver_id, self.lease_seconds) as lease:
+            while True:
+                try:
+                    status, error = self._attempt(job_id, lease)
+                    if status is None:
+                        return None
+                    self.store.set_status(job_id, status, error=error)
+                except redis.RedisError as exc:
+                    log.warning("Redis unavailable during job %s (%s); pausing", job_id, exc)
+                    if not self._wait_for_redis():
+                        return None
+                    continue
+                log.info("job %s %s%s", job_id, status.value, f": {error}" if error else "")
+                return status
+
+    def _attempt(self, job_id: str, lease: LeaseKeeper) -> tuple[JobStatus | None, str | None]:
         self.store.append_event(job_id, "started", {"driver": self.driver_id})
         try:
-            PruneJob(self.store, job_id, self.redis_url, self.data_dir).run()
+            PruneJob(self.store, job_id, self.redis_url, self.data_dir, lease_lost=lease.lost).run()
         except Cancelled:
-            status, error = JobStatus.cancelled, None
+            return JobStatus.cancelled, None
+        except LeaseLost:
+            log.warning("job %s was taken over by another driver; leaving it", job_id)
+            return None, None
+        except redis.RedisError:
+            raise
         except Exception as exc:  # any failure of the job becomes its readable error
             log.exception("job %s failed", job_id)
-            status, error = JobStatus.failed, describe_error(exc)
-        else:
-            status, error = JobStatus.succeeded, None
-        self.store.set_status(job_id, status, error=error)
-        self.store.append_event(job_id, status.value, {"error": error} if error else {})
-        log.info("job %s %s%s", job_id, status.value, f": {error}" if error else "")
-        return status
+            return JobStatus.failed, describe_error(exc)
+        return JobStatus.succeeded, None
+
+    def _wait_for_redis(self, poll_seconds: float = 1.0) -> bool:
+        while not self.stopping.is_set():
+            try:
+                if self.store.ping():
+                    return True
+            except redis.RedisError:
+                pass
+            self.stopping.wait(poll_seconds)
+        return False
 
     def stop(self) -> None:
         self.stopping.set()
@@ -82,7 +155,10 @@ def main() -> None:
     url = settings.redis_url
     if not url:
         raise SystemExit("darwinfront driver: set REDIS_URL (or DARWINFRONT_REDIS_URL) to the job store's Redis")
-    Driver(url, settings.data_dir, ray_address=os.environ.get("RAY_ADDRESS")).run_forever()
+    driver = Driver(
+        url, settings.data_dir, ray_address=os.environ.get("RAY_ADDRESS"), lease_seconds=settings.lease_seconds
+    )
+    driver.run_forever()
 
 
 if __name__ == "__main__":

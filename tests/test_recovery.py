@@ -1,0 +1,94 @@
+"""Faults a real cluster has: a driver killed with SIGKILL mid-job resumes to the front of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from darwinfront.stack import EmbeddedStack
+from workers import tracking
+
+pytestmark = pytest.mark.integration
+
+SPEC = {
+    "name": "recovery",
+    "model": {"source": "builtin:micro-llama", "device": "cpu"},
+    "data": {"calibration_tokens": 512, "eval_tokens": 256, "seq_len": 64},
+    "prune": {"targets": [0.3, 0.6]},
+    "search": {"generations": 6, "offspring": 4},
+    "seed": 5,
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, micro_dir):
+    previous = os.environ.get("DARWINFRONT_LEASE_SECONDS")
+    os.environ["DARWINFRONT_LEASE_SECONDS"] = "3"
+    try:
+        with EmbeddedStack(tmp_path_factory.mktemp("recovery"), port=0) as running:
+            yield running
+    finally:
+        if previous is None:
+            os.environ.pop("DARWINFRONT_LEASE_SECONDS", None)
+        else:
+            os.environ["DARWINFRONT_LEASE_SECONDS"] = previous
+
+
+@pytest.fixture(scope="module")
+def http(stack):
+    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30) as client:
+        yield client
+
+
+def _wait(http, job_id, until, timeout=600.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        if until(job):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} never got there: {job}")
+
+
+def _finished(job):
+    return job["status"] in ("succeeded", "failed", "cancelled")
+
+
+def _front(http, job_id):
+    return [(p["candidate_id"], p["objectives"]["params"], p["objectives"]["kl"])
+            for p in http.get(f"/v1/jobs/{job_id}/front").json()["points"]]
+
+
+def test_sigkilled_driver_resumes_to_the_uninterrupted_front(stack, http):
+    interrupted = http.post("/v1/jobs", json=SPEC).json()["id"]
+    _wait(http, interrupted, lambda j: (j.get("progress") or {}).get("generation", -1) >= 2)
+    victim = stack.driver_process
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert http.get(f"/v1/jobs/{interrupted}").json()["status"] == "running"
+
+    stack.start_driver()
+    job = _wait(http, interrupted, _finished)
+    assert job["status"] == "succeeded", job
+    kinds = [e["kind"] for e in http.get(f"/v1/jobs/{interrupted}/events").json()["events"]]
+    assert kinds.count("running") == 2 and "queued" in kinds[2:]  # requeued once, claimed again
+
+    clean = http.post("/v1/jobs", json=SPEC | {"name": "uninterrupted"}).json()["id"]
+    assert _wait(http, clean, _finished)["status"] == "succeeded"
+
+    got, expected = _front(http, interrupted), _front(http, clean)
+    assert [g[:2] for g in got] == [e[:2] for e in expected]
+    assert [g[2] for g in got] == pytest.approx([e[2] for e in expected], abs=1e-9)
+
+    trials = {
+        name: tracking.open_study(stack.redis_url, job_id).get_trials(deepcopy=False)
+        for name, job_id in (("interrupted", interrupted), ("clean", clean))
+    }
+    ids = [t.user_attrs["candidate_id"] for t in trials["interrupted"]]
+    assert len(ids) == len(set(ids)), "a candidate was recorded twice"
+    assert len(trials["interrupted"]) == len(trials["clean"])
+    assert job["progress"]["evaluations"] == len(trials["clean"])
