@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[workers,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[workers,dev,plot,optuna]"
 	touch $@
 
 install: $(VENV)/.installed

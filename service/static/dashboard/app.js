@@ -130,20 +130,20 @@
   async function loadHistory(jobId) {
     const history = await (await api(`/v1/jobs/${encodeURIComponent(jobId)}/history`)).json();
     state.dense = history.dense_params;
-    const targets = [...new Set(history.points.flatMap((p) => Object.keys(p.best)))];
+    const targets = [...new Set(history.points.flatMap((p) => Object.keys(p.best)))].sort((a, b) => a - b);
     DFPlot.chart($('best-plot'), {
       series: targets.map((t) => ({
         name: `target ${t}`, className: 'best-point', line: 'line',
         points: history.points.filter((p) => p.best[t] !== null && p.best[t] !== undefined)
           .map((p) => ({ x: p.generation, y: p.best[t], data: p })),
       })),
-      xLabel: 'generation', yLabel: 'best KL', empty: 'no generation finished yet', radius: 3.5,
+      xLabel: 'generation', yLabel: 'best KL', empty: 'no generation finished yet', radius: 3.5, xIntegers: true,
     });
     DFPlot.chart($('hv-plot'), {
       series: [{ name: 'hypervolume', className: 'hv-point', line: 'line',
                  points: history.points.filter((p) => p.hypervolume !== null)
                    .map((p) => ({ x: p.generation, y: p.hypervolume, data: p })) }],
-      xLabel: 'generation', yLabel: 'hypervolume', empty: 'no generation finished yet', radius: 3.5,
+      xLabel: 'generation', yLabel: 'hypervolume', empty: 'no hypervolume yet', radius: 3.5, xIntegers: true,
     });
     $('hv-note').textContent = `Scaling: ${history.scaling}.`;
     if (state.front) drawFront(state.front);
@@ -169,12 +169,12 @@
 
   function drawFront(front) {
     state.front = front;
-    const targets = [...new Set(front.points.map((p) => p.target))];
+    const targets = [...new Set(front.points.map((p) => p.target))].sort((a, b) => a - b);
     DFPlot.chart($('front-plot'), {
       series: targets.map((t) => ({
         name: t === null || t === undefined ? 'front' : `target ${t}`, className: 'front-point', line: null,
         points: front.points.filter((p) => p.target === t)
-          .map((p) => ({ x: p.objectives.params, y: p.objectives.kl, data: p })),
+          .map((p) => ({ x: p.objectives.params, y: p.objectives.kl, id: p.candidate_id, data: p })),
       })),
       xLabel: 'parameters', yLabel: 'KL to the dense model', empty: 'the front is empty so far',
       onHover: (p, e) => hover(p.data, e), onLeave: () => { $('tooltip').hidden = true; },

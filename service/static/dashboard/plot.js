@@ -1,13 +1,14 @@
 /* darwinfront's plotting: small SVG scatter and line charts, no dependencies (shipped with the package).
  *
  *   DFPlot.chart(container, {
- *     series: [{name, className, points: [{x, y, data}], line: 'step' | 'line' | null}],
+ *     series: [{name, className, points: [{x, y, id, data}], line: 'step' | 'line' | null}],
  *     xLabel, yLabel, xFormat, yFormat,            // formatters for tick labels (default: compact numbers)
+ *     xIntegers,                                   // whole-number x ticks (generations)
  *     onHover(point, event), onLeave(), onClick(point, event),
  *   });
  *
- * Every point is one <circle> with the series' className and `data-index`; hover and click handlers receive the
- * point object as given (with its `data`).
+ * Every point is one <circle> with the series' className, `data-index` and `data-id` (its `id`, if any); hover
+ * and click handlers receive the point object as given (with its `data`).
  */
 'use strict';
 (function () {
@@ -29,13 +30,13 @@
   }
 
   // A padded [lo, hi] domain with round ticks inside it.
-  function scale(values, count) {
+  function scale(values, count, integers) {
     let lo = Math.min(...values), hi = Math.max(...values);
     if (!isFinite(lo)) { lo = 0; hi = 1; }
     if (lo === hi) { const pad = Math.abs(lo) * 0.1 || 1; lo -= pad; hi += pad; }
     const pad = (hi - lo) * 0.06;
     lo -= pad; hi += pad;
-    const step = niceStep(hi - lo, count);
+    const step = integers ? Math.max(1, Math.round(niceStep(hi - lo, count))) : niceStep(hi - lo, count);
     const ticks = [];
     for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(+t.toPrecision(12));
     return { lo, hi, ticks };
@@ -106,7 +107,7 @@
       return svg;
     }
     const box = { left: 62, top: 22, width: width - 62 - 14, height: height - 22 - 44 };
-    const xs = scale(all.map((p) => p.x), Math.max(2, Math.floor(box.width / 90)));
+    const xs = scale(all.map((p) => p.x), Math.max(2, Math.floor(box.width / 90)), opts.xIntegers);
     const ys = scale(all.map((p) => p.y), 5);
     const { sx, sy } = axes(svg, box, xs, ys, opts);
     legend(svg, series, box);
@@ -117,6 +118,7 @@
       s.points.forEach((p, i) => {
         const dot = el('circle', { cx: sx(p.x), cy: sy(p.y), r: opts.radius || 5, fill: s.colour,
                                    class: `marker ${s.className || ''}`, 'data-index': i }, svg);
+        if (p.id !== undefined) dot.setAttribute('data-id', String(p.id));
         if (opts.onHover) dot.addEventListener('mouseenter', (e) => opts.onHover(p, e));
         if (opts.onLeave) dot.addEventListener('mouseleave', () => opts.onLeave(p));
         if (opts.onClick) dot.addEventListener('click', (e) => opts.onClick(p, e));
