@@ -73,7 +73,17 @@ class EmbeddedRedis:
         self._take_lock()
         # Unix socket paths are limited to ~104 bytes, so the socket does not live under data_dir.
         self._run_dir = tempfile.mkdtemp(prefix="dfr-")
-        socket_path = os.path.join(self._run_dir, "redis.sock")
+        self.url = f"unix://{os.path.join(self._run_dir, 'redis.sock')}"
+        try:
+            self._launch()
+        except BaseException:
+            self.stop()
+            raise
+        (self.db_dir / "url").write_text(self.url)
+        return self.url
+
+    def _launch(self) -> None:
+        socket_path = self.url.removeprefix("unix://")
         command = [
             _server_binary(), "--port", "0",
             "--unixsocket", socket_path, "--unixsocketperm", "700",
@@ -82,14 +92,38 @@ class EmbeddedRedis:
             "--daemonize", "no", "--logfile", os.path.join(self._run_dir, "redis.log"),
         ]
         self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        self.url = f"unix://{socket_path}"
-        try:
-            self._wait_until_ready()
-        except BaseException:
-            self.stop()
-            raise
-        (self.db_dir / "url").write_text(self.url)
-        return self.url
+        self._wait_until_ready()
+
+    def restart(self, *, kill: bool = False, down_seconds: float = 0.0) -> None:
+        """Stop the server and start it again on the same socket and database, as an operator's restart would.
+
+        Clients see a brief outage; what was written before is read back from the append-only file.
+
+        Args:
+            kill: SIGKILL the server (a crash: no final save, only the append-only file survives) instead of
+                SIGTERM (a clean shutdown).
+            down_seconds: Stay down this long before starting again.
+        """
+        if self._proc is None or self.url is None:
+            raise EmbeddedRedisError("restart() needs a started server")
+        self._halt(kill=kill)
+        time.sleep(down_seconds)
+        self._launch()
+
+    def _halt(self, *, kill: bool = False) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            if kill:
+                self._proc.kill()
+            else:
+                self._proc.terminate()  # SIGTERM: redis saves and exits
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
 
     def _take_lock(self) -> None:
         lock = open(self.db_dir / "lock", "w")  # noqa: SIM115 - held open for the server's life
@@ -130,15 +164,7 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Shut the server down (it writes its data first) and remove the socket directory."""
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.terminate()  # SIGTERM: redis saves and exits
-                try:
-                    self._proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
-            self._proc = None
+        self._halt()
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
             self._run_dir = None

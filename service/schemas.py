@@ -15,6 +15,13 @@ from service.store import JobRecord
 class JobCreate(JobSpec):
     """A job spec, plus an optional idempotency key: resending the same key returns the first job."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "name": "micro-llama, half the attention and MLP parameters",
+        "model": {"source": "builtin:micro-llama"},
+        "prune": {"targets": [0.5]},
+        "search": {"generations": 2, "offspring": 4},
+    }]})
+
     idempotency_key: str | None = Field(
         default=None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
         description="Printable ASCII, no spaces; the same key from the same tenant returns the same job.",

@@ -1,8 +1,10 @@
-"""The Redis job store: jobs, their queue, progress, events, fronts, results, artifacts and checkpoints.
+"""The Redis job store: jobs, their queue and status (here), what they produce (`service.outputs`) and driver
+leases (`service.leases`), and `connect()`, the one way the API and the drivers open Redis.
 
 The API writes jobs and reads everything; the driver claims jobs and writes their progress. Every multi-key
-write is one MULTI/EXEC transaction, and a status change re-reads the status under WATCH, so two writers
-cannot both move a job. Key strings come from `service.keys` only; JSON payloads are stored as JSON strings.
+write is one MULTI/EXEC transaction whose function re-reads under WATCH what it checks, so two writers cannot
+both move a job, a quota holds under concurrent submissions, and a transaction retried after a lost
+connection does not write twice. Key strings come from `service.keys` only; JSON payloads are JSON strings.
 """
 
 from __future__ import annotations
@@ -13,18 +15,56 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
 
-from darwinfront.errors import CandidateNotFound, InvalidTransition, JobNotFound
+from darwinfront.errors import InvalidTransition, JobNotFound
 from service import keys
 from service.leases import Leases
+from service.outputs import EVENTS_MAXLEN, JobOutputs, queue_event, to_json, utc_now
+from service.quotas import Quota
 from service.status import TERMINAL, JobStatus, check_transition
 
-EVENTS_MAXLEN = 1000
 _TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ACTIVE = (JobStatus.queued, JobStatus.running)
+
+
+def connect(
+    url: str, *, retries: int = 10, backoff_base: float = 0.05, backoff_cap: float = 1.0,
+    socket_timeout: float = 5.0,
+) -> redis.Redis:
+    """The Redis client the API and the drivers use: it rides out a brief Redis outage (a restart).
+
+    A command that fails with a connection error or a timeout is sent again after an exponential backoff
+    (`backoff_base` doubling up to `backoff_cap` seconds), up to `retries` times (about 7 s in all with the
+    defaults) on a fresh connection; idle connections are checked with a PING before reuse. Transactions that
+    WATCH keys are not resent blindly: redis-py turns the failure into a WatchError, and the store's
+    transaction functions run again from the start, re-reading what they check, so a write whose reply was
+    lost is found and not made twice. Nothing connects until the first command.
+
+    Args:
+        url: `redis://`, `rediss://` or `unix://` URL.
+        retries: Attempts after the first; 0 fails at once.
+        backoff_base: First pause, in seconds.
+        backoff_cap: Longest pause, in seconds.
+        socket_timeout: Seconds to wait for a reply (a timeout is retried too); must exceed the longest
+            blocking call (a driver's claim blocks 1 s).
+
+    Returns:
+        A client with `decode_responses=True`.
+    """
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=backoff_cap, base=backoff_base), retries),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=5.0,
+        health_check_interval=15,
+    )
 
 
 @dataclass(frozen=True)
@@ -43,14 +83,6 @@ class JobRecord:
     driver: str | None = None
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
-
-
-def _dump(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
-
-
 def _record(fields: dict[str, str], progress: str | None) -> JobRecord:
     return JobRecord(
         id=fields["id"],
@@ -66,7 +98,7 @@ def _record(fields: dict[str, str], progress: str | None) -> JobRecord:
     )
 
 
-class JobStore(Leases):
+class JobStore(Leases, JobOutputs):
     """Jobs and everything they produce, kept in Redis.
 
     Args:
@@ -77,54 +109,77 @@ class JobStore(Leases):
     def __init__(self, client: redis.Redis, *, events_maxlen: int = EVENTS_MAXLEN):
         self._r = client
         self._events_maxlen = events_maxlen
+        self._probe: redis.Redis | None = None
 
     # ---- jobs -------------------------------------------------------------------------------------------
 
-    def create(self, tenant: str, spec: dict[str, Any], *, idempotency_key: str | None = None) -> JobRecord:
+    def create(
+        self, tenant: str, spec: dict[str, Any], *, idempotency_key: str | None = None, planned: int = 0,
+        quota: Quota | None = None,
+    ) -> JobRecord:
         """Store a new queued job and push it on the queue.
 
         Args:
             tenant: Owner of the job.
             spec: The validated job spec as a JSON-safe dict.
             idempotency_key: When given, a second create with the same key for the same tenant returns the
-                job the first one made instead of making another.
+                job the first one made instead of making another (and is not counted against the quota).
+            planned: Candidate evaluations the job plans, stored with it for the quota.
+            quota: When given, checked against the tenant's queued and running jobs in the same transaction.
 
         Returns:
             The stored job.
+
+        Raises:
+            TooManyActiveJobs, EvaluationBudgetExceeded: The quota refuses the job; nothing was written.
         """
         if not _TENANT.match(tenant):
             raise ValueError(f"tenant {tenant!r} must be 1-64 letters, digits, '_', '.' or '-'")
         job_id = uuid.uuid4().hex[:16]
-        spec_json = _dump(spec)
-        if idempotency_key is None:
-            pipe = self._r.pipeline(transaction=True)
-            self._queue_new(pipe, job_id, tenant, spec_json)
-            pipe.execute()
-            return self.get(job_id)
-        idem = keys.idempotency(tenant, idempotency_key)
+        spec_json = to_json(spec)
+        idem = keys.idempotency(tenant, idempotency_key) if idempotency_key is not None else None
+        watched = [keys.job(job_id)]
+        if idem is not None:
+            watched.append(idem)
+        if quota is not None:
+            watched += [keys.jobs_by_status(tenant, status.value) for status in _ACTIVE]
 
         def write(pipe: redis.client.Pipeline) -> str:
-            existing = pipe.get(idem)
-            if existing:
+            if idem is not None and (existing := pipe.get(idem)):
                 return existing
+            if pipe.exists(keys.job(job_id)):
+                return job_id  # an earlier attempt wrote it and its reply was lost; don't write it twice
+            if quota is not None:
+                quota.check(self._active_planned(pipe, tenant), planned)
             pipe.multi()
-            pipe.set(idem, job_id)
-            self._queue_new(pipe, job_id, tenant, spec_json)
+            if idem is not None:
+                pipe.set(idem, job_id)
+            self._queue_new(pipe, job_id, tenant, spec_json, planned)
             return job_id
 
-        return self.get(self._r.transaction(write, idem, value_from_callable=True))
+        return self.get(self._r.transaction(write, *watched, value_from_callable=True))
 
-    def _queue_new(self, pipe: redis.client.Pipeline, job_id: str, tenant: str, spec_json: str) -> None:
+    def _active_planned(self, pipe: redis.client.Pipeline, tenant: str) -> list[int]:
+        """Planned evaluations of each queued or running job of the tenant (read under the caller's WATCH)."""
+        ids = [job_id for status in _ACTIVE for job_id in pipe.zrange(keys.jobs_by_status(tenant, status.value), 0, -1)]
+        reads = self._r.pipeline(transaction=False)  # a job's planned count never changes: no need to watch it
+        for job_id in ids:
+            reads.hget(keys.job(job_id), "planned")
+        return [int(value or 0) for value in reads.execute()]
+
+    def _queue_new(
+        self, pipe: redis.client.Pipeline, job_id: str, tenant: str, spec_json: str, planned: int
+    ) -> None:
         now = datetime.now(UTC)
         score = now.timestamp()
         pipe.hset(keys.job(job_id), mapping={
             "id": job_id, "tenant": tenant, "status": JobStatus.queued.value, "spec": spec_json,
-            "created_at": now.isoformat(),
+            "created_at": now.isoformat(), "planned": planned,
         })
         pipe.zadd(keys.jobs_by_tenant(tenant), {job_id: score})
         pipe.zadd(keys.jobs_by_status(tenant, JobStatus.queued.value), {job_id: score})
         pipe.lpush(keys.queue(), job_id)
-        self._queue_event(pipe, job_id, JobStatus.queued.value, {"status": JobStatus.queued.value})
+        queue_event(pipe, self._events_maxlen, job_id, JobStatus.queued.value, {"status": JobStatus.queued.value})
 
     def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
         """The job `job_id`; with `tenant`, only if that tenant owns it.
@@ -223,7 +278,7 @@ class JobStore(Leases):
         *, error: str | None = None, driver: str | None = None,
     ) -> None:
         old, tenant, created = current
-        now = _now()
+        now = utc_now()
         changes = {"status": new.value}
         if new is JobStatus.running:
             changes["started_at"] = now
@@ -248,7 +303,7 @@ class JobStore(Leases):
         if new is JobStatus.queued:
             pipe.rpush(keys.queue(), job_id)  # the right end: taken next
         data = {"status": new.value} if error is None else {"status": new.value, "error": error}
-        self._queue_event(pipe, job_id, new.value, data)  # the event kind is the new status
+        queue_event(pipe, self._events_maxlen, job_id, new.value, data)  # the event kind is the new status
 
     def request_cancel(self, job_id: str) -> JobStatus:
         """Cancel a queued job at once, or ask the driver of a running job to stop.
@@ -268,11 +323,11 @@ class JobStore(Leases):
             if old in TERMINAL:
                 raise InvalidTransition(f"job {job_id!r} is already {old.value}; it cannot be cancelled")
             pipe.multi()
-            pipe.set(keys.cancel(job_id), _now())
+            pipe.set(keys.cancel(job_id), utc_now())
             if old is JobStatus.queued:
                 self._queue_move(pipe, job_id, current, JobStatus.cancelled)
                 return JobStatus.cancelled
-            self._queue_event(pipe, job_id, "cancel_requested", {})
+            queue_event(pipe, self._events_maxlen, job_id, "cancel_requested", {})
             return old
 
         return self._r.transaction(write, keys.job(job_id), value_from_callable=True)
@@ -281,102 +336,14 @@ class JobStore(Leases):
         """Whether a cancel was requested for this job (the driver polls this)."""
         return bool(self._r.exists(keys.cancel(job_id)))
 
-    # ---- what a running job produces ----------------------------------------------------------------------
-
-    def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
-        """Replace the progress report (generation, generations, evaluations, planned, best)."""
-        self._r.set(keys.progress(job_id), _dump(progress))
-
-    def append_event(self, job_id: str, kind: str, data: dict[str, Any]) -> str:
-        """Append an event to the job's capped stream; returns its stream id."""
-        return self._r.xadd(keys.events(job_id), self._event_fields(kind, data),
-                            maxlen=self._events_maxlen, approximate=True)
-
-    def _queue_event(self, pipe: redis.client.Pipeline, job_id: str, kind: str, data: dict[str, Any]) -> None:
-        pipe.xadd(keys.events(job_id), self._event_fields(kind, data),
-                  maxlen=self._events_maxlen, approximate=True)
-
-    @staticmethod
-    def _event_fields(kind: str, data: dict[str, Any]) -> dict[str, str]:
-        return {"time": _now(), "kind": kind, "data": _dump(data)}
-
-    def events(self, job_id: str, after: str = "0-0", count: int = 100) -> list[dict[str, Any]]:
-        """Up to `count` events after stream id `after`, oldest first: dicts of id, time, kind, data."""
-        entries = self._r.xrange(keys.events(job_id), min=f"({after}", max="+", count=count)
-        return [
-            {"id": entry_id, "time": f["time"], "kind": f["kind"], "data": json.loads(f["data"])}
-            for entry_id, f in entries
-        ]
-
-    def set_front(self, job_id: str, points: list[dict[str, Any]], *, generation: int | None = None) -> None:
-        """Replace the front snapshot.
-
-        Args:
-            job_id: The job.
-            points: Dicts of candidate_id, objectives (e.g. {"kl": .., "params": ..}), target, generation.
-            generation: The search generation of the snapshot; default the largest among the points.
-        """
-        if generation is None:
-            generations = [p["generation"] for p in points if p.get("generation") is not None]
-            generation = max(generations, default=None)
-        snapshot = {"points": points, "updated_at": _now(), "generation": generation}
-        self._r.set(keys.front(job_id), _dump(snapshot))
-
-    def get_front(self, job_id: str) -> dict[str, Any]:
-        """The latest front snapshot: {points, updated_at, generation} (empty before the first one)."""
-        raw = self._r.get(keys.front(job_id))
-        return json.loads(raw) if raw else {"points": [], "updated_at": None, "generation": None}
-
-    def put_result(self, job_id: str, candidate_id: str, configuration: dict[str, Any]) -> None:
-        """Store a candidate's configuration document."""
-        self._r.hset(keys.results(job_id), candidate_id, _dump(configuration))
-
-    def get_result(self, job_id: str, candidate_id: str) -> dict[str, Any]:
-        """A candidate's configuration; raises `CandidateNotFound` if none was stored."""
-        raw = self._r.hget(keys.results(job_id), candidate_id)
-        if raw is None:
-            raise CandidateNotFound(f"job {job_id!r} has no candidate {candidate_id!r}")
-        return json.loads(raw)
-
-    def result_ids(self, job_id: str) -> list[str]:
-        """Ids of the candidates with a stored configuration, sorted."""
-        return sorted(self._r.hkeys(keys.results(job_id)))
-
-    def put_artifact(self, job_id: str, candidate_id: str, meta: dict[str, Any]) -> None:
-        """Record an exported model archive.
-
-        Args:
-            job_id: The job.
-            candidate_id: The exported candidate.
-            meta: path (relative to `<data_dir>/artifacts/`, inside the job's folder: `<job_id>/<file>`),
-                size (bytes), sha256 (hex).
-        """
-        path = meta.get("path")
-        parts = PurePosixPath(path) if isinstance(path, str) else None
-        if parts is None or parts.is_absolute() or ".." in parts.parts or parts.parts[:1] != (job_id,):
-            raise ValueError(f"artifact path {path!r} must be relative to the artifacts directory and inside "
-                             f"the job's folder, like '{job_id}/<file>'")
-        self._r.hset(keys.artifacts(job_id), candidate_id, _dump(meta))
-
-    def get_artifact(self, job_id: str, candidate_id: str) -> dict[str, Any]:
-        """An exported model's metadata; raises `CandidateNotFound` if the candidate was not exported."""
-        raw = self._r.hget(keys.artifacts(job_id), candidate_id)
-        if raw is None:
-            raise CandidateNotFound(f"candidate {candidate_id!r} of job {job_id!r} has no exported model")
-        return json.loads(raw)
-
-    def save_checkpoint(self, job_id: str, generation: int, state: dict[str, Any]) -> None:
-        """Replace the search checkpoint."""
-        self._r.set(keys.checkpoint(job_id), _dump({"generation": generation, "state": state}))
-
-    def load_checkpoint(self, job_id: str) -> tuple[int, dict[str, Any]] | None:
-        """The latest checkpoint as (generation, state), or None if none was saved."""
-        raw = self._r.get(keys.checkpoint(job_id))
-        if raw is None:
-            return None
-        saved = json.loads(raw)
-        return saved["generation"], saved["state"]
-
     def ping(self) -> bool:
-        """True when Redis answers (raises redis.ConnectionError when it does not)."""
-        return bool(self._r.ping())
+        """True when Redis answers now (raises redis.ConnectionError when it does not).
+
+        The ping does not retry, so a readiness probe learns of an outage at once, while the store's other
+        calls ride it out.
+        """
+        if self._probe is None:
+            pool = self._r.connection_pool
+            kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
+            self._probe = redis.Redis(connection_pool=redis.ConnectionPool(pool.connection_class, **kwargs))
+        return bool(self._probe.ping())

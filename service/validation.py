@@ -18,16 +18,37 @@ _DATASET_ID = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-
 DATA_SUFFIXES = (".txt", ".jsonl")
 
 
-def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
+def _expand(source: str, field: str, what: str) -> Path:
+    """`source` as a path with `~` expanded; unusable paths (NUL bytes, unknown users) are an InvalidSpec."""
+    if "\x00" in source:
+        raise InvalidSpec(field, f"{what} path must not contain NUL characters")
+    try:
+        return Path(source).expanduser()
+    except RuntimeError:  # `~someone` for an unknown user
+        raise InvalidSpec(field, f"{what} path {source!r}: cannot expand '~' (unknown user)") from None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, ...
+        return False
+
+
+def _looks_like_path(source: str, field: str, what: str) -> bool:
+    return source.startswith(("/", ".", "~")) or _exists(_expand(source, field, what))
 
 
 def _under_allowed_root(source: str, roots: list[Path], field: str, what: str) -> Path:
     """Resolve `source` and require it under one of `roots`; returns the resolved path."""
-    raw = Path(source).expanduser()
+    raw = _expand(source, field, what)
     if ".." in raw.parts:
         raise InvalidSpec(field, f"{what} path {source!r} must not contain '..'")
-    resolved = raw.resolve()
+    try:
+        resolved = raw.resolve()
+    except (OSError, RuntimeError) as error:  # a symlink loop, a name too long, ...
+        reason = getattr(error, "strerror", None) or error
+        raise InvalidSpec(field, f"{what} path {source!r} cannot be resolved: {reason}") from None
     allowed = [root.expanduser().resolve() for root in roots]
     if not any(resolved.is_relative_to(root) for root in allowed):
         shown = ", ".join(str(root) for root in allowed) or "(none configured)"
@@ -35,20 +56,28 @@ def _under_allowed_root(source: str, roots: list[Path], field: str, what: str) -
     return resolved
 
 
+def _is(kind: str, path: Path) -> bool:
+    """`path.is_dir()` / `path.is_file()`, False on any file system error instead of raising."""
+    try:
+        return getattr(path, kind)()
+    except OSError:
+        return False
+
+
 def check_model_source(source: str, settings: Settings) -> None:
     """Accept `builtin:<name>`, a hub id `org/name`, or a local model directory under an allowed root."""
     field = "model.source"
     if source.startswith("builtin:"):
         return  # the spec itself checked the name
-    if not _looks_like_path(source):
+    if not _looks_like_path(source, field, "model"):
         if _HUB_ID.match(source):
             return
         raise InvalidSpec(field, f"{source!r} is neither a local model directory, a hub id 'org/name', "
                                  "nor builtin:<name>")
     path = _under_allowed_root(source, settings.allowed_model_roots, field, "model")
-    if not path.is_dir():
+    if not _is("is_dir", path):
         raise InvalidSpec(field, f"model directory {source!r} does not exist")
-    if not (path / "config.json").is_file():
+    if not _is("is_file", path / "config.json"):
         raise InvalidSpec(field, f"model directory {source!r} has no config.json (not a Hugging Face model)")
 
 
@@ -57,7 +86,7 @@ def check_data_source(source: str, settings: Settings) -> None:
     field = "data.source"
     if source.startswith("builtin:"):
         return
-    if not _looks_like_path(source) and not source.endswith(DATA_SUFFIXES):
+    if not _looks_like_path(source, field, "data") and not source.endswith(DATA_SUFFIXES):
         if _DATASET_ID.match(source):
             return
         raise InvalidSpec(field, f"{source!r} is neither a local .txt/.jsonl file, a datasets id, "
@@ -65,10 +94,13 @@ def check_data_source(source: str, settings: Settings) -> None:
     path = _under_allowed_root(source, settings.allowed_data_roots, field, "data")
     if path.suffix not in DATA_SUFFIXES:
         raise InvalidSpec(field, f"data file {source!r} must end in .txt or .jsonl")
-    if not path.is_file():
+    if not _is("is_file", path):
         raise InvalidSpec(field, f"data file {source!r} does not exist")
-    with path.open("rb") as handle:
-        head = handle.read(1 << 20)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(1 << 20)
+    except OSError as error:
+        raise InvalidSpec(field, f"data file {source!r} cannot be read: {error.strerror}") from None
     if not head.strip():
         raise InvalidSpec(field, f"data file {source!r} is empty")
 

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 
 from service.etag import conditional
+from service.quotas import Quota
 from service.routes.deps import JobDep, SettingsDep, StoreDep, TenantDep, blocking
 from service.schemas import ErrorBody, JobCreate, JobList, JobPublic
 from service.settings import Settings
@@ -16,6 +17,7 @@ from service.validation import validate_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
+MAX_OFFSET = 1_000_000_000  # Redis ranges take 64-bit integers; no tenant has this many jobs
 _NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job for this API key."}}
 IdempotencyHeader = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")
@@ -30,13 +32,21 @@ def _invalid(field: str, message: str) -> HTTPException:
 def _validate_and_create(store: JobStore, settings: Settings, tenant: str, body: JobCreate, key: str | None):
     spec = body.spec()
     validate_spec(spec, settings)  # looks at the file system
-    return store.create(tenant, spec.model_dump(mode="json"), idempotency_key=key)
+    return store.create(tenant, spec.model_dump(mode="json"), idempotency_key=key,
+                        planned=spec.planned_evaluations(), quota=Quota.from_settings(settings))
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses={422: {"model": ErrorBody, "description": "The spec is invalid; the error names the field."}},
+    responses={
+        400: {"model": ErrorBody, "description": "The body cannot be read (not UTF-8)."},
+        422: {"model": ErrorBody, "description": "The spec is invalid (the error names the field), or the "
+              "tenant's active jobs and this one together plan more evaluations than allowed "
+              "(`budget_exceeded`)."},
+        429: {"model": ErrorBody, "description": "The tenant has as many queued and running jobs as allowed "
+              "(`too_many_active_jobs`); retry when one ends."},
+    },
 )
 async def create_job(
     body: JobCreate,
@@ -65,7 +75,7 @@ async def list_jobs(
     store: StoreDep,
     settings: SettingsDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, description="Page size, at most the server's max_page_size.")] = 50,
 ) -> JobList:
     """The caller's jobs, newest first, optionally only those in one status."""
