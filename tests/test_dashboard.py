@@ -1,4 +1,5 @@
-"""The dashboard, metrics, history, client and Optuna study on a real job, and the page driven in Chromium.
+"""The dashboard page and its assets; then, on a real job: metrics, history, client, Optuna study, and the page
+driven in headless Chromium.
 
 One small real job (builtin:micro-llama, two targets, three generations) runs on the embedded stack; while it
 runs, the typed client waits with a progress callback and `/metrics` is scraped. The page is then opened in
@@ -26,7 +27,7 @@ from darwinfront.stack import EmbeddedStack
 from service.history import front_hypervolume, job_storage
 from service.routes.dashboard import CONTENT_SECURITY_POLICY
 
-pytestmark = pytest.mark.integration
+pytest_plugins = ["service_fixtures"]
 
 SPEC = {
     "name": "dashboard",
@@ -46,6 +47,20 @@ def _job_evaluations(url: str, job_id: str) -> float | None:
     return None
 
 
+def test_page_and_assets_are_served_without_a_key(api_client):
+    anonymous = {"Authorization": ""}
+    root = api_client.get("/", headers=anonymous, follow_redirects=False)
+    assert root.status_code == 307 and root.headers["location"] == "/dashboard"
+    page = api_client.get("/dashboard", headers=anonymous)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    for asset in ("/static/dashboard/plot.js", "/static/dashboard/app.js", "/static/dashboard/style.css"):
+        assert asset in page.text  # referenced by the page, and shipped with it
+        assert api_client.get(asset, headers=anonymous).status_code == 200
+    assert "http" not in page.text.replace("http://127.0.0.1", "")  # nothing from another origin
+    assert api_client.get("/v1/jobs", headers=anonymous).status_code == 401  # the data still needs a key
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, micro_dir):
     """The stack, a client, and the finished job with what was seen while it ran."""
@@ -63,6 +78,7 @@ def run(tmp_path_factory, micro_dir):
         yield stack, client, final, seen, scraped
 
 
+@pytest.mark.integration
 def test_client_waits_with_progress_and_metrics_move(run):
     stack, client, job, seen, scraped = run
     statuses = [j.status for j in seen]
@@ -78,6 +94,7 @@ def test_client_waits_with_progress_and_metrics_move(run):
     assert after["succeeded"] >= 1 and after["running"] == 0
 
 
+@pytest.mark.integration
 def test_history_hypervolume_grows_to_the_fronts(run):
     _, client, job, _, _ = run
     history = client.history(job.id)
@@ -91,6 +108,7 @@ def test_history_hypervolume_grows_to_the_fronts(run):
     assert set(history.points[-1].best) == {str(t) for t in SPEC["prune"]["targets"]}
 
 
+@pytest.mark.integration
 def test_optuna_dashboard_opens_the_jobs_study(run):
     stack, _, job, _, _ = run
     import optuna
@@ -115,6 +133,7 @@ def _require_chromium() -> None:
         pytest.skip("no chromium on this machine (apt-get install chromium)")
 
 
+@pytest.mark.integration
 def test_dashboard_page_shows_the_front(run, tmp_path):
     _require_chromium()
     stack, client, job, _, _ = run
@@ -162,6 +181,7 @@ def test_dashboard_page_shows_the_front(run, tmp_path):
         shutil.copy(shot, Path(folder) / "dashboard.png")
 
 
+@pytest.mark.integration
 def test_front_plot_from_the_cli(run, tmp_path, capsys):
     from darwinfront.cli import main
 
