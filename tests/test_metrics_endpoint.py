@@ -93,7 +93,8 @@ def test_counters_move_and_finished_jobs_leave_the_per_job_series(api_client, st
     store.set_progress(job_id, {"generation": 1, "evaluations": 8, "planned": 8})
     after = scrape(api_client)
     job = (("job_id", job_id),)
-    assert before["darwinfront_job_evaluations_total"][job] == 4 and after["darwinfront_job_evaluations_total"][job] == 8
+    assert before["darwinfront_job_evaluations_total"][job] == 4
+    assert after["darwinfront_job_evaluations_total"][job] == 8
     assert after["darwinfront_evaluations_total"][()] == before["darwinfront_evaluations_total"][()] + 1
     assert job not in after.get("darwinfront_front_hypervolume", {})  # no dense size known: no hypervolume
 
