@@ -27,17 +27,44 @@ CONFIGS = {
 }
 
 
-def tiny_llama(random_init: bool, dtype: torch.dtype) -> tuple[LlamaForCausalLM, str]:
-    """The builtin tiny-llama (trained on first use), or a random-init model of its shape."""
+def tiny_llama(random_init: bool, dtype: torch.dtype) -> tuple[LlamaForCausalLM, object, str]:
+    """The builtin tiny-llama (trained on first use) and its tokenizer, or a random-init model of its shape."""
     if not random_init:
         try:
             from workers.modeling import load_model
 
-            model, _ = load_model("builtin:tiny-llama", dtype=dtype, device="cpu")
-            return model, "builtin:tiny-llama"
+            model, tokenizer = load_model("builtin:tiny-llama", dtype=dtype, device="cpu")
+            return model, tokenizer, "builtin:tiny-llama"
         except Exception as exc:  # the benchmark still measures bytes and speed on the shape alone
             print(f"builtin:tiny-llama unavailable ({exc!r}); using a random-init model of its shape")
-    return random_llama(hidden=128, heads=8, dtype=dtype), "tiny-llama shape, random init"
+    return random_llama(hidden=128, heads=8, dtype=dtype), None, "tiny-llama shape, random init"
+
+
+@torch.no_grad()
+def quality(model, tokenizer) -> None:
+    """Teacher-forced KL(fp || quantized) per token and top-1 agreement on held-out pydoc text, with the
+    current forward seeing its own K/V quantized; then the profile's Pareto candidates and groups."""
+    from search.kv_space import build_space, pair_name
+    from workers.data import load_texts, token_sequences
+    from workers.kv.profile import profile_kv
+
+    texts = load_texts("builtin:pydoc")
+    ids = token_sequences(tokenizer, texts, n_tokens=1024, seq_len=256, split="evaluation", seed=0)  # (4, 256)
+    ref = model(ids).logits.float().log_softmax(-1)  # (4, 256, vocab)
+    configs = {**CONFIGS, "KV2 per-token": KVPrecisionConfig.uniform(2, 2, 4)}
+    print(f"\nquality on {ids.numel()} held-out tokens (quantized in the forward)")
+    print(f"{'cache':<20}{'nominal':>8}{'KL/token':>10}{'top-1 agree':>13}")
+    for name, config in configs.items():
+        cache = build_cache(model, config, "simulated", quantize_in_forward=True)
+        out = model(ids, past_key_values=cache).logits.float().log_softmax(-1)
+        kl = float((ref.exp() * (ref - out)).sum(-1).mean())
+        agree = float((ref.argmax(-1) == out.argmax(-1)).float().mean())
+        print(f"{name:<20}{kv_bits(config)['nominal']:>8.2f}{kl:>10.4f}{agree:>13.3f}")
+    calib = token_sequences(tokenizer, texts, n_tokens=1024, seq_len=128, split="calibration", seed=0)
+    space = build_space(profile_kv(model, calib.to(model.device)))
+    print("\nper-token profile -> Pareto candidates -> groups (eps 0.05)")
+    for g in space.groups:
+        print(f"  layers {list(g.layers)}: {' '.join(pair_name(p) for p in g.candidates)}")
 
 
 def random_llama(*, hidden: int, heads: int, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -108,8 +135,10 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="`past_key_values` is deprecated")
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    model, label = tiny_llama(args.random_init, torch.float16)
+    model, tokenizer, label = tiny_llama(args.random_init, torch.float16)
     run_shape(label, model, tokens=args.tokens, steps=args.decode, rounds=args.rounds)
+    if tokenizer is not None:
+        quality(model.float(), tokenizer)
     run_shape("head_dim-128 shape, random init", random_llama(hidden=1024, heads=8, dtype=torch.float16),
               tokens=args.tokens, steps=args.decode, rounds=args.rounds)
 
