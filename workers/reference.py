@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -26,6 +27,7 @@ from torch.nn import functional as F
 from darwinfront.errors import InvalidSpec
 from workers import data
 
+log = logging.getLogger(__name__)
 RECIPE_FILE = "darwinfront_recipe.json"
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
@@ -222,6 +224,8 @@ def train_reference(recipe: Recipe, out: Path) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if (step + 1) % 50 == 0:
+            log.info("%s step %d/%d loss %.3f", recipe.name, step + 1, recipe.steps, loss.item())
     train_loss = mean_loss(model, torch.stack([get_batch(stream, s, recipe) for s in range(4)]).flatten(0, 1))
     report = {
         "recipe": asdict(recipe),
