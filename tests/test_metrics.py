@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from conftest import tiny_model
 
@@ -68,3 +69,16 @@ def test_kl_refuses_mismatched_teacher():
         assert "do not match" in str(e)
     else:
         raise AssertionError("a teacher for other tokens was accepted")
+
+
+def test_perplexity_of_micro_model_matches_its_recorded_heldout_loss(micro_model, micro_dir):
+    from workers import data
+    from workers.reference import recipe_report
+
+    model, tokenizer = micro_model
+    report = recipe_report(micro_dir)
+    seq_len = report["recipe"]["seq_len"]
+    docs = data.split_documents(data.load_texts("builtin:pydoc"), "evaluation", report["recipe"]["seed"])
+    stream = data.token_stream(tokenizer, docs)
+    held_out = stream[: stream.numel() // seq_len * seq_len].view(-1, seq_len)
+    assert metrics.mean_nll(model, held_out, batch_size=16) == pytest.approx(report["heldout_loss"], abs=2e-4)

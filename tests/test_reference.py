@@ -38,6 +38,7 @@ def test_build_once_builds_once_across_processes(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert log.read_text() == "built\n"
     assert (final / "payload.txt").read_text() == "done"
+    assert final.stat().st_mode & 0o777 == 0o755
     assert sorted(p.name for p in final.parent.iterdir()) == ["thing-abc", "thing-abc.lock"]
 
 
@@ -124,3 +125,27 @@ def test_training_is_deterministic(micro_dir, tmp_path):
     assert fresh.keys() == cached.keys()
     for key in fresh:
         assert torch.equal(fresh[key], cached[key]), key
+
+
+@pytest.mark.integration
+def test_tiny_llama_shape_and_recorded_heldout_loss(micro_dir):
+    """Builds builtin:tiny-llama on first use (minutes); the recorded held-out loss must reproduce."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers import data
+
+    tiny_dir = reference.builtin_model_dir("tiny-llama")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    c = model.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (128, 4, 8, 4)
+    assert (c.head_dim, c.intermediate_size, c.max_position_embeddings, c.vocab_size) == (16, 512, 512, 2048)
+    assert c.tie_word_embeddings
+
+    report = reference.recipe_report(tiny_dir)
+    docs = data.split_documents(data.load_texts("builtin:pydoc"), "evaluation", report["recipe"]["seed"])
+    stream = data.token_stream(tokenizer, docs)
+    held_out = stream[: stream.numel() // 128 * 128].view(-1, 128)
+    assert held_out.numel() == report["heldout_tokens"]
+    assert reference.mean_loss(model, held_out) == pytest.approx(report["heldout_loss"], abs=2e-4)
+    assert report["heldout_loss"] < reference.recipe_report(micro_dir)["heldout_loss"] - 0.5

@@ -108,6 +108,7 @@ def build_once(final: Path, build: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
             build(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
