@@ -5,7 +5,10 @@ in a subprocess, then runs `--clients` concurrent httpx clients for `--duration`
 prints p50 / p99 per endpoint and requests per second. Goal: p99 < 50 ms. Client and server share the machine,
 so the figures include the load generator's own cost.
 
-    .venv/bin/python benchmarks/api_latency.py --duration 20 --clients 32
+    .venv/bin/python benchmarks/api_latency.py --duration 20 --clients 32 --ab 4000
+
+The Python client costs about as much CPU per request as the server, and on a small machine it shares the
+cores; `--ab N` then repeats both reads with ApacheBench (a client in C) to show the server on its own.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
@@ -34,7 +39,8 @@ from service.store import JobStore
 SPEC = {"model": {"source": "builtin:tiny-llama"}, "prune": {"targets": [0.3, 0.5, 0.7]}}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,16 +62,18 @@ def _seed(url: str, points: int) -> str:
     return job_id
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
+def cpu_seconds(process: psutil.Process) -> float:
     """User + system CPU of a process and its children (uvicorn --workers forks)."""
     return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
 
 
-def _redis_pid(url: str) -> int:
+def redis_pid(url: str) -> int:
+    """The process id of the Redis server at `url`."""
     return int(redis.Redis.from_url(url).info("server")["process_id"])
 
 
-def _start_server(env: dict[str, str], port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(env: dict[str, str], port: int, extra: list[str]) -> subprocess.Popen:
+    """`uvicorn --factory service.app:create_app` in a subprocess with `env`; returns once /readyz answers."""
     command = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning", "--no-access-log", *extra]
     server = subprocess.Popen(command, env=env)
@@ -110,6 +118,12 @@ async def _load(base: str, key: str, job_id: str, *, clients: int, duration: flo
     return {"samples": samples, "errors": errors, "seconds": duration}
 
 
+def _report_header(args: argparse.Namespace) -> None:
+    print(f"darwinfront API latency: {args.clients} clients, {args.duration:.0f} s, front of {args.points} points, "
+          f"uvicorn {args.uvicorn or '(defaults)'}, {os.cpu_count()} CPUs shared by client and server, "
+          f"load average {os.getloadavg()[0]:.1f}")
+
+
 def _report(result: dict, clients: int) -> None:
     print(f"{'endpoint':28s} {'requests':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s}")
     total = 0
@@ -130,36 +144,52 @@ def _report(result: dict, clients: int) -> None:
         print("first errors:", result["errors"][:5])
 
 
+def _ab(base: str, key: str, job_id: str, *, clients: int, requests: int) -> None:
+    """The same two reads from ApacheBench, one endpoint at a time: a client in C, whose own CPU is negligible."""
+    paths = {"GET /v1/jobs/{id}": f"/v1/jobs/{job_id}", "GET /v1/jobs/{id}/front": f"/v1/jobs/{job_id}/front"}
+    for name, path in paths.items():
+        command = ["ab", "-q", "-k", "-c", str(clients), "-n", str(requests), "-H", f"Authorization: Bearer {key}",
+                   f"{base}{path}"]
+        subprocess.run([*command[:6], str(min(requests, 500)), *command[7:]], capture_output=True, check=True)  # warm
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        rate = re.search(r"Requests per second:\s+([\d.]+)", out).group(1)
+        cuts = dict(re.findall(r"^\s+(\d+)%\s+(\d+)", out, flags=re.M))
+        failed = re.search(r"Failed requests:\s+(\d+)", out).group(1)
+        print(f"ab {name:25s} {requests:9d} {cuts['50']:>8s} {cuts['99']:>8s} {float(rate):8.1f}  failed: {failed}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
     parser.add_argument("--points", type=int, default=40, help="points in the front snapshot")
-    parser.add_argument("--uvicorn", default="", help="extra uvicorn flags, e.g. '--workers 2 --http httptools'")
+    parser.add_argument("--uvicorn", default="", help="extra uvicorn flags, e.g. '--workers 2 --http h11'")
+    parser.add_argument("--ab", type=int, default=0, metavar="N",
+                        help="afterwards, N requests per endpoint from ApacheBench (`ab`, if installed)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="df-bench-") as tmp, EmbeddedRedis(Path(tmp)) as server:
         settings = Settings(data_dir=Path(tmp), redis_url=server.url)
         key = generate_key(settings, tenant="bench")
         job_id = _seed(server.url, args.points)
-        port = _free_port()
+        port = free_port()
         env = dict(os.environ, DARWINFRONT_REDIS_URL=server.url, DARWINFRONT_DATA_DIR=tmp,
                    DARWINFRONT_API_KEYS_FILE=str(settings.keys_file))
         env.pop("DARWINFRONT_API_KEYS", None)
-        api = _start_server(env, port, shlex.split(args.uvicorn))
+        api = start_server(env, port, shlex.split(args.uvicorn))
         try:
-            processes = (psutil.Process(api.pid), psutil.Process(_redis_pid(server.url)))
-            before = [_cpu_seconds(p) for p in processes]
+            processes = (psutil.Process(api.pid), psutil.Process(redis_pid(server.url)))
+            before = [cpu_seconds(p) for p in processes]
             result = asyncio.run(_load(f"http://127.0.0.1:{port}", key, job_id, clients=args.clients,
                                        duration=args.duration, warmup=args.warmup))
-            result["cpu"] = [_cpu_seconds(p) - b for p, b in zip(processes, before, strict=True)]
+            result["cpu"] = [cpu_seconds(p) - b for p, b in zip(processes, before, strict=True)]
+            _report_header(args)
+            _report(result, args.clients)
+            if args.ab and shutil.which("ab"):
+                _ab(f"http://127.0.0.1:{port}", key, job_id, clients=args.clients, requests=args.ab)
         finally:
             api.terminate()
             api.wait(timeout=30)
-    print(f"darwinfront API latency: {args.clients} clients, {args.duration:.0f} s, front of {args.points} points, "
-          f"uvicorn {args.uvicorn or '(defaults)'}, {os.cpu_count()} CPUs shared by client and server, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    _report(result, args.clients)
 
 
 if __name__ == "__main__":
