@@ -100,8 +100,8 @@ class EmbeddedRedis:
         Clients see a brief outage; what was written before is read back from the append-only file.
 
         Args:
-            kill: SIGKILL the server (a crash: no final save, only the append-only file survives) instead of
-                SIGTERM (a clean shutdown).
+            kill: SIGKILL the server (a crash: no final save; the append-only file brings back all but, at
+                worst, the last two seconds of writes) instead of SIGTERM (a clean shutdown, nothing lost).
             down_seconds: Stay down this long before starting again.
         """
         if self._proc is None or self.url is None:
