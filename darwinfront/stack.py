@@ -7,8 +7,10 @@ Redis for an external one; `RAY_ADDRESS` makes the driver join a Ray cluster ins
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,11 +38,21 @@ def credentials_path(data_dir: Path) -> Path:
     return Path(data_dir) / "local-credentials.json"
 
 
+def _die_with_parent() -> None:
+    """In the driver child: get SIGTERM if the process that started the stack dies, so none is left behind."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class EmbeddedStack:
     """Start Redis (unless external), a driver subprocess and the API server; stop them all on exit.
 
     Args:
         data_dir: holds the Redis database, the keys file, artifacts and the credentials file.
+
+    Attributes:
+        redis: the embedded Redis (None when `REDIS_URL` names an external one).
         host, port: where the API listens (port 0 picks a free one).
         driver: start a driver process (tests that only need the API can skip it).
     """
@@ -71,7 +83,8 @@ class EmbeddedStack:
     def _start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env_url = os.environ.get("DARWINFRONT_REDIS_URL") or os.environ.get("REDIS_URL")
-        self.redis_url = env_url or self._exit.enter_context(EmbeddedRedis(self.data_dir)).url
+        self.redis = None if env_url else self._exit.enter_context(EmbeddedRedis(self.data_dir))
+        self.redis_url = env_url or self.redis.url
         self.settings = Settings(redis_url=self.redis_url, data_dir=self.data_dir)
         self.key = generate_key(self.settings, tenant="local")
         credentials = credentials_path(self.data_dir)
@@ -86,7 +99,8 @@ class EmbeddedStack:
         env = dict(os.environ, DARWINFRONT_REDIS_URL=self.redis_url, DARWINFRONT_DATA_DIR=str(self.data_dir))
         log = open(self.data_dir / "driver.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.driver_process = subprocess.Popen(
-            [sys.executable, "-m", "workers.driver"], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "workers.driver"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
         self._exit.callback(log.close)
         self._exit.callback(self._stop_driver, self.driver_process)

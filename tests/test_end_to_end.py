@@ -125,7 +125,7 @@ def test_events_tell_the_story(http, finished_job):
 
 def test_cancel_stops_within_a_generation_and_keeps_the_front(http):
     spec = json.loads(json.dumps(SPEC)) | {"name": "to cancel"}
-    spec["search"] = {"generations": 200, "offspring": 4}
+    spec["search"] = spec["search"] | {"generations": 200}
     job_id = http.post("/v1/jobs", json=spec).json()["id"]
     deadline = time.monotonic() + 300
     while (http.get(f"/v1/jobs/{job_id}").json().get("progress") or {}).get("generation", -1) < 1:

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.integration
 SPEC = JobSpec.model_validate(
     {
         "model": {"source": "builtin:micro-llama", "device": "cpu"},
-        "data": {"calibration_tokens": 512, "eval_tokens": 256, "seq_len": 64},
-        "prune": {"targets": [0.5]},
+        "data": {"calibration_tokens": 512, "eval_tokens": 256, "seq_len": 64, "database_tokens": 512},
+        "prune": {"targets": [0.5], "criterion": "wanda_sp", "training_aware": False},
         "seed": 1,
     }
 ).model_dump(mode="json")

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.integration
 SPEC = {
     "name": "recovery",
     "model": {"source": "builtin:micro-llama", "device": "cpu"},
-    "data": {"calibration_tokens": 512, "eval_tokens": 256, "seq_len": 64},
-    "prune": {"targets": [0.3, 0.6]},
+    "data": {"calibration_tokens": 512, "eval_tokens": 256, "seq_len": 64, "database_tokens": 512},
+    "prune": {"targets": [0.3, 0.6], "criterion": "wanda_sp", "training_aware": False},
     "search": {"generations": 6, "offspring": 4},
     "seed": 5,
 }
@@ -92,3 +92,18 @@ def test_sigkilled_driver_resumes_to_the_uninterrupted_front(stack, http):
     assert len(ids) == len(set(ids)), "a candidate was recorded twice"
     assert len(trials["interrupted"]) == len(trials["clean"])
     assert job["progress"]["evaluations"] == len(trials["clean"])
+
+
+def test_redis_restart_mid_job_and_the_job_still_succeeds(stack, http):
+    if stack.redis is None:
+        pytest.skip("an external Redis is in use")
+    spec = SPEC | {"name": "redis restart", "seed": 6}
+    job_id = http.post("/v1/jobs", json=spec).json()["id"]
+    _wait(http, job_id, lambda j: (j.get("progress") or {}).get("generation", -1) >= 1)
+    stack.redis.restart(down_seconds=2.0)
+    job = _wait(http, job_id, _finished)
+    assert job["status"] == "succeeded", job
+    assert len(http.get(f"/v1/jobs/{job_id}/front").json()["points"]) >= 2
+    trials = tracking.open_study(stack.redis_url, job_id).get_trials(deepcopy=False)
+    ids = [t.user_attrs["candidate_id"] for t in trials]
+    assert len(ids) == len(set(ids)) == job["progress"]["evaluations"]

@@ -17,7 +17,7 @@ import redis
 
 from service.settings import Settings
 from service.status import JobStatus
-from service.store import JobStore
+from service.store import JobStore, connect
 from workers.interrupts import Cancelled, LeaseLost
 from workers.pool import describe_error, init_ray
 from workers.prune_job import PruneJob
@@ -73,7 +73,7 @@ class Driver:
         self.data_dir = Path(data_dir)
         self.ray_address = ray_address
         self.lease_seconds = lease_seconds
-        self.store = JobStore(redis.Redis.from_url(redis_url, decode_responses=True))
+        self.store = JobStore(connect(redis_url))
         self.driver_id = f"{socket.gethostname()}:{os.getpid()}"
         self.stopping = threading.Event()
 
