@@ -20,7 +20,18 @@ from darwinfront import __version__
 from service.embedded import EmbeddedRedis, redis_url
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
-from service.routes import candidates, dashboard, events, front, health, history, jobs, metrics, stream
+from service.routes import (
+    candidates,
+    dashboard,
+    events,
+    front,
+    health,
+    history,
+    jobs,
+    metrics,
+    sensitivity,
+    stream,
+)
 from service.routes.deps import require_tenant
 from service.schemas import ErrorBody
 from service.settings import Settings, get_settings
@@ -85,6 +96,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     dashboard.install(app)
     authenticated = [Depends(require_tenant)]
-    for module in (jobs, front, events, candidates, history, stream):
+    for module in (jobs, front, events, candidates, history, stream, sensitivity):
         app.include_router(module.router, prefix="/v1", dependencies=authenticated, responses=COMMON_ERRORS)
     return app

@@ -65,6 +65,11 @@ def cancel(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:cancel"
 
 
+def sensitivity(job_id: str) -> str:
+    """String: JSON of a KV-precision job's per-layer, per-pair sensitivity table."""
+    return f"{PREFIX}job:{job_id}:sensitivity"
+
+
 def lease(job_id: str) -> str:
     """String with a TTL: the id of the driver running the job; it lapses when the driver stops renewing it."""
     return f"{PREFIX}job:{job_id}:lease"
@@ -84,7 +89,7 @@ def job_keys(job_id: str) -> tuple[str, ...]:
     """Every per-job key except the Optuna journal (used when a job's data is dropped)."""
     return (
         job(job_id), events(job_id), front(job_id), progress(job_id), results(job_id),
-        artifacts(job_id), checkpoint(job_id), cancel(job_id), lease(job_id),
+        artifacts(job_id), checkpoint(job_id), cancel(job_id), lease(job_id), sensitivity(job_id),
     )
 
 

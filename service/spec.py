@@ -229,6 +229,25 @@ class SearchSpec(_Strict):
         return self.offspring + sum(self.survivors[:-1]) + 1
 
 
+class KVSpec(_Strict):
+    """KV-cache precision search (KVTuner): per-layer key/value bit pairs, profiled, pruned, grouped, searched."""
+
+    mode: Literal["per_token", "kivi"] = Field(
+        default="kivi", description="per_token: K and V per token; kivi: keys per channel, values per token."
+    )
+    group_size: int | None = Field(default=None, ge=1, le=4096, description="Quantization group (None: mode's).")
+    residual: int | None = Field(default=None, ge=0, le=65_536, description="Full-precision window in tokens.")
+    bits: list[Literal[2, 4, 8]] = Field(default_factory=lambda: [2, 4, 8], min_length=1, max_length=3)
+    sampler: Literal["nsga2", "tpe"] = "nsga2"
+    trials: int = Field(default=100, ge=1, le=100_000, description="Configurations to evaluate.")
+    population: int = Field(default=16, ge=2, le=1024, description="NSGA-II population; also the ask batch.")
+    eps: float = Field(default=0.05, gt=0.0, le=10.0, description="DBSCAN radius when grouping layers.")
+    max_bits: float | None = Field(
+        default=None, gt=0.0, le=16.0, description="Memory cap: largest average nominal bits per K/V element."
+    )
+    profile_sequences: int = Field(default=8, ge=1, le=4096, description="Calibration sequences to profile on.")
+
+
 class ResourceSpec(_Strict):
     """How many Ray evaluators score candidates in parallel, and the GPUs each one holds."""
 
@@ -240,17 +259,36 @@ class JobSpec(_Strict):
     """A compression job."""
 
     name: str | None = Field(default=None, max_length=200)
-    method: Literal["structured_prune"] = "structured_prune"
+    method: Literal["structured_prune", "kv_precision"] = "structured_prune"
     model: ModelSpec
     data: DataSpec = Field(default_factory=DataSpec)
-    prune: PruneSpec = Field(default_factory=PruneSpec)
-    search: SearchSpec = Field(default_factory=SearchSpec)
+    prune: PruneSpec | None = Field(default=None, description="structured_prune only (defaults filled in).")
+    search: SearchSpec | None = Field(default=None, description="structured_prune only (defaults filled in).")
+    kv: KVSpec | None = None
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
 
     @model_validator(mode="after")
+    def _blocks_match_method(self) -> JobSpec:
+        if self.method == "kv_precision":
+            stray = [name for name in ("prune", "search") if getattr(self, name) is not None]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} applies to method structured_prune, not kv_precision")
+            if self.kv is None:
+                object.__setattr__(self, "kv", KVSpec())
+            return self
+        if self.kv is not None:
+            raise ValueError("kv applies to method kv_precision, not structured_prune")
+        if self.prune is None:
+            object.__setattr__(self, "prune", PruneSpec())
+        if self.search is None:
+            object.__setattr__(self, "search", SearchSpec())
+        return self
+
+    @model_validator(mode="after")
     def _training_has_data(self) -> JobSpec:
-        if self.prune.training_aware and any(self.search.train_tokens) and self.data.train_tokens == 0:
+        prune_trains = self.method == "structured_prune" and self.prune.training_aware
+        if prune_trains and any(self.search.train_tokens) and self.data.train_tokens == 0:
             raise ValueError("training-aware selection needs a training pool: set data.train_tokens > 0 "
                              "(or prune.training_aware: false)")
         return self
@@ -260,5 +298,7 @@ class JobSpec(_Strict):
 
         A run can stop early (no unseen offspring left in a small space), never run more.
         """
+        if self.method == "kv_precision":
+            return self.kv.trials
         per_generation = self.search.evaluations_per_generation()
         return len(self.prune.targets) * (1 + self.search.generations * per_generation)

@@ -149,3 +149,49 @@ def test_a_model_that_cannot_load_fails_with_a_readable_error(http, stack, tmp_p
     job = _wait(http, response.json()["id"], timeout=120)
     assert job["status"] == "failed"
     assert job["error"] and "Traceback" not in job["error"]
+
+
+KV_SPEC = {
+    "name": "kv e2e",
+    "method": "kv_precision",
+    "model": {"source": "builtin:micro-llama", "device": "cpu"},
+    "data": {"calibration_tokens": 512, "seq_len": 64},
+    "kv": {"mode": "kivi", "group_size": 16, "residual": 32, "trials": 16, "population": 8, "profile_sequences": 4},
+    "seed": 2,
+}
+
+
+def test_kv_precision_job_end_to_end(http, stack):
+    from workers.kv.cache import KVPrecisionConfig, build_cache
+    from workers.kv_evaluator import kl_with_cache
+
+    response = http.post("/v1/jobs", json=KV_SPEC)
+    assert response.status_code == 201, response.text
+    job = _wait(http, response.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["evaluations"] == KV_SPEC["kv"]["trials"]
+
+    table = http.get(f"/v1/jobs/{job['id']}/sensitivity").json()
+    assert table["num_layers"] == 2 and len(table["layers"][0]["pairs"]) == 9
+
+    points = http.get(f"/v1/jobs/{job['id']}/front").json()["points"]
+    assert len(points) >= 2
+    bits = [p["objectives"]["bits"] for p in points]
+    kls = [p["objectives"]["kl"] for p in points]
+    assert bits == sorted(bits) and kls == sorted(kls, reverse=True)
+    assert {p["preset"] for p in points} & {"KV8", "KV2", "K4V2", "KV4", "K8V4"}  # the seeded presets compete
+
+    point = points[len(points) // 2]
+    configuration = http.get(f"/v1/jobs/{job['id']}/candidates/{point['candidate_id']}/config").json()
+    assert configuration["bits"]["nominal"] == pytest.approx(point["objectives"]["bits"])
+    model, tokenizer = modeling.load_model("builtin:micro-llama", device="cpu")
+    config = KVPrecisionConfig.from_dict({k: configuration[k] for k in ("layers", "mode", "group_size", "residual")})
+    tokens = token_sequences(tokenizer, load_texts("builtin:pydoc"), n_tokens=512, seq_len=64,
+                             split="calibration", seed=KV_SPEC["seed"])
+    teacher = metrics.teacher_logprobs(model, tokens, batch_size=8)
+    assert kl_with_cache(model, tokens, teacher, config) == pytest.approx(point["objectives"]["kl"], abs=1e-6)
+    prompt = tokenizer("The for statement", return_tensors="pt")
+    out = model.generate(**prompt, past_key_values=build_cache(model, config), max_new_tokens=40, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 40
+
+    assert http.get(f"/v1/jobs/{job['id']}/candidates/{point['candidate_id']}/model").status_code == 404

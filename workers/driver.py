@@ -19,6 +19,7 @@ from service.settings import Settings
 from service.status import JobStatus
 from service.store import JobStore, connect
 from workers.interrupts import Cancelled, LeaseLost
+from workers.kv_job import KVJob
 from workers.pool import describe_error, init_ray
 from workers.prune_job import PruneJob
 
@@ -121,7 +122,11 @@ class Driver:
     def _attempt(self, job_id: str, lease: LeaseKeeper) -> tuple[JobStatus | None, str | None]:
         self.store.append_event(job_id, "started", {"driver": self.driver_id})
         try:
-            PruneJob(self.store, job_id, self.redis_url, self.data_dir, lease_lost=lease.lost).run()
+            method = self.store.get(job_id).spec.get("method", "structured_prune")
+            if method == "kv_precision":
+                KVJob(self.store, job_id, self.redis_url, lease_lost=lease.lost).run()
+            else:
+                PruneJob(self.store, job_id, self.redis_url, self.data_dir, lease_lost=lease.lost).run()
         except Cancelled:
             return JobStatus.cancelled, None
         except LeaseLost:

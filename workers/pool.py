@@ -28,9 +28,9 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}".strip()
 
 
-def run_prepare(spec: dict, *, gpus: float = 0.0) -> dict:
-    """Run `prepare` as a Ray task and return its description."""
-    task = ray.remote(prepare).options(num_gpus=gpus, num_cpus=1, max_retries=0)
+def run_prepare(spec: dict, *, gpus: float = 0.0, fn=prepare) -> dict:
+    """Run a job's `prepare` step (`fn`) as a Ray task and return its description."""
+    task = ray.remote(fn).options(num_gpus=gpus, num_cpus=1, max_retries=0)
     return ray.get(task.remote(spec))
 
 
@@ -42,14 +42,18 @@ class EvaluatorPool:
         prepared: `prepare`'s output, put in the object store once and shared by every actor.
         size: number of actors.
         gpus: GPUs each actor reserves (0 on CPU).
+        max_retries: how often a request whose evaluator died is sent again.
+        evaluator: the actor class (`Evaluator` for pruning, `KVEvaluator` for KV precision).
     """
 
-    def __init__(self, spec: dict, prepared: dict, *, size: int, gpus: float = 0.0, max_retries: int = 2):
+    def __init__(
+        self, spec: dict, prepared: dict, *, size: int, gpus: float = 0.0, max_retries: int = 2, evaluator=Evaluator
+    ):
         cpus = ray.cluster_resources().get("CPU", 1)
         threads = max(1, int(cpus // size)) if gpus == 0 else 0
         shared = ray.put(prepared)
         self._new_actor = lambda: (
-            ray.remote(Evaluator)
+            ray.remote(evaluator)
             .options(num_cpus=min(1, cpus / size), num_gpus=gpus, max_restarts=0)
             .remote(spec, shared, threads)
         )

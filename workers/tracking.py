@@ -25,16 +25,20 @@ optuna.logging.set_verbosity(logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="workers.tracking")
 
 
-def open_study(redis_url: str, job_id: str) -> optuna.Study:
-    """Create or reopen the job's study (two minimised objectives: KL, parameter count)."""
+def open_study(
+    redis_url: str, job_id: str, *, objectives: tuple[str, ...] = OBJECTIVES, sampler: optuna.samplers.BaseSampler
+    | None = None
+) -> optuna.Study:
+    """Create or reopen the job's study; every objective is minimised (default: KL, parameter count)."""
     storage = JournalStorage(JournalRedisBackend(redis_url, prefix=keys.optuna_prefix(job_id)))
     study = optuna.create_study(
         storage=storage,
         study_name=f"darwinfront-{job_id}",
-        directions=["minimize", "minimize"],
+        directions=["minimize"] * len(objectives),
         load_if_exists=True,
+        sampler=sampler,
     )
-    study.set_metric_names(list(OBJECTIVES))
+    study.set_metric_names(list(objectives))
     return study
 
 
