@@ -132,6 +132,15 @@ class JobOutputs:
             raise CandidateNotFound(f"candidate {candidate_id!r} of job {job_id!r} has no exported model")
         return json.loads(raw)
 
+    def put_sensitivity(self, job_id: str, table: dict[str, Any]) -> None:
+        """Store a KV-precision job's sensitivity profile (per layer, per bit pair: e_o, e_k, e_v)."""
+        self._r.set(keys.sensitivity(job_id), to_json(table))
+
+    def get_sensitivity(self, job_id: str) -> dict[str, Any] | None:
+        """The sensitivity profile, or None before profiling (and for pruning jobs)."""
+        raw = self._r.get(keys.sensitivity(job_id))
+        return json.loads(raw) if raw else None
+
     def save_checkpoint(self, job_id: str, generation: int, state: dict[str, Any]) -> None:
         """Replace the search checkpoint."""
         self._r.set(keys.checkpoint(job_id), to_json({"generation": generation, "state": state}))
