@@ -211,6 +211,9 @@ def test_pagination_and_event_ids_are_bounded(api_client: TestClient) -> None:
         assert page.status_code == 200 and page.json() == {"events": [], "last_id": after}
     first = api_client.get(f"/v1/jobs/{job_id}/events", params={"after": "0-99999999999999999999"}).json()
     assert [event["kind"] for event in first["events"]] == ["queued"]
+    # The live stream hands its id to XREAD, which refuses ids past 64 bits: refused up front, not mid-stream.
+    stream = api_client.get(f"/v1/jobs/{job_id}/stream", params={"after": "99999999999999999999-0"})
+    assert stream.status_code == 422 and _error(stream)["field"] == "after"
 
 
 def _wait_until_down(server: EmbeddedRedis) -> None:
