@@ -4,8 +4,8 @@ A declared `Content-Length` over the limit is refused at once, without reading t
 (`Transfer-Encoding: chunked`) is read up to the limit and refused as soon as it passes it; a body within the
 limit is handed to the application unchanged. The refusal is a 413 in the API's common error shape.
 
-FastAPI's own `max_body_size` only trips when a route reads its body and otherwise answers in plain text;
-this one answers every route the same way, before routing and authentication.
+FastAPI's own `max_body_size` lets a route that never reads its body run, then swaps its response for a
+plain-text 413; this one refuses before routing and authentication, in the same shape for every route.
 """
 
 from __future__ import annotations
