@@ -15,6 +15,7 @@ from pathlib import Path
 
 import redis
 
+from darwinfront.errors import InvalidTransition
 from service.settings import Settings
 from service.status import JobStatus
 from service.store import JobStore, connect
@@ -110,7 +111,7 @@ class Driver:
                     status, error = self._attempt(job_id, lease)
                     if status is None:
                         return None
-                    self.store.set_status(job_id, status, error=error)
+                    self._finish(job_id, status, error)
                 except redis.RedisError as exc:
                     log.warning("Redis unavailable during job %s (%s); pausing", job_id, exc)
                     if not self._wait_for_redis():
@@ -138,6 +139,14 @@ class Driver:
             log.exception("job %s failed", job_id)
             return JobStatus.failed, describe_error(exc)
         return JobStatus.succeeded, None
+
+    def _finish(self, job_id: str, status: JobStatus, error: str | None) -> None:
+        try:
+            self.store.set_status(job_id, status, error=error)
+        except InvalidTransition:
+            # A retried write whose first reply was lost finds the job already moved: that is success.
+            if self.store.get(job_id).status is not status:
+                raise
 
     def _wait_for_redis(self, poll_seconds: float = 1.0) -> bool:
         while not self.stopping.is_set():
