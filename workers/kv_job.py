@@ -24,6 +24,7 @@ from workers import tracking
 from workers.interrupts import Cancelled, LeaseLost
 from workers.kv_evaluator import KVEvaluator, prepare_kv
 from workers.pool import EvaluatorPool, run_prepare
+from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("kl", "bits")
@@ -74,7 +75,8 @@ class KVJob:
         })
         study = tracking.open_study(self.redis_url, self.job_id, objectives=OBJECTIVES, sampler=make_sampler(spec))
         self._seed_presets(study, space)
-        pool = EvaluatorPool(record.spec, prepared, size=spec.resources.evaluators, gpus=gpus, evaluator=KVEvaluator)
+        pool = EvaluatorPool(record.spec, prepared, size=spec.resources.evaluators, gpus=gpus, evaluator=KVEvaluator,
+                             meter=Telemetry.from_url(self.redis_url), job_id=self.job_id)
         try:
             self._search(spec, space, study, pool)
         finally:

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 import ray
 
 from workers.evaluator import Evaluator, prepare
+from workers.telemetry import Telemetry
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -44,10 +45,12 @@ class EvaluatorPool:
         gpus: GPUs each actor reserves (0 on CPU).
         max_retries: how often a request whose evaluator died is sent again.
         evaluator: the actor class (`Evaluator` for pruning, `KVEvaluator` for KV precision).
+        meter, job_id: where evaluation latencies and live evaluators are reported for `/metrics`.
     """
 
     def __init__(
-        self, spec: dict, prepared: dict, *, size: int, gpus: float = 0.0, max_retries: int = 2, evaluator=Evaluator
+        self, spec: dict, prepared: dict, *, size: int, gpus: float = 0.0, max_retries: int = 2, evaluator=Evaluator,
+        meter: Telemetry | None = None, job_id: str = "",
     ):
         cpus = ray.cluster_resources().get("CPU", 1)
         threads = max(1, int(cpus // size)) if gpus == 0 else 0
@@ -60,6 +63,9 @@ class EvaluatorPool:
         self.actors = [self._new_actor() for _ in range(size)]
         self.max_retries = max_retries
         self.lost = 0  # evaluators replaced after they died
+        self.meter, self.job_id = meter, job_id
+        if meter is not None:
+            meter.evaluators(job_id, len(self.actors))
 
     def map_unordered(self, requests: Iterable[dict]) -> Iterator[tuple[dict, dict]]:
         """Yield `(request, reply)` as replies arrive, keeping every actor busy with one request.
@@ -89,6 +95,8 @@ class EvaluatorPool:
                 reply = _lost_reply(request, exc)
             else:
                 idle.append(actor)
+            if self.meter is not None:
+                self.meter.evaluation(reply.get("seconds"), failed=bool(reply.get("error")))
             yield request, reply
 
     def _replace(self, dead) -> object:
@@ -97,6 +105,8 @@ class EvaluatorPool:
             raise RuntimeError(f"evaluators keep dying ({self.lost} lost); last: see the driver log")
         fresh = self._new_actor()
         self.actors[self.actors.index(dead)] = fresh
+        if self.meter is not None:
+            self.meter.evaluators(self.job_id, len(self.actors), lost=self.lost)
         return fresh
 
     def call(self, method: str, *args) -> object:
@@ -107,6 +117,8 @@ class EvaluatorPool:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+        if self.meter is not None:
+            self.meter.evaluators(self.job_id, 0)
 
 
 def _lost_reply(request: dict, exc: BaseException) -> dict:

@@ -21,6 +21,7 @@ from service.store import JobStore
 from workers import artifacts, tracking
 from workers.interrupts import Cancelled, LeaseLost
 from workers.pool import EvaluatorPool, run_prepare
+from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class PruneJob:
         evolutions = self._evolutions(spec, space, stages)
         study = tracking.open_study(self.redis_url, self.job_id)
         pool = EvaluatorPool(
-            record.spec, prepared, size=spec.resources.evaluators, gpus=spec.resources.gpus_per_evaluator
+            record.spec, prepared, size=spec.resources.evaluators, gpus=spec.resources.gpus_per_evaluator,
+            meter=Telemetry.from_url(self.redis_url), job_id=self.job_id,
         )
         try:
             self._search(spec, space, stages, evolutions, study, pool)
