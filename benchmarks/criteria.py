@@ -2,10 +2,11 @@
 
 For every registered criterion: score the units on calibration tokens (timed), remove the lowest `--fraction` of
 the KV groups, of the MLP channels, or of both, in every layer (as masks, `workers.slicing.masked`), and report
-KL(p_dense ‖ p_pruned) per token on held-out evaluation tokens. Two compensated variants are added: `obs+update`
-(OBS-updated o_proj / down_proj weights from `obs_levels`) and `flap+bias` (FLAP's mean compensation). Data-aware
-criteria should beat `random` and `magnitude`; the last columns give Spearman's ρ against `ablation` (the exact
-single-unit ΔKL), averaged over layers.
+KL(p_dense ‖ p_pruned) per token on held-out evaluation tokens. The criteria that need a forward pass per unit
+or probe (ablation, gate_spsa) see only the first `--slow-tokens` calibration tokens. Two compensated variants
+are added: `obs+update` (OBS-updated o_proj / down_proj weights from `obs_levels`) and `flap+bias` (FLAP's mean
+compensation). Data-aware criteria should beat `random` and `magnitude`; the last columns give Spearman's ρ
+against `ablation` (the exact single-unit ΔKL), averaged over layers.
 
     .venv/bin/python benchmarks/criteria.py                      # builtin:tiny-llama, all criteria
     .venv/bin/python benchmarks/criteria.py --criteria wanda_sp,flap --fraction 0.5
@@ -29,6 +30,7 @@ from workers.criteria.flap import Flap
 from workers.criteria.obs import obs_levels
 
 CUTS = ("attn", "mlp", "both")
+SLOW = ("ablation", "gate_spsa")  # one or two forward passes per unit or probe: scored on --slow-tokens
 
 
 @dataclass(frozen=True)
@@ -131,10 +133,11 @@ def run(args: argparse.Namespace) -> list[Row]:
         options = {"seed": args.seed} if name == "random" else {}
         if name != "magnitude" and name != "random":
             options["batch_size"] = args.batch_size
+        tokens = calib[: max(1, args.slow_tokens // args.seq_len)] if name in SLOW else calib
         started = time.perf_counter()
-        scores = criteria.get(name, **options).score(model, calib)
+        scores = criteria.get(name, **options).score(model, tokens)
         timed[name] = (time.perf_counter() - started, scores)
-        print(f"  scored {name} in {timed[name][0]:.1f} s", flush=True)
+        print(f"  scored {name} on {tokens.numel()} tokens in {timed[name][0]:.1f} s", flush=True)
     oracle = timed.get("ablation", (0.0, None))[1]
     rows = [
         Row(
@@ -156,7 +159,8 @@ def run(args: argparse.Namespace) -> list[Row]:
 def print_table(rows: list[Row], args: argparse.Namespace) -> None:
     print(
         f"\n{args.model}, lowest {args.fraction:.0%} of units removed per layer; KL(dense ‖ pruned) per token on "
-        f"{args.eval_tokens} held-out tokens; scored on {args.calibration_tokens} calibration tokens; "
+        f"{args.eval_tokens} held-out tokens; scored on {args.calibration_tokens} calibration tokens "
+        f"({args.slow_tokens} for {', '.join(SLOW)}); "
         f"{torch.get_num_threads()} torch threads\n"
     )
     head = f"| {'criterion':<12} | {'score s':>8} | {'KL attn':>8} | {'KL mlp':>8} | {'KL both':>8} "
@@ -180,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--criteria", default="", help="comma-separated names; default: all registered")
     parser.add_argument("--fraction", type=float, default=0.25)
     parser.add_argument("--calibration-tokens", type=int, default=4096)
-    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--eval-tokens", type=int, default=6144)
+    parser.add_argument("--slow-tokens", type=int, default=1024, help=f"calibration tokens for {', '.join(SLOW)}")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="float32")

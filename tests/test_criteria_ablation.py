@@ -9,6 +9,9 @@ import torch
 from test_criteria_support import calibration, group_rows, tiny_model
 
 from workers import criteria
+from workers.criteria import _gates
+from workers.criteria._common import Geometry
+from workers.criteria._replay import Replay
 from workers.criteria.ablation import dense_logprobs, kl_to_dense
 
 
@@ -68,3 +71,21 @@ def test_ablation_is_invariant_to_micro_batching():
     torch.testing.assert_close(a.layers[0].attn, b.layers[0].attn, rtol=1e-9, atol=0)
     dense = dense_logprobs(model, calib, batch_size=4)
     assert kl_to_dense(model, calib, dense, batch_size=4) == 0.0
+
+
+def test_replay_from_any_layer_equals_the_full_forward_under_gates():
+    model, calib = tiny_model(layers=3), calibration(n=5, t=16)
+    replay = Replay(model, calib, batch_size=2)
+    with torch.no_grad():
+        full = torch.cat([model(ids).logits for ids in calib.split(2)])
+    torch.testing.assert_close(torch.cat([lg for _, lg in replay.logits(0)]), full, rtol=0, atol=0)
+    gates = _gates.ones(Geometry.of(model), ("attn", "mlp"))
+    gates[1]["mlp"][:40] = 0.0
+    gates[2]["attn"][0] = 0.5
+    with _gates.gated(model, gates), torch.no_grad():
+        gated = torch.cat([model(ids).logits for ids in calib.split(2)])
+        replayed = torch.cat([lg for _, lg in replay.logits(1)])
+    torch.testing.assert_close(replayed, gated, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(gated, full)
+    with pytest.raises(ValueError, match="start layer 3"):
+        next(replay.logits(3))

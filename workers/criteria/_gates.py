@@ -83,7 +83,12 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def sample_ce(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over each sequence's T-1 predictions, (B,)."""
-    lg = logits(model, ids)[:, :-1]  # (B, T-1, vocab)
+    return ce_of(ids, logits(model, ids))
+
+
+def ce_of(ids: torch.Tensor, all_logits: torch.Tensor) -> torch.Tensor:
+    """Per-sequence summed next-token CE (B,) of `all_logits` (B, T, vocab) for token ids (B, T)."""
+    lg = all_logits[:, :-1]  # (B, T-1, vocab)
     target = ids[:, 1:].to(lg.device)
     ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.reshape(-1), reduction="none")
     return ce.reshape(target.shape).sum(1)

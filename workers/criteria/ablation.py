@@ -2,7 +2,8 @@
 
 A unit is removed by setting its gate on the o_proj / down_proj input to 0; the score is
 KL(p_dense ‖ p_ablated) averaged over every calibration token, against the dense model's own next-token
-distributions. One forward pass over the calibration set per unit: the exact oracle the cheaper criteria are
+distributions. One forward pass over the calibration set per unit, restarted at the unit's layer from cached
+dense inputs (`Replay`): the exact oracle the cheaper criteria are
 measured against (saliency.md §6.10), and block scores for sub-layer pruning.
 """
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from workers.criteria import _gates
 from workers.criteria._common import KINDS, Geometry, check_kinds, empty, micro_batches
+from workers.criteria._replay import Replay
 from workers.criteria.base import LayerScores, UnitScores
 
 
@@ -32,14 +34,26 @@ def dense_logprobs(model: nn.Module, calibration: torch.Tensor, batch_size: int 
         return [torch.log_softmax(_gates.logits(model, ids), -1) for ids in micro_batches(calibration, batch_size)]
 
 
+def _kl_sum(ref: torch.Tensor, logits: torch.Tensor) -> float:
+    logq = torch.log_softmax(logits, -1)  # (B, T, vocab)
+    return (ref.exp() * (ref - logq)).sum().item()
+
+
 def kl_to_dense(model: nn.Module, calibration: torch.Tensor, dense: list[torch.Tensor], batch_size: int = 8) -> float:
     """KL(p_dense ‖ p_model) averaged over every token; `dense` from `dense_logprobs` with the same batch_size."""
-    total, count = 0.0, 0
+    total = 0.0
     with torch.no_grad():
         for ids, ref in zip(micro_batches(calibration, batch_size), dense, strict=True):
-            logq = torch.log_softmax(_gates.logits(model, ids), -1)  # (B, T, vocab)
-            total += (ref.exp() * (ref - logq)).sum().item()
-            count += ids.numel()
+            total += _kl_sum(ref, _gates.logits(model, ids))
+    return total / calibration.numel()
+
+
+def _replay_kl(replay: Replay, start: int, dense: list[torch.Tensor]) -> float:
+    """`kl_to_dense` for a change at layer `start` or above: only layers start.. run again."""
+    total, count = 0.0, 0
+    for (ids, logits), ref in zip(replay.logits(start), dense, strict=True):
+        total += _kl_sum(ref, logits)
+        count += ids.numel()
     return total / count
 
 
@@ -55,18 +69,18 @@ class Ablation:
         """ΔKL of removing each KV group / MLP channel of `kinds` alone, one layer at a time."""
         check_kinds(kinds)
         geo = Geometry.of(model)
-        dense = dense_logprobs(model, calibration, self.batch_size)
-        device = next(model.parameters()).device
-        gates = _gates.ones(geo, kinds, device=device)
+        replay = Replay(model, calibration, self.batch_size)
+        dense = [torch.log_softmax(logits, -1) for _, logits in replay.logits(0)]
+        gates = _gates.ones(geo, kinds, device=next(model.parameters()).device)
         layers = []
         with _gates.gated(model, gates):
-            for per_kind in gates:
+            for start, per_kind in enumerate(gates):
                 out = {k: empty() for k in KINDS}
                 for kind, m in per_kind.items():
                     scores = torch.empty(m.numel(), dtype=torch.float64)
                     for u in range(m.numel()):
                         m[u] = 0.0
-                        scores[u] = kl_to_dense(model, calibration, dense, self.batch_size)
+                        scores[u] = _replay_kl(replay, start, dense)
                         m[u] = 1.0
                     out[kind] = scores
                 layers.append(LayerScores(**out))
@@ -75,13 +89,14 @@ class Ablation:
     def blocks(self, model: nn.Module, calibration: torch.Tensor) -> BlockScores:
         """ΔKL of zeroing each attention / MLP sub-layer's output (o_proj / down_proj biases, if any, stay)."""
         geo = Geometry.of(model)
-        dense = dense_logprobs(model, calibration, self.batch_size)
+        replay = Replay(model, calibration, self.batch_size)
+        dense = [torch.log_softmax(logits, -1) for _, logits in replay.logits(0)]
         gates = _gates.ones(geo, KINDS, device=next(model.parameters()).device)
         scores = {kind: torch.empty(geo.n_layers, dtype=torch.float64) for kind in KINDS}
         with _gates.gated(model, gates):
-            for layer, per_kind in enumerate(gates):
+            for start, per_kind in enumerate(gates):
                 for kind, m in per_kind.items():
                     m.zero_()
-                    scores[kind][layer] = kl_to_dense(model, calibration, dense, self.batch_size)
+                    scores[kind][start] = _replay_kl(replay, start, dense)
                     m.fill_(1.0)
         return BlockScores(**scores)

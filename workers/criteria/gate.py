@@ -17,6 +17,7 @@ from torch import nn
 
 from workers.criteria import _gates
 from workers.criteria._common import KINDS, Geometry, check_kinds, empty, micro_batches
+from workers.criteria._replay import Replay
 from workers.criteria.base import LayerScores, UnitScores
 
 STATS = ("first", "fisher")
@@ -48,13 +49,6 @@ def gate_gradients(
     return first, fisher
 
 
-def mean_ce(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> float:
-    """T: mean next-token CE over every prediction in `calibration` (no grad)."""
-    with torch.no_grad():
-        total = sum(_gates.sample_ce(model, ids).sum().item() for ids in micro_batches(calibration, batch_size))
-    return total / _gates.predictions(calibration)
-
-
 def spsa_gradient(
     model: nn.Module,
     calibration: torch.Tensor,
@@ -64,10 +58,12 @@ def spsa_gradient(
     *,
     eps: float = 1e-3,
     batch_size: int = 8,
+    replay: Replay | None = None,
 ) -> torch.Tensor:
     """Forward-only estimate of ∂T/∂m for one layer's gates of `kind`: mean_k (T(1+εz_k) − T(1−εz_k))/2ε · z_k.
 
     `probes` (K, d) are the z_k: Rademacher for SPSA; basis vectors e_i give d·ĝ = central finite differences.
+    Each T runs layers `layer`.. only, from `replay` (built here from `calibration` when not given).
     """
     check_kinds((kind,))
     geo = Geometry.of(model)
@@ -78,13 +74,19 @@ def spsa_gradient(
     m = gates[layer][kind]
     if probes.dim() != 2 or probes.shape[1] != m.numel():
         raise ValueError(f"probes must be (K, {m.numel()}), got {tuple(probes.shape)}")
+    replay = replay or Replay(model, calibration, batch_size)
+    n_pred = _gates.predictions(calibration)
+
+    def mean_ce_from_layer() -> float:
+        return sum(_gates.ce_of(ids, logits).sum().item() for ids, logits in replay.logits(layer)) / n_pred
+
     est = torch.zeros(m.numel(), dtype=torch.float64)
     with _gates.gated(model, gates):
         for z in probes.to(torch.float64):
             m.copy_(1.0 + eps * z)
-            plus = mean_ce(model, calibration, batch_size)
+            plus = mean_ce_from_layer()
             m.copy_(1.0 - eps * z)
-            minus = mean_ce(model, calibration, batch_size)
+            minus = mean_ce_from_layer()
             est += (plus - minus) / (2 * eps) * z
         m.fill_(1.0)
     return est / probes.shape[0]
@@ -143,13 +145,12 @@ class Gate:
 
     def _spsa(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...]) -> _gates.Gates:
         geo = Geometry.of(model)
+        replay = Replay(model, calibration, self.batch_size)
         out: _gates.Gates = []
         for layer in range(geo.n_layers):
             per_kind = {}
             for kind in kinds:
                 z = rademacher(self.probes, _gates.n_units(kind, geo), self.seed + 2 * layer + KINDS.index(kind))
-                per_kind[kind] = spsa_gradient(
-                    model, calibration, layer, kind, z, eps=self.eps, batch_size=self.batch_size
-                )
+                per_kind[kind] = spsa_gradient(model, calibration, layer, kind, z, eps=self.eps, replay=replay)
             out.append(per_kind)
         return out
