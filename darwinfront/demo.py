@@ -7,6 +7,8 @@ front, downloads the smallest front model's configuration and applies it to the 
 from __future__ import annotations
 
 import json
+import tarfile
+import tempfile
 from pathlib import Path
 
 from darwinfront.cli import load_spec, print_front, wait_with_bar
@@ -49,13 +51,25 @@ def _apply(spec, configuration: dict, archive: Path) -> int:
     )
     teacher = metrics.teacher_logprobs(model, tokens, batch_size=8)
     dense_params = slicing.count_parameters(model)
+    front_kl = configuration["metrics"]["kl"]
+
+    # The archive holds the candidate exactly as it was scored (after its short fine-tune, if any).
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+        scored, _ = slicing.load_pruned(Path(tmp) / configuration["candidate_id"])
+        archive_kl = metrics.kl_to_teacher(scored, tokens, teacher, batch_size=8)
+    print(f"\nsliced model archive {archive.name}: {slicing.count_parameters(scored):,} of {dense_params:,} "
+          f"parameters; KL recomputed {archive_kl:.5f} (front said {front_kl:.5f})")
+
+    # The configuration applied to the original weights: the structure, before any fine-tune.
     slicing.apply_configuration(model, configuration)
-    kl = metrics.kl_to_teacher(model, tokens, teacher, batch_size=8)
-    print(f"\napplied {configuration['candidate_id']}: {dense_params:,} -> {slicing.count_parameters(model):,} "
-          f"parameters; KL recomputed {kl:.5f} (front said {configuration['metrics']['kl']:.5f})")
+    cut_kl = metrics.kl_to_teacher(model, tokens, teacher, batch_size=8)
+    weights = configuration.get("weights", "dense")
+    print(f"configuration applied to the original model: {slicing.count_parameters(model):,} parameters; "
+          f"KL {cut_kl:.5f} as cut" + (" (the front's figure is after the candidate's short fine-tune)"
+                                       if weights == "trained" else ""))
     prompt = tokenizer("The with statement", return_tensors="pt")
     with torch.inference_mode():
-        out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
+        out = scored.generate(**prompt, max_new_tokens=24, do_sample=False)
     print("sample:", tokenizer.decode(out[0], skip_special_tokens=True))
-    print(f"sliced model archive: {archive}")
     return 0
