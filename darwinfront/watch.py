@@ -24,9 +24,18 @@ def _cell(value: float | None, width: int, digits: int) -> str:
 
 
 def format_front(front: Front) -> str:
-    """The front as a fixed-width table, smallest model first."""
+    """The front as a fixed-width table, smallest model (or fewest KV bits) first."""
     if not front.points:
         return "(front is empty so far)"
+    if any("bits" in p.objectives for p in front.points):  # a kv_precision job
+        lines = [f"{'candidate':<24} {'bits':>6} {'effective':>9} {'KL':>10}  preset"]
+        for p in sorted(front.points, key=lambda p: p.objectives["bits"]):
+            lines.append(
+                f"{p.candidate_id:<24} {_cell(p.objectives['bits'], 6, 2)} "
+                f"{_cell(getattr(p, 'effective_bits', None), 9, 2)} {_cell(p.objectives.get('kl'), 10, 5)}  "
+                f"{getattr(p, 'preset', None) or ''}"
+            )
+        return "\n".join(lines)
     lines = [f"{'candidate':<24} {'target':>6} {'params':>12} {'KL':>10} {'held-out KL':>12}"]
     for p in sorted(front.points, key=lambda p: p.objectives.get("params", 0)):
         lines.append(
