@@ -8,6 +8,10 @@
   E cos(ĝ, g) ≈ √(K / (K + d + 1)) for K probes.
 
 Weights get no gradients (activation memory only). Scores: higher = keep.
+
+Near a trained optimum the first-order mean gradient largely cancels: on the builtin reference model a 25% cut
+by `gate` (first order) loses more than a random cut, while `gate_fisher` is close to Taylor and OBS
+(benchmarks/criteria.py). Prefer `gate_fisher` for ranking; first order is kept for its exact identities.
 """
 
 from __future__ import annotations
