@@ -109,11 +109,7 @@ def level_space(model: nn.Module, table: LevelTable) -> LevelSpace:
     d = slicing.dims(model)
     if (d.n_kv, d.intermediate) != (table.attn_units, table.mlp_units):
         raise InvalidSpec("prune.levels", f"level table {table} does not fit the model ({d.n_kv}, {d.intermediate})")
-    q_width = d.group * d.head_dim
-    group = 2 * d.hidden * q_width + 2 * d.hidden * d.head_dim  # q rows, o columns, k and v rows
-    if d.attn_bias:
-        group += q_width + 2 * d.head_dim
-    channel = 3 * d.hidden + (2 if d.mlp_bias else 0)  # gate and up rows (+ their bias), a down column
+    group, channel = slicing.unit_params(d)
     return LevelSpace(
         n_layers=d.n_layers,
         attn_levels=table.attn_levels,

@@ -131,6 +131,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def unit_params(d: Dims) -> tuple[int, int]:
+    """Parameters of one attention unit (a KV group) and of one MLP channel, biases included."""
+    q_width = d.group * d.head_dim
+    attn_unit = 2 * d.hidden * q_width + 2 * d.hidden * d.head_dim  # q rows, o columns, k and v rows
+    if d.attn_bias:
+        attn_unit += q_width + 2 * d.head_dim
+    channel = 3 * d.hidden + (2 if d.mlp_bias else 0)  # gate and up rows (+ their bias), a down column
+    return attn_unit, channel
+
+
 def level_space(model: nn.Module, mlp_step: int) -> LevelSpace:
     """The search space of a dense model: levels per layer and the exact parameter cost of each level step.
 
@@ -142,11 +152,7 @@ def level_space(model: nn.Module, mlp_step: int) -> LevelSpace:
     d = dims(model)
     if not 1 <= mlp_step <= d.intermediate:
         raise InvalidSpec("prune.mlp_multiple", f"{mlp_step} is not in 1..{d.intermediate} (the MLP width)")
-    q_width = d.group * d.head_dim
-    attn_unit = 2 * d.hidden * q_width + 2 * d.hidden * d.head_dim  # q rows, o columns, k and v rows
-    if d.attn_bias:
-        attn_unit += q_width + 2 * d.head_dim
-    channel = 3 * d.hidden + (2 if d.mlp_bias else 0)  # gate and up rows (+ their bias), a down column
+    attn_unit, channel = unit_params(d)
     return LevelSpace(
         n_layers=d.n_layers,
         attn_levels=d.n_kv,
