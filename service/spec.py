@@ -125,8 +125,11 @@ class PruneSpec(_Strict):
         "`obs` (ZipLM second-order removal with weight updates, DarwinLM's choice) stores updated weights; "
         "the others store their removal order.",
     )
-    attention_unit: Literal["kv_group"] = Field(
-        default="kv_group", description="Attention units: whole KV groups (their K/V heads and query heads)."
+    attention_unit: Literal["kv_group", "q_head"] = Field(
+        default="kv_group",
+        description="Attention units: `kv_group` whole KV groups (their K/V heads and query heads), or `q_head` "
+        "single query heads with every K/V head kept (finer steps under GQA; removing all query heads drops "
+        "the attention).",
     )
     levels: int = Field(default=10, ge=1, le=4096, description="Level steps per layer and group (the target).")
     mlp_multiple: int = Field(default=8, ge=1, le=1024, description="MLP level steps are multiples of this.")
