@@ -11,7 +11,8 @@ import itertools
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from search.schedule import halving_schedule
 
@@ -251,6 +252,37 @@ class KVSpec(_Strict):
     profile_sequences: int = Field(default=8, ge=1, le=4096, description="Calibration sequences to profile on.")
 
 
+class PosttrainOptions(_Strict):
+    """How a chosen candidate is post-trained: AdamW on `tokens` tokens of the parent job's training text.
+
+    The model is the candidate's physically sliced weights, so what was pruned stays pruned; `kd` distils from
+    the dense model (KL(dense ‖ candidate), the fitness's own measure), `ce` is plain next-token loss.
+    """
+
+    tokens: int = Field(
+        default=131_072, ge=1, le=1_000_000_000,
+        description="Training tokens (rounded up to whole sequences); default 4x the search's last-stage "
+        "training (32768). When the training text is shorter, it is gone through again, reshuffled.",
+    )
+    lr: float = Field(default=1e-4, gt=0.0, le=1.0, description="AdamW learning rate (constant).")
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Sequences per step.")
+    loss: Literal["kd", "ce"] = Field(
+        default="kd", description="`kd` distillation from the dense model, or `ce` next-token cross-entropy."
+    )
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the batch order (same seed, same weights).")
+
+
+JobId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+CandidateRef = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+
+
+class PosttrainSpec(PosttrainOptions):
+    """Post-train one candidate of a finished `structured_prune` job (its parent) before downloading it."""
+
+    job: JobId = Field(description="The parent structured_prune job.")
+    candidate: CandidateRef = Field(description="A candidate of the parent with a stored result (a front point).")
+
+
 class ResourceSpec(_Strict):
     """How many Ray evaluators score candidates in parallel, and the GPUs each one holds."""
 
@@ -262,17 +294,46 @@ class JobSpec(_Strict):
     """A compression job."""
 
     name: str | None = Field(default=None, max_length=200)
-    method: Literal["structured_prune", "kv_precision"] = "structured_prune"
-    model: ModelSpec
+    method: Literal["structured_prune", "kv_precision", "posttrain"] = "structured_prune"
+    model: ModelSpec | None = Field(
+        default=None, validate_default=True,
+        description="Required, except for posttrain, whose model, data and seed are its parent job's.",
+    )
     data: DataSpec = Field(default_factory=DataSpec)
     prune: PruneSpec | None = Field(default=None, description="structured_prune only (defaults filled in).")
     search: SearchSpec | None = Field(default=None, description="structured_prune only (defaults filled in).")
     kv: KVSpec | None = None
+    posttrain: PosttrainSpec | None = Field(
+        default=None, validate_default=True, description="posttrain only (required there)."
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
 
+    @field_validator("model")
+    @classmethod
+    def _model_unless_posttrain(cls, value: ModelSpec | None, info: ValidationInfo) -> ModelSpec | None:
+        if value is None and info.data.get("method") != "posttrain":
+            raise PydanticCustomError("missing", "Field required")
+        return value
+
+    @field_validator("prune", "search", "kv", "posttrain")
+    @classmethod
+    def _posttrain_sections(cls, value: object, info: ValidationInfo) -> object:
+        """A posttrain job has a posttrain section and none of the search sections; no other job has one."""
+        method = info.data.get("method")
+        if info.field_name == "posttrain":
+            if method == "posttrain" and value is None:
+                raise PydanticCustomError("missing", "Field required for method posttrain (job and candidate)")
+            if method not in (None, "posttrain") and value is not None:
+                raise ValueError(f"applies to method posttrain, not {method}")
+        elif method == "posttrain" and value is not None:
+            raise ValueError("does not apply to method posttrain (it trains a candidate of its parent job)")
+        return value
+
     @model_validator(mode="after")
     def _blocks_match_method(self) -> JobSpec:
+        if self.method == "posttrain":
+            return self  # its sections were checked field by field
         if self.method == "kv_precision":
             stray = [name for name in ("prune", "search") if getattr(self, name) is not None]
             if stray:
@@ -303,5 +364,7 @@ class JobSpec(_Strict):
         """
         if self.method == "kv_precision":
             return self.kv.trials
+        if self.method == "posttrain":
+            return 1  # one candidate, trained and measured
         per_generation = self.search.evaluations_per_generation()
         return len(self.prune.targets) * (1 + self.search.generations * per_generation)
