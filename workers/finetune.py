@@ -60,6 +60,45 @@ class Snapshot:
             param.copy_(value)
 
 
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
+    """A fresh AdamW over the trainable parameters of `model`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    masks: Sequence[tuple[nn.Parameter, torch.Tensor]] = (),
+    teacher: torch.Tensor | None = None,
+) -> float:
+    """One optimiser step on `batch` (B, T); returns the loss before the step.
+
+    `teacher` None trains on next-token cross-entropy, else on the mean KL(teacher ‖ model) per position with
+    `teacher` the dense model's next-token log-probs (B, T-1, vocab). Every `(weight, mask)` stays zero where
+    the mask is 0 (its gradient is masked and the weight masked again after the step).
+    """
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    if teacher is None:
+        loss = model(input_ids=batch, labels=batch).loss
+    else:
+        student = F.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)  # (B, T-1, vocab)
+        target = teacher.to(device, torch.float32)
+        loss = F.kl_div(student, target, log_target=True, reduction="sum") / target.shape[:2].numel()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for weight, mask in masks:
+        if weight.grad is not None:
+            weight.grad.mul_(mask)
+    optimizer.step()
+    with torch.no_grad():
+        for weight, mask in masks:
+            weight.mul_(mask)
+    return loss.item()
+
+
 def finetune(
     model: nn.Module,
     batches: Sequence[torch.Tensor],
@@ -81,30 +120,12 @@ def finetune(
         `steps`, `first_loss`, `last_loss` and `seconds`.
     """
     start = time.perf_counter()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    device = next(model.parameters()).device
+    optimizer = make_optimizer(model, settings)
     losses = []
     model.train()
     try:
         for step, batch in enumerate(batches):
-            batch = batch.to(device)
-            if teacher is None:
-                loss = model(input_ids=batch, labels=batch).loss
-            else:
-                student = F.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)  # (B, T-1, vocab)
-                target = teacher[step].to(device, torch.float32)
-                loss = F.kl_div(student, target, log_target=True, reduction="sum") / target.shape[:2].numel()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for weight, mask in masks:
-                if weight.grad is not None:
-                    weight.grad.mul_(mask)
-            optimizer.step()
-            with torch.no_grad():
-                for weight, mask in masks:
-                    weight.mul_(mask)
-            losses.append(loss.item())
+            losses.append(train_step(model, optimizer, batch, masks, None if teacher is None else teacher[step]))
     finally:
         model.eval()
         optimizer.zero_grad(set_to_none=True)
