@@ -1,9 +1,10 @@
 """Per-layer level genomes for structured pruning, and the level space they live in.
 
-A genome says, for every decoder layer, how many attention units (KV groups) and how many MLP level steps
-(`mlp_step` channels each) are removed. All layers of a model have the same shape, so every level step of a
-group costs the same number of parameters: a mutation that raises one layer and lowers another in the same
-group keeps the parameter count exactly.
+A genome says, for every decoder layer, how many attention level steps (KV groups or query heads) and how many
+MLP level steps (`mlp_step` channels each) are removed. All layers of a model have the same shape, so every level
+step of a group costs the same number of parameters: a mutation that raises one layer and lowers another in the
+same group keeps the parameter count exactly. (With query-head units, a layer whose attention reaches the top
+level also frees its K/V heads, `attn_shared_params`; moving a layer to or from the top changes the count by it.)
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ class LevelSpace:
 
     Attributes:
         n_layers: decoder layers.
-        attn_levels: attention units per layer; level k removes k units (the top level drops the attention).
+        attn_levels: attention level steps per layer (the top level drops the attention).
         mlp_levels: MLP level steps per layer; level k removes k * mlp_step channels.
-        attn_unit_params: parameters one attention unit holds (q, k, v rows and o columns, biases included).
+        attn_unit_params: parameters one attention level step holds (its q rows and o columns, and its k and v
+            rows for KV-group units; biases included).
         mlp_level_params: parameters one MLP level step holds.
         dense_params: parameters of the whole dense model (embeddings included).
+        attn_shared_params: attention parameters outside the steps, freed only at the top level (K/V heads
+            under query-head units; 0 for KV groups).
     """
 
     n_layers: int
@@ -32,6 +36,7 @@ class LevelSpace:
     attn_unit_params: int
     mlp_level_params: int
     dense_params: int
+    attn_shared_params: int = 0
 
     def __post_init__(self) -> None:
         if self.n_layers < 1 or self.attn_levels < 1 or self.mlp_levels < 1:
@@ -40,12 +45,14 @@ class LevelSpace:
     @property
     def prunable_params(self) -> int:
         """Parameters the levels can remove: every attention unit and MLP step of every layer."""
-        return self.n_layers * (self.attn_levels * self.attn_unit_params + self.mlp_levels * self.mlp_level_params)
+        attn = self.attn_levels * self.attn_unit_params + self.attn_shared_params
+        return self.n_layers * (attn + self.mlp_levels * self.mlp_level_params)
 
     def params(self, genome: PruneGenome) -> int:
         """Exact parameter count of the sliced model that `genome` describes."""
         self.check(genome)
         removed = sum(genome.attn) * self.attn_unit_params + sum(genome.mlp) * self.mlp_level_params
+        removed += sum(a == self.attn_levels for a in genome.attn) * self.attn_shared_params
         return self.dense_params - removed
 
     def uniform(self, target: float) -> PruneGenome:

@@ -46,7 +46,7 @@ def build_configuration(
         "seed": spec.seed,
         "criterion": spec.prune.criterion,
         "genome": genome.to_dict(),
-        "layers": layout.to_dict()["layers"],
+        **layout.to_dict(),  # attention_unit and layers
         "parameters": space.params(genome),
         "dense_parameters": space.dense_params,
         "metrics": {k: result[k] for k in _METRICS if result.get(k) is not None},

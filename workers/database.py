@@ -153,7 +153,7 @@ def _write(out: Path, model, calibration, *, criterion, options, table, key, bat
     if criterion in WEIGHT_CRITERIA:
         orders = _write_obs(out, model, calibration, table, options, batch_size)
     else:
-        scores = criteria.get(criterion, **options).score(model, calibration)
+        scores = criteria.get(criterion, attention_unit=table.attention_unit, **options).score(model, calibration)
         orders = [{"attn": removal_order(s.attn.tolist()), "mlp": removal_order(s.mlp.tolist())}
                   for s in scores.layers]
     index = {"format": FORMAT, "key": key, "criterion": criterion, "options": options, "table": table.to_dict(),
@@ -165,7 +165,9 @@ def _write_obs(out: Path, model, calibration, table: LevelTable, options: dict, 
     from workers.criteria.obs import obs_levels
 
     counts = {kind: table.counts(kind) for kind in KINDS}
-    results = obs_levels(model, calibration, counts, batch_size=batch_size, **options)
+    results = obs_levels(
+        model, calibration, counts, batch_size=batch_size, attention_unit=table.attention_unit, **options
+    )
     orders = []
     for i, result in enumerate(results):
         for kind in KINDS:

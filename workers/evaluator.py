@@ -61,7 +61,7 @@ class JobInputs:
 def open_database(inputs: JobInputs) -> database.LevelDatabase:
     """The job's level database, built on first use (once per model, calibration, criterion and table)."""
     spec = inputs.spec
-    table = levels.table_for(inputs.model, spec.prune.levels, spec.prune.mlp_multiple)
+    table = levels.table_for(inputs.model, spec.prune.levels, spec.prune.mlp_multiple, spec.prune.attention_unit)
     options = {"seed": spec.seed} if spec.prune.criterion == "random" else {}
     return database.build(inputs.model, inputs.database, criterion=spec.prune.criterion, table=table, options=options)
 

@@ -21,7 +21,7 @@ KINDS = ("attn", "mlp")
 
 @dataclass(frozen=True)
 class LevelTable:
-    """Units per layer and units per level step, for the attention (KV groups) and MLP (channels) groups.
+    """Units per layer and units per level step, for the attention (KV groups or query heads) and MLP groups.
 
     Level k of a group removes `k * step` units; the top level removes `levels * step` (all of them when the
     step divides the width, which drops the whole sub-layer).
@@ -31,10 +31,14 @@ class LevelTable:
     attn_step: int
     mlp_units: int
     mlp_step: int
+    attention_unit: str = "kv_group"
 
     def __post_init__(self) -> None:
         if not (1 <= self.attn_step <= self.attn_units and 1 <= self.mlp_step <= self.mlp_units):
             raise InvalidSpec("prune.levels", f"bad level table {self}")
+        if self.attention_unit not in slicing.ATTENTION_UNITS:
+            known = ", ".join(slicing.ATTENTION_UNITS)
+            raise InvalidSpec("prune.attention_unit", f"{self.attention_unit!r} is not one of {known}")
 
     @property
     def attn_levels(self) -> int:
@@ -64,15 +68,16 @@ class LevelTable:
 
     def to_dict(self) -> dict:
         return {"attn_units": self.attn_units, "attn_step": self.attn_step,
-                "mlp_units": self.mlp_units, "mlp_step": self.mlp_step}
+                "mlp_units": self.mlp_units, "mlp_step": self.mlp_step, "attention_unit": self.attention_unit}
 
     @classmethod
     def from_dict(cls, data: dict) -> LevelTable:
-        return cls(**{k: int(data[k]) for k in ("attn_units", "attn_step", "mlp_units", "mlp_step")})
+        sizes = {k: int(data[k]) for k in ("attn_units", "attn_step", "mlp_units", "mlp_step")}
+        return cls(**sizes, attention_unit=data.get("attention_unit", "kv_group"))
 
 
 def attention_step(units: int, levels: int) -> int:
-    """KV groups per level: `units / levels` when that divides evenly, else one group per level."""
+    """Attention units per level: `units / levels` when that divides evenly, else one unit per level."""
     return units // levels if levels <= units and units % levels == 0 else 1
 
 
@@ -93,30 +98,39 @@ def mlp_step(width: int, levels: int, multiple: int) -> int:
     return max(multiple, round(width / levels / multiple) * multiple)
 
 
-def table_for(model: nn.Module, levels: int, multiple: int) -> LevelTable:
-    """The level table of a dense Llama-family model for `levels` target steps and MLP multiple `multiple`."""
+def table_for(model: nn.Module, levels: int, multiple: int, attention_unit: str = "kv_group") -> LevelTable:
+    """The level table of a dense Llama-family model for `levels` target steps and MLP multiple `multiple`.
+
+    `attention_unit` "kv_group" steps through KV groups, "q_head" through query heads (K/V heads kept).
+    """
     d = slicing.dims(model)
+    units = d.attn_units(attention_unit)
     return LevelTable(
-        attn_units=d.n_kv,
-        attn_step=attention_step(d.n_kv, levels),
+        attn_units=units,
+        attn_step=attention_step(units, levels),
         mlp_units=d.intermediate,
         mlp_step=mlp_step(d.intermediate, levels, multiple),
+        attention_unit=attention_unit,
     )
 
 
 def level_space(model: nn.Module, table: LevelTable) -> LevelSpace:
     """The search space of a dense model under `table`, with the exact parameter cost of each level step."""
     d = slicing.dims(model)
-    if (d.n_kv, d.intermediate) != (table.attn_units, table.mlp_units):
-        raise InvalidSpec("prune.levels", f"level table {table} does not fit the model ({d.n_kv}, {d.intermediate})")
-    group, channel = slicing.unit_params(d)
+    units = d.attn_units(table.attention_unit)
+    if (units, d.intermediate) != (table.attn_units, table.mlp_units):
+        raise InvalidSpec("prune.levels", f"level table {table} does not fit the model ({units}, {d.intermediate})")
+    unit, channel = slicing.unit_params(d, table.attention_unit)
+    shared = slicing.shared_attention_params(d, table.attention_unit)
     return LevelSpace(
         n_layers=d.n_layers,
         attn_levels=table.attn_levels,
         mlp_levels=table.mlp_levels,
-        attn_unit_params=table.attn_step * group,
+        attn_unit_params=table.attn_step * unit,
         mlp_level_params=table.mlp_step * channel,
         dense_params=slicing.count_parameters(model),
+        # the K/V heads go with the attention only when the top level removes every query head
+        attn_shared_params=shared if table.removed("attn", table.attn_levels) == units else 0,
     )
 
 
@@ -140,4 +154,4 @@ def layout(genome: PruneGenome, orders: Sequence[dict[str, Sequence[int]]], tabl
             gone = set(order[kind][: table.removed(kind, level)])
             kept[kind] = tuple(u for u in range(table.units(kind)) if u not in gone)
         layers.append(slicing.LayerLayout(kept["attn"], kept["mlp"]))
-    return slicing.Layout(tuple(layers))
+    return slicing.Layout(tuple(layers), table.attention_unit)

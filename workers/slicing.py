@@ -1,15 +1,18 @@
 """Physical structured slicing of Llama-family models, and the same cut applied as masks.
 
-Units. An attention unit is one KV group: its key and value heads and the `num_attention_heads /
+Units. An attention unit is one KV group (`kv_group`): its key and value heads and the `num_attention_heads /
 num_key_value_heads` query heads that read them. Cutting whole groups keeps `num_key_value_groups` valid, and the
-installed attention reshapes with `-1` heads, so a sliced layer needs no config change. An MLP channel is one row of
-gate_proj and up_proj and the matching column of down_proj. A sub-block that keeps no unit is replaced by a module
-that returns its output bias (zeros without one), which is what the masked model computes too.
+installed attention reshapes with `-1` heads, so a sliced layer needs no config change. With `q_head` units (DarwinLM's
+`kv_ignore`) an attention unit is one query head: its q_proj rows and o_proj columns go, every K/V head stays, and
+the layer's attention becomes a `QueryHeadAttention` that pairs each kept query head with its KV head. An MLP channel
+is one row of gate_proj and up_proj and the matching column of down_proj. A sub-block that keeps no unit is replaced
+by a module that returns its output bias (zeros without one), which is what the masked model computes too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ from workers.criteria.base import UnitScores
 
 @dataclass(frozen=True)
 class LayerLayout:
-    """The units one decoder layer keeps: KV-group indices and MLP channel indices, sorted."""
+    """The units one decoder layer keeps: attention-unit indices (KV groups or query heads) and MLP channels."""
 
     attn_units: tuple[int, ...]
     mlp_channels: tuple[int, ...]
@@ -37,22 +40,34 @@ class LayerLayout:
         return {"attn_units": list(self.attn_units), "mlp_channels": list(self.mlp_channels)}
 
 
+ATTENTION_UNITS = ("kv_group", "q_head")
+
+
 @dataclass(frozen=True)
 class Layout:
-    """What a sliced model keeps, layer by layer; indices refer to the dense model's units."""
+    """What a sliced model keeps, layer by layer; indices refer to the dense model's units.
+
+    `attention_unit` says what `attn_units` index: KV groups ("kv_group") or query heads ("q_head").
+    """
 
     layers: tuple[LayerLayout, ...]
+    attention_unit: str = "kv_group"
+
+    def __post_init__(self) -> None:
+        if self.attention_unit not in ATTENTION_UNITS:
+            raise InvalidSpec("layout.attention_unit", f"{self.attention_unit!r} is not one of {ATTENTION_UNITS}")
 
     def to_dict(self) -> dict:
-        return {"layers": [layer.to_dict() for layer in self.layers]}
+        return {"attention_unit": self.attention_unit, "layers": [layer.to_dict() for layer in self.layers]}
 
     @classmethod
     def from_dict(cls, data: dict) -> Layout:
+        """Read a layout document; one without `attention_unit` (written before query heads) means KV groups."""
         try:
             layers = tuple(LayerLayout(tuple(d["attn_units"]), tuple(d["mlp_channels"])) for d in data["layers"])
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidSpec("layout", f"not a layout document: {e!r}") from e
-        return cls(layers=layers)
+        return cls(layers=layers, attention_unit=data.get("attention_unit", "kv_group"))
 
 
 @dataclass(frozen=True)
@@ -68,9 +83,69 @@ class Dims:
     attn_bias: bool
     mlp_bias: bool
 
+    @property
+    def n_heads(self) -> int:
+        return self.n_kv * self.group
+
+    def attn_units(self, unit: str) -> int:
+        """Attention units per layer: KV groups or query heads."""
+        return self.n_heads if unit == "q_head" else self.n_kv
+
+
+class QueryHeadAttention(nn.Module):
+    """Self-attention that keeps some query heads and every K/V head (the `q_head` cut).
+
+    Each kept query head reads the KV head it read in the dense model (`kv_index`, not saved: the layout holds
+    it). Keys and values are cached once per KV head and expanded to the kept query heads just before the
+    model's own attention function (eager, sdpa, ...) runs, so the cache is as small as the dense model's.
+    Works for the architectures `workers.modeling` supports (Llama, Mistral, Qwen2).
+    """
+
+    def __init__(self, attn: nn.Module, heads: tuple[int, ...], group: int):
+        super().__init__()
+        self.config, self.layer_idx = attn.config, attn.layer_idx
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.attention_dropout, self.is_causal = attn.attention_dropout, attn.is_causal
+        self.sliding_window = getattr(attn, "sliding_window", None)
+        self.num_key_value_groups = 1  # keys and values arrive already expanded to the kept heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self._rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        kv_index = torch.tensor([h // group for h in heads], dtype=torch.long, device=attn.o_proj.weight.device)
+        self.register_buffer("kv_index", kv_index, persistent=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        input_shape = hidden_states.shape[:-1]
+        shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, kept heads, T, h)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, KV heads, T, h)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = self._rotary(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+        key, value = key.index_select(1, self.kv_index), value.index_select(1, self.kv_index)  # (B, kept, S, h)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        extra = {"sliding_window": self.sliding_window} if self.sliding_window is not None else {}
+        out, weights = attend(
+            self, query, key, value, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs,
+        )
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
 
 class NoAttention(nn.Module):
-    """Stands in for a self-attention block that keeps no KV group: returns its output bias (or zeros).
+    """Stands in for a self-attention block that keeps no attention unit: returns its output bias (or zeros).
 
     It still writes a one-wide zero placeholder into the KV cache, so the cache counts this layer's tokens
     (transformers reads the sequence length from the first layer).
@@ -131,43 +206,52 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def unit_params(d: Dims) -> tuple[int, int]:
-    """Parameters of one attention unit (a KV group) and of one MLP channel, biases included."""
-    q_width = d.group * d.head_dim
-    attn_unit = 2 * d.hidden * q_width + 2 * d.hidden * d.head_dim  # q rows, o columns, k and v rows
-    if d.attn_bias:
-        attn_unit += q_width + 2 * d.head_dim
+def unit_params(d: Dims, attention_unit: str = "kv_group") -> tuple[int, int]:
+    """Parameters of one attention unit (a KV group or a query head) and of one MLP channel, biases included."""
+    q_width = d.head_dim if attention_unit == "q_head" else d.group * d.head_dim
+    attn_unit = 2 * d.hidden * q_width + (q_width if d.attn_bias else 0)  # q rows (+ bias), o columns
+    if attention_unit != "q_head":
+        attn_unit += 2 * (d.hidden + (1 if d.attn_bias else 0)) * d.head_dim  # k and v rows (+ bias)
     channel = 3 * d.hidden + (2 if d.mlp_bias else 0)  # gate and up rows (+ their bias), a down column
     return attn_unit, channel
 
 
-def level_space(model: nn.Module, mlp_step: int) -> LevelSpace:
+def shared_attention_params(d: Dims, attention_unit: str = "kv_group") -> int:
+    """Attention parameters outside every unit, freed only with the whole attention: K/V heads under `q_head`."""
+    if attention_unit != "q_head":
+        return 0
+    return 2 * (d.hidden + (1 if d.attn_bias else 0)) * d.n_kv * d.head_dim
+
+
+def level_space(model: nn.Module, mlp_step: int, attention_unit: str = "kv_group") -> LevelSpace:
     """The search space of a dense model: levels per layer and the exact parameter cost of each level step.
 
     Args:
         model: a dense Llama-family model.
         mlp_step: MLP channels removed per level step; the top level removes `intermediate // mlp_step` steps.
+        attention_unit: one attention level step is one KV group ("kv_group") or one query head ("q_head").
     """
     _require_dense(model)
     d = dims(model)
     if not 1 <= mlp_step <= d.intermediate:
         raise InvalidSpec("prune.mlp_multiple", f"{mlp_step} is not in 1..{d.intermediate} (the MLP width)")
-    attn_unit, channel = unit_params(d)
+    attn_unit, channel = unit_params(d, attention_unit)
     return LevelSpace(
         n_layers=d.n_layers,
-        attn_levels=d.n_kv,
+        attn_levels=d.attn_units(attention_unit),
         mlp_levels=d.intermediate // mlp_step,
         attn_unit_params=attn_unit,
         mlp_level_params=mlp_step * channel,
         dense_params=count_parameters(model),
+        attn_shared_params=shared_attention_params(d, attention_unit),
     )
 
 
-def layout_for(genome: PruneGenome, scores: UnitScores, mlp_step: int) -> Layout:
+def layout_for(genome: PruneGenome, scores: UnitScores, mlp_step: int, attention_unit: str = "kv_group") -> Layout:
     """Keep the highest-scored units of every layer.
 
-    Layer i drops its `genome.attn[i]` lowest-scored KV groups and `genome.mlp[i] * mlp_step` lowest-scored
-    channels. Equal scores keep the lower index (a deterministic order).
+    Layer i drops its `genome.attn[i]` lowest-scored attention units (KV groups or query heads, as `scores`
+    were made) and `genome.mlp[i] * mlp_step` lowest-scored channels. Equal scores keep the lower index.
     """
     if len(genome.attn) != len(scores) or len(genome.mlp) != len(scores):
         raise InvalidSpec("genome", f"{len(genome.attn)} layers in the genome, {len(scores)} in the scores")
@@ -176,13 +260,14 @@ def layout_for(genome: PruneGenome, scores: UnitScores, mlp_step: int) -> Layout
         attn_keep = _top(layer.attn, len(layer.attn) - genome.attn[i], f"genome.attn[{i}]")
         mlp_keep = _top(layer.mlp, len(layer.mlp) - genome.mlp[i] * mlp_step, f"genome.mlp[{i}]")
         layers.append(LayerLayout(attn_keep, mlp_keep))
-    return Layout(tuple(layers))
+    return Layout(tuple(layers), attention_unit)
 
 
-def dense_layout(model: nn.Module) -> Layout:
+def dense_layout(model: nn.Module, attention_unit: str = "kv_group") -> Layout:
     """The layout that keeps every unit of `model`."""
     d = dims(model)
-    return Layout(tuple(LayerLayout(tuple(range(d.n_kv)), tuple(range(d.intermediate))) for _ in range(d.n_layers)))
+    attn = tuple(range(d.attn_units(attention_unit)))
+    return Layout(tuple(LayerLayout(attn, tuple(range(d.intermediate))) for _ in range(d.n_layers)), attention_unit)
 
 
 def slice_model(model: nn.Module, layout: Layout) -> nn.Module:
@@ -195,7 +280,10 @@ def slice_model(model: nn.Module, layout: Layout) -> nn.Module:
     d = dims(model)
     _check_layout(layout, d)
     for i, (layer, keep) in enumerate(zip(model.model.layers, layout.layers, strict=True)):
-        _slice_attention(layer, i, keep.attn_units, d)
+        if layout.attention_unit == "q_head":
+            _slice_query_heads(layer, i, keep.attn_units, d)
+        else:
+            _slice_attention(layer, i, keep.attn_units, d)
         _slice_mlp(layer, keep.mlp_channels, d)
     model.config.darwinfront_layout = layout.to_dict()
     return model
@@ -205,17 +293,19 @@ def slice_model(model: nn.Module, layout: Layout) -> nn.Module:
 def masked(model: nn.Module, layout: Layout) -> Iterator[nn.Module]:
     """Apply `layout` as masks for the duration of the block, without copying weights.
 
-    Forward pre-hooks zero the inputs of o_proj (per head dimension of every dropped KV group's query heads) and
-    of down_proj (per dropped channel); the hooks are removed on exit.
+    Forward pre-hooks zero the inputs of o_proj (per head dimension of every dropped query head, or of every
+    dropped KV group's query heads) and of down_proj (per dropped channel); the hooks are removed on exit.
     """
     _require_dense(model)
     d = dims(model)
     _check_layout(layout, d)
+    n_attn = d.attn_units(layout.attention_unit)
+    width = d.n_heads * d.head_dim // n_attn  # o_proj columns per attention unit
     handles = []
     try:
         for layer, keep in zip(model.model.layers, layout.layers, strict=True):
             o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
-            head_mask = _mask(d.n_kv, keep.attn_units, o_proj.weight).repeat_interleave(d.group * d.head_dim)
+            head_mask = _mask(n_attn, keep.attn_units, o_proj.weight).repeat_interleave(width)
             channel_mask = _mask(d.intermediate, keep.mlp_channels, down_proj.weight)
             handles.append(o_proj.register_forward_pre_hook(_multiply_input(head_mask)))
             handles.append(down_proj.register_forward_pre_hook(_multiply_input(channel_mask)))
@@ -268,7 +358,8 @@ def apply_configuration(model: nn.Module, config: dict) -> nn.Module:
 
     Args:
         model: the dense model the configuration was searched on.
-        config: `{"layers": [{"attn_units": [...], "mlp_channels": [...]}, ...], "parameters": int, ...}`.
+        config: `{"attention_unit": "kv_group" | "q_head", "layers": [{"attn_units": [...], "mlp_channels": [...]},
+            ...], "parameters": int, ...}`; without `attention_unit`, units are KV groups.
 
     Raises:
         InvalidSpec: when the layer count, unit indices or the resulting parameter count do not match.
@@ -303,7 +394,7 @@ def _top(scores: torch.Tensor, keep: int, field: str) -> tuple[int, ...]:
 def _check_layout(layout: Layout, d: Dims, field: str = "layout") -> None:
     if len(layout.layers) != d.n_layers:
         raise InvalidSpec(field, f"{len(layout.layers)} layers given, the model has {d.n_layers}")
-    limits = {"attn_units": d.n_kv, "mlp_channels": d.intermediate}
+    limits = {"attn_units": d.attn_units(layout.attention_unit), "mlp_channels": d.intermediate}
     for i, layer in enumerate(layout.layers):
         for name, limit in limits.items():
             units = getattr(layer, name)
@@ -329,6 +420,19 @@ def _slice_attention(layer: nn.Module, index: int, units: tuple[int, ...], d: Di
     attn.k_proj = _take(attn.k_proj, kv_rows, dim=0)
     attn.v_proj = _take(attn.v_proj, kv_rows, dim=0)
     attn.o_proj = _take(attn.o_proj, q_rows, dim=1)
+
+
+def _slice_query_heads(layer: nn.Module, index: int, heads: tuple[int, ...], d: Dims) -> None:
+    attn = layer.self_attn
+    if not heads:
+        layer.self_attn = NoAttention(index, d.hidden, attn.o_proj.bias)
+        return
+    if len(heads) == d.n_heads:
+        return
+    rows = _spans(heads, d.head_dim, attn.o_proj.weight.device)
+    attn.q_proj = _take(attn.q_proj, rows, dim=0)
+    attn.o_proj = _take(attn.o_proj, rows, dim=1)
+    layer.self_attn = QueryHeadAttention(attn, heads, d.group)
 
 
 def _slice_mlp(layer: nn.Module, channels: tuple[int, ...], d: Dims) -> None:

@@ -1,7 +1,7 @@
 """Saliency criteria for structured pruning: one module per criterion, each speaking
 `score(model, calibration)`. `get(name, **kwargs)` builds a criterion by name (keyword arguments go to its
 constructor); `names()` lists them.
-Scores are per decoder layer, per unit (KV group / MLP channel); higher = keep.
+Scores are per decoder layer, per unit (KV group or query head / MLP channel); higher = keep.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Plumbing shared by the criteria: model geometry, micro-batches, input statistics captured with hooks.
 
-Units (see saliency.md §1): an attention unit is one KV group, i.e. the k and v head plus the r = H/G query
-heads that share it; its o_proj input columns are the contiguous block [g·r·h, (g+1)·r·h) because heads are
-head-major and query head q reads KV head q // r. An MLP unit is one intermediate channel j (column j of
-down_proj).
+Units (see saliency.md §1): an attention unit is one KV group (`kv_group`), i.e. the k and v head plus the
+r = H/G query heads that share it; its o_proj input columns are the contiguous block [g·r·h, (g+1)·r·h) because
+heads are head-major and query head q reads KV head q // r. With `q_head` units an attention unit is one query
+head (its h q_proj rows and o_proj columns [q·h, (q+1)·h)) and every K/V head stays. An MLP unit is one
+intermediate channel j (column j of down_proj).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 KINDS = ("attn", "mlp")
+ATTENTION_UNITS = ("kv_group", "q_head")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Geometry:
     n_kv: int
     head_dim: int
     inter: int
+    unit: str = "kv_group"  # what one attention unit is: a KV group or a query head
 
     @property
     def group_size(self) -> int:
@@ -39,14 +42,31 @@ class Geometry:
         """o_proj input columns per KV group (r·h)."""
         return self.group_size * self.head_dim
 
+    @property
+    def attn_units(self) -> int:
+        """Attention units per layer: KV groups (G) or query heads (H)."""
+        return self.n_heads if self.unit == "q_head" else self.n_kv
+
+    @property
+    def attn_width(self) -> int:
+        """o_proj input columns per attention unit: r·h for a KV group, h for a query head."""
+        return self.head_dim if self.unit == "q_head" else self.group_width
+
     @classmethod
-    def of(cls, model: nn.Module) -> Geometry:
+    def of(cls, model: nn.Module, unit: str = "kv_group") -> Geometry:
+        """The geometry of `model` with attention units `unit` ("kv_group" or "q_head")."""
+        check_unit(unit)
         cfg = model.config
         n_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
         n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
         assert n_heads % n_kv == 0, (n_heads, n_kv)
-        return cls(cfg.num_hidden_layers, cfg.hidden_size, n_heads, n_kv, head_dim, cfg.intermediate_size)
+        return cls(cfg.num_hidden_layers, cfg.hidden_size, n_heads, n_kv, head_dim, cfg.intermediate_size, unit)
+
+
+def check_unit(unit: str) -> None:
+    if unit not in ATTENTION_UNITS:
+        raise ValueError(f"unknown attention unit {unit!r}; expected one of {ATTENTION_UNITS}")
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -89,8 +109,8 @@ def run_body(model: nn.Module, ids: torch.Tensor) -> None:
 
 
 def group_reduce(col: torch.Tensor, geo: Geometry) -> torch.Tensor:
-    """Sum per-column o_proj scores (H·h,) into per-KV-group scores (G,)."""
-    return col.reshape(geo.n_kv, geo.group_width).sum(dim=1)
+    """Sum per-column o_proj scores (H·h,) into per-attention-unit scores (G KV groups or H query heads)."""
+    return col.reshape(geo.attn_units, geo.attn_width).sum(dim=1)
 
 
 def unit_reduce(col: torch.Tensor, kind: str, geo: Geometry) -> torch.Tensor:
@@ -99,10 +119,10 @@ def unit_reduce(col: torch.Tensor, kind: str, geo: Geometry) -> torch.Tensor:
 
 
 def unit_columns(units: torch.Tensor, kind: str, geo: Geometry) -> torch.Tensor:
-    """Bool mask over the target linear's input columns covered by `units` (indices of KV groups / channels)."""
+    """Bool mask over the target linear's input columns covered by `units` (attention units / channels)."""
     units = torch.as_tensor(units, dtype=torch.long).reshape(-1)
-    width = geo.group_width if kind == "attn" else 1
-    n = geo.n_kv if kind == "attn" else geo.inter
+    width = geo.attn_width if kind == "attn" else 1
+    n = geo.attn_units if kind == "attn" else geo.inter
     mask = torch.zeros(n, width, dtype=torch.bool)
     mask[units] = True
     return mask.reshape(-1)

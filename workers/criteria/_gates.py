@@ -1,8 +1,9 @@
 """Per-unit multiplicative gates on o_proj / down_proj inputs, and the next-token cross-entropy target.
 
 A gate m_u (= 1 dense, 0 = unit removed) scales the input columns of unit u: the r·h o_proj columns of a KV
-group or the down_proj column of a channel. Gates are plain forward pre-hooks, so one implementation covers every
-Llama-family model. A gate vector of shape (B, n_units) gives per-sample gradients from one backward.
+group (h of a query head) or the down_proj column of a channel. Gates are plain forward pre-hooks, so one
+implementation covers every Llama-family model. A gate vector of shape (B, n_units) gives per-sample gradients
+from one backward.
 """
 
 from __future__ import annotations
@@ -19,13 +20,9 @@ from workers.criteria._common import Geometry, decoder_layers, model_device, tar
 Gates = list[dict[str, torch.Tensor]]  # per layer, kind -> (n_units,) or (B, n_units)
 
 
-def _width(kind: str, geo: Geometry) -> int:
-    return geo.group_width if kind == "attn" else 1
-
-
 def n_units(kind: str, geo: Geometry) -> int:
-    """Units of `kind` per layer: KV groups or MLP channels."""
-    return geo.n_kv if kind == "attn" else geo.inter
+    """Units of `kind` per layer: attention units (KV groups or query heads) or MLP channels."""
+    return geo.attn_units if kind == "attn" else geo.inter
 
 
 def ones(geo: Geometry, kinds: tuple[str, ...], batch: int | None = None, device=None, grad: bool = False) -> Gates:
@@ -40,21 +37,25 @@ def ones(geo: Geometry, kinds: tuple[str, ...], batch: int | None = None, device
 
 @contextmanager
 def gated(model: nn.Module, gates: Gates) -> Iterator[Gates]:
-    """Scale every gated linear's input columns by its gates while the context is open."""
-    geo = Geometry.of(model)
+    """Scale every gated linear's input columns by its gates while the context is open.
+
+    A unit's columns are the linear's inputs divided evenly among the gates, so the gates' length says what a
+    unit is (a KV group or a query head).
+    """
     handles = []
 
-    def hook(kind: str, m: torch.Tensor):
-        def scale(_module, args):
+    def hook(m: torch.Tensor):
+        def scale(module, args):
             x = args[0]  # (B, T, C)
-            g = m.to(x.dtype).repeat_interleave(_width(kind, geo), dim=-1)  # (C,) or (B, C)
+            width = module.in_features // m.shape[-1]
+            g = m.to(x.dtype).repeat_interleave(width, dim=-1)  # (C,) or (B, C)
             return (x * (g.unsqueeze(-2) if g.dim() == 2 else g),) + tuple(args[1:])
 
         return scale
 
     for layer, per_kind in zip(decoder_layers(model), gates, strict=True):
         for kind, m in per_kind.items():
-            handles.append(target_linear(layer, kind).register_forward_pre_hook(hook(kind, m)))
+            handles.append(target_linear(layer, kind).register_forward_pre_hook(hook(m)))
     try:
         yield gates
     finally:

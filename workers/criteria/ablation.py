@@ -62,13 +62,14 @@ class Ablation:
 
     name = "ablation"
 
-    def __init__(self, batch_size: int = 8):
+    def __init__(self, batch_size: int = 8, attention_unit: str = "kv_group"):
         self.batch_size = batch_size
+        self.attention_unit = attention_unit
 
     def score(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS) -> UnitScores:
-        """ΔKL of removing each KV group / MLP channel of `kinds` alone, one layer at a time."""
+        """ΔKL of removing each attention unit / MLP channel of `kinds` alone, one layer at a time."""
         check_kinds(kinds)
-        geo = Geometry.of(model)
+        geo = Geometry.of(model, self.attention_unit)
         replay = Replay(model, calibration, self.batch_size)
         dense = [torch.log_softmax(logits, -1) for _, logits in replay.logits(0)]
         gates = _gates.ones(geo, kinds, device=next(model.parameters()).device)

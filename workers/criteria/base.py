@@ -11,7 +11,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class LayerScores:
-    """Scores of one decoder layer's units: `attn` per KV group (n_kv_heads,), `mlp` per channel (intermediate,)."""
+    """Scores of one decoder layer's units: `attn` per attention unit (KV group or query head), `mlp` per channel."""
 
     attn: torch.Tensor
     mlp: torch.Tensor

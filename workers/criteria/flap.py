@@ -1,7 +1,7 @@
 """FLAP: fluctuation of o_proj / down_proj input columns, with bias compensation of the removed ones.
 
-Column score s_j = Var_t(X_j)·‖W[:, j]‖₂² (population variance over every calibration token); a KV group's score
-is the sum over its columns (FLAP takes the mean and squares the attention metric; both are rank-neutral within a
+Column score s_j = Var_t(X_j)·‖W[:, j]‖₂² (population variance over every calibration token); an attention unit's
+score is the sum over its columns (FLAP takes the mean and squares the attention metric; both are rank-neutral within a
 layer). A column that barely fluctuates can be replaced by its mean: adding the bias b = W[:, P]·mean(X_P) for
 the removed set P keeps the output mean, and removes a constant column with no error at all.
 """
@@ -51,11 +51,12 @@ class FlapFit:
 
     scores: UnitScores
     means: tuple[dict[str, torch.Tensor], ...]
+    attention_unit: str = "kv_group"
 
     def bias(self, model: nn.Module, layer: int, kind: str, removed_units: torch.Tensor) -> torch.Tensor:
         """Bias to add to layer `layer`'s o_proj / down_proj when `removed_units` (indices) are cut."""
         lin = target_linear(decoder_layers(model)[layer], kind)
-        removed = unit_columns(removed_units, kind, Geometry.of(model))
+        removed = unit_columns(removed_units, kind, Geometry.of(model, self.attention_unit))
         return flap_bias(lin.weight, self.means[layer][kind], removed)
 
 
@@ -64,13 +65,14 @@ class Flap:
 
     name = "flap"
 
-    def __init__(self, batch_size: int = 8):
+    def __init__(self, batch_size: int = 8, attention_unit: str = "kv_group"):
         self.batch_size = batch_size
+        self.attention_unit = attention_unit
 
     def fit(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS) -> FlapFit:
         """One pass over `calibration`: fluctuation scores of every unit and the input means."""
         check_kinds(kinds)
-        geo = Geometry.of(model)
+        geo = Geometry.of(model, self.attention_unit)
         stats = input_stats(model, calibration, kinds, self.batch_size)
         layers, means = [], []
         for layer, st in zip(decoder_layers(model), stats, strict=True):
@@ -80,8 +82,8 @@ class Flap:
                 out[kind] = unit_reduce(col, kind, geo).cpu()
             layers.append(LayerScores(**out))
             means.append({kind: st[kind].mean for kind in kinds})
-        return FlapFit(UnitScores(layers=tuple(layers), criterion=self.name), tuple(means))
+        return FlapFit(UnitScores(layers=tuple(layers), criterion=self.name), tuple(means), self.attention_unit)
 
     def score(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS) -> UnitScores:
-        """Fluctuation scores of every KV group / MLP channel."""
+        """Fluctuation scores of every attention unit / MLP channel."""
         return self.fit(model, calibration, kinds).scores

@@ -29,11 +29,15 @@ ESTIMATORS = ("autograd", "spsa")
 
 
 def gate_gradients(
-    model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS, batch_size: int = 8
+    model: nn.Module,
+    calibration: torch.Tensor,
+    kinds: tuple[str, ...] = KINDS,
+    batch_size: int = 8,
+    attention_unit: str = "kv_group",
 ) -> tuple[_gates.Gates, _gates.Gates]:
     """Signed gradients ∂T/∂m (T = mean CE) and the Fisher mean_n (∂T_n/∂m)², per layer and kind (fp64, CPU)."""
     check_kinds(kinds)
-    geo = Geometry.of(model)
+    geo = Geometry.of(model, attention_unit)
     n_seq, per_seq = calibration.shape[0], calibration.shape[1] - 1
     first = [{k: torch.zeros(_gates.n_units(k, geo), dtype=torch.float64) for k in kinds} for _ in range(geo.n_layers)]
     fisher = [{k: torch.zeros_like(v) for k, v in per_kind.items()} for per_kind in first]
@@ -63,6 +67,7 @@ def spsa_gradient(
     eps: float = 1e-3,
     batch_size: int = 8,
     replay: Replay | None = None,
+    attention_unit: str = "kv_group",
 ) -> torch.Tensor:
     """Forward-only estimate of ∂T/∂m for one layer's gates of `kind`: mean_k (T(1+εz_k) − T(1−εz_k))/2ε · z_k.
 
@@ -70,7 +75,7 @@ def spsa_gradient(
     Each T runs layers `layer`.. only, from `replay` (built here from `calibration` when not given).
     """
     check_kinds((kind,))
-    geo = Geometry.of(model)
+    geo = Geometry.of(model, attention_unit)
     param = next(model.parameters())
     if eps < 4 * torch.finfo(param.dtype).eps:
         raise ValueError(f"eps={eps} is lost in {param.dtype} rounding of the gates; use eps >= 4 * its epsilon")
@@ -112,6 +117,7 @@ class Gate:
         eps: SPSA perturbation size.
         seed: seeds the SPSA probes (layer l, kind k use seed + 2l + k).
         batch_size: sequences per forward pass.
+        attention_unit: "kv_group" or "q_head".
     """
 
     def __init__(
@@ -123,6 +129,7 @@ class Gate:
         eps: float = 1e-3,
         seed: int = 0,
         batch_size: int = 8,
+        attention_unit: str = "kv_group",
     ):
         if stat not in STATS or estimator not in ESTIMATORS:
             raise ValueError(f"unknown gate stat/estimator {stat!r}/{estimator!r}; expected {STATS} / {ESTIMATORS}")
@@ -130,15 +137,16 @@ class Gate:
             raise ValueError("the Fisher statistic needs per-sample gradients: use estimator='autograd'")
         self.stat, self.estimator = stat, estimator
         self.probes, self.eps, self.seed, self.batch_size = probes, eps, seed, batch_size
+        self.attention_unit = attention_unit
         self.name = "gate_spsa" if estimator == "spsa" else ("gate_fisher" if stat == "fisher" else "gate")
 
     def score(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS) -> UnitScores:
-        """Gate sensitivity of every KV group / MLP channel of `kinds`."""
+        """Gate sensitivity of every attention unit / MLP channel of `kinds`."""
         check_kinds(kinds)
         if self.estimator == "spsa":
             grads = self._spsa(model, calibration, kinds)
         else:
-            first, fisher = gate_gradients(model, calibration, kinds, self.batch_size)
+            first, fisher = gate_gradients(model, calibration, kinds, self.batch_size, self.attention_unit)
             grads = fisher if self.stat == "fisher" else first
         layers = []
         for per_kind in grads:
@@ -148,13 +156,15 @@ class Gate:
         return UnitScores(layers=tuple(layers), criterion=self.name)
 
     def _spsa(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...]) -> _gates.Gates:
-        geo = Geometry.of(model)
+        geo = Geometry.of(model, self.attention_unit)
         replay = Replay(model, calibration, self.batch_size)
         out: _gates.Gates = []
         for layer in range(geo.n_layers):
             per_kind = {}
             for kind in kinds:
                 z = rademacher(self.probes, _gates.n_units(kind, geo), self.seed + 2 * layer + KINDS.index(kind))
-                per_kind[kind] = spsa_gradient(model, calibration, layer, kind, z, eps=self.eps, replay=replay)
+                per_kind[kind] = spsa_gradient(
+                    model, calibration, layer, kind, z, eps=self.eps, replay=replay, attention_unit=self.attention_unit
+                )
             out.append(per_kind)
         return out

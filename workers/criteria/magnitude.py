@@ -22,12 +22,15 @@ class Magnitude:
 
     name = "magnitude"
 
+    def __init__(self, attention_unit: str = "kv_group"):
+        self.attention_unit = attention_unit
+
     def score(
         self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS
     ) -> UnitScores:
-        """Score every KV group / MLP channel by the L1 norm of its o_proj / down_proj columns."""
+        """Score every attention unit / MLP channel by the L1 norm of its o_proj / down_proj columns."""
         check_kinds(kinds)
-        geo = Geometry.of(model)
+        geo = Geometry.of(model, self.attention_unit)
         layers = []
         for layer in decoder_layers(model):
             out = {k: empty() for k in KINDS}

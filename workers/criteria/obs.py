@@ -110,7 +110,7 @@ def obs_prune(
 
 
 def _group_width(kind: str, geo: Geometry) -> int:
-    return geo.group_width if kind == "attn" else 1
+    return geo.attn_width if kind == "attn" else 1
 
 
 def obs_levels(
@@ -120,19 +120,21 @@ def obs_levels(
     *,
     rel_damp: float = 1e-2,
     batch_size: int = 8,
+    attention_unit: str = "kv_group",
 ) -> list[dict[str, ObsLevels]]:
     """Per layer, the nested OBS removal order and updated o_proj / down_proj weights at each removal count.
 
     Args:
         model: a Llama-family causal LM; its weights are read, never written.
         calibration: token ids (N, T); H is gathered from the dense model for every layer.
-        levels: kind ("attn" / "mlp") -> removal counts (KV groups / channels), e.g. {"attn": [0, 1, 2]}.
+        levels: kind ("attn" / "mlp") -> removal counts (attention units / channels), e.g. {"attn": [0, 1, 2]}.
         rel_damp: dampening added to diag H, relative to its mean.
         batch_size: sequences per forward pass.
+        attention_unit: "kv_group" or "q_head" (query heads removed, K/V kept: DarwinLM's `kv_ignore`).
     """
     kinds = tuple(levels)
     check_kinds(kinds)
-    geo = Geometry.of(model)
+    geo = Geometry.of(model, attention_unit)
     stats = input_stats(model, calibration, kinds, batch_size, gram=True)
     out = []
     for layer, st in zip(decoder_layers(model), stats, strict=True):
@@ -156,23 +158,25 @@ class Obs:
 
     name = "obs"
 
-    def __init__(self, rel_damp: float = 1e-2, batch_size: int = 8):
+    def __init__(self, rel_damp: float = 1e-2, batch_size: int = 8, attention_unit: str = "kv_group"):
         self.rel_damp = rel_damp
         self.batch_size = batch_size
+        self.attention_unit = attention_unit
 
     def score(
         self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS
     ) -> UnitScores:
         """Remove every unit greedily with OBS updates; a unit's score is the step at which it went."""
         check_kinds(kinds)
-        geo = Geometry.of(model)
-        n_units = {"attn": geo.n_kv, "mlp": geo.inter}
+        geo = Geometry.of(model, self.attention_unit)
+        n_units = {"attn": geo.attn_units, "mlp": geo.inter}
         per_layer = obs_levels(
             model,
             calibration,
             {k: [n_units[k]] for k in kinds},
             rel_damp=self.rel_damp,
             batch_size=self.batch_size,
+            attention_unit=self.attention_unit,
         )
         layers = []
         for res in per_layer:

@@ -14,20 +14,21 @@ class Random:
 
     name = "random"
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, attention_unit: str = "kv_group"):
         self.seed = seed
+        self.attention_unit = attention_unit
 
     def score(
         self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS
     ) -> UnitScores:
-        """Draw one score per KV group and MLP channel; the same seed and shape give the same scores."""
+        """Draw one score per attention unit and MLP channel; the same seed and shape give the same scores."""
         check_kinds(kinds)
-        geo = Geometry.of(model)
+        geo = Geometry.of(model, self.attention_unit)
         gen = torch.Generator().manual_seed(self.seed)
         layers = []
         for _ in range(geo.n_layers):
             # Always draw both kinds so a layer's attn scores do not depend on whether mlp was asked for.
-            attn = torch.rand(geo.n_kv, generator=gen, dtype=torch.float64)
+            attn = torch.rand(geo.attn_units, generator=gen, dtype=torch.float64)
             mlp = torch.rand(geo.inter, generator=gen, dtype=torch.float64)
             drawn = {"attn": attn, "mlp": mlp}
             layers.append(LayerScores(**{k: drawn[k] if k in kinds else empty() for k in KINDS}))

@@ -1,8 +1,9 @@
 """First-order Taylor (LLM-Pruner "Element¹"): Σ |w·g| over every weight a unit couples, g = ∂T/∂w.
 
 T is the mean next-token cross-entropy over the calibration set. A KV group couples its r·h q_proj rows, its h
-k_proj and v_proj rows and its r·h o_proj columns; an MLP channel couples its gate_proj and up_proj rows and its
-down_proj column. Gradients are accumulated over micro-batches before |w·g| is taken, so chunking does not matter.
+k_proj and v_proj rows and its r·h o_proj columns; a query head (K/V kept) its h q_proj rows and o_proj
+columns; an MLP channel couples its gate_proj and up_proj rows and its down_proj column. Gradients are
+accumulated over micro-batches before |w·g| is taken, so chunking does not matter.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ def _unit_sum(saliency: dict[str, torch.Tensor], kind: str, geo: Geometry) -> to
     if kind == "mlp":
         return saliency["gate"].sum(1) + saliency["up"].sum(1) + saliency["down"].sum(0)
     q = group_reduce(saliency["q"].sum(1), geo)  # q rows are head-major, like o columns
+    o = group_reduce(saliency["o"].sum(0), geo)
+    if geo.unit == "q_head":  # K/V heads stay: they are not part of the unit
+        return q + o
     kv = (saliency["k"].sum(1) + saliency["v"].sum(1)).reshape(geo.n_kv, geo.head_dim).sum(1)
-    return q + kv + group_reduce(saliency["o"].sum(0), geo)
+    return q + kv + o
 
 
 def weight_gradients(
@@ -64,12 +68,13 @@ class Taylor:
 
     name = "taylor"
 
-    def __init__(self, batch_size: int = 8):
+    def __init__(self, batch_size: int = 8, attention_unit: str = "kv_group"):
         self.batch_size = batch_size
+        self.attention_unit = attention_unit
 
     def score(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS) -> UnitScores:
-        """One forward and backward per micro-batch; scores every KV group / MLP channel of `kinds`."""
-        geo = Geometry.of(model)
+        """One forward and backward per micro-batch; scores every attention unit / MLP channel of `kinds`."""
+        geo = Geometry.of(model, self.attention_unit)
         grads = weight_gradients(model, calibration, kinds, self.batch_size)
         layers = []
         for layer, per_kind in zip(decoder_layers(model), grads, strict=True):

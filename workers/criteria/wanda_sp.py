@@ -1,7 +1,8 @@
 """Wanda-sp (structured Wanda, from the FLAP repository): |W|·‖X‖ on o_proj / down_proj input columns.
 
-Column score s_j = Σ_i |W_ij|·‖X_j‖₂ with ‖X_j‖₂ taken over every calibration token; a KV group's score is
-the sum over the columns of all its query heads. One forward pass, O(width) statistics per linear.
+Column score s_j = Σ_i |W_ij|·‖X_j‖₂ with ‖X_j‖₂ taken over every calibration token; an attention unit's
+score is the sum over its columns (all its query heads' for a KV group). One forward pass, O(width) statistics
+per linear.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ class WandaSP:
 
     name = "wanda_sp"
 
-    def __init__(self, batch_size: int = 8):
+    def __init__(self, batch_size: int = 8, attention_unit: str = "kv_group"):
         self.batch_size = batch_size
+        self.attention_unit = attention_unit
 
     def score(
         self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS
     ) -> UnitScores:
-        """Score every KV group / MLP channel from one pass over `calibration` (N, T) token ids."""
+        """Score every attention unit / MLP channel from one pass over `calibration` (N, T) token ids."""
         check_kinds(kinds)
-        geo = Geometry.of(model)
+        geo = Geometry.of(model, self.attention_unit)
         stats = input_stats(model, calibration, kinds, self.batch_size)
         layers = []
         for layer, st in zip(decoder_layers(model), stats, strict=True):
