@@ -1,7 +1,8 @@
 """Saliency criteria on the trained reference model: cut the lowest-scored 25% of units per layer, measure KL.
 
 For every registered criterion: score the units on calibration tokens (timed), remove the lowest `--fraction` of
-the KV groups, of the MLP channels, or of both, in every layer (as masks, `workers.slicing.masked`), and report
+the attention units (KV groups, or query heads with `--attention-unit q_head`), of the MLP channels, or of both,
+in every layer (as masks, `workers.slicing.masked`), and report
 KL(p_dense ‖ p_pruned) per token on held-out evaluation tokens. The criteria that need a forward pass per unit
 or probe (ablation, gate_spsa) see only the first `--slow-tokens` calibration tokens. Two compensated variants
 are added: `obs+update` (OBS-updated o_proj / down_proj weights from `obs_levels`) and `flap+bias` (FLAP's mean
@@ -10,6 +11,7 @@ against `ablation` (the exact single-unit ΔKL), averaged over layers.
 
     .venv/bin/python benchmarks/criteria.py                      # builtin:tiny-llama, all criteria
     .venv/bin/python benchmarks/criteria.py --criteria wanda_sp,flap --fraction 0.5
+    .venv/bin/python benchmarks/criteria.py --attention-unit q_head  # query heads, K/V kept
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ class Row:
     rho: dict[str, float]
 
 
-def removal_genome(model: nn.Module, fraction: float, cut: str) -> PruneGenome:
-    """Every layer drops round(fraction · units) KV groups (cut attn/both) and channels (cut mlp/both)."""
+def removal_genome(model: nn.Module, fraction: float, cut: str, unit: str = "kv_group") -> PruneGenome:
+    """Every layer drops round(fraction · units) attention units (cut attn/both) and channels (cut mlp/both)."""
     d = slicing.dims(model)
-    attn = round(fraction * d.n_kv) if cut in ("attn", "both") else 0
+    attn = round(fraction * d.attn_units(unit)) if cut in ("attn", "both") else 0
     mlp = round(fraction * d.intermediate) if cut in ("mlp", "both") else 0
     return PruneGenome(attn=(attn,) * d.n_layers, mlp=(mlp,) * d.n_layers)
 
@@ -64,22 +66,23 @@ def mean_rho(scores: UnitScores, oracle: UnitScores | None, kind: str) -> float:
     ) / len(scores)
 
 
-def held_out_kl(model: nn.Module, scores: UnitScores, fraction: float, held: torch.Tensor, dense, bs: int) -> dict:
+def held_out_kl(model: nn.Module, scores: UnitScores, fraction: float, held: torch.Tensor, dense, bs: int,
+                unit: str) -> dict:
     """KL to dense on held-out tokens after masking the lowest-scored units, per cut."""
     out = {}
     for cut in CUTS:
-        layout = slicing.layout_for(removal_genome(model, fraction, cut), scores, mlp_step=1)
+        layout = slicing.layout_for(removal_genome(model, fraction, cut, unit), scores, mlp_step=1, attention_unit=unit)
         with slicing.masked(model, layout):
             out[cut] = kl_to_dense(model, held, dense, bs)
     return out
 
 
-def obs_updated_kl(model, calib, fraction, held, dense, bs) -> tuple[float, dict]:
+def obs_updated_kl(model, calib, fraction, held, dense, bs, unit) -> tuple[float, dict]:
     """KL after cutting OBS's first units and loading its updated weights (compensated OBS)."""
     started = time.perf_counter()
-    both = removal_genome(model, fraction, "both")
+    both = removal_genome(model, fraction, "both", unit)
     levels = {"attn": [both.attn[0]], "mlp": [both.mlp[0]]}
-    res = obs_levels(model, calib, levels, batch_size=bs)
+    res = obs_levels(model, calib, levels, batch_size=bs, attention_unit=unit)
     seconds = time.perf_counter() - started
     out = {}
     for cut in CUTS:
@@ -94,14 +97,15 @@ def obs_updated_kl(model, calib, fraction, held, dense, bs) -> tuple[float, dict
     return seconds, out
 
 
-def flap_bias_kl(model, calib, fraction, held, dense, bs) -> tuple[float, dict]:
+def flap_bias_kl(model, calib, fraction, held, dense, bs, unit) -> tuple[float, dict]:
     """KL after cutting FLAP's lowest units and adding its bias compensation."""
     started = time.perf_counter()
-    fit = Flap(batch_size=bs).fit(model, calib)
+    fit = Flap(batch_size=bs, attention_unit=unit).fit(model, calib)
     seconds = time.perf_counter() - started
     out = {}
     for cut in CUTS:
-        layout = slicing.layout_for(removal_genome(model, fraction, cut), fit.scores, mlp_step=1)
+        layout = slicing.layout_for(removal_genome(model, fraction, cut, unit), fit.scores, mlp_step=1,
+                                    attention_unit=unit)
         pruned = copy.deepcopy(model)
         for i, (layer, keep) in enumerate(zip(pruned.model.layers, layout.layers, strict=True)):
             for kind, kept, n in (
@@ -130,7 +134,9 @@ def run(args: argparse.Namespace) -> list[Row]:
     names = args.criteria.split(",") if args.criteria else criteria.names()
     timed: dict[str, tuple[float, UnitScores]] = {}
     for name in sorted(names, key=lambda n: n != "ablation"):  # the oracle first, for ρ
-        options = {"seed": args.seed} if name == "random" else {}
+        options = {"attention_unit": args.attention_unit}
+        if name == "random":
+            options["seed"] = args.seed
         if name != "magnitude" and name != "random":
             options["batch_size"] = args.batch_size
         tokens = calib[: max(1, args.slow_tokens // args.seq_len)] if name in SLOW else calib
@@ -143,22 +149,24 @@ def run(args: argparse.Namespace) -> list[Row]:
         Row(
             name,
             sec,
-            held_out_kl(model, scores, args.fraction, held, dense, args.batch_size),
+            held_out_kl(model, scores, args.fraction, held, dense, args.batch_size, args.attention_unit),
             {k: mean_rho(scores, oracle, k) for k in ("attn", "mlp")},
         )
         for name, (sec, scores) in timed.items()
     ]
     nan = {"attn": float("nan"), "mlp": float("nan")}
+    compensated = (model, calib, args.fraction, held, dense, args.batch_size, args.attention_unit)
     if "obs" in names:
-        rows.append(Row("obs+update", *obs_updated_kl(model, calib, args.fraction, held, dense, args.batch_size), nan))
+        rows.append(Row("obs+update", *obs_updated_kl(*compensated), nan))
     if "flap" in names:
-        rows.append(Row("flap+bias", *flap_bias_kl(model, calib, args.fraction, held, dense, args.batch_size), nan))
+        rows.append(Row("flap+bias", *flap_bias_kl(*compensated), nan))
     return rows
 
 
 def print_table(rows: list[Row], args: argparse.Namespace) -> None:
     print(
-        f"\n{args.model}, lowest {args.fraction:.0%} of units removed per layer; KL(dense ‖ pruned) per token on "
+        f"\n{args.model}, lowest {args.fraction:.0%} of units ({args.attention_unit}, channels) removed per layer; "
+        f"KL(dense ‖ pruned) per token on "
         f"{args.eval_tokens} held-out tokens; scored on {args.calibration_tokens} calibration tokens "
         f"({args.slow_tokens} for {', '.join(SLOW)}); "
         f"{torch.get_num_threads()} torch threads\n"
@@ -183,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default="builtin:pydoc")
     parser.add_argument("--criteria", default="", help="comma-separated names; default: all registered")
     parser.add_argument("--fraction", type=float, default=0.25)
+    parser.add_argument("--attention-unit", choices=("kv_group", "q_head"), default="kv_group")
     parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--eval-tokens", type=int, default=6144)
     parser.add_argument("--slow-tokens", type=int, default=1024, help=f"calibration tokens for {', '.join(SLOW)}")

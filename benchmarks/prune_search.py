@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="builtin:tiny-llama")
     p.add_argument("--criterion", default="obs")
+    p.add_argument("--attention-unit", choices=("kv_group", "q_head"), default="kv_group",
+                   help="attention level steps: KV groups, or query heads with K/V kept")
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--generations", type=int, default=6, help="evolution generations (the budget follows)")
@@ -67,7 +69,7 @@ def job_spec(args, seed: int) -> dict:
         "data": {"calibration_tokens": args.calibration_tokens, "eval_tokens": args.eval_tokens,
                  "train_tokens": max(65536, args.post_train_tokens)},
         "prune": {"targets": [args.target], "criterion": args.criterion, "train_lr": args.lr,
-                  "train_loss": args.train_loss},
+                  "train_loss": args.train_loss, "attention_unit": args.attention_unit},
         "search": {"generations": args.generations, "offspring": args.offspring, "train_tokens": train},
         "seed": seed,
     }).model_dump(mode="json")
