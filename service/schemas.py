@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.spec import JobSpec
+from service.spec import JobSpec, PosttrainOptions, ResourceSpec
 from service.status import JobStatus
 from service.store import JobRecord
 
@@ -29,7 +29,21 @@ class JobCreate(JobSpec):
 
     def spec(self) -> JobSpec:
         """The job spec without the request-only fields."""
-        return JobSpec.model_validate(self.model_dump(exclude={"idempotency_key"}))
+        # unset fields stay unset: a posttrain job tells what it was given from what it inherits
+        return JobSpec.model_validate(self.model_dump(exclude={"idempotency_key"}, exclude_unset=True))
+
+
+class PosttrainCreate(PosttrainOptions):
+    """Post-train a candidate of a finished structured_prune job: the training options, all optional."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"tokens": 65536, "loss": "kd"}]})
+
+    name: str | None = Field(default=None, max_length=200)
+    resources: ResourceSpec | None = Field(default=None, description="Default: the parent job's.")
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+        description="Printable ASCII, no spaces; the same key from the same tenant returns the same job.",
+    )
 
 
 class JobPublic(BaseModel):

@@ -1,17 +1,21 @@
-"""Jobs: submit, list, read, cancel."""
+"""Jobs: submit, list, read, cancel; and post-train a finished job's candidate as a follow-up job."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from fastapi import Path as PathParam
 
+from darwinfront.errors import CandidateNotFound, JobNotFound
 from service.etag import conditional
 from service.quotas import Quota
+from service.routes.candidates import CandidateId
 from service.routes.deps import JobDep, SettingsDep, StoreDep, TenantDep, blocking
-from service.schemas import ErrorBody, JobCreate, JobList, JobPublic
+from service.schemas import ErrorBody, JobCreate, JobList, JobPublic, PosttrainCreate
 from service.settings import Settings
-from service.status import JobStatus
+from service.spec import JobSpec
+from service.status import TERMINAL, JobStatus
 from service.store import JobRecord, JobStore
 from service.validation import validate_spec
 
@@ -22,6 +26,20 @@ _NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job for this API
 IdempotencyHeader = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")
 ]
+ParentId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+_CREATE_ERRORS = {
+    400: {"model": ErrorBody, "description": "The body cannot be read (not UTF-8)."},
+    404: {"model": ErrorBody, "description": "posttrain: no such parent job for this API key, or it has no "
+          "exported candidate of that id (the error names the field)."},
+    409: {"model": ErrorBody, "description": "posttrain: the parent job has not finished exporting its "
+          "candidates yet (`job_not_finished`)."},
+    422: {"model": ErrorBody, "description": "The spec is invalid (the error names the field), the posttrain "
+          "parent is not a structured_prune job (`not_a_prune_job`), or the tenant's active jobs and this one "
+          "together plan more evaluations than allowed (`budget_exceeded`)."},
+    429: {"model": ErrorBody, "description": "The tenant has as many queued and running jobs as allowed "
+          "(`too_many_active_jobs`); retry when one ends."},
+}
+_PARENT_FIELDS = ("posttrain.job", "posttrain.candidate")
 
 
 def _invalid(field: str, message: str) -> HTTPException:
@@ -29,25 +47,64 @@ def _invalid(field: str, message: str) -> HTTPException:
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail)
 
 
-def _validate_and_create(store: JobStore, settings: Settings, tenant: str, body: JobCreate, key: str | None):
-    spec = body.spec()
+def _refuse(code: int, kind: str, field: str, message: str) -> HTTPException:
+    return HTTPException(code, detail={"code": kind, "field": field, "message": f"{field}: {message}"})
+
+
+def resolve_parent(store: JobStore, tenant: str, spec: JobSpec, fields: tuple[str, str] = _PARENT_FIELDS) -> JobSpec:
+    """The posttrain `spec` with its parent job's model, data and seed (and resources, unless given) filled in.
+
+    Args:
+        store: The job store.
+        tenant: The caller; the parent must be one of its jobs.
+        spec: A validated spec of method posttrain.
+        fields: How errors name the parent job and the candidate (body fields, or the path parameters).
+
+    Raises:
+        HTTPException: 404 for an unknown parent or candidate; 422 for a parent that is not a structured_prune
+            job, or a model, data or seed that differs from the parent's; 409 while the parent has not yet
+            exported its candidates.
+    """
+    job_field, candidate_field = fields
+    options = spec.posttrain
+    try:
+        parent = store.get(options.job, tenant)
+    except JobNotFound:
+        raise _refuse(404, "job_not_found", job_field, f"no job {options.job!r}") from None
+    method = parent.spec.get("method", "structured_prune")
+    if method != "structured_prune":
+        raise _refuse(422, "not_a_prune_job", job_field, f"job {parent.id!r} is a {method} job; only the "
+                      "candidates of a structured_prune job can be post-trained")
+    try:
+        store.get_result(parent.id, options.candidate)
+    except CandidateNotFound:
+        if parent.status not in TERMINAL:
+            raise _refuse(409, "job_not_finished", candidate_field, f"job {parent.id!r} is {parent.status.value};"
+                          " its front candidates are exported when it succeeds: post-train one then") from None
+        raise _refuse(404, "candidate_not_found", candidate_field, f"job {parent.id!r} has no exported "
+                      f"candidate {options.candidate!r} (the front points of a succeeded job have one)") from None
+    parent_spec = JobSpec.model_validate(parent.spec)
+    inherited = {"model": parent_spec.model, "data": parent_spec.data, "seed": parent_spec.seed}
+    for name, value in inherited.items():
+        if name in spec.model_fields_set and getattr(spec, name) != value:
+            raise _invalid(name, "a posttrain job uses its parent job's; leave it out")
+    if "resources" not in spec.model_fields_set:
+        inherited["resources"] = parent_spec.resources
+    return JobSpec.model_validate({**spec.model_dump(exclude_unset=True), **inherited})
+
+
+def _validate_and_create(
+    store: JobStore, settings: Settings, tenant: str, spec: JobSpec, key: str | None,
+    fields: tuple[str, str] = _PARENT_FIELDS,
+) -> JobRecord:
+    if spec.method == "posttrain":
+        spec = resolve_parent(store, tenant, spec, fields)
     validate_spec(spec, settings)  # looks at the file system
     return store.create(tenant, spec.model_dump(mode="json"), idempotency_key=key,
                         planned=spec.planned_evaluations(), quota=Quota.from_settings(settings))
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_201_CREATED,
-    responses={
-        400: {"model": ErrorBody, "description": "The body cannot be read (not UTF-8)."},
-        422: {"model": ErrorBody, "description": "The spec is invalid (the error names the field), or the "
-              "tenant's active jobs and this one together plan more evaluations than allowed "
-              "(`budget_exceeded`)."},
-        429: {"model": ErrorBody, "description": "The tenant has as many queued and running jobs as allowed "
-              "(`too_many_active_jobs`); retry when one ends."},
-    },
-)
+@router.post("", status_code=status.HTTP_201_CREATED, responses=_CREATE_ERRORS)
 async def create_job(
     body: JobCreate,
     tenant: TenantDep,
@@ -64,7 +121,42 @@ async def create_job(
     if body.idempotency_key and idempotency_header and body.idempotency_key != idempotency_header:
         raise _invalid("idempotency_key", "differs from the Idempotency-Key header")
     key = body.idempotency_key or idempotency_header
-    record: JobRecord = await blocking(_validate_and_create, store, settings, tenant, body, key)
+    record: JobRecord = await blocking(_validate_and_create, store, settings, tenant, body.spec(), key)
+    response.headers["Location"] = f"/v1/jobs/{record.id}"
+    return JobPublic.from_record(record)
+
+
+@router.post(
+    "/{job_id}/candidates/{candidate_id}/posttrain", status_code=status.HTTP_201_CREATED, responses=_CREATE_ERRORS
+)
+async def posttrain_candidate(
+    job_id: ParentId,
+    candidate_id: CandidateId,
+    tenant: TenantDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    response: Response,
+    body: PosttrainCreate | None = None,
+    idempotency_header: IdempotencyHeader = None,
+) -> JobPublic:
+    """Post-train a candidate of a finished structured_prune job on more tokens, as a follow-up job.
+
+    The same as submitting `{"method": "posttrain", "posttrain": {"job": job_id, "candidate": candidate_id,
+    ...}}`: the follow-up job is queued and runs like any other (status, events, cancel, quotas). It starts from
+    the candidate's exported weights and trains the sliced model, so what was pruned stays pruned; its result
+    is stored under the same candidate id (`/v1/jobs/{follow-up}/candidates/{candidate_id}/config`, `/model`).
+    The body's options are all optional; model, data and seed are the parent's, and so are the resources
+    unless given.
+    """
+    body = body or PosttrainCreate()
+    if body.idempotency_key and idempotency_header and body.idempotency_key != idempotency_header:
+        raise _invalid("idempotency_key", "differs from the Idempotency-Key header")
+    options = body.model_dump(exclude={"name", "resources", "idempotency_key"}, exclude_unset=True)
+    document = {"method": "posttrain", "posttrain": {**options, "job": job_id, "candidate": candidate_id}}
+    document |= body.model_dump(include={"name", "resources"}, exclude_none=True)
+    key = body.idempotency_key or idempotency_header
+    spec = JobSpec.model_validate(document)
+    record = await blocking(_validate_and_create, store, settings, tenant, spec, key, ("job_id", "candidate_id"))
     response.headers["Location"] = f"/v1/jobs/{record.id}"
     return JobPublic.from_record(record)
 
