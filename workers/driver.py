@@ -22,6 +22,7 @@ from service.store import JobStore, connect
 from workers.interrupts import Cancelled, LeaseLost
 from workers.kv_job import KVJob
 from workers.pool import describe_error, init_ray
+from workers.posttrain_job import PosttrainJob
 from workers.prune_job import PruneJob
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ class Driver:
             method = self.store.get(job_id).spec.get("method", "structured_prune")
             if method == "kv_precision":
                 KVJob(self.store, job_id, self.redis_url, lease_lost=lease.lost).run()
+            elif method == "posttrain":
+                PosttrainJob(self.store, job_id, self.data_dir, lease_lost=lease.lost).run()
             else:
                 PruneJob(self.store, job_id, self.redis_url, self.data_dir, lease_lost=lease.lost).run()
         except Cancelled:

@@ -1,0 +1,321 @@
+"""The `posttrain` job: train one chosen candidate of a finished `structured_prune` job on more tokens.
+
+The search only trains candidates lightly (training-aware selection); a user who has picked a front point can
+have it post-trained before downloading it. The follow-up job starts from the candidate's exact weights (the
+parent's exported archive, or the export rebuilt when the archive is not on this host), trains the physically
+sliced model, so what was pruned stays pruned by construction, with a fresh AdamW on the parent's training text
+(disjoint from the held-out evaluation text and from the fitness pool), and measures KL(dense ‖ candidate) and
+perplexity before and after on the same tokens. The trained model is stored under the same candidate id.
+
+The training runs in one Ray actor (on a GPU when the job's resources ask for one); the driver steps it one
+batch at a time and checks for cancellation and a lost lease between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from darwinfront.errors import InvalidSpec
+from service.spec import JobSpec, PosttrainOptions
+from service.store import JobStore
+from workers import artifacts, data, finetune, fitness, modeling, slicing
+from workers.interrupts import Cancelled, LeaseLost
+
+log = logging.getLogger(__name__)
+EVENTS_PER_RUN = 10  # `training` events over a whole run, whatever its length
+
+
+def training_batches(pool: torch.Tensor, tokens: int, seed: int, batch_size: int) -> list[torch.Tensor]:
+    """`ceil(tokens / T)` sequences of `pool` (N, T) in batches of `batch_size`, in an order drawn with `seed`.
+
+    Each pass over the pool is a fresh seeded permutation, so a budget larger than the pool goes through it
+    again, reshuffled; the last batch may be smaller.
+    """
+    n, t = pool.shape
+    if n == 0:
+        raise InvalidSpec("data.source", "no training text: the calibration documents end with the fitness pool")
+    wanted = math.ceil(tokens / t)
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.cat([torch.randperm(n, generator=generator) for _ in range(math.ceil(wanted / n))])[:wanted]
+    return list(pool[rows].split(batch_size))  # each (B, T)
+
+
+@dataclass(frozen=True)
+class Pools:
+    """The parent job's fitness pool, a training pool after it, and the held-out evaluation sequences."""
+
+    calibration: torch.Tensor  # (N, T): the search's fitness pool, where `kl` is measured
+    training: torch.Tensor  # (M, T): what follows it in the calibration documents, up to what training needs
+    held_out: torch.Tensor  # (E, T): other documents
+
+
+def load_pools(spec: JobSpec, tokenizer, tokens: int) -> Pools:
+    """The pools of the parent `spec` (the same fitness and held-out sequences its search used).
+
+    The training pool holds up to `tokens` tokens of the calibration documents after the fitness pool (more
+    than the search's `data.train_tokens` when asked, as far as the documents go).
+    """
+    d, t = spec.data, spec.data.seq_len
+    texts = data.load_texts(d.source)
+    n_fit = d.calibration_sequences
+    wanted = n_fit + math.ceil(tokens / t)
+    stream = data.token_stream(tokenizer, data.split_documents(texts, "calibration", spec.seed), limit=wanted * t)
+    have = min(wanted, stream.numel() // t)
+    if have <= n_fit:
+        raise InvalidSpec("data.calibration_tokens", f"the calibration documents hold {have} sequences of {t} "
+                          f"tokens, none left for training after the {n_fit} of the fitness pool")
+    pool = stream[: have * t].view(have, t)  # (have, T)
+    held_out = data.token_sequences(tokenizer, texts, n_tokens=d.eval_tokens, seq_len=t, split="evaluation",
+                                    seed=spec.seed)
+    return Pools(pool[:n_fit].clone(), pool[n_fit:].clone(), held_out)
+
+
+def load_candidate(spec_dict: dict, configuration: dict, archive: str | None) -> tuple[nn.Module, object, str]:
+    """The candidate's sliced model exactly as its parent exported it, its tokenizer, and where it came from.
+
+    From `archive` (the parent's `.tar.gz`) when given; else rebuilt the way the parent exported it (dense
+    model, level database weights, the recorded light training, slicing), which costs a few model loads.
+    """
+    spec = JobSpec.model_validate(spec_dict)
+    dtype, device = modeling.resolve_dtype(spec.model.dtype), modeling.resolve_device(spec.model.device)
+    with tempfile.TemporaryDirectory(prefix="darwinfront-posttrain-") as tmp:
+        if archive is not None:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+            folder, source = Path(tmp) / configuration["candidate_id"], "archive"
+        else:
+            from workers.evaluator import Evaluator, prepare
+
+            Evaluator(spec_dict, prepare(spec_dict)).export(configuration, tmp)
+            folder, source = Path(tmp), "rebuilt"
+        model, tokenizer = slicing.load_pruned(folder, dtype=dtype, device=device)
+    if slicing.count_parameters(model) != configuration["parameters"]:
+        raise InvalidSpec("posttrain.candidate", f"the candidate's model has {slicing.count_parameters(model)} "
+                          f"parameters, its configuration {configuration['parameters']}")
+    return model, tokenizer, source
+
+
+class Posttrainer:
+    """Trains one sliced candidate against its dense model. Ray runs it as an actor; the driver steps it.
+
+    Args:
+        spec_dict: the parent job's spec (model, data, seed).
+        configuration: the candidate's configuration document, as the parent stored it.
+        archive: the parent's model archive of the candidate, or None to rebuild it.
+        options: the `posttrain` options (tokens, lr, batch_size, loss, seed).
+        threads: torch CPU threads (0 leaves torch's default).
+    """
+
+    def __init__(self, spec_dict: dict, configuration: dict, archive: str | None, options: dict, threads: int = 0):
+        if threads > 0:
+            torch.set_num_threads(threads)
+        spec = JobSpec.model_validate(spec_dict)
+        self.options = PosttrainOptions.model_validate(options)
+        self.model, self.tokenizer, self.source = load_candidate(spec_dict, configuration, archive)
+        device = next(self.model.parameters()).device
+        dense, _ = modeling.load_model(spec.model.source, dtype=spec.model.dtype, device=str(device),
+                                       revision=spec.model.revision)
+        self.dense_params = slicing.count_parameters(dense)
+        pools = load_pools(spec, self.tokenizer, self.options.tokens)
+        self.calibration, self.held_out = pools.calibration.to(device), pools.held_out.to(device)
+        self.teacher = fitness.Teacher.of(dense, self.calibration, topk=spec.search.kl_topk)
+        self.teacher_held_out = fitness.Teacher.of(dense, self.held_out)
+        self.dense = dense if self.options.loss == "kd" else None  # distillation asks it at every step
+        self.batches = training_batches(pools.training, self.options.tokens, self.options.seed,
+                                        self.options.batch_size)
+        self.training_sequences = int(pools.training.shape[0])
+        torch.manual_seed(self.options.seed)
+        settings = finetune.TrainSettings(lr=self.options.lr, batch_size=self.options.batch_size)
+        self.weight_decay = settings.weight_decay
+        self.optimizer = finetune.make_optimizer(self.model, settings)
+        self.done = self.tokens_done = 0
+        self.losses: list[float] = []
+        self.seconds = 0.0
+
+    def describe(self) -> dict:
+        """What the run will do: steps, tokens, where the weights came from, model sizes."""
+        return {"steps": len(self.batches), "tokens": sum(b.numel() for b in self.batches), "start": self.source,
+                "parameters": slicing.count_parameters(self.model), "dense_parameters": self.dense_params,
+                "training_sequences": self.training_sequences}
+
+    def measure(self) -> dict:
+        """KL(dense ‖ model) on the fitness pool (`kl`) and held out, and held-out perplexity, as the model is now."""
+        held_out_kl, perplexity = fitness.kl_and_perplexity(self.model, self.held_out, self.teacher_held_out)
+        return {"kl": fitness.kl(self.model, self.calibration, self.teacher), "held_out_kl": held_out_kl,
+                "perplexity": perplexity}
+
+    def step(self) -> dict:
+        """Train on the next batch; returns the step number (from 1), its loss and the tokens trained so far."""
+        if self.done >= len(self.batches):
+            raise RuntimeError(f"all {len(self.batches)} steps are done")
+        started = time.perf_counter()
+        batch = self.batches[self.done]  # (B, T)
+        teacher = None if self.dense is None else _dense_logprobs(self.dense, batch)
+        self.model.train()
+        try:
+            loss = finetune.train_step(self.model, self.optimizer, batch, (), teacher)
+        finally:
+            self.model.eval()
+        self.done += 1
+        self.tokens_done += batch.numel()
+        self.losses.append(loss)
+        self.seconds += time.perf_counter() - started
+        return {"step": self.done, "loss": loss, "tokens": self.tokens_done}
+
+    def record(self) -> dict:
+        """The training so far: steps, first and last loss, seconds."""
+        return {"steps": self.done, "first_loss": self.losses[0] if self.losses else None,
+                "last_loss": self.losses[-1] if self.losses else None, "seconds": self.seconds}
+
+    def save(self, directory: str) -> dict:
+        """Save the trained sliced model (safetensors + config) and its tokenizer under `directory`."""
+        slicing.save_pruned(self.model.to("cpu"), self.tokenizer, Path(directory))
+        return {"params": slicing.count_parameters(self.model)}
+
+
+@torch.inference_mode()
+def _dense_logprobs(dense: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    logits = dense(input_ids=batch.to(next(dense.parameters()).device)).logits[:, :-1]  # (B, T-1, vocab)
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+class _Trainer:
+    """A `Posttrainer` as a Ray actor, or in this process (`in_process`: tests and debugging)."""
+
+    def __init__(self, args: tuple, *, gpus: float, in_process: bool):
+        self.local = self.actor = None
+        if in_process:
+            self.local = Posttrainer(*args)
+            return
+        threads = max(1, int(ray.cluster_resources().get("CPU", 1))) if gpus == 0 else 0
+        remote = ray.remote(Posttrainer).options(num_cpus=1, num_gpus=gpus, max_restarts=0)
+        self.actor = remote.remote(*args, threads)
+
+    def call(self, method: str, *args) -> object:
+        if self.local is not None:
+            return getattr(self.local, method)(*args)
+        return ray.get(getattr(self.actor, method).remote(*args))
+
+    def close(self) -> None:
+        if self.actor is not None:
+            ray.kill(self.actor, no_restart=True)
+
+
+@dataclass
+class PosttrainJob:
+    """Runs one posttrain job to completion (or cancellation) given its store and id.
+
+    Args:
+        store: the job store.
+        job_id: the posttrain job.
+        data_dir: where model archives live (the parent's are read there, the result is written there).
+        lease_lost: set by the driver's lease keeper when the job is taken over.
+        in_process: train in this process instead of a Ray actor.
+    """
+
+    store: JobStore
+    job_id: str
+    data_dir: Path
+    lease_lost: threading.Event | None = None
+    in_process: bool = False
+
+    def run(self) -> None:
+        spec = JobSpec.model_validate(self.store.get(self.job_id).spec)
+        options = spec.posttrain
+        parent = self.store.get(options.job)
+        configuration = self.store.get_result(options.job, options.candidate)
+        args = (parent.spec, configuration, self._parent_archive(options.job, options.candidate),
+                options.model_dump(exclude={"job", "candidate"}))
+        trainer = _Trainer(args, gpus=spec.resources.gpus_per_evaluator, in_process=self.in_process)
+        try:
+            plan = trainer.call("describe")
+            before = trainer.call("measure")
+            event = {"parent": options.job, "candidate": options.candidate, "before": before,
+                     "dense": {"params": plan["dense_parameters"]}, **plan}
+            self.store.append_event(self.job_id, "prepared", event)
+            self._train(trainer, plan["steps"])
+            after = trainer.call("measure")
+            document = posttrained_configuration(configuration, spec, plan, trainer.call("record"), before, after)
+            with tempfile.TemporaryDirectory(dir=self.data_dir) as tmp:
+                trainer.call("save", tmp)
+                meta = artifacts.archive(self.data_dir, self.job_id, options.candidate, Path(tmp))
+        finally:
+            trainer.close()
+        self.store.put_result(self.job_id, options.candidate, document)
+        self.store.put_artifact(self.job_id, options.candidate, meta)
+        self.store.set_front(self.job_id, [front_point(document)], generation=None)
+        self.store.append_event(self.job_id, "posttrained", {"before": before, "after": after})
+
+    def _parent_archive(self, parent_id: str, candidate_id: str) -> str | None:
+        """The parent's archive of the candidate when it is on this host, else None (the trainer rebuilds it)."""
+        try:
+            meta = self.store.get_artifact(parent_id, candidate_id)
+        except KeyError:
+            meta = None
+        path = None if meta is None else Path(self.data_dir) / "artifacts" / meta["path"]
+        if path is None or not path.is_file():
+            log.warning("no archive of %s/%s here; the candidate will be rebuilt", parent_id, candidate_id)
+            return None
+        return str(path)
+
+    def _train(self, trainer: _Trainer, steps: int) -> None:
+        """Step the trainer to the end, reporting progress; stop between steps on cancel or a lost lease."""
+        every = max(1, steps // EVENTS_PER_RUN)
+        for _ in range(steps):
+            if self.lease_lost is not None and self.lease_lost.is_set():
+                raise LeaseLost
+            if self.store.cancel_requested(self.job_id):
+                raise Cancelled
+            done = trainer.call("step")
+            step = done["step"]
+            # evaluations / planned count steps here, so progress bars made for searches show the training
+            self.store.set_progress(self.job_id, {"step": step, "steps": steps, "tokens": done["tokens"],
+                                                  "loss": done["loss"], "evaluations": step, "planned": steps})
+            if step % every == 0 or step == steps:
+                self.store.append_event(self.job_id, "training", {"step": step, "steps": steps, "loss": done["loss"]})
+
+
+def posttrained_configuration(parent: dict, spec: JobSpec, plan: dict, record: dict, before: dict,
+                              after: dict) -> dict:
+    """The follow-up's configuration document: the parent's, with the post-trained metrics and a `posttrain`
+    section (parent job, tokens, loss, lr, KL and perplexity before and after)."""
+    options = spec.posttrain
+    return {
+        **parent,
+        "weights": "posttrained",
+        "metrics": dict(after),
+        "posttrain": {
+            "job": options.job, "candidate": options.candidate, "tokens": plan["tokens"], "steps": record["steps"],
+            "lr": options.lr, "batch_size": options.batch_size, "loss": options.loss, "seed": options.seed,
+            "weight_decay": finetune.TrainSettings().weight_decay, "start": plan["start"],
+            "first_loss": record["first_loss"], "last_loss": record["last_loss"], "seconds": record["seconds"],
+            "before": dict(before), "after": dict(after),
+        },
+    }
+
+
+def front_point(document: dict) -> dict:
+    """The follow-up job's front: its one candidate, with the objectives of a prune front (KL, parameters)."""
+    post = document["posttrain"]
+    return {
+        "candidate_id": document["candidate_id"],
+        "objectives": {"kl": post["after"]["kl"], "params": document["parameters"]},
+        "target": document.get("target"),
+        "generation": None,
+        "held_out_kl": post["after"]["held_out_kl"],
+        "perplexity": post["after"]["perplexity"],
+        "parent_job": post["job"],
+        "before": post["before"],
+    }
