@@ -99,6 +99,26 @@ def cmd_submit(args) -> int:
     return 0
 
 
+def cmd_posttrain(args) -> int:
+    client = Client(args.url, args.key)
+    options = {"tokens": args.tokens, "lr": args.lr, "batch_size": args.batch_size, "loss": args.loss,
+               "seed": args.seed}
+    job = client.posttrain(args.job, args.candidate, **options)
+    print(job.id)
+    if args.wait:
+        job = wait_with_bar(client, job.id)
+        print(f"{job.id} {job.status}" + (f": {job.error}" if job.error else ""))
+        if job.status != "succeeded":
+            return 1
+        post = client.configuration(job.id, args.candidate)["posttrain"]
+        before, after = post["before"], post["after"]
+        print(f"{args.candidate}: {post['tokens']:,} tokens ({post['loss']}); KL {before['kl']:.5f} -> "
+              f"{after['kl']:.5f}, held-out KL {before['held_out_kl']:.5f} -> {after['held_out_kl']:.5f}, "
+              f"perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}")
+        print(f"download: darwinfront download {job.id} {args.candidate} --model")
+    return 0
+
+
 def cmd_status(args) -> int:
     client = Client(args.url, args.key)
     if args.job:
@@ -189,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", type=Path)
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("posttrain", help="post-train a candidate of a finished prune job on more tokens")
+    p.add_argument("job", help="the structured_prune job")
+    p.add_argument("candidate", help="one of its front candidates")
+    p.add_argument("--tokens", type=int, help="training tokens (server default: 131072)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=int, help="sequences per step (default 8)")
+    p.add_argument("--loss", choices=["kd", "ce"], help="kd: distil from the dense model (default); ce: next token")
+    p.add_argument("--seed", type=int, help="seed of the batch order (default 0)")
+    p.add_argument("--wait", action="store_true", help="follow the job, then print KL and perplexity before/after")
+    p.set_defaults(func=cmd_posttrain)
 
     p = sub.add_parser("status", help="one job, or the list of jobs")
     p.add_argument("job", nargs="?")

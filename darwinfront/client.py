@@ -169,6 +169,27 @@ class Client:
         params = {"offset": offset, "limit": limit} | ({"status": status} if status else {})
         return JobList.model_validate(self._call("GET", "/v1/jobs", params=params).json())
 
+    def posttrain(
+        self, job_id: str, candidate_id: str, *, idempotency_key: str | None = None, **options: Any
+    ) -> JobPublic:
+        """Post-train a candidate of a finished structured_prune job on more tokens, as a follow-up job.
+
+        Args:
+            job_id: The parent job.
+            candidate_id: One of its front candidates.
+            idempotency_key: The same key returns the job the first request made.
+            **options: `tokens`, `lr`, `batch_size`, `loss` (`kd` or `ce`), `seed`, `name`, `resources`; the
+                server's defaults for those left out (or None).
+
+        Returns:
+            The follow-up job (queued). When it succeeds, its result is under the same candidate id:
+            `configuration(followup.id, candidate_id)`, `download_model(followup.id, candidate_id, path)`.
+        """
+        body = {name: value for name, value in options.items() if value is not None}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        path = f"/v1/jobs/{job_id}/candidates/{candidate_id}/posttrain"
+        return JobPublic.model_validate(self._call("POST", path, json=body, headers=headers).json())
+
     def cancel(self, job_id: str) -> JobPublic:
         """Cancel a job (a running one stops at the end of its generation)."""
         return JobPublic.model_validate(self._call("POST", f"/v1/jobs/{job_id}/cancel").json())
