@@ -17,7 +17,7 @@ from service.spec import JobSpec
 from service.status import JobStatus
 from workers import artifacts, slicing
 from workers.interrupts import Cancelled, LeaseLost
-from workers.posttrain_job import Posttrainer, PosttrainJob, load_pools, training_batches
+from workers.posttrain_job import Posttrainer, PosttrainJob, batch_rows, load_pools
 
 pytest_plugins = ["service_fixtures"]
 
@@ -82,15 +82,15 @@ def test_other_methods_refuse_a_posttrain_section_and_still_need_a_model(method)
 # ---- the batches ----------------------------------------------------------------------------------------------
 
 
-def test_training_batches_cover_the_budget_and_reshuffle_beyond_the_pool():
-    pool = torch.arange(5 * 4).view(5, 4)  # 5 sequences of 4 tokens, row i starts at 4i
-    batches = training_batches(pool, tokens=4 * 12 - 1, seed=3, batch_size=5)  # rounds up to 12 sequences
+def test_batch_rows_cover_the_budget_and_reshuffle_beyond_the_pool():
+    batches = batch_rows(5, tokens=4 * 12 - 1, seq_len=4, seed=3, batch_size=5)  # rounds up to 12 sequences
     assert [len(b) for b in batches] == [5, 5, 2]
-    rows = [int(r[0]) // 4 for b in batches for r in b]
+    rows = torch.cat(batches).tolist()
     assert sorted(rows[:5]) == sorted(rows[5:10]) == list(range(5))  # each pass is a permutation of the pool
     assert rows[:5] != rows[5:10]
-    again = training_batches(pool, tokens=47, seed=3, batch_size=5)
+    again = batch_rows(5, tokens=47, seq_len=4, seed=3, batch_size=5)
     assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+    assert torch.cat(batch_rows(5, tokens=47, seq_len=4, seed=4, batch_size=5)).tolist() != rows
 
 
 def test_the_training_pool_is_disjoint_from_the_fitness_pool_and_the_held_out_text(micro_model):

@@ -37,19 +37,19 @@ log = logging.getLogger(__name__)
 EVENTS_PER_RUN = 10  # `training` events over a whole run, whatever its length
 
 
-def training_batches(pool: torch.Tensor, tokens: int, seed: int, batch_size: int) -> list[torch.Tensor]:
-    """`ceil(tokens / T)` sequences of `pool` (N, T) in batches of `batch_size`, in an order drawn with `seed`.
+def batch_rows(sequences: int, tokens: int, seq_len: int, seed: int, batch_size: int) -> list[torch.Tensor]:
+    """Which of `sequences` training sequences each step trains on: `ceil(tokens / seq_len)` in all, in batches
+    of `batch_size` (the last may be smaller), in an order drawn with `seed`.
 
     Each pass over the pool is a fresh seeded permutation, so a budget larger than the pool goes through it
-    again, reshuffled; the last batch may be smaller.
+    again, reshuffled. Rows, not tokens, so a long run does not hold its batches in memory twice.
     """
-    n, t = pool.shape
-    if n == 0:
+    if sequences == 0:
         raise InvalidSpec("data.source", "no training text: the calibration documents end with the fitness pool")
-    wanted = math.ceil(tokens / t)
+    wanted = math.ceil(tokens / seq_len)
     generator = torch.Generator().manual_seed(seed)
-    rows = torch.cat([torch.randperm(n, generator=generator) for _ in range(math.ceil(wanted / n))])[:wanted]
-    return list(pool[rows].split(batch_size))  # each (B, T)
+    passes = [torch.randperm(sequences, generator=generator) for _ in range(math.ceil(wanted / sequences))]
+    return list(torch.cat(passes)[:wanted].split(batch_size))  # each (B,) row indices
 
 
 @dataclass(frozen=True)
@@ -133,9 +133,9 @@ class Posttrainer:
         self.teacher = fitness.Teacher.of(dense, self.calibration, topk=spec.search.kl_topk)
         self.teacher_held_out = fitness.Teacher.of(dense, self.held_out)
         self.dense = dense if self.options.loss == "kd" else None  # distillation asks it at every step
-        self.batches = training_batches(pools.training, self.options.tokens, self.options.seed,
-                                        self.options.batch_size)
-        self.training_sequences = int(pools.training.shape[0])
+        self.training = pools.training  # (M, T), on the CPU; each step moves its batch
+        self.batches = batch_rows(len(self.training), self.options.tokens, spec.data.seq_len, self.options.seed,
+                                  self.options.batch_size)
         torch.manual_seed(self.options.seed)
         settings = finetune.TrainSettings(lr=self.options.lr, batch_size=self.options.batch_size)
         self.weight_decay = settings.weight_decay
@@ -146,9 +146,10 @@ class Posttrainer:
 
     def describe(self) -> dict:
         """What the run will do: steps, tokens, where the weights came from, model sizes."""
-        return {"steps": len(self.batches), "tokens": sum(b.numel() for b in self.batches), "start": self.source,
+        tokens = sum(len(rows) for rows in self.batches) * self.training.shape[1]
+        return {"steps": len(self.batches), "tokens": tokens, "start": self.source,
                 "parameters": slicing.count_parameters(self.model), "dense_parameters": self.dense_params,
-                "training_sequences": self.training_sequences}
+                "training_sequences": len(self.training)}
 
     def measure(self) -> dict:
         """KL(dense ‖ model) on the fitness pool (`kl`) and held out, and held-out perplexity, as the model is now."""
@@ -161,7 +162,7 @@ class Posttrainer:
         if self.done >= len(self.batches):
             raise RuntimeError(f"all {len(self.batches)} steps are done")
         started = time.perf_counter()
-        batch = self.batches[self.done]  # (B, T)
+        batch = self.training[self.batches[self.done]]  # (B, T)
         teacher = None if self.dense is None else _dense_logprobs(self.dense, batch)
         self.model.train()
         try:
