@@ -129,8 +129,9 @@ class PruneSpec(_Strict):
     attention_unit: Literal["kv_group", "q_head"] = Field(
         default="kv_group",
         description="Attention units: `kv_group` whole KV groups (their K/V heads and query heads), or `q_head` "
-        "single query heads with every K/V head kept (finer steps under GQA; removing all query heads drops "
-        "the attention).",
+        "single query heads with every K/V head kept (finer steps under GQA). With `q_head` a target removes that "
+        "fraction of the query heads and MLP channels; K/V heads go only with a whole attention (its top level), "
+        "so candidates keep more parameters than `kv_group` ones at the same target.",
     )
     levels: int = Field(default=10, ge=1, le=4096, description="Level steps per layer and group (the target).")
     mlp_multiple: int = Field(default=8, ge=1, le=1024, description="MLP level steps are multiples of this.")
