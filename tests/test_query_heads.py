@@ -275,3 +275,33 @@ def test_a_query_head_job_evaluates_and_exports_a_model_that_reloads_to_its_kl(m
     assert isinstance(reloaded.model.layers[0].self_attn, slicing.QueryHeadAttention)
     kl = metrics.kl_to_teacher(reloaded, evaluator.inputs.calibration, evaluator.teacher.logprobs, batch_size=8)
     assert kl == pytest.approx(reply["kl"], rel=1e-4)
+
+
+def test_a_query_head_candidate_post_trains_with_its_heads_still_cut(micro_dir, tmp_path):
+    from test_posttrain import OPTIONS, PARENT_SPEC
+
+    from search.genome import LevelSpace
+    from workers import artifacts
+    from workers.evaluator import Evaluator, prepare
+    from workers.posttrain_job import Posttrainer
+
+    spec = {**PARENT_SPEC, "prune": {**PARENT_SPEC["prune"], "attention_unit": "q_head"}}
+    spec = JobSpec.model_validate(spec).model_dump(mode="json")
+    prepared = prepare(spec)
+    evaluator = Evaluator(spec, prepared)
+    genome = LevelSpace.from_dict(prepared["space"]).uniform(0.5)
+    configuration = evaluator.configuration({"genome": genome.to_dict(), "seed": 1, "train_tokens": 0},
+                                            {"candidate_id": "c", "target": 0.5, "kl": 0.1})
+    evaluator.export(configuration, str(tmp_path / "export"))
+    meta = artifacts.archive(tmp_path, "parent", "c", tmp_path / "export")
+    trainer = Posttrainer(spec, configuration, str(tmp_path / "artifacts" / meta["path"]), OPTIONS)
+    attention = [layer.self_attn for layer in trainer.model.model.layers]
+    assert all(isinstance(a, slicing.QueryHeadAttention) and a.q_proj.out_features == 2 * a.head_dim
+               for a in attention)  # 2 of 4 query heads left, both K/V heads kept
+    before = trainer.measure()
+    for _ in range(trainer.describe()["steps"]):
+        trainer.step()
+    after = trainer.measure()
+    assert slicing.count_parameters(trainer.model) == configuration["parameters"]
+    assert all(a.q_proj.out_features == 2 * a.head_dim for a in attention)
+    assert after["held_out_kl"] < before["held_out_kl"]
