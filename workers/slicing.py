@@ -280,10 +280,7 @@ def slice_model(model: nn.Module, layout: Layout) -> nn.Module:
     d = dims(model)
     _check_layout(layout, d)
     for i, (layer, keep) in enumerate(zip(model.model.layers, layout.layers, strict=True)):
-        if layout.attention_unit == "q_head":
-            _slice_query_heads(layer, i, keep.attn_units, d)
-        else:
-            _slice_attention(layer, i, keep.attn_units, d)
+        _slice_attention(layer, i, keep.attn_units, d, layout.attention_unit)
         _slice_mlp(layer, keep.mlp_channels, d)
     model.config.darwinfront_layout = layout.to_dict()
     return model
@@ -407,32 +404,24 @@ def _require_dense(model: nn.Module) -> None:
         raise InvalidSpec("model", "the model is already sliced; slice or mask only a dense model")
 
 
-def _slice_attention(layer: nn.Module, index: int, units: tuple[int, ...], d: Dims) -> None:
+def _slice_attention(layer: nn.Module, index: int, units: tuple[int, ...], d: Dims, unit: str) -> None:
+    """Keep `units` (KV groups, or query heads with every K/V head) of one layer's attention."""
     attn = layer.self_attn
     if not units:
         layer.self_attn = NoAttention(index, d.hidden, attn.o_proj.bias)
         return
-    if len(units) == d.n_kv:
+    if len(units) == d.attn_units(unit):
         return
-    q_rows = _spans(units, d.group * d.head_dim, attn.o_proj.weight.device)
-    kv_rows = _spans(units, d.head_dim, attn.o_proj.weight.device)
+    device = attn.o_proj.weight.device
+    q_rows = _spans(units, d.head_dim if unit == "q_head" else d.group * d.head_dim, device)
     attn.q_proj = _take(attn.q_proj, q_rows, dim=0)
+    attn.o_proj = _take(attn.o_proj, q_rows, dim=1)
+    if unit == "q_head":
+        layer.self_attn = QueryHeadAttention(attn, units, d.group)
+        return
+    kv_rows = _spans(units, d.head_dim, device)
     attn.k_proj = _take(attn.k_proj, kv_rows, dim=0)
     attn.v_proj = _take(attn.v_proj, kv_rows, dim=0)
-    attn.o_proj = _take(attn.o_proj, q_rows, dim=1)
-
-
-def _slice_query_heads(layer: nn.Module, index: int, heads: tuple[int, ...], d: Dims) -> None:
-    attn = layer.self_attn
-    if not heads:
-        layer.self_attn = NoAttention(index, d.hidden, attn.o_proj.bias)
-        return
-    if len(heads) == d.n_heads:
-        return
-    rows = _spans(heads, d.head_dim, attn.o_proj.weight.device)
-    attn.q_proj = _take(attn.q_proj, rows, dim=0)
-    attn.o_proj = _take(attn.o_proj, rows, dim=1)
-    layer.self_attn = QueryHeadAttention(attn, heads, d.group)
 
 
 def _slice_mlp(layer: nn.Module, channels: tuple[int, ...], d: Dims) -> None:
