@@ -30,6 +30,11 @@ def claimed() -> str:
     return f"{PREFIX}claimed"
 
 
+def strays() -> str:
+    """Hash: job id -> Redis time it was first seen in the claimed list without running (a claim cut short)."""
+    return f"{PREFIX}strays"
+
+
 def events(job_id: str) -> str:
     """Stream: the job's capped event log."""
     return f"{PREFIX}job:{job_id}:events"

@@ -65,3 +65,43 @@ def test_terminal_status_drops_the_lease(store: JobStore, redis_client: redis.Re
     store.set_status(job_id, JobStatus.succeeded)
     assert not redis_client.exists(keys.lease(job_id))
     assert not store.renew_lease(job_id, "d1", 5)
+
+
+def _stranded(store: JobStore, redis_client: redis.Redis) -> str:
+    """A job a claim moved to the claimed list and never marked running (the claimer died, or Redis went away)."""
+    job = store.create("alpha", SPEC)
+    assert redis_client.lmove(keys.queue(), keys.claimed(), "RIGHT", "LEFT") == job.id
+    return job.id
+
+
+def test_a_stray_claim_goes_back_to_the_queue_once_it_is_old(store: JobStore, redis_client: redis.Redis):
+    job_id = _stranded(store, redis_client)
+    assert store.requeue_expired(stray_seconds=60) == []  # first seen: a live claim may be finishing
+    assert store.requeue_expired(stray_seconds=60) == []
+    assert redis_client.lrange(keys.claimed(), 0, -1) == [job_id]
+    assert store.claim("d1", timeout=0) is None  # stranded: nothing to claim
+    assert store.requeue_expired(stray_seconds=0) == [job_id]
+    assert redis_client.lrange(keys.claimed(), 0, -1) == [] and not redis_client.exists(keys.strays())
+    assert store.claim("d1", timeout=0, lease_seconds=5) == job_id
+    assert store.get(job_id).status is JobStatus.running
+    assert store.requeue_expired(stray_seconds=0) == []  # running with a lease: no stray
+
+
+def test_a_claim_that_finishes_is_no_stray(store: JobStore, redis_client: redis.Redis):
+    job_id = _stranded(store, redis_client)
+    assert store.requeue_expired(stray_seconds=0.2) == []
+    store.set_status(job_id, JobStatus.running)  # the claimer's status write lands after all
+    store.grant_lease(job_id, "d1", 5)
+    time.sleep(0.3)
+    assert store.requeue_expired(stray_seconds=0.2) == []
+    assert store.get(job_id).status is JobStatus.running and not redis_client.exists(keys.strays())
+    assert redis_client.lrange(keys.claimed(), 0, -1) == [job_id]
+
+
+def test_a_cancelled_stray_leaves_the_claimed_list_without_requeueing(store: JobStore, redis_client: redis.Redis):
+    job_id = _stranded(store, redis_client)
+    assert store.request_cancel(job_id) is JobStatus.cancelled
+    assert store.requeue_expired(stray_seconds=0) == []
+    assert store.requeue_expired(stray_seconds=0) == []
+    assert redis_client.lrange(keys.claimed(), 0, -1) == [] and redis_client.lrange(keys.queue(), 0, -1) == []
+    assert store.get(job_id).status is JobStatus.cancelled
