@@ -25,12 +25,11 @@ from pathlib import Path
 import ray
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.errors import CandidateNotFound, InvalidSpec
 from service.spec import JobSpec, PosttrainOptions
 from service.store import JobStore
-from workers import artifacts, data, finetune, fitness, modeling, slicing
+from workers import artifacts, data, finetune, fitness, metrics, modeling, slicing
 from workers.interrupts import Cancelled, LeaseLost
 
 log = logging.getLogger(__name__)
@@ -138,7 +137,6 @@ class Posttrainer:
                                   self.options.batch_size)
         torch.manual_seed(self.options.seed)
         settings = finetune.TrainSettings(lr=self.options.lr, batch_size=self.options.batch_size)
-        self.weight_decay = settings.weight_decay
         self.optimizer = finetune.make_optimizer(self.model, settings)
         self.done = self.tokens_done = 0
         self.losses: list[float] = []
@@ -163,7 +161,7 @@ class Posttrainer:
             raise RuntimeError(f"all {len(self.batches)} steps are done")
         started = time.perf_counter()
         batch = self.training[self.batches[self.done]]  # (B, T)
-        teacher = None if self.dense is None else _dense_logprobs(self.dense, batch)
+        teacher = None if self.dense is None else metrics.teacher_logprobs(self.dense, batch, len(batch))
         self.model.train()
         try:
             loss = finetune.train_step(self.model, self.optimizer, batch, (), teacher)
@@ -184,12 +182,6 @@ class Posttrainer:
         """Save the trained sliced model (safetensors + config) and its tokenizer under `directory`."""
         slicing.save_pruned(self.model.to("cpu"), self.tokenizer, Path(directory))
         return {"params": slicing.count_parameters(self.model)}
-
-
-@torch.inference_mode()
-def _dense_logprobs(dense: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    logits = dense(input_ids=batch.to(next(dense.parameters()).device)).logits[:, :-1]  # (B, T-1, vocab)
-    return F.log_softmax(logits.float(), dim=-1)
 
 
 class _Trainer:
@@ -263,7 +255,7 @@ class PosttrainJob:
         """The parent's archive of the candidate when it is on this host, else None (the trainer rebuilds it)."""
         try:
             meta = self.store.get_artifact(parent_id, candidate_id)
-        except KeyError:
+        except CandidateNotFound:
             meta = None
         path = None if meta is None else Path(self.data_dir) / "artifacts" / meta["path"]
         if path is None or not path.is_file():
