@@ -31,6 +31,17 @@ SPEC = {
 }
 
 
+def download_model(http: httpx.Client, job_id: str, candidate_id: str, folder):
+    """GET a candidate's model archive, unpack it into `folder` and load it with `load_pruned`."""
+    response = http.get(f"/v1/jobs/{job_id}/candidates/{candidate_id}/model")
+    assert response.status_code == 200
+    archive = folder / "model.tar.gz"
+    archive.write_bytes(response.content)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    return slicing.load_pruned(folder / candidate_id)[0]
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, micro_dir):
     """One embedded stack for the module (Ray starts once); the micro model is built before the driver runs."""
@@ -94,13 +105,7 @@ def test_submit_poll_front_download_apply(http, finished_job, tmp_path):
     generated = model.generate(**tokenizer("The if statement", return_tensors="pt"), max_new_tokens=5)
     assert generated.shape[1] > 0
 
-    archive = tmp_path / "model.tar.gz"
-    response = http.get(f"/v1/jobs/{job_id}/candidates/{point['candidate_id']}/model")
-    assert response.status_code == 200
-    archive.write_bytes(response.content)
-    with tarfile.open(archive) as tar:
-        tar.extractall(tmp_path, filter="data")
-    reloaded, _ = slicing.load_pruned(tmp_path / point["candidate_id"])
+    reloaded = download_model(http, job_id, point["candidate_id"], tmp_path)
     with torch.inference_mode():
         assert torch.allclose(reloaded(tokens[:2]).logits, model(tokens[:2]).logits, atol=1e-5)
 

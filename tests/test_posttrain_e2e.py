@@ -3,10 +3,8 @@ the REST route by the driver (Ray actor), and the downloaded archive gives the K
 
 from __future__ import annotations
 
-import tarfile
-
 import pytest
-from test_end_to_end import _wait, http, stack  # noqa: F401  (the embedded stack fixtures, started once here)
+from test_end_to_end import _wait, download_model, http, stack  # noqa: F401  (the embedded stack fixtures, started once here)
 
 from service.spec import JobSpec
 from workers import fitness, modeling, slicing
@@ -48,13 +46,7 @@ def test_a_front_candidate_post_trained_through_the_route(http, tmp_path):  # no
     assert kinds[:3] == ["queued", "running", "started"] and "prepared" in kinds and "training" in kinds
     assert kinds[-2:] == ["posttrained", "succeeded"]
 
-    archive = tmp_path / "model.tar.gz"
-    response = http.get(f"/v1/jobs/{job['id']}/candidates/{cid}/model")
-    assert response.status_code == 200
-    archive.write_bytes(response.content)
-    with tarfile.open(archive) as tar:
-        tar.extractall(tmp_path, filter="data")
-    model, _ = slicing.load_pruned(tmp_path / cid)
+    model = download_model(http, job["id"], cid, tmp_path)
     assert slicing.count_parameters(model) == parent_configuration["parameters"] == point["objectives"]["params"]
 
     spec = JobSpec.model_validate(PARENT)

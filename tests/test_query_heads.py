@@ -10,12 +10,13 @@ import pytest
 import torch
 from conftest import tiny_model
 from pydantic import ValidationError
+from test_slicing import _scores
 
 from darwinfront.errors import InvalidSpec
 from search.genome import PruneGenome
 from service.spec import JobSpec
 from workers import criteria, database, levels, slicing
-from workers.criteria.base import LayerScores, UnitScores
+from workers.criteria.base import UnitScores
 from workers.criteria.gate import gate_gradients
 
 MLP_STEP = 8
@@ -31,13 +32,7 @@ def _tokens(vocab: int, shape=(2, 12), seed: int = 0) -> torch.Tensor:
 
 
 def _head_scores(model, seed: int = 1) -> UnitScores:
-    d = slicing.dims(model)
-    g = torch.Generator().manual_seed(seed)
-    layers = tuple(
-        LayerScores(attn=torch.rand(d.n_heads, generator=g), mlp=torch.rand(d.intermediate, generator=g))
-        for _ in range(d.n_layers)
-    )
-    return UnitScores(layers=layers, criterion="hand")
+    return _scores(model, seed, attention_unit="q_head")
 
 
 def _layout(model, heads: list[tuple[int, ...]]) -> slicing.Layout:

@@ -15,11 +15,13 @@ torch.set_num_threads(1)
 MLP_STEP = 8
 
 
-def _scores(model, seed: int = 1) -> UnitScores:
+def _scores(model, seed: int = 1, attention_unit: str = "kv_group") -> UnitScores:
+    """Random scores for every attention unit (KV groups or query heads) and MLP channel."""
     d = slicing.dims(model)
     g = torch.Generator().manual_seed(seed)
+    units = d.attn_units(attention_unit)
     layers = tuple(
-        LayerScores(attn=torch.rand(d.n_kv, generator=g), mlp=torch.rand(d.intermediate, generator=g))
+        LayerScores(attn=torch.rand(units, generator=g), mlp=torch.rand(d.intermediate, generator=g))
         for _ in range(d.n_layers)
     )
     return UnitScores(layers=layers, criterion="hand")
