@@ -20,6 +20,27 @@ from search.seeding import derive_seed
 _MAX_REPEATS = 200
 
 
+class BestSoFar:
+    """The lowest fitness told so far and its genome, ties to the earlier request; `start` until one succeeds."""
+
+    def __init__(self, start: PruneGenome):
+        self.start = start
+        self._best: tuple[float, int, PruneGenome] | None = None
+
+    def offer(self, value: float | None, index: int, genome: PruneGenome) -> None:
+        """Consider request `index`'s fitness `value` (None: it failed)."""
+        if value is not None and (self._best is None or (value, index) < self._best[:2]):
+            self._best = (value, index, genome)
+
+    @property
+    def genome(self) -> PruneGenome:
+        return self.start if self._best is None else self._best[2]
+
+    @property
+    def fitness(self) -> float | None:
+        return None if self._best is None else self._best[0]
+
+
 def random_levels(total: int, n: int, top: int, rng: random.Random) -> tuple[int, ...]:
     """Uniformly one of all tuples of `n` levels in 0..`top` that sum to `total`.
 
@@ -99,7 +120,7 @@ class RandomSearch:
         self._given = 0
         self._exhausted = False
         self._results: dict[str, float | None] = {}
-        self._best: tuple[float, int, PruneGenome] | None = None
+        self._best = BestSoFar(start)
 
     def _request(self, index: int, genome: PruneGenome) -> Request:
         cid = f"t{self._key}-{self.name}-c{index}"
@@ -138,8 +159,7 @@ class RandomSearch:
             raise ValueError(f"candidate {candidate_id!r} was told already")
         value, _ = check_fitness(fitness, error)
         self._results[candidate_id] = value
-        if value is not None and (self._best is None or (value, index) < self._best[:2]):
-            self._best = (value, index, self._requests[index].genome)
+        self._best.offer(value, index, self._requests[index].genome)
 
     @property
     def finished(self) -> bool:
@@ -154,11 +174,11 @@ class RandomSearch:
     @property
     def best(self) -> PruneGenome:
         """The best genome so far (`start` until something succeeded)."""
-        return self._start if self._best is None else self._best[2]
+        return self._best.genome
 
     @property
     def best_fitness(self) -> float | None:
-        return None if self._best is None else self._best[0]
+        return self._best.fitness
 
 
 class UniformOnly(RandomSearch):

@@ -14,6 +14,7 @@ import random
 import optuna
 from optuna.samplers import NSGAIISampler
 
+from search.baselines import BestSoFar
 from search.evolution import DEFAULT_STAGES, Request, Stage, check_fitness
 from search.genome import LevelSpace, PruneGenome
 from search.seeding import derive_seed
@@ -72,7 +73,7 @@ class NsgaSearch:
         self._told: set[str] = set()
         self._known: dict[str, float | None] = {}  # genome key -> fitness, once told
         self._exhausted = False
-        self._best: tuple[float, int, PruneGenome] | None = None
+        self._best = BestSoFar(start)
 
     def _params(self, genome: PruneGenome) -> dict:
         params = {f"attn_{i}": a for i, a in enumerate(genome.attn)}
@@ -132,8 +133,7 @@ class NsgaSearch:
         for trial in trials:
             self._tell_trial(trial, value)
         index = list(self._given).index(candidate_id)
-        if value is not None and (self._best is None or (value, index) < self._best[:2]):
-            self._best = (value, index, genome)
+        self._best.offer(value, index, genome)
 
     @property
     def finished(self) -> bool:
@@ -146,8 +146,8 @@ class NsgaSearch:
 
     @property
     def best(self) -> PruneGenome:
-        return self._start if self._best is None else self._best[2]
+        return self._best.genome
 
     @property
     def best_fitness(self) -> float | None:
-        return None if self._best is None else self._best[0]
+        return self._best.fitness
