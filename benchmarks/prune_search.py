@@ -33,7 +33,8 @@ from search.evolution import Evolution, Stage
 from search.nsga import NsgaSearch
 from search.seeding import derive_seed
 from service.spec import JobSpec
-from workers.evaluator import Evaluator, prepare
+from workers.evaluator import Evaluator
+from workers.prepare import prepare
 from workers.prune_job import stages_for
 
 ARMS = ("uniform", "random", "nsga2", "evopress", "darwinlm")

@@ -10,8 +10,9 @@ import ray
 
 from search.genome import LevelSpace
 from service.spec import JobSpec
-from workers.evaluator import Evaluator, prepare
+from workers.evaluator import Evaluator
 from workers.pool import EvaluatorPool, init_ray
+from workers.prepare import prepare
 
 pytestmark = pytest.mark.integration
 

@@ -110,7 +110,8 @@ def test_the_training_pool_is_disjoint_from_the_fitness_pool_and_the_held_out_te
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory, micro_dir):
     """A lightly trained candidate of a micro-llama prune job: its configuration and exported archive."""
-    from workers.evaluator import Evaluator, prepare
+    from workers.evaluator import Evaluator
+    from workers.prepare import prepare
 
     spec = JobSpec.model_validate(PARENT_SPEC).model_dump(mode="json")
     prepared = prepare(spec)

@@ -155,7 +155,8 @@ def test_configuration_layout_keeps_what_the_genome_says(random_llama):
 
 @pytest.mark.integration
 def test_evaluation_restores_the_model_and_the_exported_winner_reloads_to_its_logits(micro_dir, tmp_path):
-    from workers.evaluator import Evaluator, prepare
+    from workers.evaluator import Evaluator
+    from workers.prepare import prepare
 
     micro = {**MICRO, "prune": {**MICRO["prune"], "train_loss": "kd"}}  # the export replays distillation too
     spec = JobSpec.model_validate(micro).model_dump(mode="json")

@@ -248,7 +248,8 @@ def test_a_query_head_job_evaluates_and_exports_a_model_that_reloads_to_its_kl(m
     from test_prune_search import MICRO
 
     from workers import metrics
-    from workers.evaluator import Evaluator, prepare
+    from workers.evaluator import Evaluator
+    from workers.prepare import prepare
 
     spec = JobSpec.model_validate({**MICRO, "prune": {**MICRO["prune"], "attention_unit": "q_head"}})
     spec = spec.model_dump(mode="json")
@@ -277,8 +278,9 @@ def test_a_query_head_candidate_post_trains_with_its_heads_still_cut(micro_dir, 
 
     from search.genome import LevelSpace
     from workers import artifacts
-    from workers.evaluator import Evaluator, prepare
+    from workers.evaluator import Evaluator
     from workers.posttrain_job import Posttrainer
+    from workers.prepare import prepare
 
     spec = {**PARENT_SPEC, "prune": {**PARENT_SPEC["prune"], "attention_unit": "q_head"}}
     spec = JobSpec.model_validate(spec).model_dump(mode="json")

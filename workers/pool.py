@@ -7,7 +7,8 @@ from collections.abc import Iterable, Iterator
 
 import ray
 
-from workers.evaluator import Evaluator, prepare
+from workers.evaluator import Evaluator
+from workers.prepare import prepare
 from workers.telemetry import Telemetry
 
 

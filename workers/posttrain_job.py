@@ -95,7 +95,8 @@ def load_candidate(spec_dict: dict, configuration: dict, archive: str | None) ->
                 tar.extractall(tmp, filter="data")
             folder, source = Path(tmp) / configuration["candidate_id"], "archive"
         else:
-            from workers.evaluator import Evaluator, prepare
+            from workers.evaluator import Evaluator
+            from workers.prepare import prepare
 
             Evaluator(spec_dict, prepare(spec_dict)).export(configuration, tmp)
             folder, source = Path(tmp), "rebuilt"
