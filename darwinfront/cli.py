@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from darwinfront.client import Client
 from darwinfront.errors import DarwinfrontError
-from darwinfront.watch import format_front
+from darwinfront.watch import describe_progress, format_front
 from service.schemas import Front, JobPublic
 from service.spec import JobSpec
 
@@ -56,7 +56,7 @@ def wait_with_bar(client: Client, job_id: str) -> JobPublic:
             progress = job.progress
             bar.total = max(progress.get("planned", 1), 1)
             bar.n = progress.get("evaluations", 0)
-            bar.set_postfix_str(f"{job.status} gen {progress.get('generation', '-')}")
+            bar.set_postfix_str(describe_progress(job.status, progress))
             bar.refresh()
 
         job = client.wait(job_id, on_progress=update, poll=0.5)

@@ -23,6 +23,15 @@ def _cell(value: float | None, width: int, digits: int) -> str:
     return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
 
 
+def describe_progress(status: str, progress: dict) -> str:
+    """The bar's label: what the job is doing now (a prepare step with its ETA, or the generation)."""
+    if progress.get("phase") == "prepare" or ("message" in progress and "generation" not in progress):
+        return f"{status}: {progress.get('message', '')}"
+    if "generation" in progress:
+        return f"{status} gen {progress['generation']}/{progress.get('generations', '?')}"
+    return f"{status} gen -"
+
+
 def format_front(front: Front) -> str:
     """The front as a fixed-width table, smallest model (or fewest KV bits) first."""
     if not front.points:
@@ -59,12 +68,13 @@ class _Display:
             progress = self.job.progress
             self.bar.total = max(int(progress.get("planned", 1)), 1)
             self.bar.n = int(progress.get("evaluations", 0))
-            generation = progress.get("generation", "-")
-            self.bar.set_postfix_str(f"{self.job.status} gen {generation}/{progress.get('generations', '?')}")
+            self.bar.set_postfix_str(describe_progress(self.job.status, progress))
             self.bar.refresh()
         elif message.event == "front" and message.data.points:
             tqdm.write(f"\nfront after generation {message.data.generation}:\n{format_front(message.data)}",
                        file=self.out)
+        elif message.event == "prepare":
+            tqdm.write(f"prepare: {message.data.data.get('message', '')}", file=self.out)
         elif message.event == "candidate_failed":
             data = message.data.data
             tqdm.write(f"candidate {data.get('candidate_id')} failed: {data.get('error')}", file=self.out)

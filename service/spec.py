@@ -192,8 +192,10 @@ class SearchSpec(_Strict):
         description="Tokens of light training per candidate and stage (training-aware only); default the "
         "last entries of 2048/8192/16384/32768, halving further back for longer schedules.",
     )
-    kl_topk: int | None = Field(
-        default=None, ge=1, le=1_000_000, description="Score KL on the teacher's top-k tokens (large vocabularies)."
+    kl_topk: Annotated[int, Field(ge=1, le=1_000_000)] | Literal["auto"] | None = Field(
+        default="auto",
+        description="Score KL on the teacher's top-k tokens: an int, null (always the full vocabulary), or auto "
+        "(full up to a 65,536-token vocabulary, the top 256 above it; see workers/fitness.py for the bytes).",
     )
 
     @model_validator(mode="before")

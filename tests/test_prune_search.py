@@ -47,7 +47,7 @@ def test_spec_accepts_every_registered_criterion_and_only_those():
 def test_spec_defaults_are_the_scaled_paper_schedule():
     spec = JobSpec.model_validate(BASE)
     assert (spec.prune.criterion, spec.prune.levels, spec.prune.mlp_multiple) == ("obs", 10, 8)
-    assert spec.prune.training_aware and spec.prune.attention_unit == "kv_group" and spec.search.kl_topk is None
+    assert spec.prune.training_aware and spec.prune.attention_unit == "kv_group" and spec.search.kl_topk == "auto"
     assert (spec.search.offspring, spec.search.survivors) == (16, [8, 4, 2, 1])
     assert spec.search.fitness_tokens == [256, 512, 1024, 2048]
     assert spec.search.train_tokens == [2048, 8192, 16384, 32768]
@@ -107,6 +107,27 @@ def test_topk_kl_is_a_lower_bound_exact_with_one_token_out_and_zero_for_the_teac
     assert fitness.kl(student, tokens[rows], top8.select(rows)) > 0.0
     kl, ppl = fitness.kl_and_perplexity(student, tokens, full)
     assert kl == pytest.approx(exact) and ppl == pytest.approx(metrics.perplexity(student, tokens, batch_size=3))
+
+
+def test_topk_teacher_gives_held_out_kl_and_the_same_perplexity_in_a_fraction_of_the_bytes(random_llama):
+    tokens = torch.randint(random_llama.config.vocab_size, (5, 12), generator=torch.Generator().manual_seed(1))
+    student = copy.deepcopy(random_llama)
+    with torch.no_grad():
+        student.model.layers[1].self_attn.o_proj.weight.mul_(0.5)
+    full = fitness.Teacher.of(random_llama, tokens, batch_size=2)
+    top8 = fitness.Teacher.of(random_llama, tokens, topk=8)
+    kl_full, ppl_full = fitness.kl_and_perplexity(student, tokens, full, batch_size=2)
+    kl_top, ppl_top = fitness.kl_and_perplexity(student, tokens, top8, batch_size=3)
+    assert ppl_top == pytest.approx(ppl_full) and 0.0 < kl_top < kl_full
+    assert kl_top == pytest.approx(fitness.kl(student, tokens, top8))
+    assert full.nbytes == 5 * 11 * random_llama.config.vocab_size * 4 and top8.nbytes == 5 * 11 * 8 * 12
+
+
+def test_auto_topk_keeps_full_tables_up_to_a_65536_vocabulary():
+    assert fitness.resolve_topk("auto", 49_152) is None and fitness.resolve_topk("auto", 65_536) is None
+    assert fitness.resolve_topk("auto", 151_936) == fitness.AUTO_TOPK == 256
+    assert fitness.resolve_topk(None, 262_144) is None and fitness.resolve_topk(64, 262_144) == 64
+    assert fitness.resolve_topk(4096, 2048) is None  # k covering the vocabulary is the full KL
 
 
 def test_level_switch_offspring_keep_the_real_parameter_count(random_llama):

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,7 @@ def build(
     options: dict | None = None,
     root: Path | None = None,
     batch_size: int = 8,
+    on_layer: Callable[[int, int], None] | None = None,
 ) -> LevelDatabase:
     """Open the database of (model, calibration, criterion, options, table), building it first if needed.
 
@@ -134,6 +136,7 @@ def build(
         options: the criterion's constructor arguments (e.g. `{"seed": 3}` for `random`); part of the key.
         root: the cache root (default `default_root()`).
         batch_size: sequences per forward pass while scoring.
+        on_layer: called with (layers done, layers) as a per-layer criterion (obs) finishes each layer.
     """
     options = dict(options or {})
     key = database_key(model_fingerprint(model), calibration_digest(calibration), criterion, options, table)
@@ -143,15 +146,15 @@ def build(
     def write(out: Path) -> None:
         made.append(out)
         _write(out, model, calibration, criterion=criterion, options=options, table=table, key=key,
-               batch_size=batch_size)
+               batch_size=batch_size, on_layer=on_layer)
 
     build_once(final, write)
     return LevelDatabase.open(final, built=bool(made))
 
 
-def _write(out: Path, model, calibration, *, criterion, options, table, key, batch_size) -> None:
+def _write(out: Path, model, calibration, *, criterion, options, table, key, batch_size, on_layer) -> None:
     if criterion in WEIGHT_CRITERIA:
-        orders = _write_obs(out, model, calibration, table, options, batch_size)
+        orders = _write_obs(out, model, calibration, table, options, batch_size, on_layer)
     else:
         scores = criteria.get(criterion, attention_unit=table.attention_unit, **options).score(model, calibration)
         orders = [{"attn": removal_order(s.attn.tolist()), "mlp": removal_order(s.mlp.tolist())}
@@ -161,7 +164,9 @@ def _write(out: Path, model, calibration, *, criterion, options, table, key, bat
     (out / INDEX).write_text(json.dumps(index))
 
 
-def _write_obs(out: Path, model, calibration, table: LevelTable, options: dict, batch_size: int) -> list[dict]:
+def _write_obs(
+    out: Path, model, calibration, table: LevelTable, options: dict, batch_size: int, on_layer=None
+) -> list[dict]:
     from workers.criteria.obs import obs_levels
 
     counts = {kind: table.counts(kind) for kind in KINDS}

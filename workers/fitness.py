@@ -6,6 +6,12 @@ likely tokens per position (as EvoPress's sparse KL does). Both distributions ar
 outcomes, the k tokens and "any other token": KL_k = Σ_top p_i log(p_i / q_i) + p_rest log(p_rest / q_rest).
 That is a true KL (≥ 0, zero for the teacher itself), never above the full KL, and equal to it when at most
 one token is left out.
+
+Bytes kept per predicted position: 4·vocab for the full table, 12·k for top-k (fp32 value + int64 index). A job's
+`search.kl_topk: auto` keeps the full table up to `AUTO_TOPK_VOCAB` tokens of vocabulary and the top
+`AUTO_TOPK` above it: the default pools (2,048 fitness + 4,096 held-out tokens) then hold at most
+6,144 · 4 · 65,536 B = 1.6 GB of full tables per evaluator (SmolLM2's 49,152: 1.2 GB), while a 152 k (Qwen2.5)
+or 256 k (Gemma) vocabulary holds 6,144 · 12 · 256 B = 19 MB instead of 3.7 or 6.3 GB.
 """
 
 from __future__ import annotations
@@ -18,6 +24,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from workers import metrics
+
+AUTO_TOPK_VOCAB = 65_536  # `kl_topk: auto` keeps full tables up to this vocabulary size
+AUTO_TOPK = 256  # and the teacher's top 256 tokens above it
+
+
+def resolve_topk(setting: int | str | None, vocab_size: int) -> int | None:
+    """The top-k a job scores KL on: `auto` -> None (full) up to `AUTO_TOPK_VOCAB`, else `AUTO_TOPK`; an int as
+    given (None when it covers the vocabulary); None or "off" -> full."""
+    if setting in (None, "off"):
+        return None
+    if setting == "auto":
+        return AUTO_TOPK if vocab_size > AUTO_TOPK_VOCAB else None
+    return None if int(setting) >= vocab_size else int(setting)
 
 
 @dataclass(frozen=True)
@@ -35,13 +54,30 @@ class Teacher:
     top_indices: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 8, topk: int | None = None) -> Teacher:
-        """Run the dense `model` over `tokens` (N, T) once and keep what the KL needs."""
-        full = metrics.teacher_logprobs(model, tokens, batch_size=batch_size)  # (N, T-1, vocab)
-        if topk is None or topk >= full.shape[-1]:
-            return cls(logprobs=full)
-        values, indices = full.topk(topk, dim=-1)  # (N, T-1, k)
-        return cls(top_logprobs=values, top_indices=indices)
+    def of(
+        cls, model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 8, topk: int | str | None = None
+    ) -> Teacher:
+        """Run the dense `model` over `tokens` (N, T) once and keep what the KL needs.
+
+        `topk` is a job's `search.kl_topk` setting (see `resolve_topk`). With top-k, each batch's full log-probs
+        are reduced on the model's device before the next batch, so the peak is one batch's (B, T-1, vocab)
+        table, not the pool's.
+        """
+        topk = resolve_topk(topk, model.config.vocab_size)
+        if topk is None:
+            return cls(logprobs=metrics.teacher_logprobs(model, tokens, batch_size=batch_size))  # (N, T-1, vocab)
+        values, indices = [], []
+        with torch.inference_mode():
+            for chunk in tokens.split(batch_size):
+                top = metrics.next_token_logprobs(model, chunk).topk(topk, dim=-1)  # (B, T-1, k)
+                values.append(top.values.cpu())
+                indices.append(top.indices.cpu())
+        return cls(top_logprobs=torch.cat(values), top_indices=torch.cat(indices))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached outputs."""
+        return sum(t.nbytes for t in (self.logprobs, self.top_logprobs, self.top_indices) if t is not None)
 
     def select(self, rows: torch.Tensor) -> Teacher:
         """The teacher outputs of sequences `rows` (indices into N)."""
@@ -54,26 +90,9 @@ class Teacher:
         return int(table.shape[0])
 
 
-@torch.inference_mode()
 def kl(model: nn.Module, tokens: torch.Tensor, teacher: Teacher, *, batch_size: int = 8) -> float:
     """Mean over predicted positions of KL(teacher ‖ model) in nats (top-k KL when the teacher is top-k)."""
-    if teacher.logprobs is not None:
-        return metrics.kl_to_teacher(model, tokens, teacher.logprobs, batch_size=batch_size)
-    n, t = tokens.shape
-    if teacher.top_logprobs.shape[:2] != (n, t - 1):
-        raise ValueError(f"teacher top-k {tuple(teacher.top_logprobs.shape)} does not match tokens {(n, t)}")
-    device = next(model.parameters()).device
-    total = 0.0
-    chunks = zip(
-        tokens.split(batch_size), teacher.top_logprobs.split(batch_size), teacher.top_indices.split(batch_size),
-        strict=True,
-    )
-    for chunk, top, index in chunks:
-        logits = model(input_ids=chunk.to(device)).logits[:, :-1].float()  # (B, T-1, vocab)
-        student = F.log_softmax(logits, dim=-1).gather(-1, index.to(device)).double()  # (B, T-1, k)
-        top = top.to(device, torch.float64)
-        total += _coarse_kl(top, student)
-    return total / (n * (t - 1))
+    return kl_and_perplexity(model, tokens, teacher, batch_size=batch_size)[0]
 
 
 def _coarse_kl(top: torch.Tensor, student: torch.Tensor) -> float:
@@ -88,16 +107,23 @@ def _coarse_kl(top: torch.Tensor, student: torch.Tensor) -> float:
 def kl_and_perplexity(
     model: nn.Module, tokens: torch.Tensor, teacher: Teacher, *, batch_size: int = 8
 ) -> tuple[float, float]:
-    """Full KL(teacher ‖ model) and the model's perplexity on (N, T) `tokens`, from one forward pass per batch."""
-    if teacher.logprobs is None:
-        raise ValueError("kl_and_perplexity needs a full teacher (no top-k)")
+    """KL(teacher ‖ model) (top-k KL when the teacher is top-k) and the model's perplexity on (N, T) `tokens`,
+    from one forward pass per batch; both averaged over every predicted position."""
     n, t = tokens.shape
+    table = teacher.logprobs if teacher.logprobs is not None else teacher.top_logprobs
+    if table.shape[:2] != (n, t - 1):
+        raise ValueError(f"teacher outputs {tuple(table.shape)} do not match tokens {(n, t)}")
     device = next(model.parameters()).device
     kl_sum = nll_sum = 0.0
-    for chunk, reference in zip(tokens.split(batch_size), teacher.logprobs.split(batch_size), strict=True):
-        chunk = chunk.to(device)
-        student = F.log_softmax(model(input_ids=chunk).logits[:, :-1].float(), dim=-1)  # (B, T-1, vocab)
-        kl_sum += F.kl_div(student, reference.to(device), log_target=True, reduction="sum").item()
+    for rows in torch.arange(n).split(batch_size):
+        chunk = tokens[rows].to(device)
+        student = metrics.next_token_logprobs(model, chunk)  # (B, T-1, vocab)
+        part = teacher.select(rows)
+        if part.logprobs is not None:
+            kl_sum += F.kl_div(student, part.logprobs.to(device), log_target=True, reduction="sum").item()
+        else:
+            picked = student.gather(-1, part.top_indices.to(device)).double()  # (B, T-1, k)
+            kl_sum += _coarse_kl(part.top_logprobs.to(device, torch.float64), picked)
         nll_sum -= student.gather(-1, chunk[:, 1:, None]).sum().item()
     count = n * (t - 1)
     return kl_sum / count, math.exp(nll_sum / count)

@@ -3,12 +3,14 @@ and the level database."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from service.spec import JobSpec
 from workers import data, database, levels, modeling
+from workers.progress import StepReport, format_seconds
 
 
 @dataclass
@@ -48,9 +50,23 @@ class JobInputs:
                    pool[:n_db].to(device), held_out.to(device))
 
 
-def open_database(inputs: JobInputs) -> database.LevelDatabase:
-    """The job's level database, built on first use (once per model, calibration, criterion and table)."""
+def open_database(inputs: JobInputs, report: StepReport | None = None) -> database.LevelDatabase:
+    """The job's level database, built on first use (once per model, calibration, criterion and table).
+
+    With `report`, the build is reported (layer by layer where the criterion works per layer), and a database
+    found in the cache says so.
+    """
     spec = inputs.spec
     table = levels.table_for(inputs.model, spec.prune.levels, spec.prune.mlp_multiple, spec.prune.attention_unit)
     options = {"seed": spec.seed} if spec.prune.criterion == "random" else {}
-    return database.build(inputs.model, inputs.database, criterion=spec.prune.criterion, table=table, options=options)
+    if report is None:
+        return database.build(inputs.model, inputs.database, criterion=spec.prune.criterion, table=table,
+                              options=options)
+    started = time.perf_counter()
+    report("database", f"opening the {spec.prune.criterion} level database "
+           f"({inputs.database.numel():,} tokens, {table.attn_levels}+{table.mlp_levels} levels per layer)")
+    db = database.build(inputs.model, inputs.database, criterion=spec.prune.criterion, table=table,
+                        options=options, on_layer=report.counter("database", "layers"))
+    how = f"built in {format_seconds(time.perf_counter() - started)}" if db.built else "found in the cache"
+    report("database", f"{spec.prune.criterion} level database {db.key} {how}")
+    return db

@@ -12,6 +12,7 @@ from service.spec import JobSpec
 from workers import data, metrics, modeling
 from workers.kv.cache import KVPrecisionConfig, build_cache, kv_bits, model_shape
 from workers.kv.profile import profile_kv
+from workers.progress import StepReport
 
 
 def _load(spec: JobSpec):
@@ -32,11 +33,19 @@ def config_for(spec: JobSpec, layers: list[list[int]]) -> KVPrecisionConfig:
                              residual=kv.residual)
 
 
-def prepare_kv(spec_dict: dict) -> dict:
-    """Profile every layer under every bit pair, prune dominated pairs and group layers (KVTuner's offline step)."""
+def prepare_kv(spec_dict: dict, report: StepReport | None = None, threads: int = 0) -> dict:
+    """Profile every layer under every bit pair, prune dominated pairs and group layers (KVTuner's offline step).
+
+    `report` and `threads` as for the prune job's `workers.prepare.prepare`.
+    """
+    report = report or StepReport()
+    if threads > 0:
+        torch.set_num_threads(threads)
     spec = JobSpec.model_validate(spec_dict)
+    report("model", f"loading {spec.model.source} and tokenizing {spec.data.source}")
     model, tokens = _load(spec)
     num_layers, _, head_dim = model_shape(model)
+    report("profile", f"profiling {num_layers} layers under {len(set(spec.kv.bits)) ** 2} K/V bit pairs")
     table = profile_kv(
         model, tokens[: spec.kv.profile_sequences].to(model.device), mode=spec.kv.mode,
         group_size=spec.kv.group_size, bits=tuple(sorted(set(spec.kv.bits))),

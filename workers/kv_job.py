@@ -24,6 +24,7 @@ from workers import tracking
 from workers.interrupts import Cancelled, LeaseLost
 from workers.kv_evaluator import KVEvaluator, prepare_kv
 from workers.pool import EvaluatorPool, run_prepare
+from workers.progress import StepReport
 from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class KVJob:
         record = self.store.get(self.job_id)
         spec = JobSpec.model_validate(record.spec)
         gpus = spec.resources.gpus_per_evaluator
-        prepared = run_prepare(record.spec, gpus=gpus, fn=prepare_kv)
+        report = StepReport(self.redis_url, self.job_id)
+        prepared = run_prepare(record.spec, gpus=gpus, fn=prepare_kv, report=report)
         space = KVSpace.from_dict(prepared["space"])
         self.store.put_sensitivity(self.job_id, prepared["table"])
         self.store.append_event(self.job_id, "profiled", {
@@ -78,6 +80,7 @@ class KVJob:
         pool = EvaluatorPool(record.spec, prepared, size=spec.resources.evaluators, gpus=gpus, evaluator=KVEvaluator,
                              meter=Telemetry.from_url(self.redis_url), job_id=self.job_id)
         try:
+            pool.wait_ready(report, " (model, data, full-precision outputs)")
             self._search(spec, space, study, pool)
         finally:
             pool.shutdown()

@@ -17,7 +17,8 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _logprobs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def next_token_logprobs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """(B, T-1, vocab) float32 log-probabilities of the next token of (B, T) `batch`, on the model's device."""
     logits = model(input_ids=batch.to(_device(model))).logits[:, :-1]  # (B, T-1, vocab)
     return F.log_softmax(logits.float(), dim=-1)
 
@@ -34,7 +35,7 @@ def teacher_logprobs(model: nn.Module, tokens: torch.Tensor, batch_size: int) ->
     Returns:
         float32 tensor (N, T-1, vocab) on the CPU.
     """
-    return torch.cat([_logprobs(model, chunk).cpu() for chunk in tokens.split(batch_size)])
+    return torch.cat([next_token_logprobs(model, chunk).cpu() for chunk in tokens.split(batch_size)])
 
 
 @torch.inference_mode()
@@ -52,7 +53,7 @@ def kl_to_teacher(model: nn.Module, tokens: torch.Tensor, teacher_logprobs: torc
         raise ValueError(f"teacher log-probs {tuple(teacher_logprobs.shape)} do not match tokens {(n, t)}")
     total = 0.0
     for chunk, teacher in zip(tokens.split(batch_size), teacher_logprobs.split(batch_size), strict=True):
-        student = _logprobs(model, chunk)  # (B, T-1, vocab)
+        student = next_token_logprobs(model, chunk)  # (B, T-1, vocab)
         teacher = teacher.to(student.device, torch.float32)
         total += F.kl_div(student, teacher, log_target=True, reduction="sum").item()
     return total / (n * (t - 1))
@@ -64,7 +65,7 @@ def mean_nll(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> float:
     n, t = tokens.shape
     total = 0.0
     for chunk in tokens.split(batch_size):
-        logp = _logprobs(model, chunk)  # (B, T-1, vocab)
+        logp = next_token_logprobs(model, chunk)  # (B, T-1, vocab)
         targets = chunk[:, 1:].to(logp.device)  # (B, T-1)
         total -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
     return total / (n * (t - 1))

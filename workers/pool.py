@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Iterator
 
 import ray
 
 from workers.evaluator import Evaluator
-from workers.prepare import prepare
+from workers.prepare import node_threads, prepare
+from workers.progress import StepReport, format_seconds
 from workers.telemetry import Telemetry
 
 
@@ -30,10 +32,14 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}".strip()
 
 
-def run_prepare(spec: dict, *, gpus: float = 0.0, fn=prepare) -> dict:
-    """Run a job's `prepare` step (`fn`) as a Ray task and return its description."""
-    task = ray.remote(fn).options(num_gpus=gpus, num_cpus=1, max_retries=0)
-    return ray.get(task.remote(spec))
+def run_prepare(spec: dict, *, gpus: float = 0.0, fn=prepare, report: StepReport | None = None) -> dict:
+    """Run a job's prepare step `fn(spec, report, threads)` as a Ray task and return its description.
+
+    The task reserves one CPU but runs torch on every core of its node (`node_threads`): nothing else of the
+    job runs until it is done. `report` goes with it and reports its steps.
+    """
+    task = ray.remote(lambda spec, report: fn(spec, report, threads=node_threads()))
+    return ray.get(task.options(num_gpus=gpus, num_cpus=1, max_retries=0).remote(spec, report))
 
 
 class EvaluatorPool:
@@ -67,6 +73,16 @@ class EvaluatorPool:
         self.meter, self.job_id = meter, job_id
         if meter is not None:
             meter.evaluators(job_id, len(self.actors))
+
+    def wait_ready(self, report: StepReport | None = None, what: str = "") -> None:
+        """Block until every evaluator has started (model, data and teacher outputs loaded), reporting it."""
+        if report is not None:
+            report("evaluators", f"starting {len(self.actors)} evaluator(s){what}")
+        started = time.perf_counter()
+        ray.get([actor.__ray_ready__.remote() for actor in self.actors])
+        if report is not None:
+            seconds = format_seconds(time.perf_counter() - started)
+            report("evaluators", f"{len(self.actors)} evaluator(s) ready in {seconds}")
 
     def map_unordered(self, requests: Iterable[dict]) -> Iterator[tuple[dict, dict]]:
         """Yield `(request, reply)` as replies arrive, keeping every actor busy with one request.

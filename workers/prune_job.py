@@ -21,6 +21,7 @@ from service.store import JobStore
 from workers import artifacts, tracking
 from workers.interrupts import Cancelled, LeaseLost
 from workers.pool import EvaluatorPool, run_prepare
+from workers.progress import StepReport
 from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ class PruneJob:
     def run(self) -> None:
         record = self.store.get(self.job_id)
         spec = JobSpec.model_validate(record.spec)
-        prepared = run_prepare(record.spec, gpus=spec.resources.gpus_per_evaluator)
+        report = StepReport(self.redis_url, self.job_id)
+        prepared = run_prepare(record.spec, gpus=spec.resources.gpus_per_evaluator, report=report)
         space = LevelSpace.from_dict(prepared["space"])
         event = {k: prepared[k] for k in ("space", "dense", "database")}
         self.store.append_event(self.job_id, "prepared", event)
@@ -51,6 +53,8 @@ class PruneJob:
             meter=Telemetry.from_url(self.redis_url), job_id=self.job_id,
         )
         try:
+            teacher = f"{prepared['calibration_sequences'] * spec.data.seq_len:,} + {spec.data.eval_tokens:,} tokens"
+            pool.wait_ready(report, f" (model, data, dense outputs on {teacher})")
             self._search(spec, space, stages, evolutions, study, pool)
             self._finish(study, pool)
         finally:
@@ -78,15 +82,17 @@ class PruneJob:
     def _search(self, spec, space, stages, evolutions, study, pool) -> None:
         planned = spec.planned_evaluations()
         evaluations = tracking.trial_count(study)  # a resumed job counts what it had done
+        best: dict = {}
         while not all(e.finished for e in evolutions):
             generation = min(len(e.history) for e in evolutions if not e.finished)
+            progress = {"phase": "search", "generation": generation, "generations": spec.search.generations,
+                        "evaluations": evaluations, "planned": planned, "best": best}
+            self.store.set_progress(self.job_id, {**progress, "message": f"running generation {generation}"})
             evaluations += self._generation(spec, space, stages, evolutions, study, pool)
             best = {str(t): e.parent_fitness for t, e in zip(spec.prune.targets, evolutions, strict=True)}
             front = tracking.front(study)
             self.store.set_front(self.job_id, front, generation=generation)
-            progress = {"generation": generation, "generations": spec.search.generations, "evaluations": evaluations,
-                        "planned": planned, "best": best}
-            self.store.set_progress(self.job_id, progress)
+            self.store.set_progress(self.job_id, {**progress, "evaluations": evaluations, "best": best})
             state = {"generation": generation, "evolutions": [e.state_dict() for e in evolutions]}
             self.store.save_checkpoint(self.job_id, generation, state)
             self.store.append_event(

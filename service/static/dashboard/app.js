@@ -156,9 +156,10 @@
     status.textContent = job.status;
     status.className = `status ${job.status}`;
     $('job-progress').replaceChildren(progressBar(job.progress || {}));
-    const generation = (job.progress || {}).generation;
-    $('job-generation').textContent = generation === undefined ? '' :
-      `generation ${generation} of ${(job.progress || {}).generations ?? '?'}`;
+    const progress = job.progress || {};
+    const generation = progress.generation;
+    $('job-generation').textContent = progress.phase === 'prepare' ? (progress.message || '') :
+      generation === undefined ? '' : `generation ${generation} of ${progress.generations ?? '?'}`;
     $('job-error').textContent = job.error || '';
   }
 
