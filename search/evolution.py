@@ -67,7 +67,8 @@ class Request:
     """One evaluation to run: score `genome` with the settings of `stage_spec` and data drawn from `seed`.
 
     `seed` depends on (job seed, key, generation, stage) only, so every candidate of a stage sees the same
-    minibatches (common random numbers) and a re-run draws the same ones.
+    minibatches (common random numbers) and a re-run draws the same ones. The last stage's seed leaves the
+    generation out: the parent and every finalist of every generation are scored on the same terms.
     """
 
     candidate_id: str
@@ -255,10 +256,13 @@ class Evolution:
     def _open_stage(self, stage: int, genomes: Sequence[PruneGenome]) -> None:
         generation = self._current_generation
         spec = self._stages[stage]
-        seed = derive_seed(self._seed, self._key, generation, stage)
+        last = stage == len(self._stages) - 1
+        # The last stage draws the same data and training order every generation, so the parent's score there
+        # is one number across generations and the best per target can only go down; earlier stages draw afresh.
+        seed = derive_seed(self._seed, self._key, "final" if last else generation, stage)
         prefix = f"t{self._key}-g{generation}-s{stage}-c"
         requests = [Request(f"{prefix}{i}", g, generation, stage, False, seed, spec) for i, g in enumerate(genomes)]
-        if stage == len(self._stages) - 1:
+        if last:
             requests.append(Request(f"{prefix}p", self._parent, generation, stage, True, seed, spec))
         self._stage_index, self._requests = stage, requests
         self._asked, self._results = set(), {}
