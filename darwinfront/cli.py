@@ -175,7 +175,7 @@ def cmd_download(args) -> int:
         path.write_text(json.dumps(client.configuration(args.job, cid), indent=2))
         print(path)
         if args.model:
-            print(client.download_model(args.job, cid, out / f"{cid}.tar.gz"))
+            print(client.download_model(args.job, cid, out / f"{cid}.tar"))
     return 0
 
 

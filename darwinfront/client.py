@@ -258,7 +258,7 @@ class Client:
         return path
 
     def download_model(self, job_id: str, candidate_id: str, path: Path) -> Path:
-        """Save the sliced model's archive (.tar.gz) to `path`."""
+        """Save the sliced model's archive (.tar) to `path`."""
         path = Path(path)
         try:
             with self.http.stream("GET", f"/v1/jobs/{job_id}/candidates/{candidate_id}/model") as response:

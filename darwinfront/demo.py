@@ -33,7 +33,7 @@ def run_demo(data_dir: Path, spec_path: Path) -> int:
         out = Path(data_dir) / "downloads"
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{winner.candidate_id}.json").write_text(json.dumps(configuration, indent=2))
-        archive = client.download_model(job.id, winner.candidate_id, out / f"{winner.candidate_id}.tar.gz")
+        archive = client.download_model(job.id, winner.candidate_id, out / f"{winner.candidate_id}.tar")
     return _apply(spec, configuration, archive)
 
 

@@ -35,7 +35,7 @@ def download_model(http: httpx.Client, job_id: str, candidate_id: str, folder):
     """GET a candidate's model archive, unpack it into `folder` and load it with `load_pruned`."""
     response = http.get(f"/v1/jobs/{job_id}/candidates/{candidate_id}/model")
     assert response.status_code == 200
-    archive = folder / "model.tar.gz"
+    archive = folder / "model.tar"
     archive.write_bytes(response.content)
     with tarfile.open(archive) as tar:
         tar.extractall(folder, filter="data")

@@ -40,7 +40,7 @@ def _downloads(folder: Path) -> dict:
                      "layers": layout.to_dict()["layers"], "parameters": count_parameters(model), "metrics": {}}
     (folder / f"{CANDIDATE}.json").write_text(json.dumps(configuration))
     save_pruned(model, tokenizer, folder / CANDIDATE)
-    with tarfile.open(folder / f"{CANDIDATE}.tar.gz", "w:gz") as archive:
+    with tarfile.open(folder / f"{CANDIDATE}.tar", "w") as archive:
         archive.add(folder / CANDIDATE, arcname=CANDIDATE)
     shutil.rmtree(folder / CANDIDATE)  # the recipe unpacks it
     kv = KVPrecisionConfig.uniform(4, 2, model.config.num_hidden_layers)

@@ -84,7 +84,7 @@ def load_pools(spec: JobSpec, tokenizer, tokens: int) -> Pools:
 def load_candidate(spec_dict: dict, configuration: dict, archive: str | None) -> tuple[nn.Module, object, str]:
     """The candidate's sliced model exactly as its parent exported it, its tokenizer, and where it came from.
 
-    From `archive` (the parent's `.tar.gz`) when given; else rebuilt the way the parent exported it (dense
+    From `archive` (the parent's `.tar`) when given; else rebuilt the way the parent exported it (dense
     model, level database weights, the recorded light training, slicing), which costs a few model loads.
     """
     spec = JobSpec.model_validate(spec_dict)

@@ -40,12 +40,12 @@ async def get_configuration(job: JobDep, candidate_id: CandidateId, store: Store
 @router.get(
     "/{candidate_id}/model",
     response_class=FileResponse,
-    responses={200: {"content": {"application/gzip": {}}}, **_NOT_FOUND},
+    responses={200: {"content": {"application/x-tar": {}, "application/gzip": {}}}, **_NOT_FOUND},
 )
 async def get_model(
     job: JobDep, candidate_id: CandidateId, store: StoreDep, settings: SettingsDep
 ) -> FileResponse:
-    """The sliced model archive (`.tar.gz` of a Hugging Face directory) exported for this candidate."""
+    """The sliced model archive (a `.tar` of a Hugging Face directory; `.tar.gz` from older jobs)."""
     meta = await blocking(store.get_artifact, job.id, candidate_id)
     path = await blocking(_archive_path, settings.artifacts_dir, job.id, meta["path"])
     if path is None:
@@ -56,4 +56,5 @@ async def get_model(
                     "message": f"the model archive of candidate {candidate_id!r} is not on this server"},
         )
     headers = {"X-Checksum-SHA256": meta["sha256"]} if meta.get("sha256") else None
-    return FileResponse(path, media_type="application/gzip", filename=path.name, headers=headers)
+    media_type = "application/gzip" if path.name.endswith(".gz") else "application/x-tar"
+    return FileResponse(path, media_type=media_type, filename=path.name, headers=headers)
