@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.spec import JobSpec
+from service.spec import DataSpec, JobSpec
 from workers import data, database, levels, modeling
 from workers.progress import StepReport, format_seconds
 
@@ -35,19 +35,34 @@ class JobInputs:
             spec.model.source, dtype=spec.model.dtype, device=spec.model.device, revision=spec.model.revision
         )
         modeling.check_architecture(model)
-        texts = data.load_texts(spec.data.source)
-        d, t = spec.data, spec.data.seq_len
-        n_fit, n_train = -(-d.calibration_tokens // t), -(-d.train_tokens // t)
-        n_db = -(-d.database_tokens // t)
-        pool = data.token_sequences(
-            tokenizer, texts, n_tokens=max(n_fit + n_train, n_db) * t, seq_len=t, split="calibration", seed=spec.seed
-        )
-        held_out = data.token_sequences(
-            tokenizer, texts, n_tokens=d.eval_tokens, seq_len=t, split="evaluation", seed=spec.seed
-        )
         device = next(model.parameters()).device
-        return cls(spec, model, tokenizer, pool[:n_fit].to(device), pool[n_fit : n_fit + n_train].to(device),
-                   pool[:n_db].to(device), held_out.to(device))
+        pools = token_pools(tokenizer, spec.data, spec.seed)
+        return cls(spec, model, tokenizer, **{k: v.to(device) for k, v in pools.items()})
+
+
+def token_pools(tokenizer, data_spec: DataSpec, seed: int) -> dict[str, torch.Tensor]:
+    """A job's token pools (N, T) from its data section and seed: `calibration` (the fitness pool), `training`
+    (disjoint, after it), `database` (the first `database_tokens` of both) and `held_out` (other documents).
+
+    The same spec and tokenizer give the same tokens anywhere, which is what lets a downloaded configuration
+    rebuild its level database (`workers.configuration.rebuild`)."""
+    texts = data.load_texts(data_spec.source)
+    t = data_spec.seq_len
+    n_fit, n_train = -(-data_spec.calibration_tokens // t), -(-data_spec.train_tokens // t)
+    n_db = -(-data_spec.database_tokens // t)
+    pool = data.token_sequences(
+        tokenizer, texts, n_tokens=max(n_fit + n_train, n_db) * t, seq_len=t, split="calibration", seed=seed
+    )
+    held_out = data.token_sequences(
+        tokenizer, texts, n_tokens=data_spec.eval_tokens, seq_len=t, split="evaluation", seed=seed
+    )
+    return {"calibration": pool[:n_fit], "training": pool[n_fit : n_fit + n_train], "database": pool[:n_db],
+            "held_out": held_out}
+
+
+def database_options(criterion: str, seed: int) -> dict:
+    """The criterion options that name a database (the seed, for `random` only)."""
+    return {"seed": seed} if criterion == "random" else {}
 
 
 def open_database(inputs: JobInputs, report: StepReport | None = None) -> database.LevelDatabase:
@@ -58,7 +73,7 @@ def open_database(inputs: JobInputs, report: StepReport | None = None) -> databa
     """
     spec = inputs.spec
     table = levels.table_for(inputs.model, spec.prune.levels, spec.prune.mlp_multiple, spec.prune.attention_unit)
-    options = {"seed": spec.seed} if spec.prune.criterion == "random" else {}
+    options = database_options(spec.prune.criterion, spec.seed)
     if report is None:
         return database.build(inputs.model, inputs.database, criterion=spec.prune.criterion, table=table,
                               options=options)
