@@ -212,10 +212,13 @@ def test_a_file_converts_once(tokenizer, tmp_path, monkeypatch):
 
 def test_the_worker_refuses_bad_gguf_files(tokenizer, tmp_path):
     cut = truncate(write_gguf(small_model("llama", tokenizer), tokenizer, tmp_path / "cut.gguf"))
+    last_byte = write_gguf(small_model("llama", tokenizer), tokenizer, tmp_path / "last-byte.gguf")
+    last_byte.write_bytes(last_byte.read_bytes()[:-1])
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all")
     cases = {
         str(cut): "is not a readable GGUF file .*copy it again",
+        str(last_byte): "is not a readable GGUF file .*copy it again",
         str(write_other_family(tmp_path / "mamba.gguf")): "holds a 'mamba' model; darwinfront prunes",
         str(junk): r"is not a readable GGUF file \(ValueError: GGUF magic invalid\)",
         str(tmp_path / "missing.gguf"): "does not exist",
