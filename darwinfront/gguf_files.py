@@ -18,7 +18,8 @@ FIELD = "model.source"
 
 @dataclass(frozen=True)
 class GgufSummary:
-    """What a GGUF file's header says: its family, its tensors by ggml type (`{"Q4_1": 211, "F32": 61}`), its size."""
+    """What a GGUF file's header says: its family, its tensors by ggml type (`{"F32": 61, "Q4_1": 210, ...}`), its
+    size in bytes."""
 
     architecture: str
     tensor_types: dict[str, int]
@@ -46,10 +47,10 @@ def check_gguf_file(path: Path, source: str | None = None) -> GgufSummary:
     except ImportError:
         raise InvalidSpec(FIELD, "reading a .gguf model needs the gguf package: pip install gguf") from None
     try:
-        size = path.stat().st_size if path.is_file() else None
-    except OSError:
-        size = None
-    if size is None:
+        size = path.stat().st_size if path.is_file() else -1
+    except OSError:  # a name too long, a loop of links, ...
+        size = -1
+    if size < 0:
         raise InvalidSpec(FIELD, f"GGUF file {shown} does not exist")
     try:
         reader = GGUFReader(path)

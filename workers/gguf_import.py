@@ -93,7 +93,7 @@ def convert_gguf(path: Path, out: Path, *, source: str | None = None, digest: st
         **where, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
     )
     tokenizer = AutoTokenizer.from_pretrained(**where)
-    # What `save_pretrained` would otherwise record as a quantized checkpoint, which a plain load then refuses.
+    # Forget the GGUF loading, so the directory is a plain float checkpoint rather than one claiming GGUF blocks.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
