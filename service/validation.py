@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from darwinfront.errors import InvalidSpec
+from darwinfront.gguf_files import check_gguf_file, is_gguf_source
 from service.settings import Settings
 from service.spec import JobSpec
 
@@ -65,15 +66,23 @@ def _is(kind: str, path: Path) -> bool:
 
 
 def check_model_source(source: str, settings: Settings) -> None:
-    """Accept `builtin:<name>`, a hub id `org/name`, or a local model directory under an allowed root."""
+    """Accept `builtin:<name>`, a hub id `org/name`, or a local model directory or `.gguf` file under an allowed root.
+
+    A `.gguf` file must parse whole and hold a family darwinfront prunes (see `darwinfront.gguf_files`).
+    """
     field = "model.source"
     if source.startswith("builtin:"):
         return  # the spec itself checked the name
+    if is_gguf_source(source):
+        path = _under_allowed_root(source, settings.allowed_model_roots, field, "model")
+        if not _is("is_dir", path):
+            check_gguf_file(path, source)
+            return
     if not _looks_like_path(source, field, "model"):
         if _HUB_ID.match(source):
             return
-        raise InvalidSpec(field, f"{source!r} is neither a local model directory, a hub id 'org/name', "
-                                 "nor builtin:<name>")
+        raise InvalidSpec(field, f"{source!r} is neither a local model directory or .gguf file, a hub id "
+                                 "'org/name', nor builtin:<name>")
     path = _under_allowed_root(source, settings.allowed_model_roots, field, "model")
     if not _is("is_dir", path):
         raise InvalidSpec(field, f"model directory {source!r} does not exist")

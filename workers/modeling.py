@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from darwinfront.architectures import SUPPORTED_ARCHITECTURES
 from darwinfront.errors import InvalidSpec
+from darwinfront.gguf_files import is_gguf_source
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -48,18 +49,24 @@ def resolve_source(source: str, cache_dir: Path | None = None) -> str:
     """Where `from_pretrained` finds a source.
 
     Args:
-        source: `builtin:<name>` (built on first use, see `workers.reference`), a local directory holding
-            config.json, or a hub id (passed through unchanged).
-        cache_dir: the root builtin models are built under (default: see `reference.builtin_model_dir`).
+        source: `builtin:<name>` (built on first use, see `workers.reference`), a local `.gguf` file (converted
+            once into the cache, see `workers.gguf_import`), a local directory holding config.json, or a hub id
+            (passed through unchanged).
+        cache_dir: the root builtin and converted models are built under (default: `reference.cache_root`).
 
     Raises:
-        InvalidSpec: on an unknown builtin or a local directory without config.json.
+        InvalidSpec: on an unknown builtin, a missing builtin package, a bad `.gguf` file, or a local directory
+            without config.json.
     """
     if source.startswith("builtin:"):
         from workers.reference import builtin_model_dir
 
         return str(builtin_model_dir(source.removeprefix("builtin:"), cache_dir))
     path = Path(source).expanduser()
+    if is_gguf_source(source) and not path.is_dir():
+        from workers.gguf_import import gguf_model_dir
+
+        return str(gguf_model_dir(path, cache_dir, source=source))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise InvalidSpec("model.source", f"local directory {source!r} has no config.json")

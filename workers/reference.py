@@ -3,6 +3,7 @@
 A recipe fixes everything (shape, tokenizer size, steps, seed), so a model directory is named by the recipe's
 hash and built once per machine: the first caller trains it under a file lock, writes it to a temporary
 directory and renames it into place; everyone else waits for the lock and reads the finished directory.
+`builtin:smollm2-135m`, a pretrained model shipped as a GGUF file, is built the same way by `workers.gguf_import`.
 """
 
 from __future__ import annotations
@@ -76,22 +77,32 @@ RECIPES = {
 
 
 def builtin_model_dir(name: str, cache_dir: Path | None = None) -> Path:
-    """The directory of builtin model `name`, trained on first use.
+    """The directory of builtin model `name`, built on first use.
 
     Args:
-        name: a key of `RECIPES` (`tiny-llama`, `micro-llama`).
-        cache_dir: the root to build under; defaults to `$DARWINFRONT_CACHE_DIR`, then
-            `~/.cache/darwinfront/models`. The model lives in `<root>/<name>-<recipe hash>`.
+        name: a key of `RECIPES` (`tiny-llama`, `micro-llama`), trained here, or of
+            `gguf_import.PACKAGED_GGUF` (`smollm2-135m`), dequantized from the GGUF file its package ships.
+        cache_dir: the root to build under (see `cache_root`). A trained model lives in
+            `<root>/<name>-<recipe hash>`, a packaged one in `<root>/gguf-<file sha256 prefix>-v<n>`.
 
     Returns:
         A standard Hugging Face directory (config.json, model.safetensors, tokenizer files, and
-        `darwinfront_recipe.json`) that `AutoModelForCausalLM.from_pretrained` loads.
+        `darwinfront_recipe.json` or `darwinfront_gguf.json`) that `AutoModelForCausalLM.from_pretrained` loads.
     """
+    from workers.gguf_import import PACKAGED_GGUF, packaged_model_dir  # it builds on build_once below
+
+    if name in PACKAGED_GGUF:
+        return packaged_model_dir(name, cache_dir)
     if name not in RECIPES:
-        raise InvalidSpec("model.source", f"unknown builtin model {name!r}; known: {', '.join(RECIPES)}")
+        known = ", ".join([*RECIPES, *PACKAGED_GGUF])
+        raise InvalidSpec("model.source", f"unknown builtin model {name!r}; known: {known}")
     recipe = RECIPES[name]
-    root = Path(cache_dir or os.environ.get("DARWINFRONT_CACHE_DIR") or Path.home() / ".cache/darwinfront/models")
-    return build_once(root / f"{name}-{recipe.key()}", lambda out: train_reference(recipe, out))
+    return build_once(cache_root(cache_dir) / f"{name}-{recipe.key()}", lambda out: train_reference(recipe, out))
+
+
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """Where built models live: `cache_dir`, else `$DARWINFRONT_CACHE_DIR`, else `~/.cache/darwinfront/models`."""
+    return Path(cache_dir or os.environ.get("DARWINFRONT_CACHE_DIR") or Path.home() / ".cache/darwinfront/models")
 
 
 def build_once(final: Path, build: Callable[[Path], None]) -> Path:
