@@ -15,6 +15,7 @@ from __future__ import annotations
 import redis
 
 from service import keys
+from service.outputs import queue_event
 from service.status import JobStatus
 
 DEFAULT_LEASE_SECONDS = 30.0
@@ -45,6 +46,7 @@ class Leases:
     """Lease operations of the job store (mixed into `JobStore`; uses its client and status machine)."""
 
     _r: redis.Redis
+    _events_maxlen: int
 
     def grant_lease(self, job_id: str, driver_id: str, seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         """Give `driver_id` the lease on a job it just claimed."""
@@ -56,6 +58,29 @@ class Leases:
 
     def release_lease(self, job_id: str) -> None:
         self._r.delete(keys.lease(job_id))
+
+    def requeue_held(self, job_id: str, driver_id: str, reason: str) -> bool:
+        """Put a running job that `driver_id` holds back on the queue, first in line, releasing its lease.
+
+        One transaction moves the job (running -> queued, the `queued` event) and appends a `requeued` event
+        `{"driver", "reason"}`; what the job recorded (checkpoint, trials, front) stays for the next claim. A
+        driver that stops mid-job calls this so another driver resumes the job now, not after the lease lapses.
+
+        Returns:
+            False, with nothing written, when the job is not running for `driver_id` (finished, cancelled,
+            already requeued, or taken over by another driver).
+        """
+
+        def write(pipe: redis.client.Pipeline) -> bool:
+            current = self._read_status(pipe, job_id)
+            if current[0] is not JobStatus.running or pipe.hget(keys.job(job_id), "driver") != driver_id:
+                return False
+            pipe.multi()
+            queue_event(pipe, self._events_maxlen, job_id, "requeued", {"driver": driver_id, "reason": reason})
+            self._queue_move(pipe, job_id, current, JobStatus.queued)
+            return True
+
+        return self._r.transaction(write, keys.job(job_id), keys.lease(job_id), value_from_callable=True)
 
     def requeue_expired(self, stray_seconds: float = STRAY_SECONDS) -> list[str]:
         """Move every running job whose lease has lapsed, and every stray, back to the queue; return their ids.

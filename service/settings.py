@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         max_active_evaluations_per_tenant: Planned evaluations summed over a tenant's queued and running jobs,
             the new one included; a job that would exceed it is refused with 422.
         cors_origins: Origins allowed by CORS; empty (the default) disables the middleware.
+        lease_seconds: How long a driver's lease on a running job lasts without a renewal.
+        shutdown_grace_seconds: After SIGTERM, how long a driver waits for its job to reach a safe point before
+            it requeues the job and exits regardless.
+        metrics_per_job: Show per-job series (job ids, their evaluations and fronts) on the keyless `/metrics`;
+            off by default, since job ids and per-job figures tell what tenants run.
     """
 
     model_config = SettingsConfigDict(env_prefix="DARWINFRONT_", extra="ignore")
@@ -67,6 +72,8 @@ class Settings(BaseSettings):
     max_active_evaluations_per_tenant: int = Field(default=400_000, ge=1)
     lease_seconds: float = Field(default=30.0, gt=0.5, le=3600)
     cors_origins: list[str] = Field(default_factory=list)
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
+    metrics_per_job: bool = False
 
     @model_validator(mode="after")
     def _resolve_defaults(self) -> Settings:

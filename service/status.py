@@ -21,7 +21,7 @@ TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled
 
 _ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled}),
-    # running -> queued puts a job back when its driver was lost.
+    # running -> queued puts a job back when its driver was lost (lease lapsed) or is stopping (SIGTERM).
     JobStatus.running: frozenset(
         {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled, JobStatus.queued}
     ),

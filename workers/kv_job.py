@@ -21,7 +21,7 @@ from search.kv_space import PRESETS, KVSpace, pair_name
 from service.spec import JobSpec
 from service.store import JobStore
 from workers import tracking
-from workers.interrupts import Cancelled, LeaseLost
+from workers.interrupts import check_interrupts
 from workers.kv_evaluator import KVEvaluator, prepare_kv
 from workers.pool import EvaluatorPool, run_prepare
 from workers.progress import StepReport
@@ -62,6 +62,7 @@ class KVJob:
     job_id: str
     redis_url: str
     lease_lost: threading.Event | None = None
+    stopping: threading.Event | None = None  # set when the driver shuts down: stop after this batch
 
     def run(self) -> None:
         record = self.store.get(self.job_id)
@@ -113,10 +114,7 @@ class KVJob:
             for trial in trials:  # tell in ask order: the same study whatever the completion order
                 self._tell(study, trial, replies[trial.number], spec.kv.max_bits)
             self._report(spec, study)
-            if self.lease_lost is not None and self.lease_lost.is_set():
-                raise LeaseLost
-            if self.store.cancel_requested(self.job_id):
-                raise Cancelled
+            check_interrupts(self.store, self.job_id, lease_lost=self.lease_lost, stopping=self.stopping)
 
     @staticmethod
     def _tell(study: optuna.Study, trial: optuna.Trial, reply: dict, max_bits: float | None) -> None:

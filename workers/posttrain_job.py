@@ -8,7 +8,7 @@ sliced model, so what was pruned stays pruned by construction, with a fresh Adam
 perplexity before and after on the same tokens. The trained model is stored under the same candidate id.
 
 The training runs in one Ray actor (on a GPU when the job's resources ask for one); the driver steps it one
-batch at a time and checks for cancellation and a lost lease between steps.
+batch at a time and checks for cancellation, a lost lease and a stopping driver between steps.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from darwinfront.errors import CandidateNotFound, InvalidSpec
 from service.spec import JobSpec, PosttrainOptions
 from service.store import JobStore
 from workers import artifacts, data, finetune, fitness, metrics, modeling, slicing
-from workers.interrupts import Cancelled, LeaseLost
+from workers.interrupts import check_interrupts
 
 log = logging.getLogger(__name__)
 EVENTS_PER_RUN = 10  # `training` events over a whole run, whatever its length
@@ -216,6 +216,7 @@ class PosttrainJob:
         job_id: the posttrain job.
         data_dir: where model archives live (the parent's are read there, the result is written there).
         lease_lost: set by the driver's lease keeper when the job is taken over.
+        stopping: set when the driver shuts down; the job goes back to the queue and trains again from the start.
         in_process: train in this process instead of a Ray actor.
     """
 
@@ -223,6 +224,7 @@ class PosttrainJob:
     job_id: str
     data_dir: Path
     lease_lost: threading.Event | None = None
+    stopping: threading.Event | None = None
     in_process: bool = False
 
     def run(self) -> None:
@@ -265,13 +267,10 @@ class PosttrainJob:
         return str(path)
 
     def _train(self, trainer: _Trainer, steps: int) -> None:
-        """Step the trainer to the end, reporting progress; stop between steps on cancel or a lost lease."""
+        """Step the trainer to the end, reporting progress; stop between steps on cancel, a lost lease or a stop."""
         every = max(1, steps // EVENTS_PER_RUN)
         for _ in range(steps):
-            if self.lease_lost is not None and self.lease_lost.is_set():
-                raise LeaseLost
-            if self.store.cancel_requested(self.job_id):
-                raise Cancelled
+            check_interrupts(self.store, self.job_id, lease_lost=self.lease_lost, stopping=self.stopping)
             done = trainer.call("step")
             step = done["step"]
             # evaluations / planned count steps here, so progress bars made for searches show the training

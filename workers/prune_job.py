@@ -19,7 +19,7 @@ from search.genome import LevelSpace
 from service.spec import JobSpec
 from service.store import JobStore
 from workers import artifacts, tracking
-from workers.interrupts import Cancelled, LeaseLost
+from workers.interrupts import Stopping, check_interrupts
 from workers.pool import EvaluatorPool, run_prepare
 from workers.progress import StepReport
 from workers.telemetry import Telemetry
@@ -36,6 +36,7 @@ class PruneJob:
     redis_url: str
     data_dir: Path
     lease_lost: threading.Event | None = None  # set by the driver's lease keeper when the job is taken over
+    stopping: threading.Event | None = None  # set when the driver shuts down: stop at the next evaluation
 
     def run(self) -> None:
         record = self.store.get(self.job_id)
@@ -98,10 +99,7 @@ class PruneJob:
             self.store.append_event(
                 self.job_id, "generation", {"generation": generation, "best": best, "front_size": len(front)}
             )
-            if self.lease_lost is not None and self.lease_lost.is_set():
-                raise LeaseLost
-            if self.store.cancel_requested(self.job_id):
-                raise Cancelled
+            check_interrupts(self.store, self.job_id, lease_lost=self.lease_lost, stopping=self.stopping)
 
     def _generation(self, spec, space, stages, evolutions, study, pool) -> int:
         """Run one generation (all its stages) of every evolution, the targets side by side; return evaluations.
@@ -130,6 +128,8 @@ class PruneJob:
                 if reply.get("error"):
                     event = {"candidate_id": reply["candidate_id"], "error": reply["error"]}
                     self.store.append_event(self.job_id, "candidate_failed", event)
+                if self.stopping is not None and self.stopping.is_set():
+                    raise Stopping  # safe mid-generation: a resumed job is told what was recorded
 
     def _finish(self, study, pool) -> None:
         """Write the configuration of every front point, export each as a sliced model archive and time it."""
