@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from darwinfront import keys
 from darwinfront.client import Client
 from darwinfront.errors import DarwinfrontError
 from darwinfront.watch import describe_progress, format_front
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="cancel a job")
     p.add_argument("job")
     p.set_defaults(func=cmd_cancel)
+
+    keys.add_parser(sub)
 
     p = sub.add_parser("demo", help="run examples/prune-tiny.yaml end to end on the embedded stack")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR / "demo")

@@ -26,7 +26,12 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _read_keys_file(path: Path) -> dict[str, list[str]]:
+def read_keys_file(path: Path) -> dict[str, list[str]]:
+    """The keys file as tenant -> key hashes; empty when there is no file.
+
+    Raises:
+        ValueError: The file is not the documented shape.
+    """
     if not path.exists():
         return {}
     try:
@@ -51,16 +56,24 @@ def generate_key(settings: Settings, tenant: str = "local") -> str:
     if not _TENANT.match(tenant):
         raise ValueError(f"tenant {tenant!r} must be 1-64 letters, digits, '_', '.' or '-'")
     path = settings.keys_file
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tenants = _read_keys_file(path)
+    tenants = read_keys_file(path)
     key = "df_" + secrets.token_urlsafe(32)
     tenants.setdefault(tenant, []).append(hash_key(key))
+    write_keys_file(path, tenants)
+    return key
+
+
+def write_keys_file(path: Path, tenants: dict[str, list[str]]) -> None:
+    """Replace the keys file with `tenants` atomically (a 0600 temporary file renamed over it).
+
+    The directory is created (0700) when missing. Readers see the old file or the new one, never a part.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     staging = path.with_name(path.name + f".{os.getpid()}.tmp")
     fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump({"tenants": tenants}, handle, indent=2)
     os.replace(staging, path)
-    return key
 
 
 class KeyRing:
@@ -92,7 +105,7 @@ class KeyRing:
         except FileNotFoundError:
             stamp = None
         if stamp != self._stamp:
-            tenants = _read_keys_file(path) if stamp else {}
+            tenants = read_keys_file(path) if stamp else {}
             self._file = [(h, tenant) for tenant, hashes in tenants.items() for h in hashes]
             self._stamp = stamp
         return self._file

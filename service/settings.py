@@ -90,8 +90,8 @@ class Settings(BaseSettings):
         for key, tenant in self.api_keys.items():
             if key.strip().lower() in PLACEHOLDER_SECRETS:
                 raise ValueError(
-                    f"DARWINFRONT_API_KEYS holds a placeholder key {key!r} (tenant {tenant!r}); "
-                    "generate a real one with `darwinfront keys create`"
+                    f"DARWINFRONT_API_KEYS holds a placeholder key {key!r} (tenant {tenant!r}); remove it and "
+                    f"make a real key with `darwinfront keys create --tenant {tenant}` (kept hashed in the keys file)"
                 )
             if not tenant.strip():
                 raise ValueError("DARWINFRONT_API_KEYS maps a key to an empty tenant name")
