@@ -3,6 +3,10 @@
 Several API replicas then report the same numbers, and nothing is lost when one restarts. What the driver
 measures (evaluation latency, evaluators alive) it writes through `workers.telemetry`; the rest is the job
 store's own data (statuses, queue, progress, fronts).
+
+`/metrics` carries no API key, so by default it shows only aggregates over all tenants; the per-job series
+(labelled by job id: evaluations, generation, front size and hypervolume, evaluators replaced) tell what
+tenants run and appear only when the operator turns them on (`DARWINFRONT_METRICS_PER_JOB=true`).
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ class StoreCollector:
 
     Args:
         client: A redis-py client (`decode_responses=True`) on the job store's Redis.
+        per_job: Also report the series of each running job, labelled by its id.
     """
 
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis, *, per_job: bool = False):
         self._r = client
         self._store = JobStore(client)
+        self.per_job = per_job
 
     def collect(self) -> Iterator[Metric]:
         """The metric families (the `prometheus_client` collector protocol)."""
@@ -43,7 +49,15 @@ class StoreCollector:
         queue.add_metric([], self._r.llen(keys.queue()))
         yield queue
         yield from self._evaluations()
-        yield from self._running_jobs(self._r.lrange(keys.claimed(), 0, -1))
+        running = list(dict.fromkeys(self._r.lrange(keys.claimed(), 0, -1)))  # unique, in order
+        reports = {job: json.loads(raw) for job, raw in self._r.hgetall(keys.evaluator_telemetry()).items()
+                   if job in running}
+        alive = GaugeMetricFamily("darwinfront_ray_evaluators_alive", "Ray evaluator actors held by running jobs.")
+        alive.add_metric([], sum(int(r.get("evaluators", 0)) for r in reports.values()))
+        yield alive
+        if self.per_job:
+            yield from self._running_jobs(running)
+            yield self._evaluators_replaced(reports)
 
     def _jobs_by_status(self) -> Metric:
         counts = {status.value: 0 for status in JobStatus}
@@ -85,7 +99,7 @@ class StoreCollector:
         volume = GaugeMetricFamily(
             "darwinfront_front_hypervolume", f"Hypervolume of a running job's front ({history.SCALING}).", labels=labels
         )
-        for job_id in dict.fromkeys(job_ids):  # unique, in order
+        for job_id in job_ids:
             try:
                 progress = self._store.get(job_id).progress
             except JobNotFound:  # dropped while we looked
@@ -100,28 +114,24 @@ class StoreCollector:
             if dense and points:
                 volume.add_metric([job_id], history.front_hypervolume(points, dense))
         yield from (done, planned, generation, size, volume)
-        yield from self._evaluators(set(job_ids))
 
-    def _evaluators(self, running: set[str]) -> Iterator[Metric]:
-        reports = {job: json.loads(raw) for job, raw in self._r.hgetall(keys.evaluator_telemetry()).items()
-                   if job in running}
-        alive = GaugeMetricFamily("darwinfront_ray_evaluators_alive", "Ray evaluator actors held by running jobs.")
-        alive.add_metric([], sum(int(r.get("evaluators", 0)) for r in reports.values()))
+    @staticmethod
+    def _evaluators_replaced(reports: dict[str, dict]) -> Metric:
         lost = CounterMetricFamily(
             "darwinfront_job_evaluators_replaced", "Evaluators of a running job that died and were replaced.",
             labels=["job_id"],
         )
         for job_id, report in reports.items():
             lost.add_metric([job_id], int(report.get("lost", 0)))
-        yield from (alive, lost)
+        return lost
 
 
 def _bound(value: float) -> str:
     return "+Inf" if math.isinf(value) else repr(value)
 
 
-def render(client: redis.Redis) -> bytes:
-    """The Prometheus text exposition of everything `StoreCollector` reads."""
+def render(client: redis.Redis, *, per_job: bool = False) -> bytes:
+    """The Prometheus text exposition of everything `StoreCollector` reads (per-job series only with `per_job`)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StoreCollector(client))
+    registry.register(StoreCollector(client, per_job=per_job))
     return generate_latest(registry)

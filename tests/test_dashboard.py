@@ -62,7 +62,15 @@ def test_page_and_assets_are_served_without_a_key(api_client):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, micro_dir):
+def per_job_metrics():
+    """`/metrics` with the per-job series (off by default), so the test can watch the job's counter."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DARWINFRONT_METRICS_PER_JOB", "true")
+        yield
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, micro_dir, per_job_metrics):
     """The stack, a client, and the finished job with what was seen while it ran."""
     with EmbeddedStack(tmp_path_factory.mktemp("dashboard"), port=0) as stack, Client(stack.url, stack.key) as client:
         job = client.submit(SPEC)

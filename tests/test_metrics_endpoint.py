@@ -21,6 +21,12 @@ FRONT = [
 ]
 
 
+@pytest.fixture
+def service_settings(service_settings):
+    """Per-job series turned on: these tests read them (test_metrics_privacy.py checks they are off by default)."""
+    return service_settings.model_copy(update={"metrics_per_job": True})
+
+
 def scrape(api_client) -> dict[str, dict[tuple, float]]:
     """name -> {sorted label items: value} of every sample."""
     response = api_client.get("/metrics", headers={"Authorization": ""})  # scrapers carry no key
