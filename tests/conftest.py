@@ -1,9 +1,47 @@
-"""Shared fixtures: the trained micro reference model, and tiny random Llama-family models for surgery tests."""
+"""Shared fixtures: the trained micro reference model, and tiny random Llama-family models for surgery tests.
+
+`pytest_configure` first points every directory the code would derive from HOME at a folder of this session, so
+tests never write to ~/.cache, ~/.local, ~/.config or ~/.ray.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
+
+_SCRATCH = pytest.StashKey[Path]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Set the session's directories in the environment, before any test module is imported (and so before
+    `Settings`, the CLI or a driver subprocess reads them).
+
+    An externally set `DARWINFRONT_CACHE_DIR` is kept: CI builds the reference models once per run there, and dev
+    sessions share one. The data directory is always this session's own. Matplotlib's config and Ray's auth token
+    (`~/.config/matplotlib`, `~/.ray/auth_token` otherwise) go here too, unless set already.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="darwinfront-tests-"))
+    config.stash[_SCRATCH] = scratch
+    os.environ.setdefault("DARWINFRONT_CACHE_DIR", str(scratch / "cache"))
+    os.environ["DARWINFRONT_DATA_DIR"] = str(scratch / "data")
+    os.environ.setdefault("MPLCONFIGDIR", str(scratch / "matplotlib"))
+    if not any(os.environ.get(name) for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")):
+        token = scratch / "ray_auth_token"  # a local Ray would otherwise make ~/.ray/auth_token
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    scratch = config.stash.get(_SCRATCH, None)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 SURGERY_KINDS = ("llama_gqa", "llama_mha", "llama_bias", "qwen2_bias")
 
@@ -53,7 +91,7 @@ def surgery_kind(request) -> str:
 
 @pytest.fixture(scope="session")
 def micro_dir():
-    """The trained builtin:micro-llama directory, built once (into $DARWINFRONT_CACHE_DIR or the user cache)."""
+    """The trained builtin:micro-llama directory, built once into $DARWINFRONT_CACHE_DIR (CI's, or this session's)."""
     from workers.reference import builtin_model_dir
 
     return builtin_model_dir("micro-llama")
