@@ -209,3 +209,24 @@ def test_sigterm_requeues_the_job_and_another_driver_finishes_it(stack, http):
     assert [g[:2] for g in got] == [e[:2] for e in expected]
     assert [g[2] for g in got] == pytest.approx([e[2] for e in expected], abs=1e-9)
     assert len(resumed) == len(_trials(stack, clean))
+
+
+@pytest.mark.integration
+def test_a_job_far_from_a_safe_point_is_requeued_when_the_grace_period_ends(stack, http, monkeypatch):
+    idle = stack.driver_process
+    os.kill(idle.pid, signal.SIGTERM)
+    assert idle.wait(timeout=GRACE + 30) == 0  # a driver with no job just exits
+
+    monkeypatch.setenv("DARWINFRONT_SHUTDOWN_GRACE_SECONDS", "0.5")
+    victim = stack.start_driver()
+    job_id = http.post("/v1/jobs", json=SPEC | {"name": "grace", "seed": 12}).json()["id"]
+    _wait(http, job_id, lambda j: j["status"] != "queued")  # claimed: preparing, far from its first evaluation
+    signalled = time.monotonic()
+    os.kill(victim.pid, signal.SIGTERM)
+    assert victim.wait(timeout=GRACE) == 1
+    seconds = time.monotonic() - signalled
+    print(f"driver exited {seconds:.2f} s after SIGTERM at the end of a 0.5 s grace period")
+    store = JobStore(connect(stack.redis_url))
+    assert store.get(job_id).status is JobStatus.queued and not store._r.exists(keys.lease(job_id))
+    requeued = [e["data"]["reason"] for e in store.events(job_id) if e["kind"] == "requeued"]
+    assert requeued == ["driver stopping: grace period over"]

@@ -212,14 +212,16 @@ class Driver:
     def _grace_over(self) -> None:
         """The job reached no safe point in time: requeue it (it stays as it last recorded) and exit now."""
         job_id = self.current_job
-        if job_id is not None:
-            try:
+        try:
+            if job_id is not None:
                 self.store.requeue_held(job_id, self.driver_id, "driver stopping: grace period over")
                 log.warning("job %s reached no safe point in %.0f s; requeued", job_id, self.grace_seconds)
-            except redis.RedisError as exc:
-                log.warning("could not requeue %s (%s); its lease will lapse", job_id, exc)
-        logging.shutdown()
-        self._exit(1)
+        except redis.RedisError as exc:
+            log.warning("could not requeue %s (%s); its lease will lapse", job_id, exc)
+        finally:  # exit whatever happened: the lease expiry covers a job we could not requeue
+            for handler in logging.getLogger().handlers:
+                handler.flush()  # os._exit skips it
+            self._exit(1)
 
 
 def main() -> None:
