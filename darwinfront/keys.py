@@ -110,8 +110,12 @@ def cmd_create(args) -> int:
 
 
 def cmd_list(args) -> int:
-    for tenant, fp in listing(_settings(), args.tenant):
+    settings = _settings()
+    rows = listing(settings, args.tenant)
+    for tenant, fp in rows:
         print(f"{tenant}\t{fp}")
+    if not rows:
+        print(f"no keys{f' of tenant {args.tenant!r}' if args.tenant else ''} in {settings.keys_file}", file=sys.stderr)
     return 0
 
 

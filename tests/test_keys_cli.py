@@ -76,6 +76,11 @@ def test_revoke_refuses_unknown_ambiguous_and_non_hex(keys_file, capsys):
     assert "Traceback" not in err
 
 
+def test_list_of_no_keys_says_so(keys_file, capsys):
+    code, out, err = run(capsys, "list")
+    assert code == 0 and out == "" and f"no keys in {keys_file}" in err
+
+
 def test_create_refuses_a_bad_tenant(keys_file, capsys):
     code, out, err = run(capsys, "create", "--tenant", "no spaces")
     assert code == 2 and out == "" and "tenant 'no spaces'" in err
