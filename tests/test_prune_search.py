@@ -183,7 +183,7 @@ def test_evaluation_restores_the_model_and_the_exported_winner_reloads_to_its_lo
     tokens = evaluator.inputs.calibration
     evaluator.load(genome, train_tokens=512, seed=11)
     with torch.inference_mode():
-        expected = model(tokens).logits
+        expected = evaluator.current(tokens).logits
         assert torch.allclose(reloaded(tokens).logits, expected, atol=1e-5)
     evaluator.unload()
     kl = metrics.kl_to_teacher(reloaded, tokens, evaluator.teacher.logprobs, batch_size=8)
