@@ -98,10 +98,10 @@ class Evaluator:
         try:
             genome = PruneGenome.from_dict(request["genome"])
             reply["params"] = self.space.params(genome)
-            idx = _stage_indices(self.inputs.calibration.shape[0], request["sequences"], request["seed"])
+            tokens, teacher = self._stage_sequences(request["sequences"], request["seed"])
             record = self.load(genome, train_tokens=request.get("train_tokens", 0), seed=request["seed"])
             scoring = time.perf_counter()
-            kl = fitness.kl(self.current, self.inputs.calibration[idx], self.teacher.select(idx))
+            kl = fitness.kl(self.current, tokens, teacher)
             if request.get("final"):
                 reply["held_out_kl"], reply["perplexity"] = self.held_out_metrics()
             forward = time.perf_counter() - scoring
@@ -117,6 +117,16 @@ class Evaluator:
             self.unload()
         reply["seconds"] = time.perf_counter() - start
         return reply
+
+    def _stage_sequences(self, sequences: int, seed: int) -> tuple[torch.Tensor, fitness.Teacher]:
+        """The stage's fitness sequences and their teacher outputs: the whole pool in order (not copied), or the
+        same seeded subset for every candidate."""
+        pool = self.inputs.calibration.shape[0]
+        if sequences >= pool:
+            return self.inputs.calibration, self.teacher
+        generator = torch.Generator().manual_seed(seed % (2**63))
+        idx = torch.randperm(pool, generator=generator)[:sequences].sort().values
+        return self.inputs.calibration[idx], self.teacher.select(idx)
 
     def configuration(self, request: dict, result: dict) -> dict:
         """The downloadable configuration document of an evaluated candidate.
@@ -165,11 +175,3 @@ class Evaluator:
             self.unload()
         return {"params": params, "latency_ms": sliced_latency["median_ms"],
                 "dense_latency_ms": dense_latency["median_ms"]}
-
-
-def _stage_indices(pool: int, sequences: int, seed: int) -> torch.Tensor:
-    """The stage's sequences: the whole pool in order, or the same seeded subset for every candidate."""
-    if sequences >= pool:
-        return torch.arange(pool)
-    generator = torch.Generator().manual_seed(seed % (2**63))
-    return torch.randperm(pool, generator=generator)[:sequences].sort().values
