@@ -106,9 +106,9 @@ def _shell(model: nn.Module) -> nn.Module:
 
 
 def _shallow(module: nn.Module) -> nn.Module:
-    """The same module object again with its own child, parameter and buffer tables (the tensors shared)."""
+    """The same module again with its own tables (children, parameters, buffers, hooks); the tensors shared."""
     new = copy.copy(module)
-    new._modules, new._parameters, new._buffers = dict(module._modules), dict(module._parameters), dict(module._buffers)
+    new.__dict__.update({k: copy.copy(v) for k, v in vars(module).items() if isinstance(v, dict | set)})
     return new
 
 
