@@ -125,7 +125,7 @@ def measure(name: str, source: str, args) -> list[dict]:
         request = {"candidate_id": "c", "genome": genome.to_dict(), "seed": 1, "sequences": n_seq,
                    "train_tokens": args.train_tokens}
         times = {"after": [], "before": [], "bare": [], "dense": []}
-        kls = {}
+        kls = {"untrained": evaluator.evaluate({**request, "train_tokens": 0})["kl"]}
         for _ in range(args.repeats + 1):  # the first round warms up and is not counted
             seconds, reply = timed(lambda: evaluator.evaluate(request))  # noqa: B023
             assert "error" not in reply, reply
@@ -143,7 +143,7 @@ def measure(name: str, source: str, args) -> list[dict]:
         median = {k: statistics.median(v[1:]) for k, v in times.items()}
         rows.append({"model": name, "target": target, "params": evaluator.space.params(genome) /
                      evaluator.space.dense_params, **median, "kl_after": kls["after"], "kl_before": kls["before"],
-                     "kl_bare": kls["bare"]})
+                     "kl_bare": kls["bare"], "kl_untrained": kls["untrained"]})
         print(rows[-1], flush=True)
     return rows
 
@@ -166,12 +166,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny-llama", "smollm2"], choices=["tiny-llama", "smollm2"])
     parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.3])
-    parser.add_argument("--train-tokens", type=int, default=2048)
-    parser.add_argument("--kl-tokens", type=int, default=2048)
+    parser.add_argument("--train-tokens", type=int, default=1024)
+    parser.add_argument("--kl-tokens", type=int, default=1024)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--levels", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
