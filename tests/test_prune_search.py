@@ -172,6 +172,9 @@ def test_evaluation_restores_the_model_and_the_exported_winner_reloads_to_its_lo
     assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())  # put back, bit for bit
     untrained = evaluator.evaluate({**request, "train_tokens": 0})
     assert untrained["kl"] != pytest.approx(reply["kl"], rel=1e-3)  # the training changed the fitness
+    failed = evaluator.evaluate({**request, "genome": {"attn": [1, 0], "mlp": [99, 0]}})
+    assert "InvalidSpec" in failed["error"] and "kl" not in failed and evaluator.current is None
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
 
     configuration = evaluator.configuration(request, {"candidate_id": "c", "target": 0.5, "kl": reply["kl"]})
     assert configuration["weights"] == "trained" and configuration["training"]["seed"] == 11
