@@ -154,7 +154,8 @@ def test_configuration_layout_keeps_what_the_genome_says(random_llama):
 
 
 @pytest.mark.integration
-def test_evaluation_restores_the_model_and_the_exported_winner_reloads_to_its_logits(micro_dir, tmp_path):
+def test_evaluation_restores_the_model_and_the_exported_winner_reloads_to_its_logits(micro_dir, tmp_path,
+                                                                                      monkeypatch):
     from workers.evaluator import Evaluator
     from workers.prepare import prepare
 
@@ -174,6 +175,17 @@ def test_evaluation_restores_the_model_and_the_exported_winner_reloads_to_its_lo
     assert untrained["kl"] != pytest.approx(reply["kl"], rel=1e-3)  # the training changed the fitness
     failed = evaluator.evaluate({**request, "genome": {"attn": [1, 0], "mlp": [99, 0]}})
     assert "InvalidSpec" in failed["error"] and "kl" not in failed and evaluator.current is None
+    from workers import finetune
+
+    def step_then_fail(*args, **kwargs):  # a training that dies after moving the shared weights
+        real_step(*args, **kwargs)
+        raise RuntimeError("out of memory")
+
+    real_step = finetune.train_step
+    monkeypatch.setattr(finetune, "train_step", step_then_fail)
+    failed = evaluator.evaluate(request)
+    monkeypatch.undo()
+    assert failed["error"] == "RuntimeError: out of memory" and evaluator.current is None
     assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
 
     configuration = evaluator.configuration(request, {"candidate_id": "c", "target": 0.5, "kl": reply["kl"]})
