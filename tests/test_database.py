@@ -1,5 +1,5 @@
 """Level tables and the level database: equal steps, exact parameter counts, nested levels, the on-disk cache,
-and in-place weight swaps that give the sliced model's logits."""
+and candidates built from it that give the masked and the sliced model's logits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 
 from search.genome import PruneGenome
-from workers import database, levels, slicing
+from workers import candidate, database, levels, slicing
 from workers.criteria import get as get_criterion
 from workers.criteria.obs import obs_levels
 
@@ -119,36 +119,28 @@ def test_second_build_is_a_cache_hit_and_the_key_names_the_inputs(random_llama, 
     assert not masks.stores_weights and not list(masks.directory.glob("*.safetensors"))
 
 
-def test_swapped_mask_levels_give_the_masked_and_the_sliced_logits(random_llama, tmp_path):
+def test_candidates_of_mask_levels_give_the_masked_and_the_sliced_logits(random_llama, tmp_path):
     calibration = _calibration(random_llama)
     table = levels.table_for(random_llama, levels=6, multiple=8)
     db = database.build(random_llama, calibration, criterion="wanda_sp", table=table, root=tmp_path)
-    dense = copy.deepcopy(random_llama.state_dict())
     genome = PruneGenome(attn=(1, 0, 2), mlp=(2, 5, 6))
     layout = levels.layout(genome, db.orders, table)
     with torch.inference_mode():
         with slicing.masked(random_llama, layout):
             masked = random_llama(calibration).logits
-        swapper = database.LevelSwapper(random_llama, db)
-        assert swapper.apply(genome) == 5  # every (layer, group) but layer 1's attention
-        swapped = random_llama(calibration).logits
+        built = candidate.build(random_llama, db, genome)(calibration).logits
         sliced = slicing.slice_model(copy.deepcopy(random_llama), layout)(calibration).logits
-    assert torch.allclose(swapped, masked, atol=1e-5) and torch.allclose(sliced, masked, atol=1e-5)
-    assert swapper.apply(PruneGenome(attn=(1, 0, 2), mlp=(2, 4, 6))) == 1  # only the layer that changed
-    swapper.apply(PruneGenome(attn=(0, 0, 0), mlp=(0, 0, 0)))
-    assert all(torch.equal(t, dense[k]) for k, t in random_llama.state_dict().items())
+    assert torch.allclose(built, masked, atol=1e-5) and torch.equal(built, sliced)
 
 
-def test_swapped_obs_levels_give_the_sliced_logits(random_llama, obs_db):
+def test_candidates_of_obs_levels_hold_the_stored_weights_kept_columns(random_llama, obs_db):
     genome = PruneGenome(attn=(2, 1, 0), mlp=(1, 3, 6))
     calibration = _calibration(random_llama)
+    like = random_llama.model.layers[0].self_attn.o_proj.weight
+    built = candidate.build(random_llama, obs_db, genome, weights=candidate.LevelWeights(obs_db, like))
+    stored = obs_db.load_weight(1, "attn", 1)  # (hidden, heads * head_dim), the removed group's columns zero
+    kept = stored[:, stored.abs().sum(0) > 0]
+    assert torch.equal(built.model.layers[1].self_attn.o_proj.weight, kept)
     with torch.inference_mode():
-        before = random_llama(calibration).logits
-        swapper = database.LevelSwapper(random_llama, obs_db, cache_bytes=1)  # keeps one level in memory
-        swapper.apply(genome)
-        swapped = random_llama(calibration).logits
-        o_proj = random_llama.model.layers[1].self_attn.o_proj.weight
-        assert torch.equal(o_proj, obs_db.load_weight(1, "attn", 1))
-        sliced = slicing.slice_model(copy.deepcopy(random_llama), levels.layout(genome, obs_db.orders, obs_db.table))
-        assert torch.allclose(sliced(calibration).logits, swapped, atol=1e-5)
-    assert not torch.allclose(swapped, before, atol=1e-3)  # OBS weights, not the dense ones
+        dense_cut = slicing.slice_model(copy.deepcopy(random_llama), levels.layout(genome, obs_db.orders, obs_db.table))
+        assert not torch.allclose(built(calibration).logits, dense_cut(calibration).logits, atol=1e-3)  # OBS weights

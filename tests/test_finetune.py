@@ -1,15 +1,13 @@
-"""Training-aware selection: shared stage minibatches, pruned structures exactly zero after training, and the
-model put back bit for bit without a deepcopy."""
+"""Training-aware selection: shared stage minibatches, a sliced candidate that trains, and the dense weights it
+shares put back bit for bit without a deepcopy (masked-training equivalence is in test_candidate)."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
 
 from search.genome import PruneGenome
-from workers import database, finetune, levels, slicing
+from workers import candidate, database, finetune, levels
 
 
 @pytest.fixture(autouse=True)
@@ -41,73 +39,58 @@ def setup(random_llama, tmp_path):
     calibration = _tokens(random_llama.config.vocab_size, 8)
     table = levels.table_for(random_llama, levels=6, multiple=8)
     db = database.build(random_llama, calibration, criterion="obs", table=table, root=tmp_path)
-    return random_llama, database.LevelSwapper(random_llama, db), db
+    weights = candidate.LevelWeights(db, random_llama.model.layers[0].self_attn.o_proj.weight)
+    return random_llama, db, weights
 
 
-def test_pruned_columns_stay_exactly_zero_and_the_rest_trains(setup):
-    model, swapper, db = setup
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def test_a_candidate_trains_its_kept_weights_and_the_shared_ones(setup):
+    model, db, weights = setup
     genome = PruneGenome(attn=(1, 0, 2), mlp=(2, 5, 6))
-    swapper.apply(genome)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    built = candidate.build(model, db, genome, weights=weights, trainable=True)
+    before = {k: v.clone() for k, v in built.state_dict().items()}
     batches = finetune.stage_batches(_tokens(model.config.vocab_size, 24, seed=3), 256, seed=1, batch_size=4)
-    record = finetune.finetune(model, batches, swapper.masks(genome), finetune.TrainSettings(lr=1e-2))
-    assert record["steps"] == 4 and not model.training
-    for i, layer in enumerate(model.model.layers):
-        for kind, weight in (("attn", layer.self_attn.o_proj.weight), ("mlp", layer.mlp.down_proj.weight)):
-            level = (genome.attn if kind == "attn" else genome.mlp)[i]
-            kept = swapper.keep_mask(i, kind, level).bool()
-            assert (weight[:, ~kept] == 0).all()  # exactly zero, not small
-            assert not torch.equal(weight[:, kept], before[_key(i, kind)][:, kept]) or not kept.any()
-    assert not torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+    record = finetune.finetune(built, batches, finetune.TrainSettings(lr=1e-2))
+    assert record["steps"] == 4 and not built.training and not model.training
+    after = built.state_dict()
+    unchanged = {k for k, v in before.items() if torch.equal(after[k], v)}
+    # layer 2 keeps nothing, so nothing reads its norms: no gradient, no step (masked training decayed them)
+    assert set(after) == set(before) and unchanged == {f"model.layers.2.{n}.weight" for n in _NORMS}
+    assert all(p.grad is None for p in model.parameters())  # gradients dropped after training
 
 
-def _key(i: int, kind: str) -> str:
-    return f"model.layers.{i}.self_attn.o_proj.weight" if kind == "attn" else f"model.layers.{i}.mlp.down_proj.weight"
-
-
-def test_trained_candidate_equals_its_sliced_export(setup):
-    model, swapper, db = setup
-    genome = PruneGenome(attn=(2, 1, 0), mlp=(1, 3, 6))
-    swapper.apply(genome)
-    batches = finetune.stage_batches(_tokens(model.config.vocab_size, 24, seed=3), 256, seed=1, batch_size=4)
-    finetune.finetune(model, batches, swapper.masks(genome), finetune.TrainSettings(lr=1e-2))
-    tokens = _tokens(model.config.vocab_size, 4, seed=9)
-    sliced = slicing.slice_model(copy.deepcopy(model), levels.layout(genome, db.orders, db.table))
-    with torch.inference_mode():
-        assert torch.allclose(sliced(tokens).logits, model(tokens).logits, atol=1e-5)
-
-
-def test_snapshot_restores_every_weight_bit_for_bit(setup):
-    model, swapper, _ = setup
+def test_snapshot_restores_every_dense_weight_bit_for_bit(setup):
+    model, db, weights = setup
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    snapshot = finetune.Snapshot([p for p in model.parameters() if p.requires_grad])
-    genome = PruneGenome(attn=(1, 1, 1), mlp=(3, 3, 3))
-    swapper.apply(genome)
+    snapshot = finetune.Snapshot([p for p in candidate.shared_parameters(model) if p.requires_grad])
+    genome = PruneGenome(attn=(1, 0, 1), mlp=(0, 3, 3))  # layer 1 keeps its attention, layer 0 its MLP
+    built = candidate.build(model, db, genome, weights=weights, trainable=True)
     batches = finetune.stage_batches(_tokens(model.config.vocab_size, 24), 128, seed=2, batch_size=4)
-    finetune.finetune(model, batches, swapper.masks(genome), finetune.TrainSettings(lr=1e-2))
+    finetune.finetune(built, batches, finetune.TrainSettings(lr=1e-2))
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, dense[k])]
+    assert changed and all("self_attn" not in k and "mlp" not in k for k in changed)  # only shared ones trained
     snapshot.restore()
-    swapper.forget()
     assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
-    assert swapper.apply(genome) == 6  # the swapper knows the levels are gone and loads them again
 
 
 def test_training_lowers_the_loss_on_its_batches(random_llama):
     batch = _tokens(random_llama.config.vocab_size, 4, seed=4)
-    record = finetune.finetune(random_llama, [batch] * 10, [], finetune.TrainSettings(lr=1e-2))
+    record = finetune.finetune(random_llama, [batch] * 10, finetune.TrainSettings(lr=1e-2))
     assert record["last_loss"] < record["first_loss"] - 0.1
 
 
 def test_distillation_starts_at_zero_for_the_dense_model_and_recovers_a_cut_one(setup):
     from workers import metrics
 
-    model, swapper, _ = setup
+    model, db, weights = setup
     batches = finetune.stage_batches(_tokens(model.config.vocab_size, 24, seed=3), 256, seed=1, batch_size=4)
     teacher = [metrics.teacher_logprobs(model, b, batch_size=4) for b in batches]
     snapshot = finetune.Snapshot(list(model.parameters()))
-    dense = finetune.finetune(model, batches[:1], [], finetune.TrainSettings(lr=1e-2), teacher[:1])
+    dense = finetune.finetune(model, batches[:1], finetune.TrainSettings(lr=1e-2), teacher[:1])
     assert dense["first_loss"] == pytest.approx(0.0, abs=1e-6)
     snapshot.restore()
-    genome = PruneGenome(attn=(1, 1, 1), mlp=(3, 3, 3))
-    swapper.apply(genome)
-    cut = finetune.finetune(model, batches * 5, swapper.masks(genome), finetune.TrainSettings(lr=3e-3), teacher * 5)
+    built = candidate.build(model, db, PruneGenome(attn=(1, 1, 1), mlp=(3, 3, 3)), weights=weights, trainable=True)
+    cut = finetune.finetune(built, batches * 5, finetune.TrainSettings(lr=3e-3), teacher * 5)
     assert cut["first_loss"] > 0.01 and cut["last_loss"] < 0.5 * cut["first_loss"]

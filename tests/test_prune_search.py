@@ -175,7 +175,8 @@ def test_configuration_layout_keeps_what_the_genome_says(random_llama):
 
 
 @pytest.mark.integration
-def test_evaluation_restores_the_model_and_the_exported_winner_reloads_to_its_logits(micro_dir, tmp_path):
+def test_evaluation_restores_the_model_and_the_exported_winner_reloads_to_its_logits(micro_dir, tmp_path,
+                                                                                      monkeypatch):
     from workers.evaluator import Evaluator
     from workers.prepare import prepare
 
@@ -193,6 +194,20 @@ def test_evaluation_restores_the_model_and_the_exported_winner_reloads_to_its_lo
     assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())  # put back, bit for bit
     untrained = evaluator.evaluate({**request, "train_tokens": 0})
     assert untrained["kl"] != pytest.approx(reply["kl"], rel=1e-3)  # the training changed the fitness
+    failed = evaluator.evaluate({**request, "genome": {"attn": [1, 0], "mlp": [99, 0]}})
+    assert "InvalidSpec" in failed["error"] and "kl" not in failed and evaluator.current is None
+    from workers import finetune
+
+    def step_then_fail(*args, **kwargs):  # a training that dies after moving the shared weights
+        real_step(*args, **kwargs)
+        raise RuntimeError("out of memory")
+
+    real_step = finetune.train_step
+    monkeypatch.setattr(finetune, "train_step", step_then_fail)
+    failed = evaluator.evaluate(request)
+    monkeypatch.undo()
+    assert failed["error"] == "RuntimeError: out of memory" and evaluator.current is None
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
 
     configuration = evaluator.configuration(request, {"candidate_id": "c", "target": 0.5, "kl": reply["kl"]})
     assert configuration["weights"] == "trained" and configuration["training"]["seed"] == 11
@@ -204,7 +219,7 @@ def test_evaluation_restores_the_model_and_the_exported_winner_reloads_to_its_lo
     tokens = evaluator.inputs.calibration
     evaluator.load(genome, train_tokens=512, seed=11)
     with torch.inference_mode():
-        expected = model(tokens).logits
+        expected = evaluator.current(tokens).logits
         assert torch.allclose(reloaded(tokens).logits, expected, atol=1e-5)
     evaluator.unload()
     kl = metrics.kl_to_teacher(reloaded, tokens, evaluator.teacher.logprobs, batch_size=8)

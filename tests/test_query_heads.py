@@ -4,8 +4,6 @@ the level database and the evaluator's export."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import tiny_model
@@ -214,7 +212,11 @@ def test_query_head_table_steps_through_heads():
 
 
 @pytest.mark.parametrize("criterion", ["obs", "wanda_sp"])
-def test_query_head_database_swaps_give_the_sliced_logits_and_count(criterion, tmp_path):
+def test_query_head_candidates_give_the_masked_logits_and_count(criterion, tmp_path):
+    from test_candidate import masked_reference
+
+    from workers import candidate
+
     model = tiny_model("llama_gqa")
     calibration = _db_calibration(model)
     table = levels.table_for(model, levels=6, multiple=8, attention_unit="q_head")
@@ -226,13 +228,13 @@ def test_query_head_database_swaps_give_the_sliced_logits_and_count(criterion, t
     genome = PruneGenome(attn=(1, 4, 3), mlp=(2, 5, 6))
     layout = levels.layout(genome, db.orders, db.table)
     assert layout.attention_unit == "q_head" and len(layout.layers[0].attn_units) == 3
+    weights = candidate.LevelWeights(db, model.model.layers[0].self_attn.o_proj.weight) if db.stores_weights else None
+    built = candidate.build(model, db, genome, weights=weights)
+    assert isinstance(built.model.layers[0].self_attn, slicing.QueryHeadAttention)
     with torch.inference_mode():
-        swapper = database.LevelSwapper(model, db)
-        swapper.apply(genome)
-        swapped = model(calibration).logits
-        sliced = slicing.slice_model(copy.deepcopy(model), layout)
-        torch.testing.assert_close(sliced(calibration).logits, swapped, atol=1e-5, rtol=0)
-    assert slicing.count_parameters(sliced) == space.params(genome)
+        masked, _ = masked_reference(model, db, genome)
+        torch.testing.assert_close(built(calibration).logits, masked(calibration).logits, atol=1e-5, rtol=0)
+    assert slicing.count_parameters(built) == space.params(genome)
 
 
 def test_spec_takes_query_heads_and_names_a_bad_unit():

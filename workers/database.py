@@ -4,7 +4,7 @@ For each decoder layer and group the database holds the units in removal order (
 removes the first `table.removed(kind, k)` of them). With the `obs` criterion it also holds, per level, the
 o_proj / down_proj weight after ZipLM's OBS updates (the removed columns zero), computed on the dense model's
 activations so that levels of different layers combine freely (DarwinLM). Other criteria cut masks: their
-level weights are the dense weights with the removed columns zeroed, made on the fly.
+levels keep the dense weights of the kept columns (`workers.candidate` cuts them either way).
 
 A database is named by (model fingerprint, calibration digest, criterion and its options, level table) and
 stored under `<cache>/databases/<criterion>-<key>/`: `index.json` plus one safetensors file per layer, group and
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,6 @@ from torch import nn
 
 from workers import criteria
 from workers.configuration import model_fingerprint
-from workers.criteria._common import target_linear
 from workers.levels import KINDS, LevelTable, removal_order
 from workers.reference import build_once
 
@@ -183,74 +181,3 @@ def _write_obs(
         orders.append({kind: result[kind].order.tolist() for kind in KINDS})
     return orders
 
-
-class LevelSwapper:
-    """Puts a genome's level weights into the model's o_proj / down_proj, in place; only changed layers move.
-
-    The swapper keeps the dense target weights once and remembers which level each (layer, group) holds, so a
-    candidate costs one weight copy per layer that differs from the previous one (EvoPress's `model.state`).
-    Obs weights are read from disk on demand and kept in a small LRU cache.
-
-    Args:
-        model: the dense model to swap weights in (holding dense weights now).
-        database: its level database.
-        cache_bytes: the most bytes of loaded level weights to keep.
-    """
-
-    def __init__(self, model: nn.Module, database: LevelDatabase, *, cache_bytes: int = 256 << 20):
-        layers = list(model.model.layers)
-        if len(layers) != database.n_layers:
-            raise ValueError(f"the database has {database.n_layers} layers, the model {len(layers)}")
-        self.database, self.cache_bytes = database, cache_bytes
-        self.linears = [{kind: target_linear(layer, kind) for kind in KINDS} for layer in layers]
-        self.dense = [{kind: lin.weight.detach().clone() for kind, lin in d.items()} for d in self.linears]
-        self.loaded = [{kind: 0 for kind in KINDS} for _ in layers]
-        self._cache: OrderedDict[tuple[int, str, int], torch.Tensor] = OrderedDict()
-
-    def keep_mask(self, layer: int, kind: str, level: int) -> torch.Tensor:
-        """(in,) 1.0 for the target linear's input columns that `level` keeps, 0.0 for the removed ones."""
-        weight = self.dense[layer][kind]
-        width = weight.shape[1] // self.database.table.units(kind)
-        mask = torch.ones(self.database.table.units(kind), width, dtype=weight.dtype, device=weight.device)
-        mask[list(self.database.removed(layer, kind, level))] = 0
-        return mask.reshape(-1)
-
-    def weight(self, layer: int, kind: str, level: int) -> torch.Tensor:
-        """The (out, in) weight of `kind`'s target linear in `layer` at `level`."""
-        if level == 0:
-            return self.dense[layer][kind]
-        if not self.database.stores_weights:
-            return self.dense[layer][kind] * self.keep_mask(layer, kind, level)
-        key = (layer, kind, level)
-        if key not in self._cache:
-            dense = self.dense[layer][kind]
-            self._cache[key] = self.database.load_weight(layer, kind, level).to(dense.device, dense.dtype)
-            while len(self._cache) > 1 and sum(t.nbytes for t in self._cache.values()) > self.cache_bytes:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        return self._cache[key]
-
-    @torch.no_grad()
-    def apply(self, genome) -> int:
-        """Put `genome`'s levels in place; return how many (layer, group) weights were copied."""
-        changed = 0
-        for i, levels in enumerate(zip(genome.attn, genome.mlp, strict=True)):
-            for kind, level in zip(KINDS, levels, strict=True):
-                if self.loaded[i][kind] != level:
-                    self.linears[i][kind].weight.copy_(self.weight(i, kind, level))
-                    self.loaded[i][kind] = level
-                    changed += 1
-        return changed
-
-    def masks(self, genome) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        """(weight, (1, in) column mask) of every target linear that `genome` cuts: what training must keep zero."""
-        out = []
-        for i, levels in enumerate(zip(genome.attn, genome.mlp, strict=True)):
-            for kind, level in zip(KINDS, levels, strict=True):
-                if level:
-                    out.append((self.linears[i][kind].weight, self.keep_mask(i, kind, level)[None, :]))
-        return out
-
-    def forget(self) -> None:
-        """Record that the weights were put back to dense by someone else (a restored training snapshot)."""
-        self.loaded = [{kind: 0 for kind in KINDS} for _ in self.loaded]

@@ -1,22 +1,23 @@
 """Scoring candidates: the evaluator that Ray runs as an actor, one per device.
 
 An evaluator loads the model, the token pools, the level database and the dense model's outputs on the fitness
-pool once, then scores many candidates in place: it swaps in the level weights of the layers that differ from
-the previous candidate, trains the candidate briefly when the job is training-aware (masks kept, weights put
-back afterwards), measures KL(dense ‖ candidate) on the stage's sequences and hands back a small dict.
+pool once, then scores many candidates, each at its own size: it builds the candidate's physically sliced model
+(`workers.candidate`: new decoder linears, embeddings and norms shared with the dense model), trains it briefly
+when the job is training-aware (the shared weights put back afterwards), measures KL(dense ‖ candidate) on the
+stage's sequences, drops it and hands back a small dict.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
 import torch
 
+from darwinfront.errors import InvalidSpec
 from search.genome import LevelSpace, PruneGenome
 from service.spec import JobSpec
-from workers import database, finetune, fitness, latency, levels, metrics, slicing
+from workers import candidate, finetune, fitness, latency, levels, metrics, slicing
 from workers.configuration import build_configuration
 from workers.job_inputs import JobInputs, open_database
 
@@ -31,53 +32,59 @@ class Evaluator:
         spec = self.inputs.spec
         self.space = LevelSpace.from_dict(prepared["space"])
         self.database = open_database(self.inputs)
-        self.swapper = database.LevelSwapper(self.inputs.model, self.database)
         model = self.inputs.model
-        self.snapshot = finetune.Snapshot([p for p in model.parameters() if p.requires_grad])
+        like = model.model.layers[0].self_attn.o_proj.weight
+        self.weights = candidate.LevelWeights(self.database, like) if self.database.stores_weights else None
+        self.snapshot = finetune.Snapshot([p for p in candidate.shared_parameters(model) if p.requires_grad])
         self.train_settings = finetune.TrainSettings(lr=spec.prune.train_lr, batch_size=spec.prune.train_batch_size)
         self.teacher = fitness.Teacher.of(model, self.inputs.calibration, topk=spec.search.kl_topk)
         self.teacher_held_out = fitness.Teacher.of(model, self.inputs.held_out)
-        self._dense_genome = PruneGenome(attn=(0,) * self.space.n_layers, mlp=(0,) * self.space.n_layers)
         self._targets: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.current: torch.nn.Module | None = None  # the loaded candidate
+        self._trained = False  # whether it trained (the shared weights then need putting back)
 
     def layout(self, genome: PruneGenome) -> slicing.Layout:
         return levels.layout(genome, self.database.orders, self.database.table)
 
     def load(self, genome: PruneGenome, *, train_tokens: int = 0, seed: int = 0) -> dict:
-        """Put `genome` in the model (database weights), then train it on the stage's batches if asked.
+        """Build `genome`'s sliced candidate as `self.current`, then train it on the stage's batches if asked.
 
-        Call `unload()` afterwards when it trained. Returns the training record (empty without training):
-        `seconds` of training and `teacher_seconds` spent on the dense outputs that distillation needs.
+        Call `unload()` afterwards (loading again does it first). Returns the training record (empty without
+        training): `seconds` of training and `teacher_seconds` spent on the dense outputs distillation needs.
         """
+        self.unload()
         batches = finetune.stage_batches(self.inputs.training, train_tokens, seed, self.train_settings.batch_size)
         teacher, teacher_seconds = None, 0.0
         if batches and self.inputs.spec.prune.train_loss == "kd":
             started = time.perf_counter()
             teacher = self._distillation_targets((seed, train_tokens), batches)
             teacher_seconds = time.perf_counter() - started
-        self.swapper.apply(genome)
+        self.current = candidate.build(self.inputs.model, self.database, genome, weights=self.weights,
+                                       trainable=bool(batches))
         if not batches:
             return {}
-        record = finetune.finetune(self.inputs.model, batches, self.swapper.masks(genome), self.train_settings, teacher)
+        self._trained = True
+        record = finetune.finetune(self.current, batches, self.train_settings, teacher)
         return {**record, "teacher_seconds": teacher_seconds}
 
     def _distillation_targets(self, key: tuple[int, int], batches: list[torch.Tensor]) -> list[torch.Tensor]:
         """The dense model's log-probs on a stage's training batches, computed once per stage (the last two kept)."""
         if key not in self._targets:
-            self.swapper.apply(self._dense_genome)
             self._targets[key] = [metrics.teacher_logprobs(self.inputs.model, b, batch_size=len(b)) for b in batches]
             while len(self._targets) > 2:
                 self._targets.pop(next(iter(self._targets)))
         return self._targets[key]
 
     def unload(self) -> None:
-        """Put the dense weights back after a training (the swapper's levels are then all 0)."""
-        self.snapshot.restore()
-        self.swapper.forget()
+        """Drop the loaded candidate; after a training, put back the dense weights it shared and trained."""
+        self.current = None
+        if self._trained:
+            self.snapshot.restore()
+            self._trained = False
 
     def held_out_metrics(self) -> tuple[float, float]:
-        """KL to the dense model and perplexity of the model as it is now, on the held-out sequences."""
-        return fitness.kl_and_perplexity(self.inputs.model, self.inputs.held_out, self.teacher_held_out)
+        """KL to the dense model and perplexity of the loaded candidate, on the held-out sequences."""
+        return fitness.kl_and_perplexity(self.current, self.inputs.held_out, self.teacher_held_out)
 
     def evaluate(self, request: dict) -> dict:
         """Score one candidate on the stage's sequences; failures come back as `error`, never raise.
@@ -88,14 +95,13 @@ class Evaluator:
         start = time.perf_counter()
         reply = {k: request[k] for k in ("candidate_id", "genome", "target", "generation", "stage") if k in request}
         reply.update({k: request[k] for k in ("seed", "train_tokens") if k in request})
-        trains = request.get("train_tokens", 0) > 0 and self.inputs.training.numel() > 0
         try:
             genome = PruneGenome.from_dict(request["genome"])
             reply["params"] = self.space.params(genome)
-            idx = _stage_indices(self.inputs.calibration.shape[0], request["sequences"], request["seed"])
+            tokens, teacher = self._stage_sequences(request["sequences"], request["seed"])
             record = self.load(genome, train_tokens=request.get("train_tokens", 0), seed=request["seed"])
             scoring = time.perf_counter()
-            kl = fitness.kl(self.inputs.model, self.inputs.calibration[idx], self.teacher.select(idx))
+            kl = fitness.kl(self.current, tokens, teacher)
             if request.get("final"):
                 reply["held_out_kl"], reply["perplexity"] = self.held_out_metrics()
             forward = time.perf_counter() - scoring
@@ -108,10 +114,19 @@ class Evaluator:
         except Exception as exc:  # reported back as the candidate's failure reason
             reply["error"] = f"{type(exc).__name__}: {exc}"
         finally:
-            if trains:
-                self.unload()
+            self.unload()
         reply["seconds"] = time.perf_counter() - start
         return reply
+
+    def _stage_sequences(self, sequences: int, seed: int) -> tuple[torch.Tensor, fitness.Teacher]:
+        """The stage's fitness sequences and their teacher outputs: the whole pool in order (not copied), or the
+        same seeded subset for every candidate."""
+        pool = self.inputs.calibration.shape[0]
+        if sequences >= pool:
+            return self.inputs.calibration, self.teacher
+        generator = torch.Generator().manual_seed(seed % (2**63))
+        idx = torch.randperm(pool, generator=generator)[:sequences].sort().values
+        return self.inputs.calibration[idx], self.teacher.select(idx)
 
     def configuration(self, request: dict, result: dict) -> dict:
         """The downloadable configuration document of an evaluated candidate.
@@ -134,28 +149,29 @@ class Evaluator:
         return document
 
     def export(self, configuration: dict, directory: str) -> dict:
-        """Slice the candidate of `configuration` (its database weights, trained again as it was scored) and
-        save it (safetensors + config) under `directory`; also time its forward pass against the dense one."""
+        """Build the candidate of `configuration` as it was scored (its database weights, trained again on the
+        same batches) and save it (safetensors + config) under `directory`; also time its forward pass against
+        the dense one.
+
+        Raises:
+            InvalidSpec: when the configuration's layout or parameter count is not what its genome gives here.
+        """
         genome = PruneGenome.from_dict(configuration["genome"])
         training = configuration.get("training") or {}
-        self.swapper.apply(self._dense_genome)
+        self.unload()
         dense_latency = latency.forward_latency(self.inputs.model, seq_len=self.inputs.spec.data.seq_len)
-        trained = bool(self.load(genome, train_tokens=training.get("tokens", 0), seed=training.get("seed", 0)))
+        self.load(genome, train_tokens=training.get("tokens", 0), seed=training.get("seed", 0))
         try:
-            model = copy.deepcopy(self.inputs.model)
+            model = self.current
+            if slicing.Layout.from_dict(configuration).to_dict() != model.config.darwinfront_layout:
+                raise InvalidSpec("configuration.layers", "the layout is not the one its genome gives on this model")
+            params = slicing.count_parameters(model)
+            if params != int(configuration["parameters"]):
+                raise InvalidSpec("configuration.parameters", f"the candidate has {params} parameters, the "
+                                  f"configuration says {configuration['parameters']}: made for a different model")
+            sliced_latency = latency.forward_latency(model, seq_len=self.inputs.spec.data.seq_len)
+            slicing.save_pruned(model, self.inputs.tokenizer, Path(directory))
         finally:
-            if trained:
-                self.unload()
-        slicing.apply_configuration(model, configuration)
-        sliced_latency = latency.forward_latency(model, seq_len=self.inputs.spec.data.seq_len)
-        slicing.save_pruned(model.to("cpu"), self.inputs.tokenizer, Path(directory))
-        return {"params": slicing.count_parameters(model), "latency_ms": sliced_latency["median_ms"],
+            self.unload()
+        return {"params": params, "latency_ms": sliced_latency["median_ms"],
                 "dense_latency_ms": dense_latency["median_ms"]}
-
-
-def _stage_indices(pool: int, sequences: int, seed: int) -> torch.Tensor:
-    """The stage's sequences: the whole pool in order, or the same seeded subset for every candidate."""
-    if sequences >= pool:
-        return torch.arange(pool)
-    generator = torch.Generator().manual_seed(seed % (2**63))
-    return torch.randperm(pool, generator=generator)[:sequences].sort().values

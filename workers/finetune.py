@@ -1,10 +1,10 @@
 """Light training of a candidate before it is scored: DarwinLM's training-aware selection.
 
 Every candidate of a stage trains on the same minibatches (drawn from the training pool with the stage's seed),
-with a fresh AdamW, starting from the database weights; pruned columns of o_proj / down_proj get zero gradients
-and are zeroed again after every step, so pruned structures stay exactly pruned (DarwinLM's released code
-leaves them free to drift). The model is not copied: `Snapshot` keeps the trainable weights once per evaluator
-and puts them back after each candidate.
+with a fresh AdamW, starting from the database weights. The candidate is the physically sliced model
+(`workers.candidate`), so pruned structures stay exactly pruned: they do not exist (DarwinLM's released code
+leaves them free to drift). A candidate shares the dense model's embeddings and norms;
+`Snapshot` keeps those once per evaluator and puts them back after each candidate.
 """
 
 from __future__ import annotations
@@ -70,14 +70,12 @@ def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: torch.Tensor,
-    masks: Sequence[tuple[nn.Parameter, torch.Tensor]] = (),
     teacher: torch.Tensor | None = None,
 ) -> float:
     """One optimiser step on `batch` (B, T); returns the loss before the step.
 
     `teacher` None trains on next-token cross-entropy, else on the mean KL(teacher ‖ model) per position with
-    `teacher` the dense model's next-token log-probs (B, T-1, vocab). Every `(weight, mask)` stays zero where
-    the mask is 0 (its gradient is masked and the weight masked again after the step).
+    `teacher` the dense model's next-token log-probs (B, T-1, vocab).
     """
     device = next(model.parameters()).device
     batch = batch.to(device)
@@ -89,29 +87,21 @@ def train_step(
         loss = F.kl_div(student, target, log_target=True, reduction="sum") / target.shape[:2].numel()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    for weight, mask in masks:
-        if weight.grad is not None:
-            weight.grad.mul_(mask)
     optimizer.step()
-    with torch.no_grad():
-        for weight, mask in masks:
-            weight.mul_(mask)
     return loss.item()
 
 
 def finetune(
     model: nn.Module,
     batches: Sequence[torch.Tensor],
-    masks: Sequence[tuple[nn.Parameter, torch.Tensor]],
     settings: TrainSettings,
     teacher: Sequence[torch.Tensor] | None = None,
 ) -> dict:
-    """Train `model` in place, one AdamW step per batch, keeping every `(weight, mask)` zero where mask is 0.
+    """Train `model` in place, one AdamW step per batch over all its trainable parameters.
 
     Args:
-        model: a causal LM holding the candidate's weights.
+        model: a causal LM holding the candidate's weights (a sliced candidate, or any model).
         batches: token ids, each (B, T).
-        masks: weights with a mask broadcastable to them (1 = trainable, 0 = pruned, kept exactly zero).
         settings: optimiser settings.
         teacher: None for next-token cross-entropy (DarwinLM), or the dense model's next-token log-probs per
             batch, each (B, T-1, vocab), to distil: the loss is then the mean KL(teacher ‖ model) per position.
@@ -125,7 +115,7 @@ def finetune(
     model.train()
     try:
         for step, batch in enumerate(batches):
-            losses.append(train_step(model, optimizer, batch, masks, None if teacher is None else teacher[step]))
+            losses.append(train_step(model, optimizer, batch, None if teacher is None else teacher[step]))
     finally:
         model.eval()
         optimizer.zero_grad(set_to_none=True)

@@ -165,7 +165,7 @@ class Posttrainer:
         teacher = None if self.dense is None else metrics.teacher_logprobs(self.dense, batch, len(batch))
         self.model.train()
         try:
-            loss = finetune.train_step(self.model, self.optimizer, batch, (), teacher)
+            loss = finetune.train_step(self.model, self.optimizer, batch, teacher)
         finally:
             self.model.eval()
         self.done += 1

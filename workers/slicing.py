@@ -368,6 +368,11 @@ def _take(linear: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
     return new
 
 
+def copy_linear(linear: nn.Linear) -> nn.Linear:
+    """A new nn.Linear holding copies of `linear`'s weight and bias (every row kept)."""
+    return _take(linear, torch.arange(linear.out_features, device=linear.weight.device), dim=0)
+
+
 def _mask(n: int, keep: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros(n, dtype=like.dtype, device=like.device)
     mask[list(keep)] = 1
