@@ -256,3 +256,18 @@ def test_obs_levels_equal_one_pass_statistics_pruned_by_the_eager_loop():
     for layer, st, res in zip(model.model.layers, stats, got, strict=True):
         for kind, lin in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
             _assert_same_levels(res[kind], _reference_obs_prune(lin.weight, st[kind].xtx, width[kind], levels[kind]))
+
+
+def test_obs_levels_of_chosen_layers_match_all_layers_and_report_progress():
+    model, calib = tiny_model(layers=3), calibration()
+    levels = {"mlp": [0, 16, 64]}
+    every = obs_levels(model, calib, levels)
+    calls = []
+    some = obs_levels(model, calib, levels, layers=[2, 0], on_layer=lambda *a: calls.append(a))
+    for res, i in zip(some, [2, 0], strict=True):
+        assert torch.equal(res["mlp"].order, every[i]["mlp"].order)
+        assert all(torch.equal(res["mlp"].weights[c], every[i]["mlp"].weights[c]) for c in levels["mlp"])
+    assert [c[:2] for c in calls] == [(1, 2), (2, 2)] and 0 <= calls[0][2] <= calls[1][2]
+    for bad in ([3], [1, 1], [-1]):
+        with pytest.raises(ValueError, match="distinct indices"):
+            obs_levels(model, calib, levels, layers=bad)

@@ -11,7 +11,8 @@ layer, the removal order and the updated weights at requested removal counts (th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from workers.criteria._common import (
     check_kinds,
     decoder_layers,
     empty,
-    input_stats,
+    layerwise_stats,
     target_linear,
 )
 from workers.criteria.base import LayerScores, UnitScores
@@ -197,8 +198,14 @@ def obs_levels(
     rel_damp: float = 1e-2,
     batch_size: int = 8,
     attention_unit: str = "kv_group",
+    layers: Sequence[int] | None = None,
+    on_layer: Callable[[int, int, float], None] | None = None,
 ) -> list[dict[str, ObsLevels]]:
     """Per layer, the nested OBS removal order and updated o_proj / down_proj weights at each removal count.
+
+    The decoder is walked one layer at a time on cached hidden states (`layerwise_stats`): a layer's Hessians
+    are gathered from the dense model's activations, pruned, and dropped before the next layer runs, so memory
+    holds the hidden states and one layer's statistics, never every layer's.
 
     Args:
         model: a Llama-family causal LM; its weights are read, never written.
@@ -207,26 +214,34 @@ def obs_levels(
         rel_damp: dampening added to diag H, relative to its mean.
         batch_size: sequences per forward pass.
         attention_unit: "kv_group" or "q_head" (query heads removed, K/V kept: DarwinLM's `kv_ignore`).
+        layers: decoder layer indices to compute (distinct, any order); default all. The layers before the
+            first of them still run forward; none after the last does.
+        on_layer: called after each computed layer with (layers done, layers to do, seconds since the start).
+
+    Returns:
+        One kind -> `ObsLevels` dict per requested layer, aligned with `layers` (with every layer in order when
+        `layers` is None).
     """
     kinds = tuple(levels)
     check_kinds(kinds)
     geo = Geometry.of(model, attention_unit)
-    stats = input_stats(model, calibration, kinds, batch_size, gram=True)
-    out = []
-    for layer, st in zip(decoder_layers(model), stats, strict=True):
-        out.append(
-            {
-                kind: obs_prune(
-                    target_linear(layer, kind).weight,
-                    st[kind].xtx,
-                    _group_width(kind, geo),
-                    levels[kind],
-                    rel_damp,
-                )
-                for kind in kinds
-            }
-        )
-    return out
+    wanted = list(range(geo.n_layers)) if layers is None else [int(i) for i in layers]
+    if len(set(wanted)) != len(wanted) or any(not 0 <= i < geo.n_layers for i in wanted):
+        raise ValueError(f"layers {wanted} must be distinct indices in 0..{geo.n_layers - 1}")
+    started = time.perf_counter()
+    stack = decoder_layers(model)
+    found: dict[int, dict[str, ObsLevels]] = {}
+    for i, stats in layerwise_stats(model, calibration, kinds, batch_size, gram=True, layers=wanted):
+        found[i] = {
+            kind: obs_prune(
+                target_linear(stack[i], kind).weight, stats[kind].xtx, _group_width(kind, geo), levels[kind], rel_damp
+            )
+            for kind in kinds
+        }
+        del stats  # one layer's Hessians at a time
+        if on_layer is not None:
+            on_layer(len(found), len(wanted), time.perf_counter() - started)
+    return [found[i] for i in wanted]
 
 
 class Obs:
