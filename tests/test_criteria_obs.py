@@ -3,7 +3,11 @@ blocked `obs_prune` against the eager greedy loop it replaced (kept here verbati
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,3 +275,15 @@ def test_obs_levels_of_chosen_layers_match_all_layers_and_report_progress():
     for bad in ([3], [1, 1], [-1]):
         with pytest.raises(ValueError, match="distinct indices"):
             obs_levels(model, calib, levels, layers=bad)
+
+
+def test_blocked_obs_on_wide_attention_blocks_runs_on_two_threads():
+    """Three 192-wide groups (SmolLM2's KV groups): batched LU inverses of such blocks hang in MKL at 2 threads."""
+    code = (
+        "import torch; from workers.criteria.obs import obs_prune; torch.set_num_threads(2); "
+        "g = torch.Generator().manual_seed(0); x = torch.randn(1200, 576, generator=g, dtype=torch.float64); "
+        "print(obs_prune(torch.randn(64, 576, dtype=torch.float64), x.T @ x, 192, [1, 2, 3]).order.tolist())"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
+    assert done.returncode == 0 and sorted(json.loads(done.stdout)) == [0, 1, 2], done.stderr[-2000:]

@@ -59,8 +59,12 @@ BLOCK = 64  # greedy steps whose downdates wait as low-rank factors before one G
 
 
 def _block_inverse(blocks: torch.Tensor) -> torch.Tensor:
-    """Inverses of (n, g, g) diagonal blocks of Hinv: a reciprocal when g == 1, LAPACK otherwise."""
-    return 1.0 / blocks if blocks.shape[-1] == 1 else torch.linalg.inv(blocks)
+    """Inverses of (n, g, g) diagonal blocks of Hinv (positive definite): a reciprocal when g == 1, else Cholesky.
+
+    Not `torch.linalg.inv`: on CPU its batched LU runs MKL's dgetrf on several threads at once, which fails in
+    DLASWP and hangs for blocks as wide as SmolLM2's KV groups (3 x 192 x 192 at 2 threads; pytorch#141358).
+    """
+    return 1.0 / blocks if blocks.shape[-1] == 1 else torch.cholesky_inverse(torch.linalg.cholesky(blocks))
 
 
 def _times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
