@@ -3,7 +3,9 @@
 For a linear y = W x with calibration inputs X, H = XᵀX (dampened by rel_damp·mean(diag H)). A group g of
 columns costs w_gᵀ (Hinv_gg)⁻¹ w_g summed over rows to remove when the other columns are refitted optimally;
 the cheapest group goes first, the remaining columns get the OBS update W -= W_g (Hinv_gg)⁻¹ Hinv_g:, and Hinv
-is downdated to the inverse over the remaining columns. One greedy pass yields every level, nested.
+is downdated to the inverse over the remaining columns. One greedy pass yields every level, nested. The pass
+applies its updates in blocks of steps (`_greedy_block`): same choices and weights as the step-by-step loop,
+at a fraction of the memory traffic (SmolLM2-135M's down_proj: 0.7 s instead of 13 s at 2 threads).
 
 `Obs.score` turns the removal order into scores (first removed = 0, higher = keep); `obs_levels` returns, per
 layer, the removal order and the updated weights at requested removal counts (the level database's source).
