@@ -57,7 +57,9 @@ def _prepare(
     return w, torch.cholesky_inverse(torch.linalg.cholesky(h))
 
 
-BLOCK = 64  # greedy steps whose downdates wait as low-rank factors before one GEMM applies them (see obs_prune)
+# Greedy steps whose updates wait as low-rank factors before one GEMM applies them. Measured on SmolLM2-135M's
+# down_proj (1536 steps, 1-2 threads): 64 and 128 equally fast, 32 and 256 ~10% slower, 16 ~40% slower.
+BLOCK = 64
 
 
 def _block_inverse(blocks: torch.Tensor) -> torch.Tensor:
