@@ -1,4 +1,5 @@
-"""Plumbing shared by the criteria: model geometry, micro-batches, input statistics captured with hooks.
+"""Plumbing shared by the criteria: model geometry, micro-batches, input statistics captured with hooks, and a
+layer-by-layer walk of the decoder stack on cached hidden states (one layer's statistics in memory at a time).
 
 Units (see saliency.md §1): an attention unit is one KV group (`kv_group`), i.e. the k and v head plus the
 r = H/G query heads that share it; its o_proj input columns are the contiguous block [g·r·h, (g+1)·r·h) because
@@ -9,8 +10,8 @@ intermediate channel j (column j of down_proj).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
@@ -179,20 +180,23 @@ class ColumnStats:
         return (self.s2 / self.n - m * m).clamp_min(0.0)
 
 
+def _attach_stats(layer: nn.Module, kinds: tuple[str, ...], gram: bool, handles: list) -> dict[str, ColumnStats]:
+    """Pre-hooks on one layer's o_proj / down_proj streaming their inputs into `ColumnStats` (handles appended)."""
+    per_layer = {}
+    for kind in kinds:
+        lin = target_linear(layer, kind)
+        per_layer[kind] = st = ColumnStats(lin.in_features, gram=gram)
+        handles.append(lin.register_forward_pre_hook(lambda _m, args, st=st: st.update(args[0])))
+    return per_layer
+
+
 @contextmanager
 def capture_inputs(
     model: nn.Module, kinds: tuple[str, ...], gram: bool = False
 ) -> Iterator[list[dict[str, ColumnStats]]]:
     """Attach pre-hooks that stream o_proj / down_proj inputs into `ColumnStats`, one dict per layer."""
-    stats: list[dict[str, ColumnStats]] = []
-    handles = []
-    for layer in decoder_layers(model):
-        per_layer = {}
-        for kind in kinds:
-            lin = target_linear(layer, kind)
-            per_layer[kind] = st = ColumnStats(lin.in_features, gram=gram)
-            handles.append(lin.register_forward_pre_hook(lambda _m, args, st=st: st.update(args[0])))
-        stats.append(per_layer)
+    handles: list = []
+    stats = [_attach_stats(layer, kinds, gram, handles) for layer in decoder_layers(model)]
     try:
         yield stats
     finally:
@@ -208,3 +212,83 @@ def input_stats(
         for ids in micro_batches(calibration, batch_size):
             run_body(model, ids)
     return stats
+
+
+@dataclass
+class LayerInput:
+    """One micro-batch as a decoder layer receives it.
+
+    Attributes:
+        hidden: the hidden states (B, T, d), replaced by each layer's output as the stack is walked.
+        kwargs: the keyword arguments the model passes every layer (position embeddings, attention mask,
+            position ids, cache settings), as captured at the first layer.
+    """
+
+    hidden: torch.Tensor
+    kwargs: dict
+
+
+class _Caught(Exception):
+    """Ends a forward pass once the first decoder layer's inputs are stored."""
+
+
+@torch.no_grad()
+def first_layer_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int) -> list[LayerInput]:
+    """The first decoder layer's inputs for every micro-batch of `calibration`; no decoder layer runs."""
+    inputs: list[LayerInput] = []
+
+    def catch(_m, args, kwargs):
+        assert len(args) == 1, f"expected the hidden states as the only positional argument, got {len(args)}"
+        inputs.append(LayerInput(args[0], dict(kwargs)))
+        raise _Caught
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for ids in micro_batches(calibration, batch_size):
+            with suppress(_Caught):
+                run_body(model, ids)
+    finally:
+        handle.remove()
+    return inputs
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> None:
+    """Run one decoder layer on every stored micro-batch, replacing its hidden states by the layer's output.
+
+    In place, so that walking the stack holds one copy of the hidden states (N·T·d) at a time.
+    """
+    for x in inputs:
+        x.hidden = layer(x.hidden, **x.kwargs)  # (B, T, d)
+
+
+def layerwise_stats(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    kinds: tuple[str, ...],
+    batch_size: int,
+    *,
+    gram: bool = False,
+    layers: Collection[int] | None = None,
+) -> Iterator[tuple[int, dict[str, ColumnStats]]]:
+    """`input_stats` one decoder layer at a time: the dense stack walked layer by layer on cached hidden states.
+
+    Yields (layer index, kind -> `ColumnStats`) for each of `layers` (default: all) in ascending order, each
+    taken as `input_stats` takes it (the dense model's inputs, the same micro-batches). The layers before the
+    first requested one still run; none after the last does. Memory: one copy of the hidden states and one
+    layer's statistics, provided the caller drops the yielded statistics before asking for the next layer.
+    """
+    stack = decoder_layers(model)
+    wanted = set(range(len(stack)) if layers is None else layers)
+    inputs = first_layer_inputs(model, calibration, batch_size)
+    for i, layer in enumerate(stack[: max(wanted, default=-1) + 1]):
+        handles: list = []
+        stats = _attach_stats(layer, kinds, gram, handles) if i in wanted else None
+        try:
+            run_layer(layer, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        if stats is not None:
+            yield i, stats
+        del stats

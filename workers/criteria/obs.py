@@ -3,7 +3,9 @@
 For a linear y = W x with calibration inputs X, H = XᵀX (dampened by rel_damp·mean(diag H)). A group g of
 columns costs w_gᵀ (Hinv_gg)⁻¹ w_g summed over rows to remove when the other columns are refitted optimally;
 the cheapest group goes first, the remaining columns get the OBS update W -= W_g (Hinv_gg)⁻¹ Hinv_g:, and Hinv
-is downdated to the inverse over the remaining columns. One greedy pass yields every level, nested.
+is downdated to the inverse over the remaining columns. One greedy pass yields every level, nested. The pass
+applies its updates in blocks of steps (`_greedy_block`): same choices and weights as the step-by-step loop,
+at a fraction of the memory traffic (SmolLM2-135M's down_proj: 0.7 s instead of 13 s at 2 threads).
 
 `Obs.score` turns the removal order into scores (first removed = 0, higher = keep); `obs_levels` returns, per
 layer, the removal order and the updated weights at requested removal counts (the level database's source).
@@ -11,7 +13,8 @@ layer, the removal order and the updated weights at requested removal counts (th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +26,7 @@ from workers.criteria._common import (
     check_kinds,
     decoder_layers,
     empty,
-    input_stats,
+    layerwise_stats,
     target_linear,
 )
 from workers.criteria.base import LayerScores, UnitScores
@@ -54,16 +57,96 @@ def _prepare(
     return w, torch.cholesky_inverse(torch.linalg.cholesky(h))
 
 
-def _group_costs(w: torch.Tensor, hinv: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Removal cost of every group and the inverses of Hinv's diagonal blocks, (n,) and (n, group, group)."""
-    n = w.shape[1] // group
+# Greedy steps whose updates wait as low-rank factors before one GEMM applies them. Measured on SmolLM2-135M's
+# down_proj (1536 steps, 1-2 threads): 64 and 128 equally fast, 32 and 256 ~10% slower, 16 ~40% slower.
+BLOCK = 64
+
+
+def _block_inverse(blocks: torch.Tensor) -> torch.Tensor:
+    """Inverses of (n, g, g) diagonal blocks of Hinv (positive definite): a reciprocal when g == 1, else Cholesky.
+
+    Not `torch.linalg.inv`: on CPU its batched LU runs MKL's dgetrf on several threads at once, which fails in
+    DLASWP and hangs for blocks as wide as SmolLM2's KV groups (3 x 192 x 192 at 2 threads; pytorch#141358).
+    """
+    return 1.0 / blocks if blocks.shape[-1] == 1 else torch.cholesky_inverse(torch.linalg.cholesky(blocks))
+
+
+def _times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched a @ b of (n, g, g) blocks (or a (g, g) b): elementwise when g == 1, where bmm only costs time."""
+    return a * b if a.shape[-1] == 1 else a @ b
+
+
+def _diagonal_blocks(hinv: torch.Tensor, group: int) -> torch.Tensor:
+    n = hinv.shape[0] // group
+    return hinv.reshape(n, group, n, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1).clone()  # (n, g, g)
+
+
+def _row_grams(wt: torch.Tensor, group: int) -> torch.Tensor:
+    """W_gᵀ W_g of every group from Wᵀ (n·g, out): (n, g, g)."""
     if group == 1:
-        binv = (1.0 / hinv.diagonal()).reshape(n, 1, 1)
-        return (w * w).sum(0) * binv.reshape(n), binv
-    blocks = hinv.reshape(n, group, n, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (n, g, g)
-    binv = torch.linalg.inv(blocks)
-    wg = w.reshape(w.shape[0], n, group)  # (out, n, g)
-    return torch.einsum("ong,ngh,onh->n", wg, binv, wg), binv
+        return (wt * wt).sum(1).reshape(-1, 1, 1)
+    wg = wt.reshape(-1, group, wt.shape[1])  # (n, g, out)
+    return wg @ wg.mT
+
+
+def _greedy_block(
+    wt: torch.Tensor, hinv: torch.Tensor, alive: torch.Tensor, group: int, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`steps` greedy OBS removals over the alive groups, applying their updates to W and Hinv only at the end.
+
+    `wt` (n·g, out) is W transposed (a group's columns are contiguous rows) and `hinv` (n·g, n·g) is Hinv, both
+    over the alive groups only; `alive` (n,) names them (ascending original indices, so ties go to the lower
+    index as in a full-size argmin). Step s removes group u: with h = Hinv[u-rows] (g, n·g), m = (Hinv_uu)⁻¹
+    and c = W[:, u-cols] m (out, g), the eager loop does Hinv -= hᵀ m h and W -= c h. Here those updates wait
+    as factors, one g-row slab per step: the current Hinv is `hinv - hsᵀ mhs` and the current Wᵀ is
+    `wt - hsᵀ cs`, with hs = h, mhs = m h, cs = cᵀ. A step reads only the rows it needs through the factors and
+    keeps the costs' inputs (Hinv's diagonal blocks, W's column Grams) current by rank-g updates in O(n·g³).
+
+    The eager loop zeroes a removed group's rows and columns of Hinv and W so that later updates leave them
+    alone. Here they are dropped when the block is applied, and until then nothing reads them: entry (a, b) of
+    every update depends only on entries a and b of h, so the removed groups' entries (rounding residue) only
+    ever reach the removed groups' own rows and columns, whose costs are masked.
+
+    Returns the updated wt and hinv over the groups still alive, their names, and the removed groups in order.
+    """
+    width, out = wt.shape
+    g, n = group, width // group
+    blocks = _diagonal_blocks(hinv, g)  # (n, g, g) of the current Hinv
+    grams = _row_grams(wt, g)  # (n, g, g) of the current W
+    gone = torch.zeros(n, dtype=torch.bool, device=wt.device)
+    removed = torch.empty(steps, dtype=torch.long, device=wt.device)
+    hs = wt.new_empty(steps * g, width)
+    mhs = wt.new_empty(steps * g, width)
+    cs = wt.new_empty(steps * g, out)
+    span = torch.arange(g, device=wt.device)
+    eye = torch.eye(g, dtype=wt.dtype, device=wt.device)
+    for s in range(steps):
+        r = s * g  # rank of the pending updates
+        binv = _block_inverse(blocks)  # (n, g, g)
+        cost = torch.where(gone, torch.inf, (binv * grams).sum((1, 2)))  # (n,)
+        u = cost.argmin().reshape(1)  # stays on the device: no host round trip per step
+        cols = u * g + span  # (g,)
+        m = binv.index_select(0, u)[0]  # (g, g) = (Hinv_uu)⁻¹
+        hu = hs[:r].index_select(1, cols).T  # (g, r)
+        h = hinv.index_select(0, cols) - hu @ mhs[:r]  # (g, n·g) current Hinv rows
+        ct = m.T @ (wt.index_select(0, cols) - hu @ cs[:r])  # (g, out) = cᵀ
+        wc = (wt @ ct.T - hs[:r].T @ (cs[:r] @ ct.T)).view(n, g, g)  # W_jᵀ c of every group j
+        hj = h.T.reshape(n, g, g)  # (n, g, g): h_jᵀ
+        cross = _times(wc, hj.mT)
+        grams -= cross + cross.mT - _times(_times(hj, ct @ ct.T), hj.mT)  # W_j -= c h_j
+        blocks -= _times(_times(hj, m), hj.mT)  # Hinv_jj -= h_jᵀ m h_j
+        blocks.index_copy_(0, u, eye[None])  # keeps the removed block invertible; its cost is masked
+        hs[r : r + g] = h
+        mhs[r : r + g] = m @ h
+        cs[r : r + g] = ct
+        gone.index_fill_(0, u, True)
+        removed[s : s + 1] = alive.index_select(0, u)
+    keep = (~gone).nonzero().squeeze(1)  # one host sync per block
+    kept = (keep[:, None] * g + span).reshape(-1)  # (n'·g,) alive columns
+    hk = hs.index_select(1, kept)  # (steps·g, n'·g)
+    wt = wt.index_select(0, kept).addmm_(hk.T, cs, alpha=-1.0)  # (n'·g, out)
+    hinv = hinv.index_select(0, kept).index_select(1, kept).addmm_(hk.T, mhs.index_select(1, kept), alpha=-1.0)
+    return wt, hinv, alive.index_select(0, keep), removed
 
 
 def obs_prune(
@@ -72,10 +155,15 @@ def obs_prune(
     group: int,
     counts: Sequence[int],
     rel_damp: float = 1e-2,
+    block: int = BLOCK,
 ) -> ObsLevels:
     """Greedy OBS removal of `group`-wide column blocks of `weight` (out, in) given input Gram `hessian`.
 
     Runs until max(counts) groups are removed and snapshots the updated weight at every count in `counts`.
+    The result is the eager greedy loop's (remove the cheapest group, update W and Hinv, repeat) with the
+    arithmetic reassociated: the updates of `block` steps are applied together by one GEMM, and the removed
+    groups are then dropped from W and Hinv, so the work shrinks as the layer does. Runs in fp64 on the
+    Hessian's device.
     """
     n = weight.shape[1] // group
     if weight.shape[1] != n * group or hessian.shape != (weight.shape[1], weight.shape[1]):
@@ -84,29 +172,26 @@ def obs_prune(
         )
     if any(not 0 <= c <= n for c in counts):
         raise ValueError(f"removal counts {list(counts)} outside 0..{n}")
-    w, hinv = _prepare(weight, hessian, rel_damp)
-    alive = torch.ones(n, dtype=torch.bool, device=w.device)
-    order: list[int] = []
-    snaps: dict[int, torch.Tensor] = {}
-    eye = torch.eye(group, dtype=w.dtype, device=w.device)
-    for step in range(1, max(counts, default=0) + 1):
-        cost, binv = _group_costs(w, hinv, group)
-        u = int(torch.where(alive, cost, torch.inf).argmin())
-        cols = slice(u * group, (u + 1) * group)
-        m = binv[u]  # (g, g) = (Hinv_gg)⁻¹
-        w -= w[:, cols] @ m @ hinv[cols, :]
-        hinv -= hinv[:, cols] @ m @ hinv[cols, :]
-        w[:, cols] = 0.0  # exactly zero (the update leaves rounding residue)
-        hinv[cols, :] = 0.0
-        hinv[:, cols] = 0.0
-        hinv[cols, cols] = eye  # keeps the removed block invertible; its cost is masked anyway
-        alive[u] = False
-        order.append(u)
-        if step in counts:
-            snaps[step] = w.clone()
-    snaps[0] = weight.detach()  # level 0 is the dense weight as given, dead columns included
-    weights = {c: snaps[c].to(device=weight.device, dtype=weight.dtype).clone() for c in sorted(counts)}
-    return ObsLevels(order=torch.tensor(order, dtype=torch.long), weights=weights)
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    w, hinv = _prepare(weight, hessian, rel_damp)  # (out, in), (in, in)
+    wt = w.T.contiguous()  # (in, out)
+    alive = torch.arange(n, device=w.device)  # the groups wt and hinv still hold
+    order = []
+    snaps: dict[int, torch.Tensor] = {0: weight.detach()}  # level 0 is the dense weight, dead columns included
+    done, stops = 0, sorted(set(counts) - {0})
+    for stop in stops:
+        while done < stop:
+            steps = min(block, stop - done)
+            wt, hinv, alive, removed = _greedy_block(wt, hinv, alive, group, steps)
+            order.append(removed)
+            done += steps
+        snap = wt.new_zeros(n, group, wt.shape[1])  # (n, g, out)
+        snap[alive] = wt.reshape(-1, group, wt.shape[1])
+        snaps[stop] = snap.reshape(n * group, -1).T.contiguous()  # (out, in)
+    weights = {c: snaps[c].to(device=weight.device, dtype=weight.dtype, copy=True) for c in sorted(counts)}
+    order = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+    return ObsLevels(order=order.cpu(), weights=weights)
 
 
 def _group_width(kind: str, geo: Geometry) -> int:
@@ -121,8 +206,14 @@ def obs_levels(
     rel_damp: float = 1e-2,
     batch_size: int = 8,
     attention_unit: str = "kv_group",
+    layers: Sequence[int] | None = None,
+    on_layer: Callable[[int, int, float], None] | None = None,
 ) -> list[dict[str, ObsLevels]]:
     """Per layer, the nested OBS removal order and updated o_proj / down_proj weights at each removal count.
+
+    The decoder is walked one layer at a time on cached hidden states (`layerwise_stats`): a layer's Hessians
+    are gathered from the dense model's activations, pruned, and dropped before the next layer runs, so memory
+    holds the hidden states and one layer's statistics, never every layer's.
 
     Args:
         model: a Llama-family causal LM; its weights are read, never written.
@@ -131,26 +222,34 @@ def obs_levels(
         rel_damp: dampening added to diag H, relative to its mean.
         batch_size: sequences per forward pass.
         attention_unit: "kv_group" or "q_head" (query heads removed, K/V kept: DarwinLM's `kv_ignore`).
+        layers: decoder layer indices to compute (distinct, any order); default all. The layers before the
+            first of them still run forward; none after the last does.
+        on_layer: called after each computed layer with (layers done, layers to do, seconds since the start).
+
+    Returns:
+        One kind -> `ObsLevels` dict per requested layer, aligned with `layers` (with every layer in order when
+        `layers` is None).
     """
     kinds = tuple(levels)
     check_kinds(kinds)
     geo = Geometry.of(model, attention_unit)
-    stats = input_stats(model, calibration, kinds, batch_size, gram=True)
-    out = []
-    for layer, st in zip(decoder_layers(model), stats, strict=True):
-        out.append(
-            {
-                kind: obs_prune(
-                    target_linear(layer, kind).weight,
-                    st[kind].xtx,
-                    _group_width(kind, geo),
-                    levels[kind],
-                    rel_damp,
-                )
-                for kind in kinds
-            }
-        )
-    return out
+    wanted = list(range(geo.n_layers)) if layers is None else [int(i) for i in layers]
+    if len(set(wanted)) != len(wanted) or any(not 0 <= i < geo.n_layers for i in wanted):
+        raise ValueError(f"layers {wanted} must be distinct indices in 0..{geo.n_layers - 1}")
+    started = time.perf_counter()
+    stack = decoder_layers(model)
+    found: dict[int, dict[str, ObsLevels]] = {}
+    for i, stats in layerwise_stats(model, calibration, kinds, batch_size, gram=True, layers=wanted):
+        found[i] = {
+            kind: obs_prune(
+                target_linear(stack[i], kind).weight, stats[kind].xtx, _group_width(kind, geo), levels[kind], rel_damp
+            )
+            for kind in kinds
+        }
+        del stats  # one layer's Hessians at a time
+        if on_layer is not None:
+            on_layer(len(found), len(wanted), time.perf_counter() - started)
+    return [found[i] for i in wanted]
 
 
 class Obs:
