@@ -165,19 +165,23 @@ def _write(out: Path, model, calibration, *, criterion, options, table, key, bat
 def _write_obs(
     out: Path, model, calibration, table: LevelTable, options: dict, batch_size: int, on_layer=None
 ) -> list[dict]:
-    from workers.criteria.obs import obs_levels
+    """Run OBS layer by layer, writing each layer's level weights as it finishes (memory: one layer's levels)."""
+    from workers.criteria.obs import iter_obs_levels
 
     counts = {kind: table.counts(kind) for kind in KINDS}
-    results = obs_levels(
+    n_layers = len(model.model.layers)
+    orders: dict[int, dict] = {}
+    results = iter_obs_levels(
         model, calibration, counts, batch_size=batch_size, attention_unit=table.attention_unit, **options
     )
-    orders = []
-    for i, result in enumerate(results):
+    for i, result in results:
         for kind in KINDS:
             for level, count in enumerate(counts[kind]):
                 if level:
                     weight = result[kind].weights[count].to("cpu").contiguous()
                     save_file({"weight": weight}, out / f"layer{i:03d}.{kind}.level{level:03d}.safetensors")
-        orders.append({kind: result[kind].order.tolist() for kind in KINDS})
-    return orders
-
+        orders[i] = {kind: result[kind].order.tolist() for kind in KINDS}
+        del result
+        if on_layer is not None:
+            on_layer(len(orders), n_layers)
+    return [orders[i] for i in range(n_layers)]

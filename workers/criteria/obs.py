@@ -14,7 +14,7 @@ layer, the removal order and the updated weights at requested removal counts (th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -230,26 +230,46 @@ def obs_levels(
         One kind -> `ObsLevels` dict per requested layer, aligned with `layers` (with every layer in order when
         `layers` is None).
     """
+    started = time.perf_counter()
+    found: dict[int, dict[str, ObsLevels]] = {}
+    wanted = layers
+    for i, result in iter_obs_levels(model, calibration, levels, rel_damp=rel_damp, batch_size=batch_size,
+                                     attention_unit=attention_unit, layers=layers):
+        found[i] = result
+        if on_layer is not None:
+            on_layer(len(found), len(model.model.layers) if wanted is None else len(wanted),
+                     time.perf_counter() - started)
+    return [found[i] for i in (sorted(found) if wanted is None else wanted)]
+
+
+def iter_obs_levels(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    levels: Mapping[str, Sequence[int]],
+    *,
+    rel_damp: float = 1e-2,
+    batch_size: int = 8,
+    attention_unit: str = "kv_group",
+    layers: Sequence[int] | None = None,
+) -> Iterator[tuple[int, dict[str, ObsLevels]]]:
+    """`obs_levels` one layer at a time: yields (layer index, kind -> `ObsLevels`) as each layer finishes, so
+    a caller can store a layer's level weights and drop them before the next (memory: one layer's results)."""
     kinds = tuple(levels)
     check_kinds(kinds)
     geo = Geometry.of(model, attention_unit)
     wanted = list(range(geo.n_layers)) if layers is None else [int(i) for i in layers]
     if len(set(wanted)) != len(wanted) or any(not 0 <= i < geo.n_layers for i in wanted):
         raise ValueError(f"layers {wanted} must be distinct indices in 0..{geo.n_layers - 1}")
-    started = time.perf_counter()
     stack = decoder_layers(model)
-    found: dict[int, dict[str, ObsLevels]] = {}
     for i, stats in layerwise_stats(model, calibration, kinds, batch_size, gram=True, layers=wanted):
-        found[i] = {
+        result = {
             kind: obs_prune(
                 target_linear(stack[i], kind).weight, stats[kind].xtx, _group_width(kind, geo), levels[kind], rel_damp
             )
             for kind in kinds
         }
         del stats  # one layer's Hessians at a time
-        if on_layer is not None:
-            on_layer(len(found), len(wanted), time.perf_counter() - started)
-    return [found[i] for i in wanted]
+        yield i, result
 
 
 class Obs:
