@@ -111,8 +111,19 @@ def test_level_weights_are_the_stored_ones_and_the_cache_stays_small(random_llam
     assert torch.equal(weights(1, "attn", 1), db.load_weight(1, "attn", 1))
     assert torch.equal(weights(2, "mlp", 3), db.load_weight(2, "mlp", 3))
     assert list(weights._cache) == [(2, "mlp", 3)]  # one level in memory
-    with pytest.raises(ValueError, match="weights"):
-        candidate.build(random_llama, db, PruneGenome(attn=(1, 0, 0), mlp=(0, 0, 0)))
+    genome = PruneGenome(attn=(1, 0, 0), mlp=(0, 0, 0))
+    dense = random_llama.model.layers[0].self_attn.o_proj.weight
+    one_shot = candidate.build(random_llama, db, genome, weights=weights).model.layers[0].self_attn.o_proj.weight
+    cut = candidate.build(random_llama, db, genome).model.layers[0].self_attn.o_proj.weight
+    assert torch.equal(cut, dense[:, _kept_columns(db, 0, dense.shape[1])])  # no weights: the dense columns, as cut
+    assert not torch.allclose(one_shot, cut)
+
+
+def _kept_columns(db, layer: int, o_proj_width: int) -> list[int]:
+    """o_proj input columns of the attention units that level 1 of `layer` keeps."""
+    width = o_proj_width // db.table.attn_units
+    gone = set(db.removed(layer, "attn", 1))
+    return [u * width + c for u in range(db.table.attn_units) if u not in gone for c in range(width)]
 
 
 def _masked_finetune(model, batches, masks, settings, teacher=None) -> list[float]:

@@ -61,19 +61,18 @@ def build(
         model: the dense model (read, never written).
         database: its level database; its removal orders say which units go.
         genome: the candidate's levels.
-        weights: the stored level weights, required when the database stores them (obs).
+        weights: the stored level weights of a database that stores them (obs); None cuts the dense weights,
+            which gives the structure alone (what `slicing.apply_configuration` gives on the dense model).
         trainable: also give the candidate its own copy of the linears its genome keeps whole (levels 0), so
             that training it writes no dense decoder weight; without it those linears are shared.
 
     Returns:
         A model with `config.darwinfront_layout` set, as `slicing.slice_model` leaves one (`save_pruned` takes it).
     """
-    if database.stores_weights and weights is None:
-        raise ValueError(f"the {database.criterion} database stores level weights: pass `weights`")
     candidate = _shell(model)
     for i, layer in enumerate(candidate.model.layers):
         for kind, level in zip(KINDS, (genome.attn[i], genome.mlp[i]), strict=True):
-            if level and database.stores_weights:
+            if level and weights is not None:
                 _hold_level_weight(layer, kind, weights(i, kind, level))
     slicing.slice_model(candidate, levels.layout(genome, database.orders, database.table))
     if trainable:

@@ -13,7 +13,7 @@ from service.spec import JobSpec
 from workers.slicing import Layout
 
 FORMAT = "darwinfront.structured_prune/1"
-_METRICS = ("kl", "held_out_kl", "perplexity", "latency_ms", "dense_latency_ms")
+_METRICS = ("kl", "held_out_kl", "perplexity", "latency_ms", "dense_latency_ms", "kl_cut", "kl_oneshot")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -38,7 +38,7 @@ class Evaluator:
         self.snapshot = finetune.Snapshot([p for p in candidate.shared_parameters(model) if p.requires_grad])
         self.train_settings = finetune.TrainSettings(lr=spec.prune.train_lr, batch_size=spec.prune.train_batch_size)
         self.teacher = fitness.Teacher.of(model, self.inputs.calibration, topk=spec.search.kl_topk)
-        self.teacher_held_out = fitness.Teacher.of(model, self.inputs.held_out)
+        self.teacher_held_out = fitness.Teacher.of(model, self.inputs.held_out, topk=spec.search.kl_topk)
         self._targets: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.current: torch.nn.Module | None = None  # the loaded candidate
         self._trained = False  # whether it trained (the shared weights then need putting back)
@@ -140,13 +140,28 @@ class Evaluator:
             model=self.inputs.model, result=result,
         )
         train_tokens = int(request.get("train_tokens") or 0)
+        document["metrics"].update(self.one_shot_metrics(genome))
         document["level_table"] = self.database.table.to_dict()
         document["database"] = {"key": self.database.key, "criterion": self.database.criterion}
         document["weights"] = "trained" if train_tokens else "database" if self.database.stores_weights else "dense"
         document["training"] = {"seed": int(request["seed"]), "tokens": train_tokens,
                                 "lr": self.train_settings.lr, "batch_size": self.train_settings.batch_size,
                                 "loss": self.inputs.spec.prune.train_loss} if train_tokens else None
+        one_shot = "kl_oneshot" if self.database.stores_weights else "kl_cut"
+        document["gives"] = {"rebuild": one_shot, "apply_configuration": "kl_cut",
+                             "archive": "kl" if train_tokens else one_shot}
         return document
+
+    def one_shot_metrics(self, genome: PruneGenome) -> dict:
+        """KL on the whole fitness pool of the structure cut from the dense weights (`kl_cut`) and, for a
+        database that stores level weights, of the one-shot model with them (`kl_oneshot`): what
+        `slicing.apply_configuration` and `configuration.rebuild` give, beside the front's `kl` after training."""
+        out = {}
+        variants = {"kl_cut": None, "kl_oneshot": self.weights} if self.weights is not None else {"kl_cut": None}
+        for name, weights in variants.items():
+            model = candidate.build(self.inputs.model, self.database, genome, weights=weights)
+            out[name] = fitness.kl(model, self.inputs.calibration, self.teacher)
+        return out
 
     def export(self, configuration: dict, directory: str) -> dict:
         """Build the candidate of `configuration` as it was scored (its database weights, trained again on the

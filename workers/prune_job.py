@@ -148,7 +148,9 @@ class PruneJob:
                 meta = artifacts.archive(self.data_dir, self.job_id, point["candidate_id"], Path(tmp))
             timing = {k: exported[k] for k in ("latency_ms", "dense_latency_ms")}
             configuration["metrics"].update(timing)
-            point.update(timing, perplexity=attrs.get("perplexity"))
+            metrics = configuration["metrics"]
+            one_shot = {k: metrics[k] for k in ("kl_cut", "kl_oneshot") if k in metrics}
+            point.update(timing, one_shot, perplexity=attrs.get("perplexity"), gives=configuration["gives"])
             self.store.put_result(self.job_id, point["candidate_id"], configuration)
             self.store.put_artifact(self.job_id, point["candidate_id"], meta)
         self.store.set_front(self.job_id, front, generation=None)
