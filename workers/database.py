@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -123,6 +124,7 @@ def build(
     root: Path | None = None,
     batch_size: int = 8,
     on_layer: Callable[[int, int], None] | None = None,
+    helpers: LayerHelpers | None = None,
 ) -> LevelDatabase:
     """Open the database of (model, calibration, criterion, options, table), building it first if needed.
 
@@ -135,6 +137,9 @@ def build(
         root: the cache root (default `default_root()`).
         batch_size: sequences per forward pass while scoring.
         on_layer: called with (layers done, layers) as a per-layer criterion (obs) finishes each layer.
+        helpers: other workers that compute a share of a per-layer criterion's layers (obs) while this process
+            computes the rest: layer i goes to worker i mod (helpers.count + 1), worker 0 being this one. Their
+            results come back through `helpers` and are written here, so no disk is shared.
     """
     options = dict(options or {})
     key = database_key(model_fingerprint(model), calibration_digest(calibration), criterion, options, table)
@@ -144,15 +149,17 @@ def build(
     def write(out: Path) -> None:
         made.append(out)
         _write(out, model, calibration, criterion=criterion, options=options, table=table, key=key,
-               batch_size=batch_size, on_layer=on_layer)
+               batch_size=batch_size, on_layer=on_layer, helpers=helpers)
 
     build_once(final, write)
     return LevelDatabase.open(final, built=bool(made))
 
 
-def _write(out: Path, model, calibration, *, criterion, options, table, key, batch_size, on_layer) -> None:
+def _write(
+    out: Path, model, calibration, *, criterion, options, table, key, batch_size, on_layer, helpers
+) -> None:
     if criterion in WEIGHT_CRITERIA:
-        orders = _write_obs(out, model, calibration, table, options, batch_size, on_layer)
+        orders = _write_obs(out, model, calibration, table, options, batch_size, on_layer, helpers)
     else:
         scores = criteria.get(criterion, attention_unit=table.attention_unit, **options).score(model, calibration)
         orders = [{"attn": removal_order(s.attn.tolist()), "mlp": removal_order(s.mlp.tolist())}
@@ -162,26 +169,55 @@ def _write(out: Path, model, calibration, *, criterion, options, table, key, bat
     (out / INDEX).write_text(json.dumps(index))
 
 
+class LayerHelpers(Protocol):
+    """Workers elsewhere that compute given layers of an obs database (see `workers.pool.RemoteLayers`)."""
+
+    count: int
+
+    def start(self, shares: list[list[int]]) -> None:
+        """Start helper k on the layers `shares[k]`."""
+
+    def poll(self) -> list[tuple[int, dict]]:
+        """The (layer, kind -> ObsLevels) results that have arrived, without waiting."""
+
+    def drain(self) -> Iterator[tuple[int, dict]]:
+        """Every result still to come, waiting for each."""
+
+
 def _write_obs(
-    out: Path, model, calibration, table: LevelTable, options: dict, batch_size: int, on_layer=None
+    out: Path, model, calibration, table: LevelTable, options: dict, batch_size: int, on_layer=None, helpers=None
 ) -> list[dict]:
-    """Run OBS layer by layer, writing each layer's level weights as it finishes (memory: one layer's levels)."""
+    """Run OBS layer by layer, writing each layer's level weights as it finishes (memory: one layer's levels);
+    with `helpers`, they compute their share of the layers meanwhile and this process writes theirs too."""
     from workers.criteria.obs import iter_obs_levels
 
     counts = {kind: table.counts(kind) for kind in KINDS}
     n_layers = len(model.model.layers)
+    workers = 1 + (helpers.count if helpers is not None else 0)
+    shares = [[i for i in range(n_layers) if i % workers == k] for k in range(workers)]
     orders: dict[int, dict] = {}
-    results = iter_obs_levels(
-        model, calibration, counts, batch_size=batch_size, attention_unit=table.attention_unit, **options
-    )
-    for i, result in results:
+
+    def store(i: int, result: dict) -> None:
         for kind in KINDS:
             for level, count in enumerate(counts[kind]):
                 if level:
                     weight = result[kind].weights[count].to("cpu").contiguous()
                     save_file({"weight": weight}, out / f"layer{i:03d}.{kind}.level{level:03d}.safetensors")
         orders[i] = {kind: result[kind].order.tolist() for kind in KINDS}
-        del result
         if on_layer is not None:
             on_layer(len(orders), n_layers)
+
+    if helpers is not None:
+        helpers.start(shares[1:])
+    mine = iter_obs_levels(model, calibration, counts, batch_size=batch_size, attention_unit=table.attention_unit,
+                           layers=shares[0], **options)
+    for i, result in mine:
+        store(i, result)
+        for j, theirs in helpers.poll() if helpers is not None else ():
+            store(j, theirs)
+    for j, theirs in helpers.drain() if helpers is not None else ():
+        store(j, theirs)
+    missing = sorted(set(range(n_layers)) - set(orders))
+    if missing:
+        raise RuntimeError(f"the obs database lacks layers {missing}: a helper returned too little")
     return [orders[i] for i in range(n_layers)]

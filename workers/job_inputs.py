@@ -65,23 +65,31 @@ def database_options(criterion: str, seed: int) -> dict:
     return {"seed": seed} if criterion == "random" else {}
 
 
-def open_database(inputs: JobInputs, report: StepReport | None = None) -> database.LevelDatabase:
+def job_table(inputs: JobInputs) -> levels.LevelTable:
+    """The level table of the job's model under its prune section."""
+    prune = inputs.spec.prune
+    return levels.table_for(inputs.model, prune.levels, prune.mlp_multiple, prune.attention_unit)
+
+
+def open_database(
+    inputs: JobInputs, report: StepReport | None = None, helpers: database.LayerHelpers | None = None
+) -> database.LevelDatabase:
     """The job's level database, built on first use (once per model, calibration, criterion and table).
 
     With `report`, the build is reported (layer by layer where the criterion works per layer), and a database
-    found in the cache says so.
+    found in the cache says so. `helpers` share a per-layer build with other workers (see `database.build`).
     """
     spec = inputs.spec
-    table = levels.table_for(inputs.model, spec.prune.levels, spec.prune.mlp_multiple, spec.prune.attention_unit)
+    table = job_table(inputs)
     options = database_options(spec.prune.criterion, spec.seed)
-    if report is None:
-        return database.build(inputs.model, inputs.database, criterion=spec.prune.criterion, table=table,
-                              options=options)
     started = time.perf_counter()
-    report("database", f"opening the {spec.prune.criterion} level database "
-           f"({inputs.database.numel():,} tokens, {table.attn_levels}+{table.mlp_levels} levels per layer)")
+    if report is not None:
+        report("database", f"opening the {spec.prune.criterion} level database "
+               f"({inputs.database.numel():,} tokens, {table.attn_levels}+{table.mlp_levels} levels per layer)")
     db = database.build(inputs.model, inputs.database, criterion=spec.prune.criterion, table=table,
-                        options=options, on_layer=report.counter("database", "layers"))
-    how = f"built in {format_seconds(time.perf_counter() - started)}" if db.built else "found in the cache"
-    report("database", f"{spec.prune.criterion} level database {db.key} {how}")
+                        options=options, on_layer=report.counter("database", "layers") if report else None,
+                        helpers=helpers)
+    if report is not None:
+        how = f"built in {format_seconds(time.perf_counter() - started)}" if db.built else "found in the cache"
+        report("database", f"{spec.prune.criterion} level database {db.key} {how}")
     return db

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 import ray
 
 from workers.evaluator import Evaluator
-from workers.prepare import node_threads, prepare
+from workers.prepare import node_threads, obs_layers, prepare
 from workers.progress import StepReport, format_seconds
 from workers.telemetry import Telemetry
 
@@ -32,14 +32,63 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}".strip()
 
 
-def run_prepare(spec: dict, *, gpus: float = 0.0, fn=prepare, report: StepReport | None = None) -> dict:
-    """Run a job's prepare step `fn(spec, report, threads)` as a Ray task and return its description.
+def run_prepare(
+    spec: dict, *, gpus: float = 0.0, fn=prepare, report: StepReport | None = None, helpers: int = 0
+) -> dict:
+    """Run a job's prepare step `fn(spec, report, threads=..)` as a Ray task and return its description.
 
-    The task reserves one CPU but runs torch on every core of its node (`node_threads`): nothing else of the
-    job runs until it is done. `report` goes with it and reports its steps.
+    The task reserves one CPU but runs torch on the cores of its node (`node_threads`): nothing else of the job
+    runs until it is done. `report` goes with it and reports its steps. With `helpers` > 0 (a prune job with
+    several evaluators), as many more Ray tasks, each with the evaluators' GPUs, build a share of an obs
+    database's layers meanwhile, and the node's cores are split between them.
     """
-    task = ray.remote(lambda spec, report: fn(spec, report, threads=node_threads()))
-    return ray.get(task.options(num_gpus=gpus, num_cpus=1, max_retries=0).remote(spec, report))
+
+    def task(spec: dict, report: StepReport | None) -> dict:
+        threads = max(1, node_threads() // (helpers + 1)) if gpus == 0 else node_threads()
+        if not helpers:
+            return fn(spec, report, threads=threads)
+        return fn(spec, report, threads=threads, helpers=RemoteLayers(spec, helpers, gpus=gpus, threads=threads))
+
+    return ray.get(ray.remote(task).options(num_gpus=gpus, num_cpus=1, max_retries=0).remote(spec, report))
+
+
+class RemoteLayers:
+    """`database.LayerHelpers` on Ray: each helper is a streaming task (`prepare.obs_layers`) that loads the
+    job's model and tokens and sends each finished layer's results back through the object store.
+
+    Args:
+        spec: the job spec.
+        count: helpers to start.
+        gpus, threads: what each helper holds and the torch threads it runs.
+    """
+
+    def __init__(self, spec: dict, count: int, *, gpus: float = 0.0, threads: int = 0):
+        self.spec, self.count, self.gpus, self.threads = spec, count, gpus, threads
+        self._streams: list[ray.ObjectRefGenerator] = []
+
+    def start(self, shares: list[list[int]]) -> None:
+        task = ray.remote(obs_layers).options(num_returns="streaming", num_gpus=self.gpus, num_cpus=1,
+                                              max_retries=0)
+        self._streams = [task.remote(self.spec, share, self.threads) for share in shares if share]
+
+    def poll(self) -> list[tuple[int, dict]]:
+        return list(self._ready(timeout=0.0))
+
+    def drain(self) -> Iterator[tuple[int, dict]]:
+        while self._streams:
+            yield from self._ready(timeout=None)
+
+    def _ready(self, timeout: float | None) -> Iterator[tuple[int, dict]]:
+        if not self._streams:
+            return
+        ready, _ = ray.wait(self._streams, num_returns=1, timeout=timeout)
+        for stream in ready:
+            try:
+                ref = next(stream)
+            except StopIteration:
+                self._streams.remove(stream)
+                continue
+            yield ray.get(ref)
 
 
 class EvaluatorPool:

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 
 from service.spec import JobSpec
 from workers import levels, metrics
-from workers.job_inputs import JobInputs, open_database
+from workers.criteria.obs import ObsLevels, iter_obs_levels
+from workers.database import LayerHelpers
+from workers.job_inputs import JobInputs, database_options, job_table, open_database
 from workers.progress import StepReport, format_seconds
 
 
-def prepare(spec_dict: dict, report: StepReport | None = None, threads: int = 0) -> dict:
+def prepare(
+    spec_dict: dict, report: StepReport | None = None, threads: int = 0, helpers: LayerHelpers | None = None
+) -> dict:
     """Describe a job's model: its level space and database, and the dense baseline.
 
     Runs once per job (as a Ray task) and builds the level database if no earlier job did; raises with a
@@ -27,7 +32,8 @@ def prepare(spec_dict: dict, report: StepReport | None = None, threads: int = 0)
         spec_dict: the job spec.
         report: where each step is reported (default: the log only).
         threads: torch threads (0 keeps torch's default). The task runs alone before the job's evaluators
-            start, so the driver gives it the node's cores.
+            start, so the driver gives it the node's cores (shared with the helpers).
+        helpers: workers that build a share of a per-layer (obs) database's layers meanwhile.
     """
     report = report or StepReport()
     if threads > 0:
@@ -37,7 +43,7 @@ def prepare(spec_dict: dict, report: StepReport | None = None, threads: int = 0)
     report("model", f"loading {spec.model.source} and tokenizing {spec.data.source}")
     inputs = JobInputs.load(spec)
     report("model", f"model and data ready in {format_seconds(time.perf_counter() - started)}")
-    db = open_database(inputs, report)
+    db = open_database(inputs, report, helpers)
     space = levels.level_space(inputs.model, db.table)
     report("dense", f"scoring the dense model on {inputs.held_out.numel():,} held-out tokens")
     return {
@@ -50,6 +56,22 @@ def prepare(spec_dict: dict, report: StepReport | None = None, threads: int = 0)
         "calibration_sequences": int(inputs.calibration.shape[0]),
         "training_sequences": int(inputs.training.shape[0]),
     }
+
+
+def obs_layers(spec_dict: dict, layers: list[int], threads: int = 0) -> Iterator[tuple[int, dict]]:
+    """A helper's share of a job's obs database: (layer, kind -> ObsLevels on the CPU) for each of `layers`, as
+    each finishes; the model and tokens are the job's own, so the results equal the prepare step's."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    inputs = JobInputs.load(JobSpec.model_validate(spec_dict))
+    table = job_table(inputs)
+    counts = {kind: table.counts(kind) for kind in ("attn", "mlp")}
+    options = database_options(inputs.spec.prune.criterion, inputs.spec.seed)
+    found = iter_obs_levels(inputs.model, inputs.database, counts, attention_unit=table.attention_unit,
+                            layers=layers, **options)
+    for i, result in found:
+        yield i, {kind: ObsLevels(r.order.cpu(), {c: w.cpu() for c, w in r.weights.items()})
+                  for kind, r in result.items()}
 
 
 def node_threads() -> int:

@@ -19,6 +19,7 @@ from search.genome import LevelSpace
 from service.spec import JobSpec
 from service.store import JobStore
 from workers import artifacts, tracking
+from workers.database import WEIGHT_CRITERIA
 from workers.interrupts import Stopping, check_interrupts
 from workers.pool import EvaluatorPool, run_prepare
 from workers.progress import StepReport
@@ -42,7 +43,9 @@ class PruneJob:
         record = self.store.get(self.job_id)
         spec = JobSpec.model_validate(record.spec)
         report = StepReport(self.redis_url, self.job_id)
-        prepared = run_prepare(record.spec, gpus=spec.resources.gpus_per_evaluator, report=report)
+        # an obs database is built layer by layer: the job's other evaluators' devices each take a share
+        helpers = spec.resources.evaluators - 1 if spec.prune.criterion in WEIGHT_CRITERIA else 0
+        prepared = run_prepare(record.spec, gpus=spec.resources.gpus_per_evaluator, report=report, helpers=helpers)
         space = LevelSpace.from_dict(prepared["space"])
         event = {k: prepared[k] for k in ("space", "dense", "database")}
         self.store.append_event(self.job_id, "prepared", event)
