@@ -153,7 +153,7 @@ class PruneJob:
             configuration["metrics"].update(timing)
             metrics = configuration["metrics"]
             one_shot = {k: metrics[k] for k in ("kl_cut", "kl_oneshot") if k in metrics}
-            point.update(timing, one_shot, perplexity=attrs.get("perplexity"), gives=configuration["gives"])
+            point.update({**timing, **one_shot}, perplexity=attrs.get("perplexity"), gives=configuration["gives"])
             self.store.put_result(self.job_id, point["candidate_id"], configuration)
             self.store.put_artifact(self.job_id, point["candidate_id"], meta)
         self.store.set_front(self.job_id, front, generation=None)
