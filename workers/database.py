@@ -36,7 +36,10 @@ WEIGHT_CRITERIA = ("obs",)  # criteria whose levels carry updated weights, not j
 
 
 def default_root() -> Path:
-    """`$DARWINFRONT_CACHE_DIR/databases`, else `~/.cache/darwinfront/databases`."""
+    """`$DARWINFRONT_DATABASE_DIR` (databases are large: 100-200 GB for an 8B model, see docs/SCALING.md), else
+    `$DARWINFRONT_CACHE_DIR/databases`, else `~/.cache/darwinfront/databases`."""
+    if os.environ.get("DARWINFRONT_DATABASE_DIR"):
+        return Path(os.environ["DARWINFRONT_DATABASE_DIR"])
     base = os.environ.get("DARWINFRONT_CACHE_DIR") or Path.home() / ".cache/darwinfront"
     return Path(base) / "databases"
 
