@@ -27,15 +27,17 @@ from workers.prune_job import _request_dict, stages_for
 
 
 def job_spec(args) -> dict:
-    return JobSpec.model_validate({
+    """A prune job at 50 % whose stage training tokens are the defaults divided by `--train-divisor`."""
+    spec = {
         "model": {"source": args.model, "device": "cpu"},
         "data": {"calibration_tokens": args.calibration_tokens, "train_tokens": 16384, "database_tokens": 2048},
         "prune": {"targets": [0.5], "criterion": args.criterion},
-        "search": {"generations": args.generations, "offspring": args.offspring,
-                   "train_tokens": [t // args.train_divisor for t in (2048, 8192, 16384, 32768)]},
-        "resources": {"evaluators": 1},
+        "search": {"generations": args.generations, "offspring": args.offspring},
         "seed": 0,
-    }).model_dump(mode="json")
+    }
+    defaults = JobSpec.model_validate(spec).search.train_tokens
+    spec["search"]["train_tokens"] = [max(128, t // args.train_divisor) for t in defaults]
+    return JobSpec.model_validate(spec).model_dump(mode="json")
 
 
 def run_search(spec: dict, prepared: dict, size: int) -> dict:
