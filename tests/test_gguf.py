@@ -265,7 +265,7 @@ def _fail_job(store, redis_url: str, data_dir: Path, spec: dict, monkeypatch) ->
     from workers.driver import Driver
     from workers.prepare import prepare
 
-    monkeypatch.setattr(prune_job, "run_prepare", lambda spec, gpus=0.0, report=None: prepare(spec, report))
+    monkeypatch.setattr(prune_job, "run_prepare", lambda spec, gpus=0.0, report=None, helpers=0: prepare(spec, report))
     job = store.create("alpha", JobSpec.model_validate(spec).model_dump(mode="json"))
     driver = Driver(redis_url, data_dir, lease_seconds=30)
     assert driver.store.claim(driver.driver_id, timeout=0, lease_seconds=30) == job.id

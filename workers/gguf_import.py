@@ -19,7 +19,7 @@ import torch
 
 from darwinfront.errors import InvalidSpec
 from darwinfront.gguf_files import check_gguf_file
-from workers.reference import build_once, cache_root
+from workers.reference import build_once, cache_root, read_report
 
 REPORT_FILE = "darwinfront_gguf.json"
 CONVERT_VERSION = 1  # bump when the conversion changes what a file produces (it names the directory)
@@ -119,10 +119,7 @@ def convert_gguf(path: Path, out: Path, *, source: str | None = None, digest: st
 
 def gguf_report(model_dir: str | Path) -> dict:
     """The report `convert_gguf` wrote: the source file, its sha256 and size, the tensor types, the seconds."""
-    path = Path(model_dir) / REPORT_FILE
-    if not path.is_file():
-        raise InvalidSpec("model.source", f"{model_dir} was not converted from a GGUF file (no {REPORT_FILE})")
-    return json.loads(path.read_text())
+    return read_report(model_dir, REPORT_FILE, "converted from a GGUF file")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -129,9 +129,14 @@ def build_once(final: Path, build: Callable[[Path], None]) -> Path:
 
 def recipe_report(model_dir: str | Path) -> dict:
     """The recipe and the measured training figures (held-out loss, steps, seconds) of a built reference model."""
-    path = Path(model_dir) / RECIPE_FILE
+    return read_report(model_dir, RECIPE_FILE, "a darwinfront reference model")
+
+
+def read_report(model_dir: str | Path, name: str, what: str) -> dict:
+    """The JSON report `name` that building a model left in its directory (InvalidSpec when it is not `what`)."""
+    path = Path(model_dir) / name
     if not path.is_file():
-        raise InvalidSpec("model.source", f"{model_dir} is not a darwinfront reference model (no {RECIPE_FILE})")
+        raise InvalidSpec("model.source", f"{model_dir} is not {what} (no {name})")
     return json.loads(path.read_text())
 
 

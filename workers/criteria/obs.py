@@ -203,13 +203,39 @@ def obs_levels(
     calibration: torch.Tensor,
     levels: Mapping[str, Sequence[int]],
     *,
+    on_layer: Callable[[int, int, float], None] | None = None,
+    **options,
+) -> list[dict[str, ObsLevels]]:
+    """Per layer, the nested OBS removal order and updated o_proj / down_proj weights at each removal count.
+
+    `iter_obs_levels` collected: one kind -> `ObsLevels` dict per requested layer, aligned with `layers` (every
+    layer in order when `layers` is None). `options` are `iter_obs_levels`'s; `on_layer` is called after each
+    computed layer with (layers done, layers to do, seconds since the start).
+    """
+    started = time.perf_counter()
+    found: dict[int, dict[str, ObsLevels]] = {}
+    wanted = options.get("layers")
+    total = len(model.model.layers) if wanted is None else len(wanted)
+    for i, result in iter_obs_levels(model, calibration, levels, **options):
+        found[i] = result
+        if on_layer is not None:
+            on_layer(len(found), total, time.perf_counter() - started)
+    return [found[i] for i in (sorted(found) if wanted is None else wanted)]
+
+
+def iter_obs_levels(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    levels: Mapping[str, Sequence[int]],
+    *,
     rel_damp: float = 1e-2,
     batch_size: int = 8,
     attention_unit: str = "kv_group",
     layers: Sequence[int] | None = None,
-    on_layer: Callable[[int, int, float], None] | None = None,
-) -> list[dict[str, ObsLevels]]:
-    """Per layer, the nested OBS removal order and updated o_proj / down_proj weights at each removal count.
+) -> Iterator[tuple[int, dict[str, ObsLevels]]]:
+    """Per layer, the nested OBS removal order and updated o_proj / down_proj weights at each removal count,
+    yielded as (layer index, kind -> `ObsLevels`) as each layer finishes, so a caller can store a layer's level
+    weights and drop them before the next (memory: one layer's results).
 
     The decoder is walked one layer at a time on cached hidden states (`layerwise_stats`): a layer's Hessians
     are gathered from the dense model's activations, pruned, and dropped before the next layer runs, so memory
@@ -224,36 +250,7 @@ def obs_levels(
         attention_unit: "kv_group" or "q_head" (query heads removed, K/V kept: DarwinLM's `kv_ignore`).
         layers: decoder layer indices to compute (distinct, any order); default all. The layers before the
             first of them still run forward; none after the last does.
-        on_layer: called after each computed layer with (layers done, layers to do, seconds since the start).
-
-    Returns:
-        One kind -> `ObsLevels` dict per requested layer, aligned with `layers` (with every layer in order when
-        `layers` is None).
     """
-    started = time.perf_counter()
-    found: dict[int, dict[str, ObsLevels]] = {}
-    wanted = layers
-    for i, result in iter_obs_levels(model, calibration, levels, rel_damp=rel_damp, batch_size=batch_size,
-                                     attention_unit=attention_unit, layers=layers):
-        found[i] = result
-        if on_layer is not None:
-            on_layer(len(found), len(model.model.layers) if wanted is None else len(wanted),
-                     time.perf_counter() - started)
-    return [found[i] for i in (sorted(found) if wanted is None else wanted)]
-
-
-def iter_obs_levels(
-    model: nn.Module,
-    calibration: torch.Tensor,
-    levels: Mapping[str, Sequence[int]],
-    *,
-    rel_damp: float = 1e-2,
-    batch_size: int = 8,
-    attention_unit: str = "kv_group",
-    layers: Sequence[int] | None = None,
-) -> Iterator[tuple[int, dict[str, ObsLevels]]]:
-    """`obs_levels` one layer at a time: yields (layer index, kind -> `ObsLevels`) as each layer finishes, so
-    a caller can store a layer's level weights and drop them before the next (memory: one layer's results)."""
     kinds = tuple(levels)
     check_kinds(kinds)
     geo = Geometry.of(model, attention_unit)
