@@ -24,7 +24,7 @@ Then log-log fits of the growth, and the same formulas applied on paper to Llama
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import resource
 import statistics
 import tempfile
@@ -214,9 +214,12 @@ def measure_evaluation(model, db, args) -> dict:
         started = time.perf_counter()
         fitness.kl(model, kl_tokens, teacher)
         times["forward"].append(time.perf_counter() - started)
+    head = vocab * model.config.hidden_size
+    dense_params = matmul_params(model)
     return {**{k: statistics.median(v[1:]) for k, v in times.items()}, "teacher_nbytes": teacher.nbytes,
-            "teacher_expected": teacher_bytes(vocab, args.kl_tokens, "auto"), "params_fraction":
-            space.params(genome) / space.dense_params, "mm_sliced": sliced_params, "mm_dense": matmul_params(model)}
+            "teacher_expected": teacher_bytes(vocab, args.kl_tokens, "auto"),
+            "decoder_kept": (sliced_params - head) / (dense_params - head), "mm_sliced": sliced_params,
+            "mm_dense": dense_params}
 
 
 def measure(name: str, args, root: Path) -> dict:
@@ -272,11 +275,11 @@ def print_measured(rows: list[dict], args) -> None:
               f"{r['rss_before'] / MiB:.0f} / {r['rss_peak'] / MiB:.0f} | {r['on_disk']:,} / {exact:,} |")
     print(f"\nOne evaluation at 50 % (train {args.train_tokens} + KL {args.kl_tokens} tokens), median of "
           f"{args.repeats} after a warm-up, on the measured layers:\n")
-    print("| shape | params kept | candidate s | dense train+KL s | dense forward+KL s | teacher bytes "
+    print("| shape | decoder weights kept | candidate s | dense train+KL s | dense forward+KL s | teacher bytes "
           "(Teacher.of / formula) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['params_fraction']:.3f} | {r['candidate']:.2f} | {r['dense']:.2f} | "
+        print(f"| {r['name']} | {r['decoder_kept']:.3f} | {r['candidate']:.2f} | {r['dense']:.2f} | "
               f"{r['forward']:.2f} | {r['teacher_nbytes']:,} / {r['teacher_expected']:,} |")
 
 
@@ -300,7 +303,7 @@ def print_full(rows: list[dict], args) -> None:
     print("\nFitted growth (log-log least squares over the shapes):")
     print(f"  OBS mlp s/layer ∝ MLP width^{fit(mlp, [r['obs_mlp'] for r in rows]):.2f}  (widths {mlp})")
     print(f"  OBS attn s/layer ∝ o_proj width^{fit(attn, [r['obs_attn'] for r in rows]):.2f}  (widths {attn})")
-    print(f"  OBS achieved fp64 GFLOP/s against the formula out·N² + 5/3·N³: " + ", ".join(f"{x:.1f}" for x in rate))
+    print("  OBS achieved fp64 GFLOP/s against the formula out·N² + 5/3·N³: " + ", ".join(f"{x:.1f}" for x in rate))
     per_layer = [layer_params(r["shape"]) for r in rows]
     print(f"  stats s/layer ∝ layer weights^{fit(per_layer, [r['stats_layer'] for r in rows]):.2f}")
     full = [r["full"]["mm_full"] for r in rows]
@@ -341,6 +344,9 @@ def paper(name: str, s: dict, gpu: dict) -> dict:
     reads = (inter**2 / 2 * hidden + o_w**2 / 2 * hidden) * 8 / (gpu["tb_s"] * 1e12)
     out["obs_layer_s"] = obs_compute + steps * STEP_OVERHEAD_S + reads
     out["hessian_bytes"] = 8 * (inter**2 + o_w**2)
+    # a candidate with every layer at a level >= 1 reads one fp32 o_proj and down_proj per layer from the
+    # database (`candidate.LevelWeights`, an LRU of 256 MiB by default: at these sizes it holds about one)
+    out["read_bytes"] = n_layers * 4 * hidden * (o_w + inter)
     for tag, sched in (("ours", OURS), ("darwinlm", DARWINLM)):
         t = sched["database_tokens"]
         gram = gram_flops(s, t) / (gpu["fp64"] * 1e12 * EFFICIENCY)
@@ -371,8 +377,9 @@ def print_paper() -> None:
               "per OBS step:\n")
         print("| model | params | database GiB | Hessians/layer GiB | OBS s/layer | DB build h (16,384 / 16.8 M "
               "tokens) | hidden cache GiB (16,384 / 16.8 M) | teacher full / auto MiB | evaluator GB fp32 / bf16 "
-              "| search h ours bf16 / fp32 | search h DarwinLM bf16 / fp32 | tokens trained ours / DarwinLM |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| search h ours bf16 / fp32 | search h DarwinLM bf16 / fp32 | tokens trained ours / DarwinLM | level "
+              "weights read per evaluation GiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, shape in PAPER.items():
             p = paper(name, {**shape, "heads": shape["num_attention_heads"], "kv": shape["num_key_value_heads"],
                              "inter": shape["intermediate_size"], "hidden": shape["hidden_size"],
@@ -385,7 +392,8 @@ def print_paper() -> None:
                   f"{p['teacher_auto'] / MiB:.1f} | {p['mem_fp32_gb']:.0f} / {p['mem_bf16_gb']:.0f} | "
                   f"{p['search_ours_bf16_h']:.2f} / {p['search_ours_fp32_h']:.1f} | "
                   f"{p['search_darwinlm_bf16_h']:.1f} / {p['search_darwinlm_fp32_h']:.0f} | "
-                  f"{p['train_tokens_ours'] / 1e6:.1f} M / {p['train_tokens_darwinlm'] / 1e6:.0f} M |")
+                  f"{p['train_tokens_ours'] / 1e6:.1f} M / {p['train_tokens_darwinlm'] / 1e6:.0f} M | "
+                  f"{p['read_bytes'] / GiB:.0f} |")
 
 
 def main() -> None:
@@ -400,6 +408,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--paper-only", action="store_true", help="print the on-paper projection only")
+    parser.add_argument("--json", type=Path, help="also write the measured rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not args.paper_only:
@@ -408,6 +417,9 @@ def main() -> None:
             for name in args.models:
                 rows.append(measure(name, args, Path(tmp)))
                 rows[-1]["full"] = extrapolate(rows[-1], args)
+        if args.json:
+            skip = ("db", "table")
+            args.json.write_text(json.dumps([{k: v for k, v in r.items() if k not in skip} for r in rows], indent=1))
         print_measured(rows, args)
         print_full(rows, args)
     print_paper()
