@@ -51,11 +51,10 @@ RANDOM = {  # full shapes of the config-only models (from their published config
                                    num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=128256,
                                    tie_word_embeddings=True, rope_theta=5e5, rms_norm_eps=1e-5)),
 }
-PAPER = {  # Llama-3.1 shapes for the on-paper projection (untied embeddings)
-    "llama-3.1-8b": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=128, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
-    "llama-3.1-70b": dict(num_hidden_layers=80, hidden_size=8192, num_attention_heads=64, num_key_value_heads=8,
-                          head_dim=128, intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False),
+PAPER = {  # Llama-3.1 shapes for the on-paper projection (untied embeddings), in `shape_of`'s keys
+    "llama-3.1-8b": dict(layers=32, hidden=4096, heads=32, kv=8, head_dim=128, inter=14336, vocab=128256, tied=False),
+    "llama-3.1-70b": dict(layers=80, hidden=8192, heads=64, kv=8, head_dim=128, inter=28672, vocab=128256,
+                          tied=False),
 }
 POOLS = {"fitness": 2048, "held-out": 4096}  # the job defaults (data.calibration_tokens, data.eval_tokens)
 SEQ_LEN = 128
@@ -381,10 +380,7 @@ def print_paper() -> None:
               "weights read per evaluation GiB |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, shape in PAPER.items():
-            p = paper(name, {**shape, "heads": shape["num_attention_heads"], "kv": shape["num_key_value_heads"],
-                             "inter": shape["intermediate_size"], "hidden": shape["hidden_size"],
-                             "layers": shape["num_hidden_layers"], "vocab": shape["vocab_size"],
-                             "tied": shape["tie_word_embeddings"]}, gpu)
+            p = paper(name, shape, gpu)
             print(f"| {name} | {p['params'] / 1e9:.2f} B | {p['db_bytes'] / GiB:.0f} | "
                   f"{p['hessian_bytes'] / GiB:.2f} | {p['obs_layer_s']:.1f} | {p['db_ours_s'] / 3600:.2f} / "
                   f"{p['db_darwinlm_s'] / 3600:.1f} | {p['cache_ours_bytes'] / GiB:.2f} / "
@@ -394,6 +390,20 @@ def print_paper() -> None:
                   f"{p['search_darwinlm_bf16_h']:.1f} / {p['search_darwinlm_fp32_h']:.0f} | "
                   f"{p['train_tokens_ours'] / 1e6:.1f} M / {p['train_tokens_darwinlm'] / 1e6:.0f} M | "
                   f"{p['read_bytes'] / GiB:.0f} |")
+
+
+def check_full_build(row: dict, args, root: Path) -> None:
+    """Build `row`'s whole database and compare its time with the linear extrapolation from the measured layers."""
+    model, full, _ = load(row["name"], 10**6)
+    calib = calibration_tokens(None, full["vocab"], args.tokens, SEQ_LEN, seed=0)
+    got = measure_database(model, calib, row["table"], root, args.batch_size)
+    guess = full["layers"] * (row["stats_layer"] + row["obs_attn"] + row["obs_mlp"] + row["writes_layer"])
+    print(f"\n{row['name']}, all {full['layers']} layers at {args.tokens} tokens: database.build {got['build']:.1f} s "
+          f"(+ the statistics pass alone {got['stats_layer'] * full['layers']:.1f} s), OBS "
+          f"{full['layers'] * (got['obs_attn'] + got['obs_mlp']):.1f} s; extrapolated from "
+          f"{row['measured_layers']} layers: {guess:.1f} s (ratio measured / extrapolated "
+          f"{got['build'] / guess:.2f}); level bytes on disk {got['on_disk']:,}, exact "
+          f"{database_bytes(full, row['table']):,}")
 
 
 def main() -> None:
@@ -409,6 +419,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--paper-only", action="store_true", help="print the on-paper projection only")
     parser.add_argument("--json", type=Path, help="also write the measured rows here")
+    parser.add_argument("--check-full", nargs="*", default=[], help="models whose whole database is also built")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not args.paper_only:
@@ -417,6 +428,9 @@ def main() -> None:
             for name in args.models:
                 rows.append(measure(name, args, Path(tmp)))
                 rows[-1]["full"] = extrapolate(rows[-1], args)
+            for row in rows:
+                if row["name"] in args.check_full:
+                    check_full_build(row, args, Path(tmp))
         if args.json:
             skip = ("db", "table")
             args.json.write_text(json.dumps([{k: v for k, v in r.items() if k not in skip} for r in rows], indent=1))
