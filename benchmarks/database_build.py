@@ -7,7 +7,7 @@ Calibration: 8,192 pydoc tokens in sequences of 128 (random ids without the real
 `workers.levels.table_for` for 10 levels with MLP multiple 8, as a job's defaults give.
 
 Reported: `database.build` into a temporary directory (layer-by-layer statistics, OBS, safetensors writes), split
-into statistics gathering (`obs_levels` minus its `obs_prune` calls), OBS seconds per layer and kind (timed
+into statistics gathering (the build less its `obs_prune` calls and writes), OBS seconds per layer and kind (timed
 around every `obs_prune` call), and writes; peak RSS while building; the Hessian memory per layer against the
 one-pass gathering it replaced. Then, side by side on one layer's Hessians, the eager greedy loop that
 `obs_prune` replaced (the known-answer tests' `_reference_obs_prune`, so both check the same copy) against
@@ -91,9 +91,9 @@ def peak_rss(period: float = 0.02) -> Iterator[list[int]]:
 
 @contextmanager
 def timing_obs() -> Iterator[dict[str, list]]:
-    """Time every `obs_levels` and `obs_prune` call the database build makes (the module functions, wrapped)."""
-    log: dict[str, list] = {"levels": [], "prune": []}
-    real_levels, real_prune = obs.obs_levels, obs.obs_prune
+    """Time every `obs_prune` call and every level-weight write the database build makes (wrapped in place)."""
+    log: dict[str, list] = {"prune": [], "writes": []}
+    real_prune, real_save = obs.obs_prune, database.save_file
 
     def timed(real: Callable, key: str) -> Callable:
         def run(*args, **kwargs):
@@ -104,11 +104,11 @@ def timing_obs() -> Iterator[dict[str, list]]:
 
         return run
 
-    obs.obs_levels, obs.obs_prune = timed(real_levels, "levels"), timed(real_prune, "prune")
+    obs.obs_prune, database.save_file = timed(real_prune, "prune"), timed(real_save, "writes")
     try:
         yield log
     finally:
-        obs.obs_levels, obs.obs_prune = real_levels, real_prune
+        obs.obs_prune, database.save_file = real_prune, real_save
 
 
 def eager_reference() -> Callable:
@@ -129,12 +129,11 @@ def build(model, calib, table, batch_size: int) -> dict:
         db = database.build(model, calib, criterion="obs", table=table, root=Path(root), batch_size=batch_size)
         total = time.perf_counter() - started
         assert db.built and db.n_layers == model.config.num_hidden_layers
-    (_, levels_s), = log["levels"]
     groups = [g for g, _ in log["prune"]]
     attn_group = max(groups)  # o_proj prunes in attention-unit blocks, down_proj channel by channel
     per_kind = {kind: [s for g, s in log["prune"] if (g == attn_group) == (kind == "attn")] for kind in KINDS}
-    obs_s = sum(s for _, s in log["prune"])
-    return {"total": total, "stats": levels_s - obs_s, "obs": obs_s, "writes": total - levels_s,
+    obs_s, writes_s = sum(s for _, s in log["prune"]), sum(s for _, s in log["writes"])
+    return {"total": total, "stats": total - obs_s - writes_s, "obs": obs_s, "writes": writes_s,
             "per_kind": per_kind, "peak": peak[0], "before": before}
 
 
@@ -192,7 +191,7 @@ def print_report(args, model, what: str, calib: torch.Tensor, table, built: dict
           f"(one pass, {n_layers} layers): {n_layers * per_layer / 2**20:.0f} MiB; now one layer plus the cached "
           f"hidden states ({states / 2**20:.1f} MiB fp32). RSS before the build {built['before'] / 2**20:.0f} MiB "
           f"(the model's weights: {sum(p.nbytes for p in model.parameters()) / 2**20:.0f} MiB), peak while building "
-          f"{built['peak'] / 2**20:.0f} MiB (it includes every level's weights, which obs_levels returns at once)")
+          f"{built['peak'] / 2**20:.0f} MiB (one layer's level weights at a time)")
     print(f"\nLayer {args.reference_layer}, the eager greedy loop (before) against the blocked obs_prune (now), same "
           "Hessians and counts:\n")
     print(f"| {'kind':<4} | {'weight':>10} | {'group':>5} | {'steps':>5} | {'threads':>7} | {'eager s':>8} | "

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 
-import httpx
+import over_http
 import pytest
 import redis
 
@@ -146,27 +146,8 @@ def stack(tmp_path_factory, micro_dir):
 
 @pytest.fixture(scope="module")
 def http(stack):
-    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30) as client:
+    with over_http.client(stack) as client:
         yield client
-
-
-def _wait(http, job_id, until, timeout=600.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = http.get(f"/v1/jobs/{job_id}").json()
-        if until(job):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} never got there: {job}")
-
-
-def _finished(job):
-    return job["status"] in ("succeeded", "failed", "cancelled")
-
-
-def _front(http, job_id):
-    return [(p["candidate_id"], p["objectives"]["params"], p["objectives"]["kl"])
-            for p in http.get(f"/v1/jobs/{job_id}/front").json()["points"]]
 
 
 def _trials(stack, job_id) -> list[tuple[int, str, tuple]]:
@@ -177,7 +158,8 @@ def _trials(stack, job_id) -> list[tuple[int, str, tuple]]:
 @pytest.mark.integration
 def test_sigterm_requeues_the_job_and_another_driver_finishes_it(stack, http):
     job_id = http.post("/v1/jobs", json=SPEC).json()["id"]
-    _wait(http, job_id, lambda j: (j.get("progress") or {}).get("generation", -1) >= 2 or _finished(j))
+    over_http.wait(http, job_id,
+                   lambda j: (j.get("progress") or {}).get("generation", -1) >= 2 or over_http.finished(j))
     victim = stack.driver_process
     signalled = time.monotonic()
     os.kill(victim.pid, signal.SIGTERM)
@@ -197,15 +179,15 @@ def test_sigterm_requeues_the_job_and_another_driver_finishes_it(stack, http):
     assert store.load_checkpoint(job_id)[0] < SPEC["search"]["generations"] - 1  # stopped mid-search
 
     stack.start_driver()
-    job = _wait(http, job_id, _finished)
+    job = over_http.wait(http, job_id, over_http.finished)
     assert job["status"] == "succeeded", job
     resumed = _trials(stack, job_id)
     assert resumed[: len(kept)] == kept  # the recorded trials were kept, and none was recorded again
     assert len({cid for _, cid, _ in resumed}) == len(resumed) == job["progress"]["evaluations"]
 
     clean = http.post("/v1/jobs", json=SPEC | {"name": "uninterrupted"}).json()["id"]
-    assert _wait(http, clean, _finished)["status"] == "succeeded"
-    got, expected = _front(http, job_id), _front(http, clean)
+    assert over_http.wait(http, clean, over_http.finished)["status"] == "succeeded"
+    got, expected = over_http.front(http, job_id), over_http.front(http, clean)
     assert [g[:2] for g in got] == [e[:2] for e in expected]
     assert [g[2] for g in got] == pytest.approx([e[2] for e in expected], abs=1e-9)
     assert len(resumed) == len(_trials(stack, clean))
@@ -220,7 +202,7 @@ def test_a_job_far_from_a_safe_point_is_requeued_when_the_grace_period_ends(stac
     monkeypatch.setenv("DARWINFRONT_SHUTDOWN_GRACE_SECONDS", "0.5")
     victim = stack.start_driver()
     job_id = http.post("/v1/jobs", json=SPEC | {"name": "grace", "seed": 12}).json()["id"]
-    _wait(http, job_id, lambda j: j["status"] != "queued")  # claimed: preparing, far from its first evaluation
+    over_http.wait(http, job_id, lambda j: j["status"] != "queued")  # claimed: preparing, far from its first evaluation
     signalled = time.monotonic()
     os.kill(victim.pid, signal.SIGTERM)
     assert victim.wait(timeout=GRACE) == 1

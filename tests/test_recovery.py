@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
-import httpx
+import over_http
 import pytest
 
 from darwinfront.stack import EmbeddedStack
@@ -40,47 +39,28 @@ def stack(tmp_path_factory, micro_dir):
 
 @pytest.fixture(scope="module")
 def http(stack):
-    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30) as client:
+    with over_http.client(stack) as client:
         yield client
-
-
-def _wait(http, job_id, until, timeout=600.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = http.get(f"/v1/jobs/{job_id}").json()
-        if until(job):
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} never got there: {job}")
-
-
-def _finished(job):
-    return job["status"] in ("succeeded", "failed", "cancelled")
-
-
-def _front(http, job_id):
-    return [(p["candidate_id"], p["objectives"]["params"], p["objectives"]["kl"])
-            for p in http.get(f"/v1/jobs/{job_id}/front").json()["points"]]
 
 
 def test_sigkilled_driver_resumes_to_the_uninterrupted_front(stack, http):
     interrupted = http.post("/v1/jobs", json=SPEC).json()["id"]
-    _wait(http, interrupted, lambda j: (j.get("progress") or {}).get("generation", -1) >= 2)
+    over_http.wait(http, interrupted, lambda j: (j.get("progress") or {}).get("generation", -1) >= 2)
     victim = stack.driver_process
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
     assert http.get(f"/v1/jobs/{interrupted}").json()["status"] == "running"
 
     stack.start_driver()
-    job = _wait(http, interrupted, _finished)
+    job = over_http.wait(http, interrupted, over_http.finished)
     assert job["status"] == "succeeded", job
     kinds = [e["kind"] for e in http.get(f"/v1/jobs/{interrupted}/events").json()["events"]]
     assert kinds.count("running") == 2 and "queued" in kinds[2:]  # requeued once, claimed again
 
     clean = http.post("/v1/jobs", json=SPEC | {"name": "uninterrupted"}).json()["id"]
-    assert _wait(http, clean, _finished)["status"] == "succeeded"
+    assert over_http.wait(http, clean, over_http.finished)["status"] == "succeeded"
 
-    got, expected = _front(http, interrupted), _front(http, clean)
+    got, expected = over_http.front(http, interrupted), over_http.front(http, clean)
     assert [g[:2] for g in got] == [e[:2] for e in expected]
     assert [g[2] for g in got] == pytest.approx([e[2] for e in expected], abs=1e-9)
 
@@ -99,9 +79,9 @@ def test_redis_restart_mid_job_and_the_job_still_succeeds(stack, http):
         pytest.skip("an external Redis is in use")
     spec = SPEC | {"name": "redis restart", "seed": 6}
     job_id = http.post("/v1/jobs", json=spec).json()["id"]
-    _wait(http, job_id, lambda j: (j.get("progress") or {}).get("generation", -1) >= 1)
+    over_http.wait(http, job_id, lambda j: (j.get("progress") or {}).get("generation", -1) >= 1)
     stack.redis.restart(down_seconds=2.0)
-    job = _wait(http, job_id, _finished)
+    job = over_http.wait(http, job_id, over_http.finished)
     assert job["status"] == "succeeded", job
     assert len(http.get(f"/v1/jobs/{job_id}/front").json()["points"]) >= 2
     trials = tracking.open_study(stack.redis_url, job_id).get_trials(deepcopy=False)
