@@ -32,7 +32,7 @@ from search.baselines import RandomSearch, UniformOnly
 from search.evolution import Evolution, Stage
 from search.nsga import NsgaSearch
 from search.seeding import derive_seed
-from service.spec import JobSpec
+from service.spec import JobSpec, SearchSpec
 from workers.evaluator import Evaluator
 from workers.prepare import prepare
 from workers.prune_job import stages_for
@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def job_spec(args, seed: int) -> dict:
-    train = [max(128, int(t * args.train_scale)) for t in (2048, 8192, 16384, 32768)]
+    stages = SearchSpec.model_validate({"offspring": args.offspring}).train_tokens  # the defaults, per stage
+    train = [max(128, int(t * args.train_scale)) for t in stages]
     return JobSpec.model_validate({
         "model": {"source": args.model, "device": args.device, "dtype": args.dtype},
         "data": {"calibration_tokens": args.calibration_tokens, "eval_tokens": args.eval_tokens,
