@@ -31,10 +31,10 @@ import httpx
 import psutil
 import redis
 
+from darwinfront.core.settings import Settings
+from darwinfront.core.store import JobStore
 from service.auth import generate_key
 from service.embedded import EmbeddedRedis
-from service.settings import Settings
-from service.store import JobStore
 
 SPEC = {"model": {"source": "builtin:tiny-llama"}, "prune": {"targets": [0.3, 0.5, 0.7]}}
 

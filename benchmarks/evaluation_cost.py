@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from service.spec import JobSpec
+from darwinfront.core.spec import JobSpec
 from workers import finetune, fitness, levels, slicing
 from workers.criteria._common import target_linear
 from workers.evaluator import Evaluator

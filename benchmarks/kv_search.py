@@ -18,9 +18,9 @@ import time
 import optuna
 import torch
 
+from darwinfront.core.spec import JobSpec
 from search.kv_space import KVSpace, pair_name
 from search.pareto import hypervolume_2d, non_dominated
-from service.spec import JobSpec
 from workers.kv_evaluator import KVEvaluator, prepare_kv
 from workers.kv_job import distributions, layers_of, make_sampler
 

@@ -34,11 +34,11 @@ import psutil
 import redis
 from api_latency import cpu_seconds, free_port, redis_pid, start_server  # benchmarks/, the script's folder
 
-from service import keys
+from darwinfront.core import keys
+from darwinfront.core.settings import Settings
+from darwinfront.core.store import JobStore
 from service.auth import generate_key
 from service.embedded import EmbeddedRedis
-from service.settings import Settings
-from service.store import JobStore
 
 ACTIONS = {"submit": 3, "resubmit": 1, "poll": 4, "list": 2, "cancel": 2}
 EXPECTED = {"submit": {201, 429}, "resubmit": {201}, "poll": {200}, "list": {200}, "cancel": {202}}

@@ -28,11 +28,11 @@ import time
 
 import torch
 
+from darwinfront.core.spec import JobSpec, SearchSpec
 from search.baselines import RandomSearch, UniformOnly
 from search.evolution import Evolution, Stage
 from search.nsga import NsgaSearch
 from search.seeding import derive_seed
-from service.spec import JobSpec, SearchSpec
 from workers.evaluator import Evaluator
 from workers.prepare import prepare
 from workers.prune_job import stages_for

@@ -18,9 +18,9 @@ import time
 
 import ray
 
+from darwinfront.core.spec import JobSpec
 from search.evolution import Evolution
 from search.genome import LevelSpace
-from service.spec import JobSpec
 from workers.pool import EvaluatorPool, init_ray
 from workers.prepare import prepare
 from workers.prune_job import _request_dict, stages_for

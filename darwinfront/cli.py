@@ -14,10 +14,10 @@ from pydantic import ValidationError
 
 from darwinfront import keys
 from darwinfront.client import Client
-from darwinfront.errors import DarwinfrontError
+from darwinfront.core.errors import DarwinfrontError
+from darwinfront.core.spec import JobSpec
 from darwinfront.watch import describe_progress, format_front
 from service.schemas import Front, JobPublic
-from service.spec import JobSpec
 
 DEFAULT_DATA_DIR = Path(os.environ.get("DARWINFRONT_DATA_DIR", "~/.local/share/darwinfront")).expanduser()
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

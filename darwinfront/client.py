@@ -26,9 +26,9 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from darwinfront.errors import DarwinfrontError
+from darwinfront.core.errors import DarwinfrontError
+from darwinfront.core.spec import JobSpec
 from service.schemas import Event, Front, History, JobList, JobPublic
-from service.spec import JobSpec
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 Model = TypeVar("Model", bound=BaseModel)

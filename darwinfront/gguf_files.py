@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from darwinfront.architectures import GGUF_ARCHITECTURES
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 
 GGUF_SUFFIX = ".gguf"
 FIELD = "model.source"

@@ -13,9 +13,9 @@ import sys
 
 from pydantic import ValidationError
 
-from darwinfront.errors import DarwinfrontError
+from darwinfront.core.errors import DarwinfrontError
+from darwinfront.core.settings import Settings
 from service.auth import generate_key, hash_key, read_keys_file, write_keys_file
-from service.settings import Settings
 
 FINGERPRINT = 12
 _HEX = re.compile(r"^[0-9a-f]+$")

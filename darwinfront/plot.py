@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from darwinfront.errors import DarwinfrontError
+from darwinfront.core.errors import DarwinfrontError
 from service.schemas import Front
 
 

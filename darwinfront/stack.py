@@ -21,10 +21,10 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from darwinfront.core.settings import Settings
 from service.app import create_app
 from service.auth import generate_key
 from service.embedded import EmbeddedRedis
-from service.settings import Settings
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from typing import TextIO
 from tqdm import tqdm
 
 from darwinfront.client import Client, StreamMessage
-from darwinfront.errors import DarwinfrontError
+from darwinfront.core.errors import DarwinfrontError
 from service.schemas import Front, JobPublic
 
 RECONNECTS = 5

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 
 
 @dataclass(frozen=True)

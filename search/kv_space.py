@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 
 PAIR_BITS = (2, 4, 8)
 Pair = tuple[int, int]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 from search.genome import LevelSpace, PruneGenome
 
 Mutation = Callable[[PruneGenome, LevelSpace, random.Random], PruneGenome]

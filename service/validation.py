@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
+from darwinfront.core.settings import Settings
+from darwinfront.core.spec import JobSpec
 from darwinfront.gguf_files import check_gguf_file, is_gguf_source
-from service.settings import Settings
-from service.spec import JobSpec
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _DATASET_ID = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")

@@ -13,10 +13,10 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from darwinfront.core.settings import Settings
+from darwinfront.core.store import JobStore
 from service.app import create_app
 from service.embedded import EmbeddedRedis
-from service.settings import Settings
-from service.store import JobStore
 
 API_KEY = "df_test_alpha_8c1f0e77a2b94d3c"
 OTHER_KEY = "df_test_beta_51d9a0e3f6c24b17"

@@ -8,11 +8,11 @@ from pathlib import Path
 import redis
 from fastapi.testclient import TestClient
 
-from service import keys
+from darwinfront.core import keys
+from darwinfront.core.settings import Settings
+from darwinfront.core.store import JobStore
 from service.app import create_app
 from service.embedded import EmbeddedRedis
-from service.settings import Settings
-from service.store import JobStore
 
 pytest_plugins = ["service_fixtures"]
 

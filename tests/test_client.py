@@ -10,10 +10,10 @@ import pytest
 import redis
 
 from darwinfront.client import ApiError, Client, parse_sse
-from darwinfront.errors import DarwinfrontError
+from darwinfront.core.errors import DarwinfrontError
+from darwinfront.core.store import JobStore
 from darwinfront.stack import EmbeddedStack
 from service.schemas import Event, Front, FrontPoint, History, JobList, JobPublic
-from service.store import JobStore
 
 SPEC = {"model": {"source": "builtin:micro-llama"}, "prune": {"targets": [0.5]}, "search": {"generations": 2}}
 POINTS = [

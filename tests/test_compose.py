@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from darwinfront.cli import build_parser
-from service.settings import Settings
+from darwinfront.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from darwinfront.core.spec import JobSpec
 from search.genome import PruneGenome
-from service.spec import JobSpec
 from workers import fitness, modeling
 from workers.configuration import rebuild
 from workers.job_inputs import token_pools
@@ -82,7 +82,7 @@ def test_the_structure_alone_is_a_different_worse_model(scored, micro_dir):
 def test_another_model_is_refused_by_its_fingerprint(scored):
     from conftest import tiny_model
 
-    from darwinfront.errors import InvalidSpec
+    from darwinfront.core.errors import InvalidSpec
 
     _, _, configuration = scored
     with pytest.raises(InvalidSpec, match="fingerprint"):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 from workers import data
 
 

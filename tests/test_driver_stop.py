@@ -15,13 +15,13 @@ import over_http
 import pytest
 import redis
 
-from darwinfront.errors import InvalidTransition
+from darwinfront.core import keys
+from darwinfront.core.errors import InvalidTransition
+from darwinfront.core.settings import Settings
+from darwinfront.core.status import JobStatus, check_transition
+from darwinfront.core.store import JobStore, connect
 from darwinfront.stack import EmbeddedStack
-from service import keys
 from service.embedded import EmbeddedRedis
-from service.settings import Settings
-from service.status import JobStatus, check_transition
-from service.store import JobStore, connect
 from workers import tracking
 from workers.driver import Driver
 from workers.interrupts import Cancelled, LeaseLost, Stopping, check_interrupts

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import torch
 
+from darwinfront.core.spec import JobSpec
 from darwinfront.stack import EmbeddedStack
-from service.spec import JobSpec
 from workers import metrics, modeling, slicing
 from workers.data import load_texts, token_sequences
 

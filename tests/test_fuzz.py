@@ -26,10 +26,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from darwinfront.core.settings import Settings
+from darwinfront.core.store import JobStore, connect
 from service.app import create_app
 from service.embedded import EmbeddedRedis
-from service.settings import Settings
-from service.store import JobStore, connect
 
 pytest_plugins = ["service_fixtures"]
 

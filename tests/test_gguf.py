@@ -17,8 +17,8 @@ import torch
 from gguf import MODEL_TENSOR as T
 from gguf import GGMLQuantizationType as QT
 
-from darwinfront.errors import InvalidSpec
-from service.spec import BUILTIN_MODELS, JobSpec
+from darwinfront.core.errors import InvalidSpec
+from darwinfront.core.spec import BUILTIN_MODELS, JobSpec
 from workers import gguf_import, modeling, reference
 
 pytest_plugins = ["service_fixtures"]

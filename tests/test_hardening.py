@@ -16,13 +16,14 @@ import redis
 import uvicorn
 from fastapi.testclient import TestClient
 
+from darwinfront.core import keys
+from darwinfront.core.settings import Settings
+from darwinfront.core.store import JobStore, connect
 from darwinfront.stack import free_port
-from service import auth, keys
+from service import auth
 from service.app import create_app
 from service.auth import KeyRing, generate_key
 from service.embedded import EmbeddedRedis
-from service.settings import Settings
-from service.store import JobStore, connect
 
 pytest_plugins = ["service_fixtures"]
 

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from darwinfront.cli import main
+from darwinfront.core.settings import Settings
 from service.auth import hash_key
-from service.settings import Settings
 
 pytest_plugins = ["service_fixtures"]
 

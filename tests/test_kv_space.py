@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 from search.kv_space import (
     ALL_PAIRS,
     PRESETS,

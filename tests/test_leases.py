@@ -6,9 +6,9 @@ import time
 
 import redis
 
-from service import keys
-from service.status import JobStatus
-from service.store import JobStore
+from darwinfront.core import keys
+from darwinfront.core.status import JobStatus
+from darwinfront.core.store import JobStore
 
 pytest_plugins = ["service_fixtures"]
 

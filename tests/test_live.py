@@ -16,10 +16,10 @@ import redis
 
 from darwinfront.cli import main
 from darwinfront.client import Client
+from darwinfront.core.store import JobStore
 from darwinfront.stack import EmbeddedStack
 from darwinfront.watch import watch
 from service.etag import matches
-from service.store import JobStore
 
 pytest_plugins = ["service_fixtures"]
 

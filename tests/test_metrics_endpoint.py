@@ -112,7 +112,7 @@ def test_counters_move_and_finished_jobs_leave_the_per_job_series(api_client, st
 
 
 def test_evaluators_entry_is_removed_at_zero(redis_client):
-    from service import keys
+    from darwinfront.core import keys
 
     meter = Telemetry(redis_client)
     meter.evaluators("j1", 3)

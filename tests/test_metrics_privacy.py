@@ -6,8 +6,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from darwinfront.core.settings import Settings
 from service.app import create_app
-from service.settings import Settings
 from workers.telemetry import Telemetry
 
 pytest_plugins = ["service_fixtures"]

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 from workers import modeling
 
 torch.set_num_threads(1)

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 from search.genome import LevelSpace, PruneGenome
 from search.mutation import level_switch, neighbourhood, offspring, single_switches, switch_count
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from darwinfront.core.settings import Settings
 from service.auth import generate_key
-from service.settings import Settings
 from workers.reference import cache_root
 
 
@@ -47,7 +47,7 @@ def test_settings_defaults_and_a_key_land_outside_home(fake_home: Path):
 def test_a_subprocess_writes_nothing_under_home(fake_home: Path):
     code = (
         "import json; from darwinfront.cli import DEFAULT_DATA_DIR; from darwinfront.keys import create;"
-        "from service.settings import Settings; from workers.reference import cache_root;"
+        "from darwinfront.core.settings import Settings; from workers.reference import cache_root;"
         "s = Settings(); create(s, 'child');"
         "print(json.dumps([str(p) for p in (DEFAULT_DATA_DIR, s.keys_file, s.cache_dir, cache_root())]))"
     )

@@ -8,8 +8,8 @@ import signal
 import pytest
 import ray
 
+from darwinfront.core.spec import JobSpec
 from search.genome import LevelSpace
-from service.spec import JobSpec
 from workers.evaluator import Evaluator
 from workers.pool import EvaluatorPool, init_ray
 from workers.prepare import prepare

@@ -12,9 +12,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from darwinfront.core.spec import JobSpec
+from darwinfront.core.status import JobStatus
 from search.genome import LevelSpace
-from service.spec import JobSpec
-from service.status import JobStatus
 from workers import artifacts, slicing
 from workers.interrupts import Cancelled, LeaseLost
 from workers.posttrain_job import Posttrainer, PosttrainJob, batch_rows, load_pools

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from service.spec import JobSpec
-from service.status import JobStatus
-from service.store import JobStore
+from darwinfront.core.spec import JobSpec
+from darwinfront.core.status import JobStatus
+from darwinfront.core.store import JobStore
 
 pytest_plugins = ["service_fixtures"]
 

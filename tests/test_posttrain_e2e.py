@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from test_end_to_end import _wait, download_model, http, stack  # noqa: F401  (the embedded stack fixtures, started once here)
 
-from service.spec import JobSpec
+from darwinfront.core.spec import JobSpec
 from workers import fitness, modeling, slicing
 from workers.posttrain_job import load_pools
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from darwinfront.core.spec import CRITERIA, JobSpec, SearchSpec
 from search.evolution import Evolution
 from search.genome import PruneGenome
 from search.mutation import offspring
-from service.spec import CRITERIA, JobSpec, SearchSpec
 from workers import criteria, fitness, latency, levels, metrics, slicing
 from workers.prune_job import stages_for
 

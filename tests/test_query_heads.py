@@ -10,9 +10,9 @@ from conftest import tiny_model
 from pydantic import ValidationError
 from test_slicing import _scores
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
+from darwinfront.core.spec import JobSpec
 from search.genome import PruneGenome
-from service.spec import JobSpec
 from workers import criteria, database, levels, slicing
 from workers.criteria.base import UnitScores
 from workers.criteria.gate import gate_gradients

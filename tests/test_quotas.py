@@ -8,14 +8,14 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service import keys
+from darwinfront.core import keys
+from darwinfront.core.quotas import EvaluationBudgetExceeded, Quota, TooManyActiveJobs
+from darwinfront.core.settings import Settings
+from darwinfront.core.spec import JobSpec
+from darwinfront.core.status import JobStatus
+from darwinfront.core.store import JobStore
 from service.app import create_app
 from service.embedded import EmbeddedRedis
-from service.quotas import EvaluationBudgetExceeded, Quota, TooManyActiveJobs
-from service.settings import Settings
-from service.spec import JobSpec
-from service.status import JobStatus
-from service.store import JobStore
 
 pytest_plugins = ["service_fixtures"]
 

@@ -105,7 +105,7 @@ def test_micro_model_is_a_standard_directory_that_learned(micro_dir):
 
 
 def test_recipe_report_refuses_other_directories(tmp_path):
-    from darwinfront.errors import InvalidSpec
+    from darwinfront.core.errors import InvalidSpec
 
     with pytest.raises(InvalidSpec, match="not a darwinfront reference model"):
         reference.recipe_report(tmp_path)

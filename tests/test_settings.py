@@ -13,12 +13,12 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
+from darwinfront.core.settings import Settings, get_settings
+from darwinfront.core.spec import JobSpec
 from service.app import create_app
 from service.auth import KeyRing, generate_key, hash_key, tenant_for
 from service.embedded import EmbeddedRedis, EmbeddedRedisError, redis_url
-from service.settings import Settings, get_settings
-from service.spec import JobSpec
 from service.validation import check_data_source, check_model_source, validate_spec
 
 pytest_plugins = ["service_fixtures"]
@@ -194,7 +194,7 @@ def test_optuna_journal_runs_on_the_embedded_url(tmp_path: Path) -> None:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalRedisBackend
 
-    from service import keys
+    from darwinfront.core import keys
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with EmbeddedRedis(tmp_path) as server:

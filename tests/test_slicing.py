@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 from search.genome import PruneGenome
 from workers import slicing
 from workers.criteria.base import LayerScores, UnitScores

@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
+from darwinfront.core.spec import JobSpec
 from darwinfront.stack import EmbeddedStack
-from service.spec import JobSpec
 from workers import fitness, modeling, slicing
 from workers.configuration import rebuild
 from workers.job_inputs import token_pools

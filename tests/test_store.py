@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 import pytest
 import redis
 
-from darwinfront.errors import CandidateNotFound, InvalidTransition, JobNotFound
-from service import keys
+from darwinfront.core import keys
+from darwinfront.core.errors import CandidateNotFound, InvalidTransition, JobNotFound
+from darwinfront.core.status import TERMINAL, JobStatus, check_transition
+from darwinfront.core.store import JobStore
 from service.embedded import EmbeddedRedis
-from service.status import TERMINAL, JobStatus, check_transition
-from service.store import JobStore
 
 pytest_plugins = ["service_fixtures"]
 

@@ -8,8 +8,8 @@ import json
 import torch
 
 import darwinfront
+from darwinfront.core.spec import JobSpec
 from search.genome import LevelSpace, PruneGenome
-from service.spec import JobSpec
 from workers.slicing import Layout
 
 FORMAT = "darwinfront.structured_prune/1"
@@ -67,8 +67,8 @@ def rebuild(model: torch.nn.Module, tokenizer, configuration: dict) -> torch.nn.
     Raises:
         InvalidSpec: the model is not the one the job pruned, or the database it rebuilds is another one.
     """
-    from darwinfront.errors import InvalidSpec
-    from service.spec import DataSpec
+    from darwinfront.core.errors import InvalidSpec
+    from darwinfront.core.spec import DataSpec
     from workers import database, levels, slicing
     from workers.criteria._common import target_linear
     from workers.job_inputs import database_options, token_pools

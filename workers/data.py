@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 
 Split = Literal["calibration", "evaluation"]
 CALIBRATION_SHARE = 0.9

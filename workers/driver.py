@@ -21,10 +21,10 @@ from pathlib import Path
 
 import redis
 
-from darwinfront.errors import InvalidTransition
-from service.settings import Settings
-from service.status import JobStatus
-from service.store import JobStore, connect
+from darwinfront.core.errors import InvalidTransition
+from darwinfront.core.settings import Settings
+from darwinfront.core.status import JobStatus
+from darwinfront.core.store import JobStore, connect
 from workers.interrupts import Cancelled, LeaseLost, Stopping
 from workers.kv_job import KVJob
 from workers.pool import describe_error, init_ray

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
+from darwinfront.core.spec import JobSpec
 from search.genome import LevelSpace, PruneGenome
-from service.spec import JobSpec
 from workers import candidate, finetune, fitness, latency, levels, metrics, slicing
 from workers.configuration import build_configuration
 from workers.job_inputs import JobInputs, open_database

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 from darwinfront.gguf_files import check_gguf_file
 from workers.reference import build_once, cache_root, read_report
 

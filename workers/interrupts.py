@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from service.store import JobStore
+from darwinfront.core.store import JobStore
 
 
 class Cancelled(Exception):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.spec import DataSpec, JobSpec
+from darwinfront.core.spec import DataSpec, JobSpec
 from workers import data, database, levels, modeling
 from workers.progress import StepReport, format_seconds
 

@@ -7,8 +7,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from darwinfront.core.spec import JobSpec
 from search.kv_space import build_space
-from service.spec import JobSpec
 from workers import data, metrics, modeling
 from workers.kv.cache import KVPrecisionConfig, build_cache, kv_bits, model_shape
 from workers.kv.profile import profile_kv

@@ -17,9 +17,9 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 import darwinfront
+from darwinfront.core.spec import JobSpec
+from darwinfront.core.store import JobStore
 from search.kv_space import PRESETS, KVSpace, pair_name
-from service.spec import JobSpec
-from service.store import JobStore
 from workers import tracking
 from workers.interrupts import check_interrupts
 from workers.kv_evaluator import KVEvaluator, prepare_kv

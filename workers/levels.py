@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 from search.genome import LevelSpace, PruneGenome
 from workers import slicing
 

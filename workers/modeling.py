@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from darwinfront.architectures import SUPPORTED_ARCHITECTURES
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 from darwinfront.gguf_files import is_gguf_source
 
 DTYPES = {

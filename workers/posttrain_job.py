@@ -26,9 +26,9 @@ import ray
 import torch
 from torch import nn
 
-from darwinfront.errors import CandidateNotFound, InvalidSpec
-from service.spec import JobSpec, PosttrainOptions
-from service.store import JobStore
+from darwinfront.core.errors import CandidateNotFound, InvalidSpec
+from darwinfront.core.spec import JobSpec, PosttrainOptions
+from darwinfront.core.store import JobStore
 from workers import artifacts, data, finetune, fitness, metrics, modeling, slicing
 from workers.interrupts import check_interrupts
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from service.spec import JobSpec
+from darwinfront.core.spec import JobSpec
 from workers import levels, metrics
 from workers.criteria.obs import ObsLevels, iter_obs_levels
 from workers.database import LayerHelpers

@@ -89,7 +89,7 @@ class StepReport:
             return
         try:
             if self._store is None:
-                from service.store import JobStore, connect
+                from darwinfront.core.store import JobStore, connect
 
                 self._store = JobStore(connect(self.redis_url))
             self._store.set_progress(self.job_id, report)

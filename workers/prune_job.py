@@ -14,10 +14,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from darwinfront.core.spec import JobSpec
+from darwinfront.core.store import JobStore
 from search.evolution import Evolution, Request, Stage
 from search.genome import LevelSpace
-from service.spec import JobSpec
-from service.store import JobStore
 from workers import artifacts, tracking
 from workers.database import WEIGHT_CRITERIA
 from workers.interrupts import Stopping, check_interrupts

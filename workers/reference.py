@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 from workers import data
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 from search.genome import LevelSpace, PruneGenome
 from workers.criteria.base import UnitScores
 from workers.sliced_modules import NoAttention, NoMLP, QueryHeadAttention

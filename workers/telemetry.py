@@ -17,7 +17,7 @@ import time
 
 import redis
 
-from service import keys
+from darwinfront.core import keys
 from service.monitoring import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)

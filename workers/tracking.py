@@ -17,8 +17,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalRedisBackend
 from optuna.trial import TrialState
 
+from darwinfront.core import keys
 from search.genome import LevelSpace, PruneGenome
-from service import keys
 
 OBJECTIVES = ("kl", "params")
 optuna.logging.set_verbosity(logging.WARNING)

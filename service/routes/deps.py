@@ -13,9 +13,9 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool as blocking
 
+from darwinfront.core.settings import Settings
+from darwinfront.core.store import JobRecord, JobStore
 from service.auth import KeyRing
-from service.settings import Settings
-from service.store import JobRecord, JobStore
 
 
 async def app_settings(request: Request) -> Settings:

@@ -7,16 +7,16 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi import Path as PathParam
 
-from darwinfront.errors import CandidateNotFound, JobNotFound
+from darwinfront.core.errors import CandidateNotFound, JobNotFound
+from darwinfront.core.quotas import Quota
+from darwinfront.core.settings import Settings
+from darwinfront.core.spec import JobSpec
+from darwinfront.core.status import TERMINAL, JobStatus
+from darwinfront.core.store import JobRecord, JobStore
 from service.etag import conditional
-from service.quotas import Quota
 from service.routes.candidates import CandidateId
 from service.routes.deps import JobDep, SettingsDep, StoreDep, TenantDep, blocking
 from service.schemas import ErrorBody, JobCreate, JobList, JobPublic, PosttrainCreate
-from service.settings import Settings
-from service.spec import JobSpec
-from service.status import TERMINAL, JobStatus
-from service.store import JobRecord, JobStore
 from service.validation import validate_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])

@@ -23,11 +23,11 @@ import redis.asyncio as aredis
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from service import keys
+from darwinfront.core import keys
+from darwinfront.core.status import TERMINAL
+from darwinfront.core.store import JobStore
 from service.routes.deps import JobDep, StoreDep, blocking
 from service.schemas import ErrorBody, Front, JobPublic
-from service.status import TERMINAL
-from service.store import JobStore
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 

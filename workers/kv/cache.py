@@ -32,7 +32,7 @@ import transformers
 from packaging.version import Version
 from transformers.cache_utils import Cache, DynamicLayer
 
-from darwinfront.errors import InvalidSpec
+from darwinfront.core.errors import InvalidSpec
 from workers.kv.quant import QTensor, cat_tokens, dequantize, quantize
 
 TRANSFORMERS_RANGE = ("5.0", "5.30")  # [min, max): the layer API of 5.x; tested on 5.24

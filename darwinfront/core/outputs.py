@@ -11,8 +11,8 @@ from typing import Any
 
 import redis
 
-from darwinfront.errors import CandidateNotFound
-from service import keys
+from darwinfront.core import keys
+from darwinfront.core.errors import CandidateNotFound
 
 EVENTS_MAXLEN = 1000
 _MAX_STREAM_ID = 2**64 - 1  # each half of a stream id is an unsigned 64-bit number

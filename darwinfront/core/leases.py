@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import redis
 
-from service import keys
-from service.outputs import queue_event
-from service.status import JobStatus
+from darwinfront.core import keys
+from darwinfront.core.outputs import queue_event
+from darwinfront.core.status import JobStatus
 
 DEFAULT_LEASE_SECONDS = 30.0
 # A claim marks its job running within milliseconds; the store's retrying client gives up on a write after about

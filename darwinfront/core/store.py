@@ -1,10 +1,10 @@
-"""The Redis job store: jobs, their queue and status (here), what they produce (`service.outputs`) and driver
-leases (`service.leases`), and `connect()`, the one way the API and the drivers open Redis.
+"""The Redis job store: jobs, their queue and status (here), what they produce (`darwinfront.core.outputs`) and driver
+leases (`darwinfront.core.leases`), and `connect()`, the one way the API and the drivers open Redis.
 
 The API writes jobs and reads everything; the driver claims jobs and writes their progress. Every multi-key
 write is one MULTI/EXEC transaction whose function re-reads under WATCH what it checks, so two writers cannot
 both move a job, a quota holds under concurrent submissions, and a transaction retried after a lost
-connection does not write twice. Key strings come from `service.keys` only; JSON payloads are JSON strings.
+connection does not write twice. Key strings come from `darwinfront.core.keys` only; JSON payloads are JSON strings.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from darwinfront.errors import InvalidTransition, JobNotFound
-from service import keys
-from service.leases import Leases
-from service.outputs import EVENTS_MAXLEN, JobOutputs, queue_event, to_json, utc_now
-from service.quotas import Quota
-from service.status import TERMINAL, JobStatus, check_transition
+from darwinfront.core import keys
+from darwinfront.core.errors import InvalidTransition, JobNotFound
+from darwinfront.core.leases import Leases
+from darwinfront.core.outputs import EVENTS_MAXLEN, JobOutputs, queue_event, to_json, utc_now
+from darwinfront.core.quotas import Quota
+from darwinfront.core.status import TERMINAL, JobStatus, check_transition
 
 _TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _ACTIVE = (JobStatus.queued, JobStatus.running)

@@ -25,10 +25,6 @@ class JobNotFound(DarwinfrontError, KeyError):
         return str(self.args[0]) if self.args else "job not found"
 
 
-class CandidateFailed(DarwinfrontError):
-    """A candidate's evaluation failed (the reason is the message); the search records it and goes on."""
-
-
 class CandidateNotFound(DarwinfrontError, KeyError):
     """No stored result (configuration or exported model) for this candidate of this job."""
 

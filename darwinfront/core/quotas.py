@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from darwinfront.errors import DarwinfrontError
-from service.settings import Settings
+from darwinfront.core.errors import DarwinfrontError
+from darwinfront.core.settings import Settings
 
 
 class QuotaExceeded(DarwinfrontError):

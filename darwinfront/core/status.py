@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from darwinfront.errors import InvalidTransition
+from darwinfront.core.errors import InvalidTransition
 
 
 class JobStatus(StrEnum):

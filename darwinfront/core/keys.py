@@ -90,14 +90,6 @@ def idempotency(tenant: str, key: str) -> str:
     return f"{PREFIX}idem:{tenant}:{key}"
 
 
-def job_keys(job_id: str) -> tuple[str, ...]:
-    """Every per-job key except the Optuna journal (used when a job's data is dropped)."""
-    return (
-        job(job_id), events(job_id), front(job_id), progress(job_id), results(job_id),
-        artifacts(job_id), checkpoint(job_id), cancel(job_id), lease(job_id), sensitivity(job_id),
-    )
-
-
 def jobs_by_status_pattern() -> str:
     """SCAN pattern of every tenant's per-status index (`jobs_by_status`); the status is the last segment."""
     return f"{PREFIX}tenant:*:jobs:*"
