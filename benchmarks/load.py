@@ -34,7 +34,6 @@ import psutil
 import redis
 from api_latency import cpu_seconds, free_port, redis_pid, start_server  # benchmarks/, the script's folder
 
-from darwinfront.core import keys
 from darwinfront.core.settings import Settings
 from darwinfront.core.store import JobStore
 from service.auth import generate_key
@@ -164,7 +163,7 @@ def _verify(url: str, clients: list[Client], tenants: list[str]) -> list[str]:
     """Every accepted job as its client last saw it, queued ones on the queue once, nothing extra."""
     client = redis.Redis.from_url(url, decode_responses=True)
     store = JobStore(client)
-    queue = Counter(client.lrange(keys.queue(), 0, -1))
+    queue = Counter(store.queued_ids())
     problems = []
     accepted: dict[str, set[str]] = defaultdict(set)
     for user in clients:

@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from darwinfront import __version__
 from darwinfront.core.settings import Settings, get_settings
 from darwinfront.core.store import JobStore, connect
+from darwinfront.core.telemetry import TelemetryStore
 from service.embedded import EmbeddedRedis, redis_url
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
@@ -61,7 +62,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.callback(client.close)
         app.state.redis_url = url
         app.state.store = JobStore(client)
-        app.state.redis = client  # /metrics reads aggregates the store has no call for
+        app.state.telemetry = TelemetryStore(client)
         # Event streams wait on this one (XREAD BLOCK up to stream.HEARTBEAT_SECONDS): a longer socket timeout.
         app.state.aredis = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=60)
         stack.push_async_callback(app.state.aredis.aclose)

@@ -7,8 +7,8 @@ import math
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from darwinfront.core.telemetry import TelemetryStore
 from service.history import front_hypervolume, hypervolume_by_generation, scaled
-from workers.telemetry import LATENCY_BUCKETS, Telemetry, bucket_field
 
 pytest_plugins = ["service_fixtures"]
 
@@ -49,11 +49,6 @@ def test_hypervolume_known_answers():
         scaled(0.1, 10, 0)
 
 
-def test_latency_buckets():
-    assert bucket_field(0.01) == "le:0.01" and bucket_field(0.3) == "le:0.5"
-    assert bucket_field(LATENCY_BUCKETS[-1] + 1) == "le:+Inf"
-
-
 def test_metrics_report_jobs_queue_evaluations_and_fronts(api_client, store, redis_client):
     queued = api_client.post("/v1/jobs", json=SPEC).json()["id"]
     running = api_client.post("/v1/jobs", json=SPEC).json()["id"]
@@ -62,12 +57,12 @@ def test_metrics_report_jobs_queue_evaluations_and_fronts(api_client, store, red
     store.append_event(running, "prepared", {"dense": {"params": DENSE}})
     store.set_front(running, FRONT)
     store.set_progress(running, {"generation": 1, "evaluations": 7, "planned": 20})
-    meter = Telemetry(redis_client)
-    meter.evaluation(0.3)
-    meter.evaluation(2.0, failed=True)
-    meter.evaluation(None, failed=True)  # a lost evaluator: counted, no latency
-    meter.evaluators(running, 2, lost=1)
-    meter.evaluators("finished-long-ago", 5)  # not running: not counted
+    telemetry = TelemetryStore(redis_client)
+    telemetry.count_evaluation(0.3)
+    telemetry.count_evaluation(2.0, failed=True)
+    telemetry.count_evaluation(None, failed=True)  # a lost evaluator: counted, no latency
+    telemetry.report_evaluators(running, 2, lost=1)
+    telemetry.report_evaluators("finished-long-ago", 5)  # not running: not counted
 
     m = scrape(api_client)
     assert m["darwinfront_jobs"][(("status", "queued"),)] == 1
@@ -95,7 +90,7 @@ def test_counters_move_and_finished_jobs_leave_the_per_job_series(api_client, st
     store.claim("d1", timeout=0)
     store.set_progress(job_id, {"generation": 0, "evaluations": 4, "planned": 8})
     before = scrape(api_client)
-    Telemetry(redis_client).evaluation(0.04)
+    TelemetryStore(redis_client).count_evaluation(0.04)
     store.set_progress(job_id, {"generation": 1, "evaluations": 8, "planned": 8})
     after = scrape(api_client)
     job = (("job_id", job_id),)
@@ -110,12 +105,3 @@ def test_counters_move_and_finished_jobs_leave_the_per_job_series(api_client, st
     assert done["darwinfront_jobs"][(("status", "running"),)] == 0
     assert job not in done.get("darwinfront_job_evaluations_total", {})
 
-
-def test_evaluators_entry_is_removed_at_zero(redis_client):
-    from darwinfront.core import keys
-
-    meter = Telemetry(redis_client)
-    meter.evaluators("j1", 3)
-    assert redis_client.hexists(keys.evaluator_telemetry(), "j1")
-    meter.evaluators("j1", 0)
-    assert not redis_client.hexists(keys.evaluator_telemetry(), "j1")

@@ -7,8 +7,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from darwinfront.core.settings import Settings
+from darwinfront.core.telemetry import TelemetryStore
 from service.app import create_app
-from workers.telemetry import Telemetry
 
 pytest_plugins = ["service_fixtures"]
 
@@ -24,7 +24,7 @@ def _running_job(api_client, store, redis_client) -> str:
     store.append_event(job_id, "prepared", {"dense": {"params": 1000}})
     store.set_front(job_id, FRONT)
     store.set_progress(job_id, {"generation": 3, "evaluations": 7, "planned": 20})
-    Telemetry(redis_client).evaluators(job_id, 2, lost=1)
+    TelemetryStore(redis_client).report_evaluators(job_id, 2, lost=1)
     return job_id
 
 

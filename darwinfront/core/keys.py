@@ -91,8 +91,13 @@ def idempotency(tenant: str, key: str) -> str:
 
 
 def jobs_by_status_pattern() -> str:
-    """SCAN pattern of every tenant's per-status index (`jobs_by_status`); the status is the last segment."""
+    """SCAN pattern of every tenant's per-status index (`jobs_by_status`); `status_of_index` reads its status."""
     return f"{PREFIX}tenant:*:jobs:*"
+
+
+def status_of_index(key: str) -> str:
+    """The status of a per-status index key (`jobs_by_status`): its last segment (a tenant holds no ':')."""
+    return key.rsplit(":", 1)[1]
 
 
 def evaluation_telemetry() -> str:

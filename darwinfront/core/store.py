@@ -1,5 +1,6 @@
 """The Redis job store: jobs, their queue and status (here), what they produce (`darwinfront.core.outputs`) and driver
-leases (`darwinfront.core.leases`), and `connect()`, the one way the API and the drivers open Redis.
+leases (`darwinfront.core.leases`), counts across tenants (`darwinfront.core.census`), and `connect()`, the one
+way the API and the drivers open Redis.
 
 The API writes jobs and reads everything; the driver claims jobs and writes their progress. Every multi-key
 write is one MULTI/EXEC transaction whose function re-reads under WATCH what it checks, so two writers cannot
@@ -22,6 +23,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from darwinfront.core import keys
+from darwinfront.core.census import JobCensus
 from darwinfront.core.errors import InvalidTransition, JobNotFound
 from darwinfront.core.leases import Leases
 from darwinfront.core.outputs import EVENTS_MAXLEN, JobOutputs, queue_event, to_json, utc_now
@@ -98,7 +100,7 @@ def _record(fields: dict[str, str], progress: str | None) -> JobRecord:
     )
 
 
-class JobStore(Leases, JobOutputs):
+class JobStore(Leases, JobOutputs, JobCensus):
     """Jobs and everything they produce, kept in Redis.
 
     Args:

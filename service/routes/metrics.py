@@ -16,5 +16,6 @@ router = APIRouter(tags=["health"])
 async def metrics(request: Request, settings: SettingsDep) -> Response:
     """Jobs by status, queue depth, evaluations and their latency, evaluators alive; per running job (when turned
     on) its evaluations, generation, front size and hypervolume, and evaluators replaced."""
-    body = await blocking(monitoring.render, request.app.state.redis, per_job=settings.metrics_per_job)
+    state = request.app.state
+    body = await blocking(monitoring.render, state.store, state.telemetry, per_job=settings.metrics_per_job)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
