@@ -12,11 +12,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from darwinfront import __version__
+from darwinfront.core.event_wait import EventWaiter
 from darwinfront.core.settings import Settings, get_settings
 from darwinfront.core.store import JobStore, connect
 from darwinfront.core.telemetry import TelemetryStore
@@ -63,9 +63,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.redis_url = url
         app.state.store = JobStore(client)
         app.state.telemetry = TelemetryStore(client)
-        # Event streams wait on this one (XREAD BLOCK up to stream.HEARTBEAT_SECONDS): a longer socket timeout.
-        app.state.aredis = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=60)
-        stack.push_async_callback(app.state.aredis.aclose)
+        app.state.event_waiter = EventWaiter.connect(url)  # event streams sleep on it, holding no thread
+        stack.push_async_callback(app.state.event_waiter.aclose)
         yield
 
 

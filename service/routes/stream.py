@@ -7,10 +7,10 @@
 - `event: front` with the front (`Front`) whenever a new snapshot was written;
 - `event: end` once the job is final and everything before it was sent; then the stream closes.
 
-The wait between changes is an `XREAD BLOCK` on the job's event stream through the app's asyncio Redis client,
-so an idle follower holds no thread; the driver writes an event after every front and progress update, so
-waking on events misses no change. A comment line every `HEARTBEAT_SECONDS` keeps proxies from closing an idle
-stream.
+The wait between changes is the store's `EventWaiter` (a blocking read of the job's event stream on an
+asyncio client), so an idle follower holds no thread; the driver writes an event after every front and progress
+update, so waking on events misses no change. A comment line every `HEARTBEAT_SECONDS` keeps proxies from
+closing an idle stream.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import redis.asyncio as aredis
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from darwinfront.core import keys
+from darwinfront.core.event_wait import EventWaiter
 from darwinfront.core.status import TERMINAL
 from darwinfront.core.store import JobStore
 from service.routes.deps import JobDep, StoreDep, blocking
@@ -48,7 +47,7 @@ def _snapshot(store: JobStore, job_id: str) -> tuple[JobPublic, Front]:
 
 
 async def follow(
-    store: JobStore, client: aredis.Redis, job_id: str, after: str, request: Request | None = None
+    store: JobStore, waiter: EventWaiter, job_id: str, after: str, request: Request | None = None
 ) -> AsyncIterator[str]:
     """Yield the job's events after `after`, its state and front changes, until the job is final."""
     last, shown_job, shown_front = after, None, None
@@ -75,8 +74,7 @@ async def follow(
             continue
         if request is not None and await request.is_disconnected():
             return
-        woke = await client.xread({keys.events(job_id): last}, count=1, block=int(HEARTBEAT_SECONDS * 1000))
-        if not woke:
+        if not await waiter.wait(job_id, after=last, timeout=HEARTBEAT_SECONDS):
             yield ": keep-alive\n\n"
 
 
@@ -93,6 +91,6 @@ async def stream_job(
     last_event_id: Annotated[str | None, Header(pattern=_EVENT_ID)] = None,
 ) -> StreamingResponse:
     """Follow a job live (server-sent events); `Last-Event-ID` or `after` resumes after a known event."""
-    body = follow(store, request.app.state.aredis, job.id, last_event_id or after, request)
+    body = follow(store, request.app.state.event_waiter, job.id, last_event_id or after, request)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(body, media_type="text/event-stream", headers=headers)
