@@ -14,23 +14,20 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalRedisBackend
 from optuna.trial import TrialState
 
-from darwinfront.core import keys
 from darwinfront.core.store import JobStore
+from darwinfront.core.studies import study_storage
 from search.pareto import hypervolume_2d
 
 log = logging.getLogger(__name__)
 REFERENCE = (1.0, 1.0)
 SCALING = "params / dense params and 1 - exp(-KL), against the reference point (1, 1)"
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="service.history")
 optuna.logging.set_verbosity(logging.WARNING)
 
 
@@ -80,7 +77,7 @@ def job_storage(redis_url: str, job_id: str) -> JournalStorage:
 
     Open it in optuna-dashboard with `optuna_dashboard.run_server(job_storage(url, job_id))`.
     """
-    return JournalStorage(JournalRedisBackend(redis_url, prefix=keys.optuna_prefix(job_id)))
+    return study_storage(redis_url, job_id)
 
 
 def study_trials(redis_url: str, job_id: str) -> list[tuple[int, float, float]]:

@@ -13,11 +13,9 @@ import warnings
 
 import optuna
 from optuna.distributions import IntDistribution
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalRedisBackend
 from optuna.trial import TrialState
 
-from darwinfront.core import keys
+from darwinfront.core.studies import study_storage
 from search.genome import LevelSpace, PruneGenome
 
 OBJECTIVES = ("kl", "params")
@@ -30,9 +28,8 @@ def open_study(
     | None = None
 ) -> optuna.Study:
     """Create or reopen the job's study; every objective is minimised (default: KL, parameter count)."""
-    storage = JournalStorage(JournalRedisBackend(redis_url, prefix=keys.optuna_prefix(job_id)))
     study = optuna.create_study(
-        storage=storage,
+        storage=study_storage(redis_url, job_id),
         study_name=f"darwinfront-{job_id}",
         directions=["minimize"] * len(objectives),
         load_if_exists=True,
