@@ -1,4 +1,6 @@
-"""Driver leases on running jobs, so a job whose driver died is found and handed to another driver.
+"""Driver leases on running jobs, so a job whose driver died is found and handed to another driver. Part of the
+job store: `Leases` is mixed into `JobStore` and moves jobs with the store's own status machine
+(`_read_status`, `_queue_move`) inside its transactions.
 
 A driver holds a lease (a key with a TTL) on each job it runs and renews it from a heartbeat. When the driver
 dies the key expires; any driver's sweep then moves the job back to the queue, and the next claim resumes it

@@ -1,6 +1,11 @@
-"""The Redis job store: jobs, their queue and status (here), what they produce (`darwinfront.core.outputs`) and driver
+"""The Redis job store: jobs, their queue and status (here), what they produce (`darwinfront.core.outputs`), driver
 leases (`darwinfront.core.leases`), counts across tenants (`darwinfront.core.census`), and `connect()`, the one
 way the API and the drivers open Redis.
+
+The store is the only reader and writer of Redis keys. Beside `JobStore` it has three small modules of its own:
+`darwinfront.core.telemetry` (what the drivers measure for `/metrics`), `darwinfront.core.event_wait` (the SSE
+stream's blocking wait for a job's next event, on an asyncio client) and `darwinfront.core.studies` (each job's
+Optuna journal). Everything else, in the HTTP edge, the workers and the CLI, asks them.
 
 The API writes jobs and reads everything; the driver claims jobs and writes their progress. Every multi-key
 write is one MULTI/EXEC transaction whose function re-reads under WATCH what it checks, so two writers cannot
