@@ -1,4 +1,8 @@
-"""The Redis key schema: the only place that builds key strings. Every key starts with `df:`."""
+"""The Redis key schema: the only place that builds key strings. Every key starts with `df:`.
+
+Only the job store's own modules in `darwinfront.core` import it (tests/test_boundaries.py checks); everything
+else asks the store.
+"""
 
 from __future__ import annotations
 
