@@ -19,10 +19,10 @@ import optuna
 import torch
 
 from darwinfront.core.spec import JobSpec
-from search.kv_space import KVSpace, pair_name
+from search.kv_search import OBJECTIVES, KVSearch
+from search.kv_space import KVSpace
 from search.pareto import hypervolume_2d, non_dominated
 from workers.kv_evaluator import KVEvaluator, prepare_kv
-from workers.kv_job import distributions, layers_of, make_sampler
 
 
 def main() -> None:
@@ -65,21 +65,16 @@ def main() -> None:
                   for choice in itertools.product(*(range(len(g.candidates)) for g in space.groups))]
     exhaustive_s = time.perf_counter() - start
 
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(JobSpec.model_validate(spec)))
-    for name in ("KV8", "K8V4", "KV4", "K4V2", "KV2"):
-        try:
-            choice = space.uniform_choice(name)
-        except ValueError:
-            continue
-        study.enqueue_trial({f"g{i}": pair_name(g.candidates[c])
-                             for i, (g, c) in enumerate(zip(space.groups, choice, strict=True))})
-    dists = distributions(space)
+    kv = JobSpec.model_validate(spec).kv
+    record = optuna.create_study(directions=["minimize"] * len(OBJECTIVES))
+    search = KVSearch(space, record, sampler=kv.sampler, seed=args.seed, population=kv.population,
+                      trials=args.budget, batch=1)  # one at a time: every proposal sees every result before it
     searched = []
-    for _ in range(args.budget):
-        trial = study.ask(dists)
-        values = score(layers_of(space, trial.params))
-        study.tell(trial, list(values))
-        searched.append(values)
+    while not search.finished:
+        for request in search.ask():
+            values = score(request.layers)
+            search.tell(request.candidate_id, values[0])
+            searched.append(values)
 
     reference = (max(kl for kl, _ in exhaustive) * 1.1, 8.5)
     hv_all = hypervolume_2d([exhaustive[i] for i in non_dominated(exhaustive)], reference)

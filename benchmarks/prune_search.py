@@ -4,10 +4,12 @@ On `builtin:tiny-llama` at 50 % of the prunable parameters, for each seed, five 
 candidate evaluations over the same level space and database:
 
 - uniform: the uniform levels (one evaluation);
-- random: random search at the budget's level sums (`search.baselines.RandomSearch`);
-- nsga2: Optuna NSGA-II with repair to the budget (`search.nsga.NsgaSearch`);
+- random: random search at the budget's level sums;
+- nsga2: Optuna NSGA-II with repair to the budget;
 - evopress: the staged (1+λ) evolution scored as cut;
 - darwinlm: the same evolution with training-aware selection.
+
+Each arm is a strategy of the registry (`search.strategies`) that a job's `search.strategy` names.
 
 Baselines score every candidate on the whole fitness pool (the evolution's last stage, as cut). Each arm's winner is
 then measured on held-out text one-shot (database weights) and after the same post-training for every arm
@@ -29,10 +31,9 @@ import time
 import torch
 
 from darwinfront.core.spec import JobSpec, SearchSpec
-from search.baselines import RandomSearch, UniformOnly
-from search.evolution import Evolution, Stage
-from search.nsga import NsgaSearch
+from search import strategies
 from search.seeding import derive_seed
+from search.strategy import Stage
 from workers.evaluator import Evaluator
 from workers.prepare import prepare
 from workers.prune_job import stages_for
@@ -113,26 +114,26 @@ def winner_metrics(evaluator: Evaluator, genome, post_tokens: int, seed: int) ->
             "genome": genome.to_dict()}
 
 
-def strategies(args, spec: dict, evaluator: Evaluator, seed: int) -> dict:
+def arms(args, spec: dict, evaluator: Evaluator, seed: int) -> dict:
+    """Each arm as a maker of its registered strategy: (strategy name, stages, generations)."""
     job = JobSpec.model_validate(spec)
     space = evaluator.space
-    start = space.uniform(args.target)
-    trained = stages_for(job, evaluator.inputs.calibration.shape[0])
-    as_cut = [Stage(s.survivors, s.fitness_tokens, 0) for s in trained]
-    budget = 1 + args.generations * job.search.evaluations_per_generation()
-
-    def evolution(stages, generations):
-        return Evolution(space, start, seed=seed, key=0, generations=generations, offspring=args.offspring,
-                         stages=stages)
-
-    return {
-        "uniform": lambda: UniformOnly(space, start, seed=seed, key=0, stage=as_cut[-1]),
-        "random": lambda: RandomSearch(space, start, seed=seed, key=0, budget=budget, stage=as_cut[-1]),
-        "nsga2": lambda: NsgaSearch(space, start, seed=seed, key=0, budget=budget, stage=as_cut[-1]),
-        "evopress": lambda: evolution(as_cut, args.generations),
-        "darwinlm": lambda: evolution(trained, args.generations),
-        "reference": lambda: evolution(trained, args.generations * args.reference_scale),
+    trained = tuple(stages_for(job, evaluator.inputs.calibration.shape[0]))
+    as_cut = tuple(Stage(s.survivors, s.fitness_tokens, 0) for s in trained)
+    settings = {
+        "uniform": ("uniform", as_cut, args.generations),
+        "random": ("random", as_cut, args.generations),
+        "nsga2": ("nsga2", as_cut, args.generations),
+        "evopress": ("evolution", as_cut, args.generations),
+        "darwinlm": ("evolution", trained, args.generations),
+        "reference": ("evolution", trained, args.generations * args.reference_scale),
     }
+
+    def maker(name, stages, generations):
+        plan = strategies.Plan(generations, args.offspring, stages)
+        return lambda: strategies.build(name, space, space.uniform(args.target), seed=seed, key=0, plan=plan)
+
+    return {arm: maker(*arm_settings) for arm, arm_settings in settings.items()}
 
 
 def bench_seed(args, seed: int) -> dict:
@@ -140,10 +141,10 @@ def bench_seed(args, seed: int) -> dict:
     prepared = prepare(spec)
     evaluator = Evaluator(spec, prepared, threads=args.threads)
     seq_len = JobSpec.model_validate(spec).data.seq_len
-    makers = strategies(args, spec, evaluator, seed)
-    arms = list(ARMS) + (["reference"] if seed in args.seeds[: args.reference_seeds] else [])
+    makers = arms(args, spec, evaluator, seed)
+    names = list(ARMS) + (["reference"] if seed in args.seeds[: args.reference_seeds] else [])
     out = {"seed": seed, "database": prepared["database"], "dense_perplexity": prepared["dense"]["perplexity"]}
-    for arm in arms:
+    for arm in names:
         started = time.perf_counter()
         result = run(makers[arm](), evaluator, seq_len)
         metrics = winner_metrics(evaluator, result["genome"], args.post_train_tokens, seed)

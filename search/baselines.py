@@ -3,7 +3,7 @@
 `RandomSearch` scores the start and then random genomes with the start's level sums (the same parameter
 count), drawn uniformly from all such genomes; `UniformOnly` scores the start alone. Every candidate is
 scored on one stage's settings with one shared seed, so their fitnesses compare like the last stage of an
-evolution's.
+evolution's, and every one is final (it may enter the front). Checkpoints replay the asks and tells.
 """
 
 from __future__ import annotations
@@ -12,33 +12,14 @@ import random
 from functools import lru_cache
 from itertools import accumulate
 
-from search.evolution import DEFAULT_STAGES, Request, Stage, check_fitness
+from search.evolution import DEFAULT_STAGES
 from search.genome import LevelSpace, PruneGenome
+from search.replay import Replayed, Rounds
 from search.seeding import derive_seed
+from search.strategy import BestSoFar, Request, Stage
 
 # Draws of an already-seen genome in a row after which a random search counts its space as used up.
 _MAX_REPEATS = 200
-
-
-class BestSoFar:
-    """The lowest fitness told so far and its genome, ties to the earlier request; `start` until one succeeds."""
-
-    def __init__(self, start: PruneGenome):
-        self.start = start
-        self._best: tuple[float, int, PruneGenome] | None = None
-
-    def offer(self, value: float | None, index: int, genome: PruneGenome) -> None:
-        """Consider request `index`'s fitness `value` (None: it failed)."""
-        if value is not None and (self._best is None or (value, index) < self._best[:2]):
-            self._best = (value, index, genome)
-
-    @property
-    def genome(self) -> PruneGenome:
-        return self.start if self._best is None else self._best[2]
-
-    @property
-    def fitness(self) -> float | None:
-        return None if self._best is None else self._best[0]
 
 
 def random_levels(total: int, n: int, top: int, rng: random.Random) -> tuple[int, ...]:
@@ -81,12 +62,14 @@ def random_genome(space: LevelSpace, like: PruneGenome, rng: random.Random) -> P
     return PruneGenome(attn=attn, mlp=mlp)
 
 
-class RandomSearch:
+class RandomSearch(Replayed):
     """Random search at a fixed parameter count, as ask/tell.
 
     The first request is `start` (marked `is_parent`); the others are distinct uniformly random genomes with
     its level sums, `budget` requests in all, fewer when the space holds fewer (after 200 repeated draws in a
-    row the space counts as used up). The best is the lowest fitness, the earliest request on ties.
+    row the space counts as used up). They are handed out in rounds: the start alone, then `round_size` at a
+    time (default: all the rest), each round once the one before is told. The best is the lowest fitness, the
+    earliest request on ties.
 
     Args:
         space: the level space.
@@ -94,6 +77,7 @@ class RandomSearch:
         seed: the job seed.
         key: what tells this run from the job's other runs; part of ids and seeds.
         budget: evaluations to run.
+        round_size: requests per round after the start's.
         stage: the settings every candidate is scored with (default: the last default evolution stage).
     """
 
@@ -107,12 +91,15 @@ class RandomSearch:
         seed: int,
         key: int | str,
         budget: int,
+        round_size: int | None = None,
         stage: Stage = DEFAULT_STAGES[-1],
     ):
+        super().__init__()
         space.check(start)
         if budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
-        self._space, self._start, self._key, self._budget, self._stage = space, start, key, budget, stage
+        self._space, self._start, self._key, self._stage = space, start, key, stage
+        self._rounds = Rounds(budget, round_size or max(1, budget - 1))
         self._shared_seed = derive_seed(seed, key, self.name)
         self._rng = random.Random(derive_seed(seed, key, self.name, "genomes"))
         self._seen = {start.key()}
@@ -124,7 +111,8 @@ class RandomSearch:
 
     def _request(self, index: int, genome: PruneGenome) -> Request:
         cid = f"t{self._key}-{self.name}-c{index}"
-        return Request(cid, genome, 0, 0, index == 0, self._shared_seed, self._stage)
+        return Request(cid, genome, self._rounds.current, 0, index == 0, self._shared_seed,
+                       self._stage, True)
 
     def _draw(self) -> bool:
         """Append one unseen genome to the requests; False when the space seems used up."""
@@ -137,34 +125,28 @@ class RandomSearch:
         self._exhausted = True
         return False
 
-    def ask(self, limit: int | None = None) -> list[Request]:
-        """The next requests not handed out yet, at most `limit` of them (all the rest by default)."""
-        want = self._budget - self._given if limit is None else min(max(0, limit), self._budget - self._given)
+    def _ask(self, limit: int | None) -> list[Request]:
+        room = self._rounds.room(self._given, len(self._results))
+        want = room if limit is None else min(limit, room)
         while len(self._requests) < self._given + want and not self._exhausted and self._draw():
             pass
         fresh = self._requests[self._given : self._given + want]
         self._given += len(fresh)
         return fresh
 
-    def tell(self, candidate_id: str, fitness: float | None, error: str | None = None) -> None:
-        """Record an asked request's fitness (lower is better); None, NaN or inf marks a failure.
-
-        Raises:
-            ValueError: `candidate_id` was not asked, or was told already.
-        """
+    def _tell(self, candidate_id: str, fitness: float | None, error: str | None) -> None:
         index = next((i for i, r in enumerate(self._requests[: self._given]) if r.candidate_id == candidate_id), None)
         if index is None:
             raise ValueError(f"unknown candidate {candidate_id!r}: not asked")
         if candidate_id in self._results:
             raise ValueError(f"candidate {candidate_id!r} was told already")
-        value, _ = check_fitness(fitness, error)
-        self._results[candidate_id] = value
-        self._best.offer(value, index, self._requests[index].genome)
+        self._results[candidate_id] = fitness
+        self._best.offer(fitness, index, self._requests[index].genome)
 
     @property
     def finished(self) -> bool:
         """Every request told, and no more to make (budget spent or space used up)."""
-        done_asking = self._given >= self._budget or (self._exhausted and self._given == len(self._requests))
+        done_asking = self._given >= self._rounds.budget or (self._exhausted and self._given == len(self._requests))
         return done_asking and len(self._results) == self._given
 
     @property
@@ -172,9 +154,13 @@ class RandomSearch:
         return len(self._results)
 
     @property
+    def rounds(self) -> int:
+        return self._rounds.completed(self._given, len(self._results), ended=self.finished)
+
+    @property
     def best(self) -> PruneGenome:
         """The best genome so far (`start` until something succeeded)."""
-        return self._best.genome
+        return self._best.candidate
 
     @property
     def best_fitness(self) -> float | None:

@@ -8,48 +8,21 @@ stage becomes the next parent; the parent keeps its place on ties.
 The strategy never evaluates anything: `ask()` hands out `Request`s, `tell()` takes back fitnesses (lower is
 better). Results are keyed by candidate id and selection sorts by (fitness, index), so the outcome does not
 depend on the order results arrive in, and every random draw comes from a seed derived from
-(job seed, key, generation, ...), so a run restored from `state_dict()` continues exactly as it would have.
+(job seed, key, generation, ...), so a run restored with `load_state_dict()` continues exactly as it would have.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from search.genome import LevelSpace, PruneGenome
 from search.mutation import Mutation, level_switch, offspring
 from search.seeding import derive_seed
+from search.strategy import Request, Stage, check_fitness
 
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One selection stage: how many candidates go on, and the data the driver scores them with.
-
-    Attributes:
-        survivors: candidates of this stage promoted to the next one (in the last stage only the best is
-            kept, whatever this says).
-        fitness_tokens: calibration tokens each candidate is scored on.
-        train_tokens: tokens of light training before scoring (0 = score as cut).
-    """
-
-    survivors: int
-    fitness_tokens: int
-    train_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        if self.survivors < 1 or self.fitness_tokens < 1 or self.train_tokens < 0:
-            raise ValueError(f"bad stage {self}: need survivors >= 1, fitness_tokens >= 1, train_tokens >= 0")
-
-    def to_dict(self) -> dict:
-        return {"survivors": self.survivors, "fitness_tokens": self.fitness_tokens, "train_tokens": self.train_tokens}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Stage:
-        return cls(**data)
 
 
 # DarwinLM's released schedule (scripts/struct_prune_search.sh): 16 offspring, 8/4/2/1 survivors.
@@ -60,56 +33,6 @@ DEFAULT_STAGES = (
     Stage(2, 4096, 100_000),
     Stage(1, 8192, 200_000),
 )
-
-
-@dataclass(frozen=True)
-class Request:
-    """One evaluation to run: score `genome` with the settings of `stage_spec` and data drawn from `seed`.
-
-    `seed` depends on (job seed, key, generation, stage) only, so every candidate of a stage sees the same
-    minibatches (common random numbers) and a re-run draws the same ones. The last stage's seed leaves the
-    generation out: the parent and every finalist of every generation are scored on the same terms.
-    """
-
-    candidate_id: str
-    genome: PruneGenome
-    generation: int
-    stage: int
-    is_parent: bool
-    seed: int
-    stage_spec: Stage
-
-    def to_dict(self) -> dict:
-        return {
-            "candidate_id": self.candidate_id,
-            "genome": self.genome.to_dict(),
-            "generation": self.generation,
-            "stage": self.stage,
-            "is_parent": self.is_parent,
-            "seed": self.seed,
-            "stage_spec": self.stage_spec.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Request:
-        return cls(
-            candidate_id=data["candidate_id"],
-            genome=PruneGenome.from_dict(data["genome"]),
-            generation=data["generation"],
-            stage=data["stage"],
-            is_parent=data["is_parent"],
-            seed=data["seed"],
-            stage_spec=Stage.from_dict(data["stage_spec"]),
-        )
-
-
-def check_fitness(fitness: float | None, error: str | None) -> tuple[float | None, str | None]:
-    """Normalise a told result: a non-finite fitness counts as a failure."""
-    if fitness is not None and not math.isfinite(fitness):
-        return None, error or f"non-finite fitness {fitness}"
-    if fitness is None:
-        return None, error or "failed"
-    return float(fitness), error
 
 
 class Evolution:
@@ -238,6 +161,11 @@ class Evolution:
         return self._evaluations
 
     @property
+    def rounds(self) -> int:
+        """Generations finished, generation 0 (the start's scoring) included."""
+        return len(self._history)
+
+    @property
     def history(self) -> list[dict]:
         """One entry per finished generation (0 included).
 
@@ -261,9 +189,11 @@ class Evolution:
         # is one number across generations and the best per target can only go down; earlier stages draw afresh.
         seed = derive_seed(self._seed, self._key, "final" if last else generation, stage)
         prefix = f"t{self._key}-g{generation}-s{stage}-c"
-        requests = [Request(f"{prefix}{i}", g, generation, stage, False, seed, spec) for i, g in enumerate(genomes)]
+        requests = [
+            Request(f"{prefix}{i}", g, generation, stage, False, seed, spec, last) for i, g in enumerate(genomes)
+        ]
         if last:
-            requests.append(Request(f"{prefix}p", self._parent, generation, stage, True, seed, spec))
+            requests.append(Request(f"{prefix}p", self._parent, generation, stage, True, seed, spec, True))
         self._stage_index, self._requests = stage, requests
         self._asked, self._results = set(), {}
 
@@ -326,14 +256,8 @@ class Evolution:
 
     # ---- checkpoints -------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        """The whole state as JSON-safe data; best taken at the end of a generation.
-
-        Taken mid-stage it is still complete: after `from_state`, `ask()` hands out again the requests of the
-        stage that had no result yet.
-        """
+    def _settings(self) -> dict:
         return {
-            "version": STATE_VERSION,
             "space": self._space.to_dict(),
             "start": self._start.to_dict(),
             "seed": self._seed,
@@ -342,6 +266,18 @@ class Evolution:
             "offspring": self._lambda,
             "stages": [stage.to_dict() for stage in self._stages],
             "score_parent_at_start": self._score_start,
+        }
+
+    def state_dict(self) -> dict:
+        """The whole state as JSON-safe data, with the settings it was made with.
+
+        Taken mid-stage it is still complete: after `load_state_dict`, `ask()` hands out again the requests of
+        the stage that had no result yet.
+        """
+        return {
+            "version": STATE_VERSION,
+            "strategy": "evolution",
+            "settings": self._settings(),
             "parent": self._parent.to_dict(),
             "parent_fitness": self._parent_fitness,
             "seen": sorted(self._seen),
@@ -356,24 +292,28 @@ class Evolution:
             "results": {cid: list(result) for cid, result in self._results.items()},
         }
 
-    @classmethod
-    def from_state(cls, state: dict, mutate: Mutation = level_switch) -> Evolution:
-        """Rebuild a run from `state_dict()` output; `mutate` must be the operator the run was made with."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported evolution state version {state.get('version')!r}")
-        run = cls.__new__(cls)
-        run._space, run._start = LevelSpace.from_dict(state["space"]), PruneGenome.from_dict(state["start"])
-        run._seed, run._key = state["seed"], state["key"]
-        run._generations, run._lambda = state["generations"], state["offspring"]
-        run._stages = tuple(Stage.from_dict(stage) for stage in state["stages"])
-        run._mutate, run._score_start = mutate, state["score_parent_at_start"]
-        run._parent, run._parent_fitness = PruneGenome.from_dict(state["parent"]), state["parent_fitness"]
-        run._seen = set(state["seen"])
-        run._completed, run._in_start, run._exhausted = state["completed"], state["in_start"], state["exhausted"]
-        run._history = [dict(entry) for entry in state["history"]]
-        run._evaluations, run._gen_failures = state["evaluations"], state["generation_failures"]
-        run._stage_index = state["stage"]
-        run._requests = [Request.from_dict(request) for request in state["requests"]]
-        run._results = {cid: (result[0], result[1]) for cid, result in state["results"].items()}
-        run._asked = set(run._results)
-        return run
+    def load_state_dict(self, state: dict) -> None:
+        """Continue, on this fresh evolution, from `state_dict()` output of a run made with the same settings (and
+        mutation operator).
+
+        Raises:
+            ValueError: another version, a run with other settings (space, start, seed, key, schedule), or this
+                evolution was asked already.
+        """
+        if state.get("version") != STATE_VERSION or state.get("strategy") != "evolution":
+            raise ValueError(f"not an evolution state of version {STATE_VERSION}: "
+                             f"{state.get('strategy')!r} version {state.get('version')!r}")
+        if state["settings"] != json.loads(json.dumps(self._settings())):  # as JSON: tuples read back as lists
+            raise ValueError(f"the state is of another run (key {state['settings']['key']!r}, "
+                             f"seed {state['settings']['seed']}); build the evolution with its settings")
+        if self._asked or self._evaluations:
+            raise ValueError("load_state_dict needs a fresh evolution; this one was asked already")
+        self._parent, self._parent_fitness = PruneGenome.from_dict(state["parent"]), state["parent_fitness"]
+        self._seen = set(state["seen"])
+        self._completed, self._in_start, self._exhausted = state["completed"], state["in_start"], state["exhausted"]
+        self._history = [dict(entry) for entry in state["history"]]
+        self._evaluations, self._gen_failures = state["evaluations"], state["generation_failures"]
+        self._stage_index = state["stage"]
+        self._requests = [Request.from_dict(request) for request in state["requests"]]
+        self._results = {cid: (result[0], result[1]) for cid, result in state["results"].items()}
+        self._asked = set(self._results)

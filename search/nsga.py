@@ -4,7 +4,8 @@ Optuna proposes one integer level per layer and group; the proposal is repaired 
 sums (random single-level moves, seeded by the trial), so every candidate has exactly the budget's parameters,
 like the evolution's. The sampler learns from the repaired genome's fitness (no write-back of the repair). A
 repaired genome seen before is told its earlier fitness without a new evaluation, so the budget counts
-distinct evaluations, as the evolution's does.
+distinct evaluations, as the evolution's does. Checkpoints replay the asks and tells, so the sampler's random
+state is restored too.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import random
 import optuna
 from optuna.samplers import NSGAIISampler
 
-from search.baselines import BestSoFar
-from search.evolution import DEFAULT_STAGES, Request, Stage, check_fitness
+from search.evolution import DEFAULT_STAGES
 from search.genome import LevelSpace, PruneGenome
+from search.replay import Replayed, Rounds
 from search.seeding import derive_seed
+from search.strategy import BestSoFar, Request, Stage
 
 _MAX_REPEATS = 200
 
@@ -34,8 +36,10 @@ def repair(levels: list[int], total: int, top: int, rng: random.Random) -> tuple
     return tuple(levels)
 
 
-class NsgaSearch:
+class NsgaSearch(Replayed):
     """NSGA-II (Optuna) at a fixed parameter count: `budget` distinct evaluations, the start genome first.
+
+    Requests are handed out in rounds as `RandomSearch`'s are: the start alone, then `round_size` at a time.
 
     Args:
         space: the level space.
@@ -43,6 +47,7 @@ class NsgaSearch:
         seed: the job seed.
         key: what tells this run from the job's other runs; part of ids and seeds.
         budget: evaluations to run.
+        round_size: requests per round after the start's (default: all the rest).
         population: NSGA-II's population size.
         stage: the settings every candidate is scored with.
     """
@@ -57,14 +62,16 @@ class NsgaSearch:
         seed: int,
         key: int | str,
         budget: int,
+        round_size: int | None = None,
         population: int = 16,
         stage: Stage = DEFAULT_STAGES[-1],
     ):
+        super().__init__()
         space.check(start)
         if budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
-        self._space, self._start, self._seed, self._key = space, start, seed, key
-        self._budget, self._stage = budget, stage
+        self._space, self._start, self._seed, self._key, self._stage = space, start, seed, key, stage
+        self._rounds = Rounds(budget, round_size or max(1, budget - 1))
         sampler = NSGAIISampler(population_size=population, seed=derive_seed(seed, key, self.name) % 2**32)
         self._study = optuna.create_study(direction="minimize", sampler=sampler)
         self._study.enqueue_trial(self._params(start))
@@ -92,10 +99,9 @@ class NsgaSearch:
         )
         return trial, genome
 
-    def ask(self, limit: int | None = None) -> list[Request]:
-        """New distinct genomes to evaluate, at most `limit` (default: up to the budget)."""
-        room = self._budget - len(self._given)
-        want = room if limit is None else min(max(0, limit), room)
+    def _ask(self, limit: int | None) -> list[Request]:
+        room = self._rounds.room(len(self._given), len(self._told))
+        want = room if limit is None else min(limit, room)
         fresh: list[Request] = []
         pending = {g.key(): cid for cid, (g, _) in self._given.items() if cid not in self._told}
         repeats = 0
@@ -111,7 +117,8 @@ class NsgaSearch:
                 cid = f"t{self._key}-{self.name}-c{len(self._given)}"
                 self._given[cid] = (genome, [trial])
                 pending[genome.key()] = cid
-                fresh.append(Request(cid, genome, 0, 0, len(self._given) == 1, self._shared_seed, self._stage))
+                first = len(self._given) == 1
+                fresh.append(Request(cid, genome, self._rounds.current, 0, first, self._shared_seed, self._stage, True))
                 repeats = 0
             self._exhausted = repeats >= _MAX_REPEATS
         return fresh
@@ -122,22 +129,20 @@ class NsgaSearch:
         else:
             self._study.tell(trial, fitness)
 
-    def tell(self, candidate_id: str, fitness: float | None, error: str | None = None) -> None:
-        """Record an asked candidate's fitness (lower is better); None, NaN or inf marks a failure."""
+    def _tell(self, candidate_id: str, fitness: float | None, error: str | None) -> None:
         if candidate_id not in self._given or candidate_id in self._told:
             raise ValueError(f"candidate {candidate_id!r} was not asked, or was told already")
-        value, _ = check_fitness(fitness, error)
         genome, trials = self._given[candidate_id]
         self._told.add(candidate_id)
-        self._known[genome.key()] = value
+        self._known[genome.key()] = fitness
         for trial in trials:
-            self._tell_trial(trial, value)
+            self._tell_trial(trial, fitness)
         index = list(self._given).index(candidate_id)
-        self._best.offer(value, index, genome)
+        self._best.offer(fitness, index, genome)
 
     @property
     def finished(self) -> bool:
-        asked_all = len(self._given) >= self._budget or self._exhausted
+        asked_all = len(self._given) >= self._rounds.budget or self._exhausted
         return asked_all and len(self._told) == len(self._given)
 
     @property
@@ -145,8 +150,12 @@ class NsgaSearch:
         return len(self._told)
 
     @property
+    def rounds(self) -> int:
+        return self._rounds.completed(len(self._given), len(self._told), ended=self.finished)
+
+    @property
     def best(self) -> PruneGenome:
-        return self._best.genome
+        return self._best.candidate
 
     @property
     def best_fitness(self) -> float | None:

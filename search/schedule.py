@@ -29,8 +29,3 @@ def halving_schedule(offspring: int, pool_sequences: int) -> list[tuple[int, int
     stages[-1] = (1, pool_sequences)
     return stages
 
-
-def evaluations_per_generation(offspring: int) -> int:
-    """Candidate evaluations one generation of a halving schedule costs: every stage, plus the parent's re-score."""
-    stages = halving_schedule(offspring, pool_sequences=1)
-    return offspring + sum(survivors for survivors, _ in stages[:-1]) + 1

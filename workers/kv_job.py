@@ -1,9 +1,9 @@
-"""The `kv_precision` job: KVTuner's profile -> prune -> group, then a multi-objective Optuna search on Ray.
+"""The `kv_precision` job: KVTuner's profile -> prune -> group, then the multi-objective KV search on Ray.
 
 Objectives, both minimised: KL(full precision ‖ quantized KV) on calibration tokens with K/V quantized inside
 the forward, and the average nominal bits Σ(k + v) / 2L (effective bits, with scales, zero points and the
-residual window, are an attribute). `kv.max_bits` caps the memory as an Optuna constraint. The study is seeded
-with the uniform presets (KV8, K8V4, KV4, K4V2, KV2) and is the record; the front is its `best_trials`.
+residual window, are an attribute). The search (`search.kv_search`: sampler, presets, `kv.max_bits`
+constraint) records every configuration in the job's study; the front is its `best_trials`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import threading
 from dataclasses import dataclass
 
 import optuna
-from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 import darwinfront
 from darwinfront.core.spec import JobSpec
 from darwinfront.core.store import JobStore
-from search.kv_space import PRESETS, KVSpace, pair_name
+from search.kv_search import OBJECTIVES, KVSearch
+from search.kv_space import KVSpace
 from workers import tracking
 from workers.interrupts import check_interrupts
 from workers.kv_evaluator import KVEvaluator, prepare_kv
@@ -28,30 +28,7 @@ from workers.progress import StepReport
 from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-OBJECTIVES = ("kl", "bits")
 FORMAT = "darwinfront.kv_precision/1"
-
-
-def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
-    return trial.user_attrs.get("constraint", [0.0])
-
-
-def make_sampler(spec: JobSpec) -> optuna.samplers.BaseSampler:
-    """NSGA-II with a small population, or multivariate TPE; both honour the memory cap as a constraint."""
-    if spec.kv.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, constraints_func=_constraints)
-    return optuna.samplers.NSGAIISampler(
-        population_size=spec.kv.population, seed=spec.seed, constraints_func=_constraints
-    )
-
-
-def distributions(space: KVSpace) -> dict[str, CategoricalDistribution]:
-    return {f"g{i}": CategoricalDistribution([pair_name(p) for p in g.candidates]) for i, g in enumerate(space.groups)}
-
-
-def layers_of(space: KVSpace, params: dict) -> list[list[int]]:
-    names = [[pair_name(p) for p in g.candidates] for g in space.groups]
-    return space.expand([names[i].index(params[f"g{i}"]) for i in range(len(space.groups))])
 
 
 @dataclass
@@ -76,58 +53,46 @@ class KVJob:
             "groups": [list(g.layers) for g in space.groups], "reduced_space": space.size(),
             "full_space": prepared["full_space"],
         })
-        study = tracking.open_study(self.redis_url, self.job_id, objectives=OBJECTIVES, sampler=make_sampler(spec))
-        self._seed_presets(study, space)
+        study = tracking.open_study(self.redis_url, self.job_id, objectives=OBJECTIVES)
+        search = self._strategy(spec, space, study)
         pool = EvaluatorPool(record.spec, prepared, size=spec.resources.evaluators, gpus=gpus, evaluator=KVEvaluator,
                              meter=Telemetry.from_url(self.redis_url), job_id=self.job_id)
         try:
             pool.wait_ready(report, " (model, data, full-precision outputs)")
-            self._search(spec, space, study, pool)
+            self._search(spec, search, study, pool)
         finally:
             pool.shutdown()
         self._finish(spec, space, study, prepared)
 
-    def _seed_presets(self, study: optuna.Study, space: KVSpace) -> None:
-        if study.get_trials(deepcopy=False):
-            return  # a resumed job: the presets were enqueued the first time
-        for name in PRESETS:
-            try:
-                choice = space.uniform_choice(name)
-            except ValueError:  # pruned from some group's candidates
-                continue
-            pairs = [g.candidates[c] for g, c in zip(space.groups, choice, strict=True)]
-            params = {f"g{i}": pair_name(p) for i, p in enumerate(pairs)}
-            study.enqueue_trial(params, user_attrs={"preset": name})
+    def _strategy(self, spec: JobSpec, space: KVSpace, study: optuna.Study) -> KVSearch:
+        """The job's KV search, recording in `study`; a resumed job loads it from its checkpoint."""
+        kv = spec.kv
+        search = KVSearch(
+            space, study, sampler=kv.sampler, seed=spec.seed, population=kv.population, trials=kv.trials,
+            batch=min(kv.population, max(spec.resources.evaluators, 1) * 4), max_bits=kv.max_bits,
+        )
+        checkpoint = self.store.load_checkpoint(self.job_id)
+        if checkpoint is not None:
+            search.load_state_dict(checkpoint[1])
+        return search
 
-    def _search(self, spec: JobSpec, space: KVSpace, study: optuna.Study, pool: EvaluatorPool) -> None:
-        for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study.tell(stale.number, state=TrialState.FAIL)  # asked by a driver that died; asked again below
-        dists = distributions(space)
-        batch_size = min(spec.kv.population, max(spec.resources.evaluators, 1) * 4)
-        while (done := _completed(study)) < spec.kv.trials:
-            trials = [study.ask(dists) for _ in range(min(batch_size, spec.kv.trials - done))]
-            requests = [
-                {"candidate_id": f"kv-{t.number}", "trial": t.number, "layers": layers_of(space, t.params)}
-                for t in trials
-            ]
-            replies = {req["trial"]: reply for req, reply in pool.map_unordered(requests)}
-            for trial in trials:  # tell in ask order: the same study whatever the completion order
-                self._tell(study, trial, replies[trial.number], spec.kv.max_bits)
+    def _search(self, spec: JobSpec, search: KVSearch, study: optuna.Study, pool: EvaluatorPool) -> None:
+        """Ask a round, evaluate what the study does not hold yet (a restart re-asks what it had), tell, checkpoint."""
+        while not search.finished:
+            requests = search.ask()
+            recorded = tracking.recorded(study)
+            fresh = [r.to_dict() for r in requests if r.candidate_id not in recorded]
+            replies = {req["candidate_id"]: reply for req, reply in pool.map_unordered(fresh)}
+            for request in requests:  # tell in ask order: the same study whatever the completion order
+                reply = recorded.get(request.candidate_id) or replies[request.candidate_id]
+                if reply.get("error"):
+                    search.tell(request.candidate_id, None, reply["error"])
+                else:
+                    measured = {"effective_bits": reply["bits"]["effective"]} if "bits" in reply else None
+                    search.tell(request.candidate_id, reply["kl"], attrs=measured)
             self._report(spec, study)
+            self.store.save_checkpoint(self.job_id, search.rounds, search.state_dict())
             check_interrupts(self.store, self.job_id, lease_lost=self.lease_lost, stopping=self.stopping)
-
-    @staticmethod
-    def _tell(study: optuna.Study, trial: optuna.Trial, reply: dict, max_bits: float | None) -> None:
-        trial.set_user_attr("candidate_id", reply["candidate_id"])
-        trial.set_user_attr("layers", reply["layers"])
-        if reply.get("error"):
-            trial.set_user_attr("error", reply["error"])
-            study.tell(trial, state=TrialState.FAIL)
-            return
-        nominal = reply["bits"]["nominal"]
-        trial.set_user_attr("effective_bits", reply["bits"]["effective"])
-        trial.set_user_attr("constraint", [nominal - max_bits if max_bits is not None else 0.0])
-        study.tell(trial, [reply["kl"], nominal])
 
     def _report(self, spec: JobSpec, study: optuna.Study) -> None:
         front = kv_front(study)

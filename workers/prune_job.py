@@ -1,8 +1,8 @@
-"""The `structured_prune` job: one (1+λ) evolution per target, scored on Ray, recorded in Optuna and Redis.
+"""The `structured_prune` job: one search per target (`search.strategy`), scored on Ray, recorded in Optuna and Redis.
 
-The evolutions of all targets run side by side, a generation at a time; their final-stage candidates make one
-front across sizes (KL against parameters). Every front point is exported as a sliced model, with its held-out
-KL and perplexity and its measured forward latency as attributes.
+The searches of all targets run side by side, a round (an evolution's generation) at a time; their final
+candidates make one front across sizes (KL against parameters). Every front point is exported as a sliced
+model, with its held-out KL and perplexity and its measured forward latency as attributes.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 
 from darwinfront.core.spec import JobSpec
 from darwinfront.core.store import JobStore
-from search.evolution import Evolution, Request, Stage
+from search import strategies
 from search.genome import LevelSpace
+from search.strategy import Request, Stage, Strategy
 from workers import artifacts, tracking
 from workers.database import WEIGHT_CRITERIA
 from workers.interrupts import Stopping, check_interrupts
@@ -50,7 +51,7 @@ class PruneJob:
         event = {k: prepared[k] for k in ("space", "dense", "database")}
         self.store.append_event(self.job_id, "prepared", event)
         stages = stages_for(spec, prepared["calibration_sequences"])
-        evolutions = self._evolutions(spec, space, stages)
+        searches = self._strategies(spec, space, stages)
         study = tracking.open_study(self.redis_url, self.job_id)
         pool = EvaluatorPool(
             record.spec, prepared, size=spec.resources.evaluators, gpus=spec.resources.gpus_per_evaluator,
@@ -59,80 +60,76 @@ class PruneJob:
         try:
             teacher = f"{prepared['calibration_sequences'] * spec.data.seq_len:,} + {spec.data.eval_tokens:,} tokens"
             pool.wait_ready(report, f" (model, data, dense outputs on {teacher})")
-            self._search(spec, space, stages, evolutions, study, pool)
+            self._search(spec, space, searches, study, pool)
             self._finish(study, pool)
         finally:
             pool.shutdown()
 
-    def _evolutions(self, spec: JobSpec, space: LevelSpace, stages: list[Stage]) -> list[Evolution]:
+    def _strategies(self, spec: JobSpec, space: LevelSpace, stages: list[Stage]) -> list[Strategy[Request]]:
+        """One strategy per target from the registry; a resumed job loads each from its checkpoint."""
+        plan = strategies.Plan(spec.search.generations, spec.search.offspring, tuple(stages))
+        searches = [
+            strategies.build(spec.search.strategy, space, space.uniform(target), seed=spec.seed, key=i, plan=plan)
+            for i, target in enumerate(spec.prune.targets)
+        ]
         checkpoint = self.store.load_checkpoint(self.job_id)
         if checkpoint is not None:
             _, state = checkpoint
             log.info("job %s resumes from generation %s", self.job_id, state["generation"])
-            return [Evolution.from_state(s) for s in state["evolutions"]]
-        return [
-            Evolution(
-                space,
-                space.uniform(target),
-                seed=spec.seed,
-                key=i,
-                offspring=spec.search.offspring,
-                stages=stages,
-                generations=spec.search.generations,
-            )
-            for i, target in enumerate(spec.prune.targets)
-        ]
+            for search, saved in zip(searches, state["strategies"], strict=True):
+                search.load_state_dict(saved)
+        return searches
 
-    def _search(self, spec, space, stages, evolutions, study, pool) -> None:
+    def _search(self, spec, space, searches, study, pool) -> None:
         planned = spec.planned_evaluations()
         evaluations = tracking.trial_count(study)  # a resumed job counts what it had done
         best: dict = {}
-        while not all(e.finished for e in evolutions):
-            generation = min(len(e.history) for e in evolutions if not e.finished)
+        while not all(s.finished for s in searches):
+            generation = min(s.rounds for s in searches if not s.finished)
             progress = {"phase": "search", "generation": generation, "generations": spec.search.generations,
                         "evaluations": evaluations, "planned": planned, "best": best}
             self.store.set_progress(self.job_id, {**progress, "message": f"running generation {generation}"})
-            evaluations += self._generation(spec, space, stages, evolutions, study, pool)
-            best = {str(t): e.parent_fitness for t, e in zip(spec.prune.targets, evolutions, strict=True)}
+            evaluations += self._round(spec, space, searches, study, pool)
+            best = {str(t): s.best_fitness for t, s in zip(spec.prune.targets, searches, strict=True)}
             front = tracking.front(study)
             self.store.set_front(self.job_id, front, generation=generation)
             self.store.set_progress(self.job_id, {**progress, "evaluations": evaluations, "best": best})
-            state = {"generation": generation, "evolutions": [e.state_dict() for e in evolutions]}
+            state = {"generation": generation, "strategies": [s.state_dict() for s in searches]}
             self.store.save_checkpoint(self.job_id, generation, state)
             self.store.append_event(
                 self.job_id, "generation", {"generation": generation, "best": best, "front_size": len(front)}
             )
             check_interrupts(self.store, self.job_id, lease_lost=self.lease_lost, stopping=self.stopping)
 
-    def _generation(self, spec, space, stages, evolutions, study, pool) -> int:
-        """Run one generation (all its stages) of every evolution, the targets side by side; return evaluations.
+    def _round(self, spec, space, searches, study, pool) -> int:
+        """Run one round (an evolution's generation, all its stages) of every search, side by side; return
+        evaluations.
 
         A candidate already in the study (evaluated before a driver restart) is told its recorded result
         instead of being scored again: seeds make ids and results deterministic, so nothing counts twice.
         """
-        last_stage = len(stages) - 1
-        start = {i: len(e.history) for i, e in enumerate(evolutions) if not e.finished}
+        start = {i: s.rounds for i, s in enumerate(searches) if not s.finished}
         recorded = tracking.recorded(study)
         count = 0
         while True:
-            batch = [(i, r) for i in start if len(evolutions[i].history) == start[i] for r in evolutions[i].ask()]
+            batch = [(i, r) for i in start if searches[i].rounds == start[i] for r in searches[i].ask()]
             if not batch:
                 return count
             owner = {r.candidate_id: i for i, r in batch}
-            requests = [_request_dict(r, spec.prune.targets[i], last_stage, spec.data.seq_len) for i, r in batch]
+            requests = [_request_dict(r, spec.prune.targets[i], spec.data.seq_len) for i, r in batch]
             for cid in [r["candidate_id"] for r in requests if r["candidate_id"] in recorded]:
-                evolutions[owner[cid]].tell(cid, recorded[cid].get("kl"), recorded[cid].get("error"))
+                searches[owner[cid]].tell(cid, recorded[cid].get("kl"), recorded[cid].get("error"))
             fresh = [r for r in requests if r["candidate_id"] not in recorded]
             for request, reply in pool.map_unordered(fresh):
                 fitness = None if reply.get("error") else reply["kl"]
-                evolutions[owner[request["candidate_id"]]].tell(request["candidate_id"], fitness, reply.get("error"))
+                searches[owner[request["candidate_id"]]].tell(request["candidate_id"], fitness, reply.get("error"))
                 tracking.record(study, space, reply, final=request["final"])
                 count += 1
                 if reply.get("error"):
                     event = {"candidate_id": reply["candidate_id"], "error": reply["error"]}
                     self.store.append_event(self.job_id, "candidate_failed", event)
                 if self.stopping is not None and self.stopping.is_set():
-                    raise Stopping  # safe mid-generation: a resumed job is told what was recorded
+                    raise Stopping  # safe mid-round: a resumed job is told what was recorded
 
     def _finish(self, study, pool) -> None:
         """Write the configuration of every front point, export each as a sliced model archive and time it."""
@@ -169,8 +166,7 @@ def stages_for(spec: JobSpec, calibration_sequences: int) -> list[Stage]:
     ]
 
 
-def _request_dict(request: Request, target: float, last_stage: int, seq_len: int) -> dict:
-    final = request.stage == last_stage or request.generation == 0
+def _request_dict(request: Request, target: float, seq_len: int) -> dict:
     return {
         "candidate_id": request.candidate_id,
         "genome": request.genome.to_dict(),
@@ -180,5 +176,5 @@ def _request_dict(request: Request, target: float, last_stage: int, seq_len: int
         "seed": request.seed,
         "sequences": max(1, math.ceil(request.stage_spec.fitness_tokens / seq_len)),
         "train_tokens": request.stage_spec.train_tokens,
-        "final": final,
+        "final": request.final,
     }

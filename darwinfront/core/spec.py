@@ -14,7 +14,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from search import strategies
 from search.schedule import halving_schedule
+from search.strategy import evaluations_per_generation
 
 # `workers.reference.RECIPES` (trained here) and `workers.gguf_import.PACKAGED_GGUF` (pretrained, from a package);
 # a test holds the lists equal.
@@ -165,13 +167,20 @@ class PruneSpec(_Strict):
 
 
 class SearchSpec(_Strict):
-    """The (1+λ) evolution per target and its selection stages (DarwinLM's schedule, scaled for small models).
+    """The search per target: the strategy, and the (1+λ) evolution's generations and selection stages
+    (DarwinLM's schedule, scaled for small models), which also set every other strategy's budget.
 
     Every generation λ = `offspring` mutants enter stage 0; stage s scores its candidates on `fitness_tokens[s]`
     tokens (after `train_tokens[s]` tokens of light training when training-aware) and keeps the best
     `survivors[s]`; the parent joins the last stage.
     """
 
+    strategy: str = Field(
+        default="evolution",
+        description=f"One of {', '.join(strategies.names())}: `evolution` the staged (1+λ) evolution (EvoPress-"
+        "style with prune.training_aware false); `random` and `nsga2` spend the evolution's budget on random or "
+        "NSGA-II genomes, each scored on the last stage's terms; `uniform` scores the uniform cut alone.",
+    )
     generations: int = Field(default=30, ge=1, le=10_000)
     offspring: int = Field(default=16, ge=1, le=512)
     survivors: list[int] = Field(
@@ -199,6 +208,13 @@ class SearchSpec(_Strict):
         description="Score KL on the teacher's top-k tokens: an int, null (always the full vocabulary), or auto "
         "(full up to a 65,536-token vocabulary, the top 256 above it; see workers/fitness.py for the bytes).",
     )
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in strategies.STRATEGIES:
+            raise ValueError(f"unknown search strategy {value!r}; known: {', '.join(strategies.names())}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -235,7 +251,7 @@ class SearchSpec(_Strict):
 
     def evaluations_per_generation(self) -> int:
         """Evaluations of one generation: λ offspring, the survivors of every stage but the last, the parent."""
-        return self.offspring + sum(self.survivors[:-1]) + 1
+        return evaluations_per_generation(self.offspring, self.survivors)
 
 
 class KVSpec(_Strict):
@@ -363,7 +379,8 @@ class JobSpec(_Strict):
         return self
 
     def planned_evaluations(self) -> int:
-        """Candidate evaluations the search will run: the uniform start, then every stage of every generation.
+        """Candidate evaluations the search will run: per target, the evolution's (the uniform start, then every
+        stage of every generation), which `random` and `nsga2` spend too, or the start alone for `uniform`.
 
         A run can stop early (no unseen offspring left in a small space), never run more.
         """
@@ -371,5 +388,8 @@ class JobSpec(_Strict):
             return self.kv.trials
         if self.method == "posttrain":
             return 1  # one candidate, trained and measured
-        per_generation = self.search.evaluations_per_generation()
-        return len(self.prune.targets) * (1 + self.search.generations * per_generation)
+        search = self.search
+        per_target = strategies.planned_evaluations(
+            search.strategy, generations=search.generations, offspring=search.offspring, survivors=search.survivors
+        )
+        return len(self.prune.targets) * per_target
