@@ -3,7 +3,9 @@
 - The HTTP edge (`service/`) and the core load neither torch nor Ray, so the API image stays slim.
 - `search/` imports neither torch, Ray nor Redis, so the search is testable in milliseconds. (optuna, which
   `search.nsga` uses, may load redis itself: the source is scanned, not `sys.modules`.)
-- `darwinfront/core/` imports nothing from the edges above it: `service`, `workers`, `search`, the CLI.
+- `search/` is the pure bottom beside the core's error tree: of the project it imports only
+  `darwinfront.core.errors`, so the spec (`darwinfront.core.spec`) may read its strategy registry and schedules.
+- `darwinfront/core/` imports nothing from the edges above it: `service`, `workers`, the CLI.
 - Only the store's own modules import the key schema `darwinfront.core.keys`, and no other code spells a key.
 """
 
@@ -23,9 +25,6 @@ STORE_MODULES = {
     "darwinfront.core.telemetry", "darwinfront.core.event_wait", "darwinfront.core.studies",
 }
 KEYS = "darwinfront.core.keys"
-# Known crossings, each to be deleted by the change that ends it (the test fails while an entry is stale).
-# The spec takes its default survivors from `search.schedule`; moving that schedule below the core ends it.
-KNOWN_CORE_IMPORTS = {("darwinfront.core.spec", "search.schedule")}
 
 
 def _module_name(path: Path) -> str:
@@ -108,18 +107,23 @@ def test_the_search_source_imports_neither_torch_ray_nor_redis() -> None:
 
 
 def _core_crossings() -> set[tuple[str, str]]:
-    """(core module, what it imports) for every import of the core from `service`, `workers`, `search` or the
-    modules of `darwinfront` outside the core (the CLI, the client, the stack)."""
+    """(core module, what it imports) for every import of the core from `service`, `workers` or the modules of
+    `darwinfront` outside the core (the CLI, the client, the stack)."""
     edges = {n for n in _sources("darwinfront") if n.count(".") == 1 and n != "darwinfront.core"}
-    above = {"service", "workers", "search", *edges}
+    above = {"service", "workers", *edges}
     return {(name, i) for name, path in _sources("darwinfront/core").items() for i in imports(path)
             if _within(i, above)}
 
 
 def test_the_core_imports_nothing_above_it() -> None:
-    crossings = _core_crossings()
-    assert not crossings - KNOWN_CORE_IMPORTS, "darwinfront/core/ imports from the edges above it"
-    assert not KNOWN_CORE_IMPORTS - crossings, "a known crossing is gone: delete it from KNOWN_CORE_IMPORTS"
+    assert not _core_crossings(), "darwinfront/core/ imports from the edges above it"
+
+
+def test_the_search_imports_only_the_error_tree_of_the_project() -> None:
+    project = {"darwinfront", "service", "workers", "benchmarks"}
+    crossings = {(name, i) for name, path in _sources("search").items() for i in imports(path)
+                 if _within(i, project) and i != "darwinfront.core.errors"}
+    assert not crossings, f"search/ stays below the core: {crossings}"
 
 
 def test_only_the_store_imports_the_key_schema() -> None:
