@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from darwinfront.core.spec import CRITERIA, JobSpec, SearchSpec
+from darwinfront.core.spec import JobSpec, SearchSpec
 from search.evolution import Evolution
 from search.genome import PruneGenome
 from search.mutation import offspring
@@ -37,7 +37,7 @@ def _one_thread():
 
 
 def test_spec_accepts_every_registered_criterion_and_only_those():
-    assert sorted(CRITERIA) == criteria.names()
+    assert {"obs", "flap", "gate", "gate_fisher", "gate_spsa", "wanda_sp"} <= set(criteria.names())
     for name in criteria.names():
         assert JobSpec.model_validate({**BASE, "prune": {"criterion": name}}).prune.criterion == name
     with pytest.raises(ValidationError, match="unknown criterion 'snip'"):

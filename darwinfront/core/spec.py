@@ -14,17 +14,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from darwinfront.core import criteria
 from search.schedule import halving_schedule
 
 # `workers.reference.RECIPES` (trained here) and `workers.gguf_import.PACKAGED_GGUF` (pretrained, from a package);
 # a test holds the lists equal.
 BUILTIN_MODELS = ("tiny-llama", "micro-llama", "smollm2-135m")
 BUILTIN_DATA = ("pydoc",)
-# The names `workers.criteria.names()` registers (kept here: the service never imports torch); a test holds
-# the two lists equal.
-CRITERIA = (
-    "ablation", "flap", "gate", "gate_fisher", "gate_spsa", "magnitude", "obs", "random", "taylor", "wanda_sp",
-)
 
 
 class _Strict(BaseModel):
@@ -124,9 +120,9 @@ class PruneSpec(_Strict):
     )
     criterion: str = Field(
         default="obs",
-        description=f"How units are ranked and the level database filled; one of {', '.join(CRITERIA)}. "
-        "`obs` (ZipLM second-order removal with weight updates, DarwinLM's choice) stores updated weights; "
-        "the others store their removal order.",
+        description=f"How units are ranked and the level database filled; one of {', '.join(criteria.names())} "
+        "(each a module of workers/criteria/). `obs` (ZipLM second-order removal with weight updates, DarwinLM's "
+        "choice) stores updated weights; the others store their removal order.",
     )
     attention_unit: Literal["kv_group", "q_head"] = Field(
         default="kv_group",
@@ -159,8 +155,7 @@ class PruneSpec(_Strict):
     @field_validator("criterion")
     @classmethod
     def _known_criterion(cls, value: str) -> str:
-        if value not in CRITERIA:
-            raise ValueError(f"unknown criterion {value!r}; known: {', '.join(CRITERIA)}")
+        criteria.entry(value)  # a ValueError naming the known ones
         return value
 
 

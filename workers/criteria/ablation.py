@@ -19,6 +19,8 @@ from workers.criteria._common import KINDS, Geometry, check_kinds, empty, micro_
 from workers.criteria._replay import Replay
 from workers.criteria.base import LayerScores, UnitScores
 
+CRITERIA = {"ablation": {"class": "Ablation"}}  # the catalog entry (darwinfront.core.criteria)
+
 
 @dataclass(frozen=True)
 class BlockScores:

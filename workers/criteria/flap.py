@@ -26,6 +26,8 @@ from workers.criteria._common import (
 )
 from workers.criteria.base import LayerScores, UnitScores
 
+CRITERIA = {"flap": {"class": "Flap"}}  # the catalog entry (darwinfront.core.criteria)
+
 
 def fluctuation_columns(weight: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """Column scores Var(X_j)·‖W[:, j]‖² of a linear with weight (out, in) and input variances (in,)."""

@@ -31,6 +31,8 @@ from workers.criteria._common import (
 )
 from workers.criteria.base import LayerScores, UnitScores
 
+CRITERIA = {"obs": {"class": "Obs"}}  # the catalog entry (darwinfront.core.criteria)
+
 
 @dataclass(frozen=True)
 class ObsLevels:
