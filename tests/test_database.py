@@ -96,7 +96,7 @@ def test_obs_levels_are_nested_and_hold_the_obs_weights(random_llama, obs_db):
             width = group_width if kind == "attn" else 1
             previous: set[int] = set()
             for level in range(1, table.top(kind) + 1):
-                weight = obs_db.load_weight(i, kind, level)
+                weight = obs_db.load_level(i, kind, level)["weight"]
                 zero_units = {u for u in range(table.units(kind))
                               if not weight[:, u * width : (u + 1) * width].any()}
                 assert zero_units == set(obs_db.removed(i, kind, level))
@@ -138,7 +138,7 @@ def test_candidates_of_obs_levels_hold_the_stored_weights_kept_columns(random_ll
     calibration = _calibration(random_llama)
     like = random_llama.model.layers[0].self_attn.o_proj.weight
     built = candidate.build(random_llama, obs_db, genome, weights=candidate.LevelWeights(obs_db, like))
-    stored = obs_db.load_weight(1, "attn", 1)  # (hidden, heads * head_dim), the removed group's columns zero
+    stored = obs_db.load_level(1, "attn", 1)["weight"]  # (hidden, heads * head_dim), the removed group's columns zero
     kept = stored[:, stored.abs().sum(0) > 0]
     assert torch.equal(built.model.layers[1].self_attn.o_proj.weight, kept)
     with torch.inference_mode():

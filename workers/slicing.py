@@ -221,6 +221,29 @@ def masked(model: nn.Module, layout: Layout) -> Iterator[nn.Module]:
             handle.remove()
 
 
+def add_output_shift(layer: nn.Module, kind: str, shift: torch.Tensor) -> None:
+    """Add the constant `shift` (hidden,) to the output of a cut layer's o_proj ("attn") / down_proj ("mlp"), or
+    of the stand-in of a sub-block that keeps no unit (FLAP's bias compensation of the removed units).
+
+    It joins the linear's bias where there is one. A linear without one gets it as a buffer named `bias` (what
+    `nn.Linear` adds to its output): saved with the model, not among its parameters, since a candidate's
+    parameters are those of its structure (what the search budgets).
+    """
+    block = layer.self_attn if kind == "attn" else layer.mlp
+    if getattr(block, "darwinfront_empty", False):
+        module, name = block, "o_bias" if kind == "attn" else "down_bias"
+    else:
+        module, name = (block.o_proj if kind == "attn" else block.down_proj), "bias"
+    current = getattr(module, name)
+    if current is not None:
+        with torch.no_grad():
+            current.add_(shift.to(current))
+        return
+    like = next(block.parameters(), None)
+    delattr(module, name)  # an unset bias (None) makes way for the buffer
+    module.register_buffer(name, shift.detach().to(like if like is not None else shift).clone())
+
+
 def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
     """Save a sliced model (safetensors, config.json with `darwinfront_layout`) and its tokenizer to `path`."""
     if not getattr(model.config, "darwinfront_layout", None):
@@ -255,6 +278,7 @@ def load_pruned(path: str | Path, *, dtype=torch.float32, device="cpu") -> tuple
     state = {}
     for file in files:
         state.update(load_file(file, device=str(device)))
+    _make_room_for_shifts(model, state)
     _load_strict(model, state)
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
@@ -392,6 +416,19 @@ def _no_init():
     except ImportError:  # older layout: fall back to a normal (slower) initialisation
         return contextlib.nullcontext()
     return no_init_weights()
+
+
+_SHIFTS = {"attn": ("self_attn.o_proj.bias", "self_attn.o_bias"), "mlp": ("mlp.down_proj.bias", "mlp.down_bias")}
+
+
+def _make_room_for_shifts(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give a rebuilt model the output shifts (`add_output_shift`) its saved state holds, zero until loaded."""
+    present = set(model.state_dict())
+    for i, layer in enumerate(model.model.layers):
+        for kind, names in _SHIFTS.items():
+            for key in (f"model.layers.{i}.{name}" for name in names):
+                if key in state and key not in present:
+                    add_output_shift(layer, kind, torch.zeros_like(state[key]))
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

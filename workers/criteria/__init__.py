@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 from darwinfront.core import criteria as catalog
-from workers.criteria.base import Criterion, LayerScores, UnitScores
+from workers.criteria.base import Criterion, LayerScores, LevelCriterion, LinearLevels, UnitScores
 
 
 def names() -> list[str]:
@@ -24,4 +24,10 @@ def get(name: str, **kwargs) -> Criterion:
     return getattr(importlib.import_module(entry.module), entry.cls)(**{**entry.defaults, **kwargs})
 
 
-__all__ = ["Criterion", "LayerScores", "UnitScores", "get", "names"]
+def stores_weights(criterion: Criterion) -> bool:
+    """Whether `criterion`'s levels carry tensors (it is a `LevelCriterion` that stores them)."""
+    return bool(getattr(criterion, "stores_weights", False))
+
+
+__all__ = ["Criterion", "LayerScores", "LevelCriterion", "LinearLevels", "UnitScores", "get", "names",
+           "stores_weights"]
