@@ -124,6 +124,13 @@ class PruneSpec(_Strict):
         "(each a module of workers/criteria/). `obs` (ZipLM second-order removal with weight updates, DarwinLM's "
         "choice) stores updated weights; the others store their removal order.",
     )
+    bias_compensation: bool = Field(
+        default=False,
+        description="FLAP's bias compensation: every cut o_proj / down_proj adds W[:, removed]·mean(x[removed]) to "
+        "its output (the calibration mean of what the removed units gave), stored per level in the level database "
+        "and saved with the model (a constant, not counted as a parameter). Only with criteria that support it: "
+        f"{', '.join(criteria.supporting('bias_compensation'))}.",
+    )
     attention_unit: Literal["kv_group", "q_head"] = Field(
         default="kv_group",
         description="Attention units: `kv_group` whole KV groups (their K/V heads and query heads), or `q_head` "
@@ -156,6 +163,15 @@ class PruneSpec(_Strict):
     @classmethod
     def _known_criterion(cls, value: str) -> str:
         criteria.entry(value)  # a ValueError naming the known ones
+        return value
+
+    @field_validator("bias_compensation")
+    @classmethod
+    def _criterion_compensates(cls, value: bool, info: ValidationInfo) -> bool:
+        criterion = info.data.get("criterion")  # absent when it was refused itself
+        if value and criterion is not None and "bias_compensation" not in criteria.entry(criterion).supports:
+            supported = ", ".join(criteria.supporting("bias_compensation"))
+            raise ValueError(f"criterion {criterion!r} has no bias compensation; criteria that have one: {supported}")
         return value
 
 
