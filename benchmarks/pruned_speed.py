@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from workers import data, metrics, modeling, slicing
+from workers import data, fitness, modeling, slicing
 from workers.criteria.base import LayerScores, UnitScores
 
 
@@ -88,8 +88,7 @@ def main() -> None:
     tokens = torch.randint(0, dense.config.vocab_size, (args.batch, args.seq_len))  # (B, T)
     times = time_interleaved({"dense": dense, "sliced": sliced}, tokens, args.repeats)
     dense_s, sliced_s = statistics.median(times["dense"]), statistics.median(times["sliced"])
-    teacher = metrics.teacher_logprobs(dense, held_out, batch_size=8)
-    kl = metrics.kl_to_teacher(sliced, held_out, teacher, batch_size=8)
+    kl = fitness.kl(sliced, held_out, fitness.Teacher.of(dense, held_out))
 
     n_dense, n_sliced = slicing.count_parameters(dense), slicing.count_parameters(sliced)
     print(f"model {args.model}  criterion {scores.criterion}  target {args.target}  genome {genome.key()}")

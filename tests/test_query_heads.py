@@ -249,7 +249,7 @@ def test_spec_takes_query_heads_and_names_a_bad_unit():
 def test_a_query_head_job_evaluates_and_exports_a_model_that_reloads_to_its_kl(micro_dir, tmp_path):
     from test_prune_search import MICRO
 
-    from workers import metrics
+    from workers import fitness
     from workers.evaluator import Evaluator
     from workers.prepare import prepare
 
@@ -271,7 +271,7 @@ def test_a_query_head_job_evaluates_and_exports_a_model_that_reloads_to_its_kl(m
     assert exported["params"] == reply["params"] == configuration["parameters"]
     reloaded, _ = slicing.load_pruned(tmp_path / "c")
     assert isinstance(reloaded.model.layers[0].self_attn, slicing.QueryHeadAttention)
-    kl = metrics.kl_to_teacher(reloaded, evaluator.inputs.calibration, evaluator.teacher.logprobs, batch_size=8)
+    kl = fitness.kl(reloaded, evaluator.inputs.calibration, evaluator.teacher)
     assert kl == pytest.approx(reply["kl"], rel=1e-4)
 
 
