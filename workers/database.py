@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from darwinfront.core import settings
 from workers import criteria
 from workers.configuration import model_fingerprint
 from workers.levels import KINDS, LevelTable, removal_orders
@@ -35,15 +35,6 @@ from workers.reference import build_once
 
 FORMAT = "darwinfront.level_database/1"
 INDEX = "index.json"
-
-
-def default_root() -> Path:
-    """`$DARWINFRONT_DATABASE_DIR` (databases are large: 100-200 GB for an 8B model, see docs/SCALING.md), else
-    `$DARWINFRONT_CACHE_DIR/databases`, else `~/.cache/darwinfront/databases`."""
-    if os.environ.get("DARWINFRONT_DATABASE_DIR"):
-        return Path(os.environ["DARWINFRONT_DATABASE_DIR"])
-    base = os.environ.get("DARWINFRONT_CACHE_DIR") or Path.home() / ".cache/darwinfront"
-    return Path(base) / "databases"
 
 
 def calibration_digest(tokens: torch.Tensor) -> str:
@@ -143,7 +134,7 @@ def build(
         table: the level table.
         options: the criterion's constructor arguments (e.g. `{"seed": 3}` for `random`, `{"batch_size": 4}`);
             part of the key.
-        root: the cache root (default `default_root()`).
+        root: the folder databases live in (default `darwinfront.core.settings.database_dir()`).
         on_layer: called with (layers done, layers) as a criterion whose levels carry tensors finishes each layer.
         helpers: other workers that compute a share of such a criterion's layers while this process
             computes the rest: layer i goes to worker i mod (helpers.count + 1), worker 0 being this one. Their
@@ -151,7 +142,7 @@ def build(
     """
     options = dict(options or {})
     key = database_key(model_fingerprint(model), calibration_digest(calibration), criterion, options, table)
-    final = (root or default_root()) / f"{criterion}-{key}"
+    final = (root or settings.database_dir()) / f"{criterion}-{key}"
     made = []
 
     def write(out: Path) -> None:
