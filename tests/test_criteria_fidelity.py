@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import layout_of
 
 from search.genome import PruneGenome
 from workers import criteria, data, fitness, modeling, slicing
@@ -42,7 +43,7 @@ def _cut_kl(model, held, dense, scores, fraction: float = 0.25) -> float:
     genome = PruneGenome(
         attn=(round(fraction * d.n_kv),) * d.n_layers, mlp=(round(fraction * d.intermediate),) * d.n_layers
     )
-    with slicing.masked(model, slicing.layout_for(genome, scores, mlp_step=1)):
+    with slicing.masked(model, layout_of(genome, scores, 1)):
         return fitness.kl(model, held, dense)
 
 

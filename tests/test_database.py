@@ -11,7 +11,6 @@ from conftest import tiny_model
 
 from search.genome import PruneGenome
 from workers import candidate, database, levels, slicing
-from workers.criteria import get as get_criterion
 from workers.criteria.obs import obs_levels
 
 
@@ -66,17 +65,7 @@ def test_every_level_step_costs_exactly_its_parameters(kind):
         assert slicing.count_parameters(sliced) == space.params(genome)
 
 
-def test_layout_matches_slicing_layout_for_on_the_same_scores(random_llama):
-    scores = get_criterion("magnitude").score(random_llama, _calibration(random_llama))
-    table = levels.table_for(random_llama, levels=6, multiple=8)
-    assert table.attn_step == 1
-    orders = [{"attn": levels.removal_order(s.attn.tolist()), "mlp": levels.removal_order(s.mlp.tolist())}
-              for s in scores.layers]
-    genome = PruneGenome(attn=(1, 0, 2), mlp=(3, 6, 1))
-    assert levels.layout(genome, orders, table) == slicing.layout_for(genome, scores, table.mlp_step)
-
-
-def test_removal_order_breaks_ties_like_the_slicer():
+def test_removal_order_removes_the_lowest_first_the_higher_index_on_ties():
     assert levels.removal_order([3.0, 1.0, 1.0, 2.0]) == [2, 1, 3, 0]
 
 

@@ -138,7 +138,7 @@ def level_space(model: nn.Module, table: LevelTable) -> LevelSpace:
 def removal_order(scores: Sequence[float]) -> list[int]:
     """Units in removal order for per-unit scores (higher = keep): lowest first, the higher index first on ties.
 
-    The reverse of the order `slicing.layout_for` keeps units in, so both cut the same units.
+    `layout` keeps every unit but the first ones of this order: the highest-scored, the lower index on ties.
     """
     keep_first = sorted(range(len(scores)), key=lambda j: (-float(scores[j]), j))
     return keep_first[::-1]

@@ -21,8 +21,6 @@ import torch
 from torch import nn
 
 from darwinfront.core.errors import InvalidSpec
-from search.genome import LevelSpace, PruneGenome
-from workers.criteria.base import UnitScores
 from workers.sliced_modules import NoAttention, NoMLP, QueryHeadAttention
 
 
@@ -130,46 +128,6 @@ def shared_attention_params(d: Dims, attention_unit: str = "kv_group") -> int:
     if attention_unit != "q_head":
         return 0
     return 2 * (d.hidden + (1 if d.attn_bias else 0)) * d.n_kv * d.head_dim
-
-
-def level_space(model: nn.Module, mlp_step: int, attention_unit: str = "kv_group") -> LevelSpace:
-    """The search space of a dense model: levels per layer and the exact parameter cost of each level step.
-
-    Args:
-        model: a dense Llama-family model.
-        mlp_step: MLP channels removed per level step; the top level removes `intermediate // mlp_step` steps.
-        attention_unit: one attention level step is one KV group ("kv_group") or one query head ("q_head").
-    """
-    _require_dense(model)
-    d = dims(model)
-    if not 1 <= mlp_step <= d.intermediate:
-        raise InvalidSpec("prune.mlp_multiple", f"{mlp_step} is not in 1..{d.intermediate} (the MLP width)")
-    attn_unit, channel = unit_params(d, attention_unit)
-    return LevelSpace(
-        n_layers=d.n_layers,
-        attn_levels=d.attn_units(attention_unit),
-        mlp_levels=d.intermediate // mlp_step,
-        attn_unit_params=attn_unit,
-        mlp_level_params=mlp_step * channel,
-        dense_params=count_parameters(model),
-        attn_shared_params=shared_attention_params(d, attention_unit),
-    )
-
-
-def layout_for(genome: PruneGenome, scores: UnitScores, mlp_step: int, attention_unit: str = "kv_group") -> Layout:
-    """Keep the highest-scored units of every layer.
-
-    Layer i drops its `genome.attn[i]` lowest-scored attention units (KV groups or query heads, as `scores`
-    were made) and `genome.mlp[i] * mlp_step` lowest-scored channels. Equal scores keep the lower index.
-    """
-    if len(genome.attn) != len(scores) or len(genome.mlp) != len(scores):
-        raise InvalidSpec("genome", f"{len(genome.attn)} layers in the genome, {len(scores)} in the scores")
-    layers = []
-    for i, layer in enumerate(scores.layers):
-        attn_keep = _top(layer.attn, len(layer.attn) - genome.attn[i], f"genome.attn[{i}]")
-        mlp_keep = _top(layer.mlp, len(layer.mlp) - genome.mlp[i] * mlp_step, f"genome.mlp[{i}]")
-        layers.append(LayerLayout(attn_keep, mlp_keep))
-    return Layout(tuple(layers), attention_unit)
 
 
 def dense_layout(model: nn.Module, attention_unit: str = "kv_group") -> Layout:
@@ -308,17 +266,6 @@ def apply_configuration(model: nn.Module, config: dict) -> nn.Module:
             "it was made for a different model",
         )
     return model
-
-
-def _top(scores: torch.Tensor, keep: int, field: str) -> tuple[int, ...]:
-    n = len(scores)
-    if not 0 <= keep <= n:
-        raise InvalidSpec(field, f"removes {n - keep} of {n} units")
-    values = scores.detach().double().cpu().tolist()
-    if any(v != v for v in values):
-        raise InvalidSpec("scores", f"NaN unit score in {field.split('[')[0]} scores")
-    order = sorted(range(n), key=lambda j: (-values[j], j))
-    return tuple(sorted(order[:keep]))
 
 
 def _check_layout(layout: Layout, d: Dims, field: str = "layout") -> None:
