@@ -173,7 +173,8 @@ def measure_database(model, calib, table, root: Path, batch_size: int) -> dict:
     before = psutil.Process().memory_info().rss
     with timing_obs() as log, timing_writes() as writes, peak_rss() as peak:
         started = time.perf_counter()
-        db = database.build(model, calib, criterion="obs", table=table, root=root, batch_size=batch_size)
+        db = database.build(model, calib, criterion="obs", table=table, root=root,
+                            options={"batch_size": batch_size})
         total = time.perf_counter() - started
     assert db.built and db.n_layers == n
     prunes = [s for _, s in log["prune"]]  # per layer: attn, then mlp (iter_obs_levels' order)

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from search.genome import PruneGenome
-from workers import criteria, data, modeling, slicing
-from workers.criteria.ablation import dense_logprobs, kl_to_dense
+from workers import criteria, data, fitness, levels, modeling, slicing
 from workers.criteria.base import UnitScores
 from workers.criteria.flap import Flap
 from workers.criteria.obs import obs_levels
@@ -51,6 +50,12 @@ def removal_genome(model: nn.Module, fraction: float, cut: str, unit: str = "kv_
     return PruneGenome(attn=(attn,) * d.n_layers, mlp=(mlp,) * d.n_layers)
 
 
+def unit_table(model: nn.Module, unit: str) -> levels.LevelTable:
+    """One attention unit and one channel per level step: a level is a unit count."""
+    d = slicing.dims(model)
+    return levels.LevelTable(d.attn_units(unit), 1, d.intermediate, 1, unit)
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman's rank correlation (ties broken by index; scores here are continuous)."""
     ra = a.argsort().argsort().double()
@@ -71,9 +76,10 @@ def held_out_kl(model: nn.Module, scores: UnitScores, fraction: float, held: tor
     """KL to dense on held-out tokens after masking the lowest-scored units, per cut."""
     out = {}
     for cut in CUTS:
-        layout = slicing.layout_for(removal_genome(model, fraction, cut, unit), scores, mlp_step=1, attention_unit=unit)
+        genome = removal_genome(model, fraction, cut, unit)
+        layout = levels.layout(genome, levels.removal_orders(scores), unit_table(model, unit))
         with slicing.masked(model, layout):
-            out[cut] = kl_to_dense(model, held, dense, bs)
+            out[cut] = fitness.kl(model, held, dense, batch_size=bs)
     return out
 
 
@@ -93,31 +99,28 @@ def obs_updated_kl(model, calib, fraction, held, dense, bs, unit) -> tuple[float
                 for kind in kinds:
                     lin = layer.self_attn.o_proj if kind == "attn" else layer.mlp.down_proj
                     lin.weight.copy_(lv[kind].weights[levels[kind][0]])
-        out[cut] = kl_to_dense(pruned, held, dense, bs)
+        out[cut] = fitness.kl(pruned, held, dense, batch_size=bs)
     return seconds, out
 
 
 def flap_bias_kl(model, calib, fraction, held, dense, bs, unit) -> tuple[float, dict]:
-    """KL after cutting FLAP's lowest units and adding its bias compensation."""
+    """KL after cutting FLAP's lowest units and adding its bias compensation (what its level database stores)."""
     started = time.perf_counter()
-    fit = Flap(batch_size=bs, attention_unit=unit).fit(model, calib)
+    both = removal_genome(model, fraction, "both", unit)
+    counts = {"attn": [both.attn[0]], "mlp": [both.mlp[0]]}
+    flap = Flap(batch_size=bs, attention_unit=unit, bias_compensation=True)
+    found = dict(flap.level_weights(model, calib, counts))
     seconds = time.perf_counter() - started
+    orders = [{kind: found[i][kind].order.tolist() for kind in counts} for i in range(len(found))]
     out = {}
     for cut in CUTS:
-        layout = slicing.layout_for(removal_genome(model, fraction, cut, unit), fit.scores, mlp_step=1,
-                                    attention_unit=unit)
-        pruned = copy.deepcopy(model)
-        for i, (layer, keep) in enumerate(zip(pruned.model.layers, layout.layers, strict=True)):
-            for kind, kept, n in (
-                ("attn", keep.attn_units, len(fit.scores.layers[i].attn)),
-                ("mlp", keep.mlp_channels, len(fit.scores.layers[i].mlp)),
-            ):
-                removed = torch.tensor(sorted(set(range(n)) - set(kept)), dtype=torch.long)
-                lin = layer.self_attn.o_proj if kind == "attn" else layer.mlp.down_proj
-                bias = fit.bias(pruned, i, kind, removed).to(lin.weight.dtype)
-                lin.bias = nn.Parameter(bias if lin.bias is None else lin.bias.detach() + bias)
-        with slicing.masked(pruned, layout):
-            out[cut] = kl_to_dense(pruned, held, dense, bs)
+        genome = removal_genome(model, fraction, cut, unit)
+        pruned = slicing.slice_model(copy.deepcopy(model), levels.layout(genome, orders, unit_table(model, unit)))
+        for i, layer in enumerate(pruned.model.layers):
+            for kind, removed in (("attn", genome.attn[i]), ("mlp", genome.mlp[i])):
+                if removed:
+                    slicing.add_output_shift(layer, kind, found[i][kind].shifts[removed])
+        out[cut] = fitness.kl(pruned, held, dense, batch_size=bs)
     return seconds, out
 
 
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     }
     device = next(model.parameters()).device
     calib, held = pools["calibration"].to(device), pools["evaluation"].to(device)
-    dense = dense_logprobs(model, held, args.batch_size)
+    dense = fitness.Teacher.of(model, held, batch_size=args.batch_size)
     names = args.criteria.split(",") if args.criteria else criteria.names()
     timed: dict[str, tuple[float, UnitScores]] = {}
     for name in sorted(names, key=lambda n: n != "ablation"):  # the oracle first, for ρ

@@ -126,7 +126,8 @@ def build(model, calib, table, batch_size: int) -> dict:
     before = psutil.Process().memory_info().rss
     with tempfile.TemporaryDirectory() as root, timing_obs() as log, peak_rss() as peak:
         started = time.perf_counter()
-        db = database.build(model, calib, criterion="obs", table=table, root=Path(root), batch_size=batch_size)
+        db = database.build(model, calib, criterion="obs", table=table, root=Path(root),
+                            options={"batch_size": batch_size})
         total = time.perf_counter() - started
         assert db.built and db.n_layers == model.config.num_hidden_layers
     groups = [g for g, _ in log["prune"]]

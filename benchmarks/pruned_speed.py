@@ -17,34 +17,7 @@ import time
 
 import torch
 
-from workers import data, metrics, modeling, slicing
-from workers.criteria.base import LayerScores, UnitScores
-
-
-def magnitude_scores(model) -> UnitScores:
-    """Fallback scores: the L2 norm of each unit's output-projection columns (o_proj per KV group, down_proj)."""
-    d = slicing.dims(model)
-    layers = []
-    for layer in model.model.layers:
-        o = layer.self_attn.o_proj.weight.detach().float()  # (hidden, heads * head_dim)
-        attn = o.pow(2).sum(0).view(d.n_kv, -1).sum(1).sqrt()  # (n_kv,)
-        mlp = layer.mlp.down_proj.weight.detach().float().norm(dim=0)  # (intermediate,)
-        layers.append(LayerScores(attn=attn, mlp=mlp))
-    return UnitScores(layers=tuple(layers), criterion="magnitude-inline")
-
-
-def unit_scores(model, calibration: torch.Tensor, criterion: str) -> UnitScores:
-    """Scores from `workers.criteria` when it has `criterion`, else the inline magnitude order."""
-    try:
-        from workers.criteria import get
-    except ImportError:
-        return magnitude_scores(model)
-    try:
-        return get(criterion).score(model, calibration)
-    except ValueError as e:
-        if "unknown criterion" not in str(e):
-            raise
-        return magnitude_scores(model)
+from workers import criteria, data, fitness, levels, modeling, slicing
 
 
 @torch.inference_mode()
@@ -79,17 +52,19 @@ def main() -> None:
     texts = data.load_texts("builtin:pydoc")
     calibration = data.token_sequences(tokenizer, texts, n_tokens=4096, seq_len=128, split="calibration", seed=0)
     held_out = data.token_sequences(tokenizer, texts, n_tokens=4096, seq_len=128, split="evaluation", seed=0)
-    scores = unit_scores(dense, calibration, args.criterion)
-    space = slicing.level_space(dense, args.mlp_step)
+    scores = criteria.get(args.criterion).score(dense, calibration)
+    d = slicing.dims(dense)
+    table = levels.LevelTable(d.n_kv, 1, d.intermediate, args.mlp_step)  # one KV group per attention level
+    space = levels.level_space(dense, table)
     genome = space.uniform(args.target)
-    sliced = slicing.slice_model(copy.deepcopy(dense), slicing.layout_for(genome, scores, args.mlp_step))
+    layout = levels.layout(genome, levels.removal_orders(scores), table)
+    sliced = slicing.slice_model(copy.deepcopy(dense), layout)
     assert slicing.count_parameters(sliced) == space.params(genome)
 
     tokens = torch.randint(0, dense.config.vocab_size, (args.batch, args.seq_len))  # (B, T)
     times = time_interleaved({"dense": dense, "sliced": sliced}, tokens, args.repeats)
     dense_s, sliced_s = statistics.median(times["dense"]), statistics.median(times["sliced"])
-    teacher = metrics.teacher_logprobs(dense, held_out, batch_size=8)
-    kl = metrics.kl_to_teacher(sliced, held_out, teacher, batch_size=8)
+    kl = fitness.kl(sliced, held_out, fitness.Teacher.of(dense, held_out))
 
     n_dense, n_sliced = slicing.count_parameters(dense), slicing.count_parameters(sliced)
     print(f"model {args.model}  criterion {scores.criterion}  target {args.target}  genome {genome.key()}")

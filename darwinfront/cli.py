@@ -15,11 +15,12 @@ from pydantic import ValidationError
 from darwinfront import keys
 from darwinfront.client import Client
 from darwinfront.core.errors import DarwinfrontError
+from darwinfront.core.settings import data_dir
 from darwinfront.core.spec import JobSpec
 from darwinfront.watch import describe_progress, format_front
 from service.schemas import Front, JobPublic
 
-DEFAULT_DATA_DIR = Path(os.environ.get("DARWINFRONT_DATA_DIR", "~/.local/share/darwinfront")).expanduser()
+DEFAULT_DATA_DIR = data_dir()
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

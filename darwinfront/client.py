@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
+from darwinfront.core import settings
 from darwinfront.core.errors import DarwinfrontError
 from darwinfront.core.spec import JobSpec
 from service.schemas import Event, Front, History, JobList, JobPublic
@@ -60,8 +61,7 @@ class StreamMessage:
 
 def local_credentials(data_dir: Path | None = None) -> dict:
     """The URL and key that `darwinfront serve` left for local clients, or an empty dict."""
-    data_dir = Path(data_dir or os.environ.get("DARWINFRONT_DATA_DIR") or "~/.local/share/darwinfront").expanduser()
-    path = data_dir / "local-credentials.json"
+    path = Path(data_dir or settings.data_dir()) / "local-credentials.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 

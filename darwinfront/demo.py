@@ -41,7 +41,7 @@ def _apply(spec, configuration: dict, archive: Path) -> int:
     """Rebuild the downloaded configuration on the original model, as the README shows users."""
     import torch
 
-    from workers import metrics, modeling, slicing
+    from workers import fitness, modeling, slicing
     from workers.configuration import rebuild
     from workers.data import load_texts, token_sequences
 
@@ -50,7 +50,7 @@ def _apply(spec, configuration: dict, archive: Path) -> int:
         tokenizer, load_texts(spec.data.source), n_tokens=spec.data.calibration_tokens,
         seq_len=spec.data.seq_len, split="calibration", seed=spec.seed,
     )
-    teacher = metrics.teacher_logprobs(model, tokens, batch_size=8)
+    teacher = fitness.Teacher.of(model, tokens)
     dense_params = slicing.count_parameters(model)
     front_kl = configuration["metrics"]["kl"]
 
@@ -58,13 +58,13 @@ def _apply(spec, configuration: dict, archive: Path) -> int:
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(archive) as tar:
         tar.extractall(tmp, filter="data")
         scored, _ = slicing.load_pruned(Path(tmp) / configuration["candidate_id"])
-        archive_kl = metrics.kl_to_teacher(scored, tokens, teacher, batch_size=8)
+        archive_kl = fitness.kl(scored, tokens, teacher)
     print(f"\nsliced model archive {archive.name}: {slicing.count_parameters(scored):,} of {dense_params:,} "
           f"parameters; KL recomputed {archive_kl:.5f} (front said {front_kl:.5f})")
 
     # The configuration rebuilt on the original model: the one-shot model, before any fine-tune.
     rebuild(model, tokenizer, configuration)
-    one_shot_kl = metrics.kl_to_teacher(model, tokens, teacher, batch_size=8)
+    one_shot_kl = fitness.kl(model, tokens, teacher)
     promised = configuration["metrics"][configuration["gives"]["rebuild"]]
     print(f"configuration rebuilt on the original model: {slicing.count_parameters(model):,} parameters; "
           f"one-shot KL {one_shot_kl:.5f} (front said {promised:.5f}"

@@ -76,6 +76,25 @@ def tiny_model(kind: str = "llama_gqa", seed: int = 0):
     return model.eval()
 
 
+def unit_space(model, mlp_step: int, attention_unit: str = "kv_group"):
+    """The level space of `model` with one attention unit and `mlp_step` channels per level step."""
+    from workers import levels, slicing
+
+    d = slicing.dims(model)
+    table = levels.LevelTable(d.attn_units(attention_unit), 1, d.intermediate, mlp_step, attention_unit)
+    return levels.level_space(model, table)
+
+
+def layout_of(genome, scores, mlp_step: int, attention_unit: str = "kv_group"):
+    """The layout that keeps each layer's highest-scored units (ties to the lower index), one attention unit and
+    `mlp_step` channels per level step: what a level database filled by `scores` gives."""
+    from workers import levels
+
+    first = scores.layers[0]
+    table = levels.LevelTable(len(first.attn), 1, len(first.mlp), mlp_step, attention_unit)
+    return levels.layout(genome, levels.removal_orders(scores), table)
+
+
 @pytest.fixture
 def random_llama():
     """A randomly initialised tiny GQA Llama (3 layers, 2 KV groups of 2 query heads, MLP width 48)."""

@@ -51,7 +51,7 @@ def masked_reference(model, db, genome: PruneGenome):
                 keep = torch.ones(units, weight.shape[1] // units)
                 keep[list(db.removed(i, kind, level))] = 0
                 keep = keep.reshape(1, -1)  # (1, in)
-                weight.copy_(db.load_weight(i, kind, level) if db.stores_weights else weight * keep)
+                weight.copy_(db.load_level(i, kind, level)["weight"] if db.stores_weights else weight * keep)
                 masks.append((weight, keep))
     return masked, masks
 
@@ -108,8 +108,8 @@ def test_a_candidate_shares_what_is_not_cut_and_owns_its_decoder_linears(random_
 def test_level_weights_are_the_stored_ones_and_the_cache_stays_small(random_llama, tmp_path):
     db = _database(random_llama, "obs", tmp_path)
     weights = candidate.LevelWeights(db, random_llama.model.layers[0].self_attn.o_proj.weight, cache_bytes=1)
-    assert torch.equal(weights(1, "attn", 1), db.load_weight(1, "attn", 1))
-    assert torch.equal(weights(2, "mlp", 3), db.load_weight(2, "mlp", 3))
+    assert torch.equal(weights(1, "attn", 1)["weight"], db.load_level(1, "attn", 1)["weight"])
+    assert torch.equal(weights(2, "mlp", 3)["weight"], db.load_level(2, "mlp", 3)["weight"])
     assert list(weights._cache) == [(2, "mlp", 3)]  # one level in memory
     genome = PruneGenome(attn=(1, 0, 0), mlp=(0, 0, 0))
     dense = random_llama.model.layers[0].self_attn.o_proj.weight

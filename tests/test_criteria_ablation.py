@@ -8,11 +8,10 @@ import pytest
 import torch
 from test_criteria_support import calibration, group_rows, tiny_model
 
-from workers import criteria
+from workers import criteria, fitness
 from workers.criteria import _gates
 from workers.criteria._common import Geometry
 from workers.criteria._replay import Replay
-from workers.criteria.ablation import dense_logprobs, kl_to_dense
 
 
 def _kl(dense_model, pruned_model, calib) -> float:
@@ -69,8 +68,7 @@ def test_ablation_is_invariant_to_micro_batching():
     a = criteria.get("ablation", batch_size=6).score(model, calib, kinds=("attn",))
     b = criteria.get("ablation", batch_size=4).score(model, calib, kinds=("attn",))
     torch.testing.assert_close(a.layers[0].attn, b.layers[0].attn, rtol=1e-9, atol=0)
-    dense = dense_logprobs(model, calib, batch_size=4)
-    assert kl_to_dense(model, calib, dense, batch_size=4) == 0.0
+    assert fitness.kl(model, calib, fitness.Teacher.of(model, calib, batch_size=4), batch_size=4) == 0.0
 
 
 def test_replay_from_any_layer_equals_the_full_forward_under_gates():

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import layout_of
 
 from search.genome import PruneGenome
-from workers import criteria, data, modeling, slicing
-from workers.criteria.ablation import dense_logprobs, kl_to_dense
+from workers import criteria, data, fitness, modeling, slicing
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ def trained():
     scores = {name: criteria.get(name).score(model, pools["calibration"]) for name in [*DATA_AWARE, "magnitude"]}
     scores["random"] = criteria.get("random", seed=0).score(model, pools["calibration"])
     held = pools["evaluation"]
-    return model, held, dense_logprobs(model, held, batch_size=8), scores
+    return model, held, fitness.Teacher.of(model, held), scores
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,8 +43,8 @@ def _cut_kl(model, held, dense, scores, fraction: float = 0.25) -> float:
     genome = PruneGenome(
         attn=(round(fraction * d.n_kv),) * d.n_layers, mlp=(round(fraction * d.intermediate),) * d.n_layers
     )
-    with slicing.masked(model, slicing.layout_for(genome, scores, mlp_step=1)):
-        return kl_to_dense(model, held, dense, batch_size=8)
+    with slicing.masked(model, layout_of(genome, scores, 1)):
+        return fitness.kl(model, held, dense)
 
 
 # Per-layer Spearman ρ with ablation on the MLP channels, first run: gate_fisher 0.83-0.89, taylor 0.88-0.93,

@@ -7,7 +7,7 @@ import torch
 from test_criteria_support import calibration, group_rows, permute_groups, tiny_model
 
 from workers import criteria
-from workers.criteria._common import ColumnStats
+from workers.criteria._common import KINDS, ColumnStats, input_stats
 from workers.criteria.flap import flap_bias, fluctuation_columns
 from workers.criteria.wanda_sp import wanda_columns
 
@@ -52,14 +52,22 @@ def test_flap_bias_keeps_the_output_of_a_constant_column_and_the_mean_of_others(
     assert ((compensated - dense) ** 2).sum() < ((kept @ w.T - dense) ** 2).sum()
 
 
-def test_flap_fit_bias_maps_kv_groups_to_their_columns():
+def test_flap_level_shifts_are_the_removed_units_columns_times_their_means():
     model, calib = tiny_model(), calibration()
-    fit = criteria.get("flap").fit(model, calib)
+    counts = {"attn": [0, 1], "mlp": [0, 2]}
+    found = dict(criteria.get("flap", bias_compensation=True).level_weights(model, calib, counts))
+    means = input_stats(model, calib, KINDS, batch_size=8)
+    attn, mlp = found[1]["attn"], found[0]["mlp"]
+    assert set(attn.shifts) == {1} and not attn.weights  # a shift per level that removes something, no weights
+    rows = group_rows(model, int(attn.order[0]), "q")  # the o_proj columns of the KV group removed first
     lin = model.model.layers[1].self_attn.o_proj
-    expected = lin.weight[:, group_rows(model, 1, "q")] @ fit.means[1]["attn"][group_rows(model, 1, "q")]
-    torch.testing.assert_close(fit.bias(model, 1, "attn", torch.tensor([1])), expected.detach())
-    mlp_expected = model.model.layers[0].mlp.down_proj.weight[:, [3, 9]] @ fit.means[0]["mlp"][[3, 9]]
-    torch.testing.assert_close(fit.bias(model, 0, "mlp", torch.tensor([3, 9])), mlp_expected.detach())
+    expected = lin.weight.detach().double()[:, rows] @ means[1]["attn"].mean[rows]
+    torch.testing.assert_close(attn.shifts[1], expected.to(lin.weight.dtype))
+    channels = mlp.order[:2]
+    down = model.model.layers[0].mlp.down_proj.weight.detach().double()
+    torch.testing.assert_close(mlp.shifts[2], (down[:, channels] @ means[0]["mlp"].mean[channels]).to(lin.weight.dtype))
+    scores = criteria.get("flap").score(model, calib).layers[1].attn  # the order the scores give
+    assert int(attn.order[0]) == int(scores.argmin())
 
 
 @pytest.mark.parametrize("where", ["o", "v"])

@@ -15,7 +15,8 @@ from test_criteria_support import calibration, group_rows, tiny_model
 
 from workers import criteria
 from workers.criteria._common import Geometry, input_stats
-from workers.criteria.obs import ObsLevels, obs_levels, obs_prune
+from workers.criteria.base import LinearLevels
+from workers.criteria.obs import obs_levels, obs_prune
 
 # The eager greedy loop as `workers/criteria/obs.py` had it before the blocked version (commit aba2dec), verbatim
 # but for the names: every step touches the whole (in, in) Hinv. benchmarks/database_build.py times it too.
@@ -51,7 +52,7 @@ def _reference_obs_prune(
     group: int,
     counts: Sequence[int],
     rel_damp: float = 1e-2,
-) -> ObsLevels:
+) -> LinearLevels:
     """Greedy OBS removal of `group`-wide column blocks of `weight` (out, in) given input Gram `hessian`.
 
     Runs until max(counts) groups are removed and snapshots the updated weight at every count in `counts`.
@@ -85,7 +86,7 @@ def _reference_obs_prune(
             snaps[step] = w.clone()
     snaps[0] = weight.detach()  # level 0 is the dense weight as given, dead columns included
     weights = {c: snaps[c].to(device=weight.device, dtype=weight.dtype).clone() for c in sorted(counts)}
-    return ObsLevels(order=torch.tensor(order, dtype=torch.long), weights=weights)
+    return LinearLevels(order=torch.tensor(order, dtype=torch.long), weights=weights)
 
 
 def _problem(tokens: int = 300, width: int = 12, out: int = 5, seed: int = 0):
@@ -211,7 +212,7 @@ def _layer_problem(out: int, width: int, seed: int, dead: Sequence[int] = ()):
     return w, x.T @ x
 
 
-def _assert_same_levels(got: ObsLevels, want: ObsLevels) -> None:
+def _assert_same_levels(got: LinearLevels, want: LinearLevels) -> None:
     """Identical removal order, the same exact zeros, and weights within 1e-9 of the reference's largest entry."""
     assert torch.equal(got.order, want.order)
     assert list(got.weights) == list(want.weights)

@@ -11,7 +11,6 @@ from conftest import tiny_model
 
 from search.genome import PruneGenome
 from workers import candidate, database, levels, slicing
-from workers.criteria import get as get_criterion
 from workers.criteria.obs import obs_levels
 
 
@@ -66,17 +65,7 @@ def test_every_level_step_costs_exactly_its_parameters(kind):
         assert slicing.count_parameters(sliced) == space.params(genome)
 
 
-def test_layout_matches_slicing_layout_for_on_the_same_scores(random_llama):
-    scores = get_criterion("magnitude").score(random_llama, _calibration(random_llama))
-    table = levels.table_for(random_llama, levels=6, multiple=8)
-    assert table.attn_step == 1
-    orders = [{"attn": levels.removal_order(s.attn.tolist()), "mlp": levels.removal_order(s.mlp.tolist())}
-              for s in scores.layers]
-    genome = PruneGenome(attn=(1, 0, 2), mlp=(3, 6, 1))
-    assert levels.layout(genome, orders, table) == slicing.layout_for(genome, scores, table.mlp_step)
-
-
-def test_removal_order_breaks_ties_like_the_slicer():
+def test_removal_order_removes_the_lowest_first_the_higher_index_on_ties():
     assert levels.removal_order([3.0, 1.0, 1.0, 2.0]) == [2, 1, 3, 0]
 
 
@@ -96,7 +85,7 @@ def test_obs_levels_are_nested_and_hold_the_obs_weights(random_llama, obs_db):
             width = group_width if kind == "attn" else 1
             previous: set[int] = set()
             for level in range(1, table.top(kind) + 1):
-                weight = obs_db.load_weight(i, kind, level)
+                weight = obs_db.load_level(i, kind, level)["weight"]
                 zero_units = {u for u in range(table.units(kind))
                               if not weight[:, u * width : (u + 1) * width].any()}
                 assert zero_units == set(obs_db.removed(i, kind, level))
@@ -138,7 +127,7 @@ def test_candidates_of_obs_levels_hold_the_stored_weights_kept_columns(random_ll
     calibration = _calibration(random_llama)
     like = random_llama.model.layers[0].self_attn.o_proj.weight
     built = candidate.build(random_llama, obs_db, genome, weights=candidate.LevelWeights(obs_db, like))
-    stored = obs_db.load_weight(1, "attn", 1)  # (hidden, heads * head_dim), the removed group's columns zero
+    stored = obs_db.load_level(1, "attn", 1)["weight"]  # (hidden, heads * head_dim), the removed group's columns zero
     kept = stored[:, stored.abs().sum(0) > 0]
     assert torch.equal(built.model.layers[1].self_attn.o_proj.weight, kept)
     with torch.inference_mode():

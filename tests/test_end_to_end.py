@@ -15,7 +15,7 @@ import torch
 
 from darwinfront.core.spec import JobSpec
 from darwinfront.stack import EmbeddedStack
-from workers import metrics, modeling, slicing
+from workers import fitness, metrics, modeling, slicing
 from workers.data import load_texts, token_sequences
 
 pytestmark = pytest.mark.integration
@@ -100,7 +100,7 @@ def test_submit_poll_front_download_apply(http, finished_job, tmp_path):
     teacher = metrics.teacher_logprobs(model, tokens, batch_size=8)
     slicing.apply_configuration(model, configuration)
     assert slicing.count_parameters(model) == point["objectives"]["params"] == configuration["parameters"]
-    kl = metrics.kl_to_teacher(model, tokens, teacher, batch_size=8)
+    kl = fitness.kl(model, tokens, fitness.Teacher(logprobs=teacher))
     assert kl == pytest.approx(point["objectives"]["kl"], abs=1e-4)
     generated = model.generate(**tokenizer("The if statement", return_tensors="pt"), max_new_tokens=5)
     assert generated.shape[1] > 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from workers import metrics
+from workers import fitness, metrics
 
 torch.set_num_threads(1)
 
@@ -33,7 +33,7 @@ def test_teacher_logprobs_shape_and_normalisation():
 def test_kl_to_itself_is_zero():
     model, tokens = tiny_model(), _tokens()
     teacher = metrics.teacher_logprobs(model, tokens, batch_size=2)
-    assert abs(metrics.kl_to_teacher(model, tokens, teacher, batch_size=2)) < 1e-6
+    assert abs(fitness.kl(model, tokens, fitness.Teacher(logprobs=teacher), batch_size=2)) < 1e-6
 
 
 def test_kl_matches_numpy_sum():
@@ -44,10 +44,10 @@ def test_kl_matches_numpy_sum():
         q = _log_softmax(student(input_ids=tokens).logits[:, :-1].double().numpy())
     expected = float((np.exp(p) * (p - q)).sum(-1).mean())
     teacher = metrics.teacher_logprobs(teacher_model, tokens, batch_size=2)
-    got = metrics.kl_to_teacher(student, tokens, teacher, batch_size=2)
+    got = fitness.kl(student, tokens, fitness.Teacher(logprobs=teacher), batch_size=2)
     assert expected > 0.05  # two different random models disagree
     assert math.isclose(got, expected, rel_tol=1e-5)
-    assert math.isclose(metrics.kl_to_teacher(student, tokens, teacher, batch_size=3), got, rel_tol=1e-6)
+    assert math.isclose(fitness.kl(student, tokens, fitness.Teacher(logprobs=teacher), batch_size=3), got, rel_tol=1e-6)
 
 
 def test_perplexity_matches_numpy():
@@ -64,7 +64,7 @@ def test_kl_refuses_mismatched_teacher():
     model, tokens = tiny_model(), _tokens()
     teacher = metrics.teacher_logprobs(model, tokens[:2], batch_size=2)
     try:
-        metrics.kl_to_teacher(model, tokens, teacher, batch_size=2)
+        fitness.kl(model, tokens, fitness.Teacher(logprobs=teacher), batch_size=2)
     except ValueError as e:
         assert "do not match" in str(e)
     else:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from darwinfront.core.settings import Settings
+from darwinfront.core.settings import Settings, database_dir
 from service.auth import generate_key
-from workers.reference import cache_root
 
 
 def _files(root: Path) -> list[Path]:
@@ -39,7 +38,7 @@ def test_settings_defaults_and_a_key_land_outside_home(fake_home: Path):
     settings = Settings()
     key = generate_key(settings, tenant="home-check")  # writes the default keys file under data_dir
     assert settings.keys_file.is_file() and key
-    for path in (settings.data_dir, settings.cache_dir, settings.keys_file, settings.redis_dir, cache_root()):
+    for path in (settings.data_dir, settings.cache_dir, settings.keys_file, settings.redis_dir, database_dir()):
         assert not path.is_relative_to(fake_home), path
     assert _files(fake_home) == []
 
@@ -47,9 +46,9 @@ def test_settings_defaults_and_a_key_land_outside_home(fake_home: Path):
 def test_a_subprocess_writes_nothing_under_home(fake_home: Path):
     code = (
         "import json; from darwinfront.cli import DEFAULT_DATA_DIR; from darwinfront.keys import create;"
-        "from darwinfront.core.settings import Settings; from workers.reference import cache_root;"
+        "from darwinfront.core.settings import Settings, database_dir;"
         "s = Settings(); create(s, 'child');"
-        "print(json.dumps([str(p) for p in (DEFAULT_DATA_DIR, s.keys_file, s.cache_dir, cache_root())]))"
+        "print(json.dumps([str(p) for p in (DEFAULT_DATA_DIR, s.keys_file, s.cache_dir, database_dir())]))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     paths = [Path(p) for p in json.loads(done.stdout.splitlines()[-1])]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import layout_of, tiny_model, unit_space
 from pydantic import ValidationError
 from test_slicing import _scores
 
@@ -42,11 +42,11 @@ def _layout(model, heads: list[tuple[int, ...]]) -> slicing.Layout:
 
 def test_query_head_costs_leave_the_kv_heads_to_the_whole_attention():
     # hidden 32, 4 query heads of 8 on 2 KV heads: a unit = q rows 8x32 + o columns 32x8; K/V = 2 x 16x32
-    space = slicing.level_space(tiny_model("llama_gqa"), MLP_STEP, attention_unit="q_head")
+    space = unit_space(tiny_model("llama_gqa"), MLP_STEP, "q_head")
     assert (space.attn_levels, space.attn_unit_params, space.attn_shared_params) == (4, 512, 1024)
-    qwen = slicing.level_space(tiny_model("qwen2_bias"), MLP_STEP, attention_unit="q_head")
+    qwen = unit_space(tiny_model("qwen2_bias"), MLP_STEP, "q_head")
     assert (qwen.attn_unit_params, qwen.attn_shared_params) == (512 + 8, 1024 + 32)  # q bias; k, v biases
-    kv = slicing.level_space(tiny_model("llama_gqa"), MLP_STEP)
+    kv = unit_space(tiny_model("llama_gqa"), MLP_STEP)
     assert space.prunable_params == kv.prunable_params  # the same weights, cut into finer steps
     half = PruneGenome(attn=(2, 2, 2), mlp=(0, 0, 0))
     whole = PruneGenome(attn=(4, 0, 2), mlp=(0, 0, 0))  # same level sum, layer 0's attention gone with its K/V
@@ -55,12 +55,12 @@ def test_query_head_costs_leave_the_kv_heads_to_the_whole_attention():
 
 def test_sliced_query_heads_count_exactly_and_match_the_masked_model(surgery_kind):
     dense = tiny_model(surgery_kind)
-    space = slicing.level_space(dense, MLP_STEP, attention_unit="q_head")
+    space = unit_space(dense, MLP_STEP, "q_head")
     scores, tokens = _head_scores(dense), _tokens(96)
     genomes = [space.uniform(0.5), PruneGenome(attn=(space.attn_levels, 1, 3), mlp=(2, space.mlp_levels, 1))]
     for genome in genomes:
         model = tiny_model(surgery_kind)
-        layout = slicing.layout_for(genome, scores, MLP_STEP, attention_unit="q_head")
+        layout = layout_of(genome, scores, MLP_STEP, attention_unit="q_head")
         with slicing.masked(model, layout):
             masked_logits = model(input_ids=tokens).logits
         slicing.slice_model(model, layout)
@@ -106,9 +106,9 @@ def test_query_head_model_saves_loads_and_applies_its_configuration(surgery_kind
     from transformers import PreTrainedTokenizerFast
 
     model = tiny_model(surgery_kind)
-    space = slicing.level_space(model, MLP_STEP, attention_unit="q_head")
+    space = unit_space(model, MLP_STEP, "q_head")
     genome = PruneGenome(attn=(1, space.attn_levels, 3), mlp=(1, 0, 2))
-    layout = slicing.layout_for(genome, _head_scores(model), MLP_STEP, attention_unit="q_head")
+    layout = layout_of(genome, _head_scores(model), MLP_STEP, attention_unit="q_head")
     document = {**layout.to_dict(), "parameters": space.params(genome)}
     assert document["attention_unit"] == "q_head"
     slicing.apply_configuration(model, document)
@@ -249,7 +249,7 @@ def test_spec_takes_query_heads_and_names_a_bad_unit():
 def test_a_query_head_job_evaluates_and_exports_a_model_that_reloads_to_its_kl(micro_dir, tmp_path):
     from test_prune_search import MICRO
 
-    from workers import metrics
+    from workers import fitness
     from workers.evaluator import Evaluator
     from workers.prepare import prepare
 
@@ -271,7 +271,7 @@ def test_a_query_head_job_evaluates_and_exports_a_model_that_reloads_to_its_kl(m
     assert exported["params"] == reply["params"] == configuration["parameters"]
     reloaded, _ = slicing.load_pruned(tmp_path / "c")
     assert isinstance(reloaded.model.layers[0].self_attn, slicing.QueryHeadAttention)
-    kl = metrics.kl_to_teacher(reloaded, evaluator.inputs.calibration, evaluator.teacher.logprobs, batch_size=8)
+    kl = fitness.kl(reloaded, evaluator.inputs.calibration, evaluator.teacher)
     assert kl == pytest.approx(reply["kl"], rel=1e-4)
 
 

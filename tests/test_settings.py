@@ -206,3 +206,19 @@ def test_optuna_journal_runs_on_the_embedded_url(tmp_path: Path) -> None:
         client = redis.Redis.from_url(server.url, decode_responses=True)
         assert client.keys("df:optuna:0123456789abcdef:*")
         client.close()
+
+
+def test_one_resolver_per_directory(monkeypatch, tmp_path):
+    from darwinfront.core import settings
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("DARWINFRONT_DATA_DIR", "DARWINFRONT_CACHE_DIR", "DARWINFRONT_DATABASE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    assert settings.data_dir() == home / ".local/share/darwinfront" == settings.Settings().data_dir
+    assert settings.cache_dir() == home / ".cache/darwinfront" == settings.Settings().cache_dir
+    assert settings.database_dir() == home / ".cache/darwinfront/databases"
+    monkeypatch.setenv("DARWINFRONT_CACHE_DIR", str(tmp_path / "cache"))
+    assert settings.database_dir() == tmp_path / "cache/databases"  # databases follow the cache
+    monkeypatch.setenv("DARWINFRONT_DATABASE_DIR", "~/big")
+    assert settings.database_dir() == home / "big"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import layout_of, tiny_model, unit_space
 
 from darwinfront.core.errors import InvalidSpec
 from search.genome import PruneGenome
@@ -42,27 +42,27 @@ def _tokens(vocab: int, shape=(2, 12), seed: int = 0) -> torch.Tensor:
 
 def test_level_space_known_costs():
     # hidden 32, 4 query heads of 8 on 2 KV heads: a unit = q rows 16x32 + o cols 32x16 + k, v rows 8x32 each
-    space = slicing.level_space(tiny_model("llama_gqa"), MLP_STEP)
+    space = unit_space(tiny_model("llama_gqa"), MLP_STEP)
     assert (space.n_layers, space.attn_levels, space.mlp_levels) == (3, 2, 6)
     assert space.attn_unit_params == 2 * 16 * 32 + 2 * 8 * 32 == 1536
     assert space.mlp_level_params == 8 * 3 * 32 == 768
     # MHA: a unit is one head: q, k, v rows 8x32 and o columns 32x8
-    assert slicing.level_space(tiny_model("llama_mha"), MLP_STEP).attn_unit_params == 4 * 8 * 32
+    assert unit_space(tiny_model("llama_mha"), MLP_STEP).attn_unit_params == 4 * 8 * 32
     # Qwen2 adds the q, k, v biases of the group (16 + 8 + 8); its MLP has no bias
-    qwen = slicing.level_space(tiny_model("qwen2_bias"), MLP_STEP)
+    qwen = unit_space(tiny_model("qwen2_bias"), MLP_STEP)
     assert (qwen.attn_unit_params, qwen.mlp_level_params) == (1536 + 32, 768)
     # mlp_bias adds the gate and up bias entries of each channel
-    assert slicing.level_space(tiny_model("llama_bias"), MLP_STEP).mlp_level_params == 8 * (3 * 32 + 2)
+    assert unit_space(tiny_model("llama_bias"), MLP_STEP).mlp_level_params == 8 * (3 * 32 + 2)
 
 
 def test_dense_params_count_tied_embeddings_once():
     model = tiny_model("llama_gqa")
     assert model.lm_head.weight is model.model.embed_tokens.weight
     per_layer = 2 * 32 * 32 + 2 * 16 * 32 + 3 * 32 * 48 + 2 * 32  # q, o, k, v, mlp, two norms
-    assert slicing.level_space(model, MLP_STEP).dense_params == 96 * 32 + 3 * per_layer + 32
+    assert unit_space(model, MLP_STEP).dense_params == 96 * 32 + 3 * per_layer + 32
 
 
-def test_layout_for_keeps_highest_scores_ties_to_lower_index():
+def test_layouts_keep_highest_scores_ties_to_lower_index():
     scores = UnitScores(
         layers=(
             LayerScores(attn=torch.tensor([0.3, 0.1, 0.3, 0.9]), mlp=torch.tensor([5.0, 1.0, 3.0, 3.0, 0.0, 2.0])),
@@ -70,17 +70,17 @@ def test_layout_for_keeps_highest_scores_ties_to_lower_index():
         ),
         criterion="hand",
     )
-    layout = slicing.layout_for(PruneGenome(attn=(2, 4), mlp=(2, 1)), scores, mlp_step=2)
+    layout = layout_of(PruneGenome(attn=(2, 4), mlp=(2, 1)), scores, mlp_step=2)
     assert layout.layers[0].attn_units == (0, 3)
     assert layout.layers[0].mlp_channels == (0, 2)  # drops 4 (0.0), 1 (1.0), 5 (2.0) and 3 (tie with 2)
     assert layout.layers[1].attn_units == ()
     assert layout.layers[1].mlp_channels == (2, 3, 4, 5)
 
 
-def test_layout_for_refuses_a_genome_past_the_units():
+def test_layouts_refuse_a_genome_past_the_units():
     scores = UnitScores(layers=(LayerScores(attn=torch.ones(2), mlp=torch.ones(4)),), criterion="hand")
-    with pytest.raises(InvalidSpec, match=r"genome.mlp\[0\]"):
-        slicing.layout_for(PruneGenome(attn=(0,), mlp=(3,)), scores, mlp_step=2)
+    with pytest.raises(InvalidSpec, match=r"genome.mlp: level 3 outside 0..2"):
+        layout_of(PruneGenome(attn=(0,), mlp=(3,)), scores, mlp_step=2)
 
 
 def test_layout_round_trips_through_json_dict():
@@ -93,10 +93,10 @@ def test_layout_round_trips_through_json_dict():
 
 def test_sliced_params_equal_level_space_and_masked_logits(surgery_kind):
     dense = tiny_model(surgery_kind)
-    space, scores, tokens = slicing.level_space(dense, MLP_STEP), _scores(dense), _tokens(96)
+    space, scores, tokens = unit_space(dense, MLP_STEP), _scores(dense), _tokens(96)
     for genome in _genomes(space):
         model = tiny_model(surgery_kind)
-        layout = slicing.layout_for(genome, scores, MLP_STEP)
+        layout = layout_of(genome, scores, MLP_STEP)
         with slicing.masked(model, layout):
             masked_logits = model(input_ids=tokens).logits
         slicing.slice_model(model, layout)
@@ -108,7 +108,7 @@ def test_slicing_changes_the_function():
     dense = tiny_model("llama_gqa")
     tokens = _tokens(96)
     dense_logits = dense(input_ids=tokens).logits
-    layout = slicing.layout_for(slicing.level_space(dense, MLP_STEP).uniform(0.5), _scores(dense), MLP_STEP)
+    layout = layout_of(unit_space(dense, MLP_STEP).uniform(0.5), _scores(dense), MLP_STEP)
     sliced = slicing.slice_model(tiny_model("llama_gqa"), layout)
     assert (sliced(input_ids=tokens).logits - dense_logits).abs().max() > 0.1
     assert sliced.model.layers[0].self_attn.q_proj.weight.shape == (16, 32)  # one of two groups left
@@ -118,7 +118,7 @@ def test_slicing_changes_the_function():
 def test_masked_hooks_are_removed_on_exit(random_llama):
     tokens = _tokens(96)
     before = random_llama(input_ids=tokens).logits
-    layout = slicing.layout_for(slicing.level_space(random_llama, MLP_STEP).uniform(0.5), _scores(random_llama), 8)
+    layout = layout_of(unit_space(random_llama, MLP_STEP).uniform(0.5), _scores(random_llama), 8)
     with slicing.masked(random_llama, layout):
         assert not torch.allclose(random_llama(input_ids=tokens).logits, before)
     torch.testing.assert_close(random_llama(input_ids=tokens).logits, before, atol=0, rtol=0)
@@ -126,9 +126,9 @@ def test_masked_hooks_are_removed_on_exit(random_llama):
 
 def test_generate_with_cache_when_first_layer_has_no_attention(surgery_kind):
     surgery_model = tiny_model(surgery_kind)
-    space = slicing.level_space(surgery_model, MLP_STEP)
+    space = unit_space(surgery_model, MLP_STEP)
     genome = PruneGenome(attn=(space.attn_levels, 1, 0), mlp=(1, space.mlp_levels, 0))
-    layout = slicing.layout_for(genome, _scores(surgery_model), MLP_STEP)
+    layout = layout_of(genome, _scores(surgery_model), MLP_STEP)
     prompt = _tokens(surgery_model.config.vocab_size, shape=(1, 5))
     with slicing.masked(surgery_model, layout):
         expected = surgery_model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=False)
@@ -157,8 +157,8 @@ def test_save_and_load_pruned_round_trip(surgery_kind, tmp_path):
     from workers.modeling import load_model
 
     surgery_model = tiny_model(surgery_kind)
-    space = slicing.level_space(surgery_model, MLP_STEP)
-    layout = slicing.layout_for(_genomes(space)[2], _scores(surgery_model), MLP_STEP)
+    space = unit_space(surgery_model, MLP_STEP)
+    layout = layout_of(_genomes(space)[2], _scores(surgery_model), MLP_STEP)
     slicing.slice_model(surgery_model, layout)
     tokens = _tokens(surgery_model.config.vocab_size)
     expected = surgery_model(input_ids=tokens).logits
@@ -185,9 +185,9 @@ def test_slice_or_mask_twice_is_refused(random_llama):
 
 
 def test_apply_configuration_checks_the_document(random_llama):
-    space = slicing.level_space(random_llama, MLP_STEP)
+    space = unit_space(random_llama, MLP_STEP)
     genome = space.uniform(0.5)
-    layout = slicing.layout_for(genome, _scores(random_llama), MLP_STEP)
+    layout = layout_of(genome, _scores(random_llama), MLP_STEP)
     document = {**layout.to_dict(), "parameters": space.params(genome)}
     with pytest.raises(InvalidSpec, match="2 layers given, the model has 3"):
         slicing.apply_configuration(tiny_model(), {**document, "layers": document["layers"][:2]})

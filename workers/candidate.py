@@ -3,8 +3,9 @@
 `build` returns a model object that shares the dense model's embeddings, norms, rotary embedding and lm_head
 by reference and holds new, physically sliced attention and MLP linears (`slicing.slice_model` cuts them): the
 q/k/v/gate/up rows of the kept units come from the dense model, the kept o_proj / down_proj columns from the
-level database's stored weights (obs) or from the dense weights (criteria that cut masks). Building copies the
-kept decoder weights once and never writes the dense model. Training a candidate writes the shared parameters
+level database's stored weights (obs) or from the dense weights (other criteria), and a level that carries an
+output shift (FLAP's bias compensation) adds it to the cut linear's output. Building copies the kept decoder
+weights once and never writes the dense model. Training a candidate writes the shared parameters
 in place, so whoever trains one puts them back afterwards (`shared_parameters` says which).
 """
 
@@ -23,28 +24,33 @@ from workers.levels import KINDS
 
 
 class LevelWeights:
-    """The stored o_proj / down_proj weights of an obs database, read from disk on demand and kept in an LRU cache.
+    """The stored level tensors of a database whose levels carry them (o_proj / down_proj weights, output shifts),
+    read from disk on demand and kept in an LRU cache.
 
     Args:
         database: the level database (one that stores weights).
-        like: a dense weight; loaded weights take its device and dtype.
-        cache_bytes: the most bytes of loaded level weights to keep.
+        like: a dense weight; loaded tensors take its device and dtype.
+        cache_bytes: the most bytes of loaded level tensors to keep.
     """
 
     def __init__(self, database: LevelDatabase, like: torch.Tensor, *, cache_bytes: int = 256 << 20):
         self.database, self.like, self.cache_bytes = database, like, cache_bytes
-        self._cache: OrderedDict[tuple[int, str, int], torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, str, int], dict[str, torch.Tensor]] = OrderedDict()
 
-    def __call__(self, layer: int, kind: str, level: int) -> torch.Tensor:
-        """The (out, in) weight of `kind`'s target linear in `layer` at `level` >= 1, removed columns zero."""
+    def __call__(self, layer: int, kind: str, level: int) -> dict[str, torch.Tensor]:
+        """What `kind`'s target linear in `layer` carries at `level` >= 1: `weight` (out, in), removed columns
+        zero, and / or `shift` (out,)."""
         key = (layer, kind, level)
         if key not in self._cache:
-            stored = self.database.load_weight(layer, kind, level)
-            self._cache[key] = stored.to(self.like.device, self.like.dtype)
-            while len(self._cache) > 1 and sum(t.nbytes for t in self._cache.values()) > self.cache_bytes:
+            stored = self.database.load_level(layer, kind, level)
+            self._cache[key] = {name: t.to(self.like.device, self.like.dtype) for name, t in stored.items()}
+            while len(self._cache) > 1 and self._bytes() > self.cache_bytes:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         return self._cache[key]
+
+    def _bytes(self) -> int:
+        return sum(t.nbytes for tensors in self._cache.values() for t in tensors.values())
 
 
 def build(
@@ -61,7 +67,7 @@ def build(
         model: the dense model (read, never written).
         database: its level database; its removal orders say which units go.
         genome: the candidate's levels.
-        weights: the stored level weights of a database that stores them (obs); None cuts the dense weights,
+        weights: the stored level tensors of a database that stores them; None cuts the dense weights,
             which gives the structure alone (what `slicing.apply_configuration` gives on the dense model).
         trainable: also give the candidate its own copy of the linears its genome keeps whole (levels 0), so
             that training it writes no dense decoder weight; without it those linears are shared.
@@ -70,11 +76,16 @@ def build(
         A model with `config.darwinfront_layout` set, as `slicing.slice_model` leaves one (`save_pruned` takes it).
     """
     candidate = _shell(model)
-    for i, layer in enumerate(candidate.model.layers):
-        for kind, level in zip(KINDS, (genome.attn[i], genome.mlp[i]), strict=True):
-            if level and weights is not None:
-                _hold_level_weight(layer, kind, weights(i, kind, level))
+    carried = {(i, kind): weights(i, kind, level) for i in range(len(genome.attn))
+               for kind, level in zip(KINDS, (genome.attn[i], genome.mlp[i]), strict=True)
+               if level and weights is not None}
+    for (i, kind), tensors in carried.items():
+        if "weight" in tensors:
+            _hold_level_weight(candidate.model.layers[i], kind, tensors["weight"])
     slicing.slice_model(candidate, levels.layout(genome, database.orders, database.table))
+    for (i, kind), tensors in carried.items():
+        if "shift" in tensors:
+            slicing.add_output_shift(candidate.model.layers[i], kind, tensors["shift"])
     if trainable:
         _own_whole_linears(candidate, model)
     return candidate

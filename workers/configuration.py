@@ -58,20 +58,21 @@ def build_configuration(
 def rebuild(model: torch.nn.Module, tokenizer, configuration: dict) -> torch.nn.Module:
     """Slice `model` (the dense model the job searched) to `configuration` with the job's one-shot weights.
 
-    A configuration names its level database (criterion, level table, the data section and seed that give its
-    calibration tokens). For a criterion whose levels carry updated weights (obs), those weights are what the
-    front's one-shot KL was measured with, and cutting the structure alone gives a far worse model; so the
-    database is opened (or rebuilt on this machine from the same tokens: minutes, once) and each cut layer's
-    o_proj / down_proj take their level's weights before slicing. Mask-only criteria slice the dense weights.
+    A configuration names its level database (criterion and its options, level table, the data section and seed
+    that give its calibration tokens). For a criterion whose levels carry tensors (obs's updated weights, FLAP's
+    bias compensation), those are what the front's one-shot KL was measured with, and cutting the structure
+    alone gives a far worse model; so the database is opened (or rebuilt on this machine from the same tokens:
+    minutes, once), each cut layer's o_proj / down_proj take their level's weights before slicing and its output
+    shift after. Mask-only criteria slice the dense weights.
 
     Raises:
         InvalidSpec: the model is not the one the job pruned, or the database it rebuilds is another one.
     """
     from darwinfront.core.errors import InvalidSpec
     from darwinfront.core.spec import DataSpec
-    from workers import database, levels, slicing
+    from workers import criteria, database, levels, slicing
     from workers.criteria._common import target_linear
-    from workers.job_inputs import database_options, token_pools
+    from workers.job_inputs import token_pools
 
     named = configuration.get("database") or {}
     if configuration.get("level_table") is None or not named.get("criterion"):
@@ -81,18 +82,24 @@ def rebuild(model: torch.nn.Module, tokenizer, configuration: dict) -> torch.nn.
         raise InvalidSpec("configuration.model", "this is not the model the job pruned (its fingerprint differs); "
                           "load the job's model.source as it was, in float32")
     table = levels.LevelTable.from_dict(configuration["level_table"])
-    criterion = named["criterion"]
-    if criterion in database.WEIGHT_CRITERIA:
-        tokens = token_pools(tokenizer, DataSpec.model_validate(configuration["data"]), configuration["seed"])
-        db = database.build(model, tokens["database"].to(next(model.parameters()).device), criterion=criterion,
-                            table=table, options=database_options(criterion, configuration["seed"]))
-        if named.get("key") and db.key != named["key"]:
-            raise InvalidSpec("configuration.database", f"rebuilt database {db.key}, the configuration names "
-                              f"{named['key']}: the model, data or criterion options differ from the job's")
-        genome = PruneGenome.from_dict(configuration["genome"])
-        for i, layer in enumerate(model.model.layers):
-            for kind, level in (("attn", genome.attn[i]), ("mlp", genome.mlp[i])):
-                if level:
-                    linear = target_linear(layer, kind)
-                    linear.weight.copy_(db.load_weight(i, kind, level).to(linear.weight))
-    return slicing.apply_configuration(model, configuration)
+    criterion, options = named["criterion"], named.get("options", {})
+    if not criteria.stores_weights(criteria.get(criterion, attention_unit=table.attention_unit, **options)):
+        return slicing.apply_configuration(model, configuration)
+    tokens = token_pools(tokenizer, DataSpec.model_validate(configuration["data"]), configuration["seed"])
+    db = database.build(model, tokens["database"].to(next(model.parameters()).device), criterion=criterion,
+                        table=table, options=options)
+    if named.get("key") and db.key != named["key"]:
+        raise InvalidSpec("configuration.database", f"rebuilt database {db.key}, the configuration names "
+                          f"{named['key']}: the model, data or criterion options differ from the job's")
+    genome = PruneGenome.from_dict(configuration["genome"])
+    carried = {(i, kind): db.load_level(i, kind, level) for i in range(len(model.model.layers))
+               for kind, level in (("attn", genome.attn[i]), ("mlp", genome.mlp[i])) if level}
+    for (i, kind), tensors in carried.items():
+        if "weight" in tensors:
+            linear = target_linear(model.model.layers[i], kind)
+            linear.weight.copy_(tensors["weight"].to(linear.weight))
+    slicing.apply_configuration(model, configuration)
+    for (i, kind), tensors in carried.items():
+        if "shift" in tensors:
+            slicing.add_output_shift(model.model.layers[i], kind, tensors["shift"])
+    return model

@@ -1,21 +1,23 @@
 """The level database: what every level of every layer's attention and MLP looks like, built once and reused.
 
 For each decoder layer and group the database holds the units in removal order (levels are nested: level k
-removes the first `table.removed(kind, k)` of them). With the `obs` criterion it also holds, per level, the
-o_proj / down_proj weight after ZipLM's OBS updates (the removed columns zero), computed on the dense model's
-activations so that levels of different layers combine freely (DarwinLM). Other criteria cut masks: their
-levels keep the dense weights of the kept columns (`workers.candidate` cuts them either way).
+removes the first `table.removed(kind, k)` of them). A criterion whose levels carry tensors (`stores_weights`,
+see `workers.criteria.base.LevelCriterion`) also has, per level, what its `level_weights` yields: the o_proj /
+down_proj weight after ZipLM's OBS updates (`obs`; the removed columns zero, computed on the dense model's
+activations so that levels of different layers combine freely, as in DarwinLM), or the output shift of FLAP's
+bias compensation (`flap` with `bias_compensation`). Other criteria cut masks: their levels keep the dense
+weights of the kept columns (`workers.candidate` cuts them either way).
 
 A database is named by (model fingerprint, calibration digest, criterion and its options, level table) and
-stored under `<cache>/databases/<criterion>-<key>/`: `index.json` plus one safetensors file per layer, group and
-level (obs only). The first job builds it under a file lock; later jobs and every evaluator open it.
+stored under `<database dir>/<criterion>-<key>/`: `index.json` plus, for a criterion whose levels carry
+tensors, one safetensors file per layer, group and level. The first job builds it under a file lock; later jobs
+and every evaluator open it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,23 +27,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from darwinfront.core import settings
 from workers import criteria
 from workers.configuration import model_fingerprint
-from workers.levels import KINDS, LevelTable, removal_order
+from workers.levels import KINDS, LevelTable, removal_orders
 from workers.reference import build_once
 
 FORMAT = "darwinfront.level_database/1"
 INDEX = "index.json"
-WEIGHT_CRITERIA = ("obs",)  # criteria whose levels carry updated weights, not just masks
-
-
-def default_root() -> Path:
-    """`$DARWINFRONT_DATABASE_DIR` (databases are large: 100-200 GB for an 8B model, see docs/SCALING.md), else
-    `$DARWINFRONT_CACHE_DIR/databases`, else `~/.cache/darwinfront/databases`."""
-    if os.environ.get("DARWINFRONT_DATABASE_DIR"):
-        return Path(os.environ["DARWINFRONT_DATABASE_DIR"])
-    base = os.environ.get("DARWINFRONT_CACHE_DIR") or Path.home() / ".cache/darwinfront"
-    return Path(base) / "databases"
 
 
 def calibration_digest(tokens: torch.Tensor) -> str:
@@ -71,7 +64,8 @@ class LevelDatabase:
         criterion: the criterion that filled it.
         table: its level table.
         orders: per layer, kind -> units in removal order.
-        stores_weights: True when levels carry updated weights (obs), False for masks.
+        stores_weights: True when levels carry tensors (updated weights, output shifts), False for masks.
+        options: the criterion's constructor arguments (part of the key).
         built: True when this call built it, False when it was found in the cache.
     """
 
@@ -81,6 +75,7 @@ class LevelDatabase:
     table: LevelTable
     orders: tuple[dict[str, tuple[int, ...]], ...]
     stores_weights: bool
+    options: dict
     built: bool = False
 
     @property
@@ -90,11 +85,12 @@ class LevelDatabase:
     def weight_path(self, layer: int, kind: str, level: int) -> Path:
         return self.directory / f"layer{layer:03d}.{kind}.level{level:03d}.safetensors"
 
-    def load_weight(self, layer: int, kind: str, level: int, *, device=None) -> torch.Tensor:
-        """The stored (out, in) weight of `kind`'s target linear in `layer` at `level` >= 1 (obs databases)."""
+    def load_level(self, layer: int, kind: str, level: int, *, device=None) -> dict[str, torch.Tensor]:
+        """What `level` >= 1 of `kind`'s target linear in `layer` carries: `weight` (out, in) and / or `shift`
+        (out,), as the criterion's `LinearLevels` gave them (databases that store weights)."""
         if not self.stores_weights or level < 1:
             raise ValueError(f"{self.criterion} database stores no weight for layer {layer} {kind} level {level}")
-        return load_file(self.weight_path(layer, kind, level), device=str(device or "cpu"))["weight"]
+        return load_file(self.weight_path(layer, kind, level), device=str(device or "cpu"))
 
     def removed(self, layer: int, kind: str, level: int) -> tuple[int, ...]:
         """Units of `layer` that `level` of `kind` removes."""
@@ -103,7 +99,8 @@ class LevelDatabase:
     def summary(self) -> dict:
         """What a job records about its database (JSON-safe, small)."""
         return {"key": self.key, "directory": str(self.directory), "criterion": self.criterion,
-                "table": self.table.to_dict(), "stores_weights": self.stores_weights, "built": self.built}
+                "options": self.options, "table": self.table.to_dict(), "stores_weights": self.stores_weights,
+                "built": self.built}
 
     @classmethod
     def open(cls, directory: str | Path, *, built: bool = False) -> LevelDatabase:
@@ -114,7 +111,7 @@ class LevelDatabase:
             raise ValueError(f"{directory} holds {index.get('format')!r}, not {FORMAT}")
         orders = tuple({k: tuple(layer[k]) for k in KINDS} for layer in index["orders"])
         return cls(directory, index["key"], index["criterion"], LevelTable.from_dict(index["table"]), orders,
-                   index["stores_weights"], built)
+                   index["stores_weights"], index["options"], built)
 
 
 def build(
@@ -125,7 +122,6 @@ def build(
     table: LevelTable,
     options: dict | None = None,
     root: Path | None = None,
-    batch_size: int = 8,
     on_layer: Callable[[int, int], None] | None = None,
     helpers: LayerHelpers | None = None,
 ) -> LevelDatabase:
@@ -136,44 +132,42 @@ def build(
         calibration: token ids (N, T) the criterion scores on (and OBS gathers its Hessians from).
         criterion: a registered criterion name (`workers.criteria.names()`).
         table: the level table.
-        options: the criterion's constructor arguments (e.g. `{"seed": 3}` for `random`); part of the key.
-        root: the cache root (default `default_root()`).
-        batch_size: sequences per forward pass while scoring.
-        on_layer: called with (layers done, layers) as a per-layer criterion (obs) finishes each layer.
-        helpers: other workers that compute a share of a per-layer criterion's layers (obs) while this process
+        options: the criterion's constructor arguments (e.g. `{"seed": 3}` for `random`, `{"batch_size": 4}`);
+            part of the key.
+        root: the folder databases live in (default `darwinfront.core.settings.database_dir()`).
+        on_layer: called with (layers done, layers) as a criterion whose levels carry tensors finishes each layer.
+        helpers: other workers that compute a share of such a criterion's layers while this process
             computes the rest: layer i goes to worker i mod (helpers.count + 1), worker 0 being this one. Their
             results come back through `helpers` and are written here, so no disk is shared.
     """
     options = dict(options or {})
     key = database_key(model_fingerprint(model), calibration_digest(calibration), criterion, options, table)
-    final = (root or default_root()) / f"{criterion}-{key}"
+    final = (root or settings.database_dir()) / f"{criterion}-{key}"
     made = []
 
     def write(out: Path) -> None:
         made.append(out)
         _write(out, model, calibration, criterion=criterion, options=options, table=table, key=key,
-               batch_size=batch_size, on_layer=on_layer, helpers=helpers)
+               on_layer=on_layer, helpers=helpers)
 
     build_once(final, write)
     return LevelDatabase.open(final, built=bool(made))
 
 
-def _write(
-    out: Path, model, calibration, *, criterion, options, table, key, batch_size, on_layer, helpers
-) -> None:
-    if criterion in WEIGHT_CRITERIA:
-        orders = _write_obs(out, model, calibration, table, options, batch_size, on_layer, helpers)
+def _write(out: Path, model, calibration, *, criterion, options, table, key, on_layer, helpers) -> None:
+    scorer = criteria.get(criterion, attention_unit=table.attention_unit, **options)
+    if criteria.stores_weights(scorer):
+        orders = _write_levels(out, scorer, model, calibration, table, on_layer, helpers)
     else:
-        scores = criteria.get(criterion, attention_unit=table.attention_unit, **options).score(model, calibration)
-        orders = [{"attn": removal_order(s.attn.tolist()), "mlp": removal_order(s.mlp.tolist())}
-                  for s in scores.layers]
+        orders = removal_orders(scorer.score(model, calibration))
     index = {"format": FORMAT, "key": key, "criterion": criterion, "options": options, "table": table.to_dict(),
-             "stores_weights": criterion in WEIGHT_CRITERIA, "orders": orders}
+             "stores_weights": criteria.stores_weights(scorer), "orders": orders}
     (out / INDEX).write_text(json.dumps(index))
 
 
 class LayerHelpers(Protocol):
-    """Workers elsewhere that compute given layers of an obs database (see `workers.pool.RemoteLayers`)."""
+    """Workers elsewhere that compute given layers of a database whose levels carry tensors (see
+    `workers.pool.RemoteLayers`)."""
 
     count: int
 
@@ -181,40 +175,39 @@ class LayerHelpers(Protocol):
         """Start helper k on the layers `shares[k]`."""
 
     def poll(self) -> list[tuple[int, dict]]:
-        """The (layer, kind -> ObsLevels) results that have arrived, without waiting."""
+        """The (layer, kind -> LinearLevels) results that have arrived, without waiting."""
 
     def drain(self) -> Iterator[tuple[int, dict]]:
         """Every result still to come, waiting for each."""
 
 
-def _write_obs(
-    out: Path, model, calibration, table: LevelTable, options: dict, batch_size: int, on_layer=None, helpers=None
+def _write_levels(
+    out: Path, scorer: criteria.LevelCriterion, model, calibration, table: LevelTable, on_layer=None, helpers=None
 ) -> list[dict]:
-    """Run OBS layer by layer, writing each layer's level weights as it finishes (memory: one layer's levels);
-    with `helpers`, they compute their share of the layers meanwhile and this process writes theirs too."""
-    from workers.criteria.obs import iter_obs_levels
-
+    """Run `scorer.level_weights` layer by layer, writing each layer's level tensors as it finishes (memory: one
+    layer's levels); with `helpers`, they compute their share of the layers meanwhile and this process writes
+    theirs too."""
     counts = {kind: table.counts(kind) for kind in KINDS}
     n_layers = len(model.model.layers)
     workers = 1 + (helpers.count if helpers is not None else 0)
     shares = [[i for i in range(n_layers) if i % workers == k] for k in range(workers)]
     orders: dict[int, dict] = {}
 
-    def store(i: int, result: dict) -> None:
+    def store(i: int, result: dict[str, criteria.LinearLevels]) -> None:
         for kind in KINDS:
+            levels = result[kind]
             for level, count in enumerate(counts[kind]):
-                if level:
-                    weight = result[kind].weights[count].to("cpu").contiguous()
-                    save_file({"weight": weight}, out / f"layer{i:03d}.{kind}.level{level:03d}.safetensors")
+                tensors = {"weight": levels.weights.get(count), "shift": levels.shifts.get(count)}
+                tensors = {name: t.to("cpu").contiguous() for name, t in tensors.items() if t is not None}
+                if level and tensors:
+                    save_file(tensors, out / f"layer{i:03d}.{kind}.level{level:03d}.safetensors")
         orders[i] = {kind: result[kind].order.tolist() for kind in KINDS}
         if on_layer is not None:
             on_layer(len(orders), n_layers)
 
     if helpers is not None:
         helpers.start(shares[1:])
-    mine = iter_obs_levels(model, calibration, counts, batch_size=batch_size, attention_unit=table.attention_unit,
-                           layers=shares[0], **options)
-    for i, result in mine:
+    for i, result in scorer.level_weights(model, calibration, counts, layers=shares[0]):
         store(i, result)
         for j, theirs in helpers.poll() if helpers is not None else ():
             store(j, theirs)
@@ -222,5 +215,5 @@ def _write_obs(
         store(j, theirs)
     missing = sorted(set(range(n_layers)) - set(orders))
     if missing:
-        raise RuntimeError(f"the obs database lacks layers {missing}: a helper returned too little")
+        raise RuntimeError(f"the {scorer.name} database lacks layers {missing}: a helper returned too little")
     return [orders[i] for i in range(n_layers)]

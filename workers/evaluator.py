@@ -142,7 +142,8 @@ class Evaluator:
         train_tokens = int(request.get("train_tokens") or 0)
         document["metrics"].update(self.one_shot_metrics(genome))
         document["level_table"] = self.database.table.to_dict()
-        document["database"] = {"key": self.database.key, "criterion": self.database.criterion}
+        document["database"] = {"key": self.database.key, "criterion": self.database.criterion,
+                                "options": self.database.options}
         document["weights"] = "trained" if train_tokens else "database" if self.database.stores_weights else "dense"
         document["training"] = {"seed": int(request["seed"]), "tokens": train_tokens,
                                 "lr": self.train_settings.lr, "batch_size": self.train_settings.batch_size,

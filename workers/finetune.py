@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from workers import metrics
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -84,7 +86,7 @@ def train_step(
     else:
         student = F.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)  # (B, T-1, vocab)
         target = teacher.to(device, torch.float32)
-        loss = F.kl_div(student, target, log_target=True, reduction="sum") / target.shape[:2].numel()
+        loss = metrics.kl_sum(target, student) / target.shape[:2].numel()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from workers import metrics
 
@@ -91,7 +90,8 @@ class Teacher:
 
 
 def kl(model: nn.Module, tokens: torch.Tensor, teacher: Teacher, *, batch_size: int = 8) -> float:
-    """Mean over predicted positions of KL(teacher ‖ model) in nats (top-k KL when the teacher is top-k)."""
+    """Mean over the next-token predictions of every sequence (all positions but the last) of KL(teacher ‖ model)
+    in nats (top-k KL when the teacher is top-k)."""
     return kl_and_perplexity(model, tokens, teacher, batch_size=batch_size)[0]
 
 
@@ -120,10 +120,10 @@ def kl_and_perplexity(
         student = metrics.next_token_logprobs(model, chunk)  # (B, T-1, vocab)
         part = teacher.select(rows)
         if part.logprobs is not None:
-            kl_sum += F.kl_div(student, part.logprobs.to(device), log_target=True, reduction="sum").item()
+            kl_sum += metrics.kl_sum(part.logprobs.to(device), student).item()
         else:
             picked = student.gather(-1, part.top_indices.to(device)).double()  # (B, T-1, k)
             kl_sum += _coarse_kl(part.top_logprobs.to(device, torch.float64), picked)
-        nll_sum -= student.gather(-1, chunk[:, 1:, None]).sum().item()
+        nll_sum += metrics.nll_sum(student, chunk).item()
     count = n * (t - 1)
     return kl_sum / count, math.exp(nll_sum / count)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from darwinfront.core import settings
 from darwinfront.core.errors import InvalidSpec
 from darwinfront.gguf_files import check_gguf_file
-from workers.reference import build_once, cache_root, read_report
+from workers.reference import build_once, read_report
 
 REPORT_FILE = "darwinfront_gguf.json"
 CONVERT_VERSION = 1  # bump when the conversion changes what a file produces (it names the directory)
@@ -65,7 +66,7 @@ def gguf_model_dir(path: Path, cache_dir: Path | None = None, *, source: str | N
 
     Args:
         path: the `.gguf` file.
-        cache_dir: the root to build under (see `reference.cache_root`).
+        cache_dir: the root to build under (default `darwinfront.core.settings.cache_dir()`).
         source: how the job named the file, for messages (default: the path).
 
     Raises:
@@ -77,7 +78,7 @@ def gguf_model_dir(path: Path, cache_dir: Path | None = None, *, source: str | N
     if not path.is_file():
         raise InvalidSpec("model.source", f"GGUF file {shown!r} does not exist")
     digest = file_sha256(path)
-    final = cache_root(cache_dir) / f"gguf-{digest[:16]}-v{CONVERT_VERSION}"
+    final = (cache_dir or settings.cache_dir()) / f"gguf-{digest[:16]}-v{CONVERT_VERSION}"
     return build_once(final, lambda out: convert_gguf(path, out, source=shown, digest=digest))
 
 

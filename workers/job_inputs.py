@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from darwinfront.core.spec import DataSpec, JobSpec
-from workers import data, database, levels, modeling
+from workers import criteria, data, database, levels, modeling
 from workers.progress import StepReport, format_seconds
 
 
@@ -60,9 +60,22 @@ def token_pools(tokenizer, data_spec: DataSpec, seed: int) -> dict[str, torch.Te
             "held_out": held_out}
 
 
-def database_options(criterion: str, seed: int) -> dict:
-    """The criterion options that name a database (the seed, for `random` only)."""
-    return {"seed": seed} if criterion == "random" else {}
+def database_options(spec: JobSpec) -> dict:
+    """The criterion options that name a job's database: the seed (for `random` only) and the job options the
+    criterion accepts (`prune.bias_compensation`, when on)."""
+    prune = spec.prune
+    options = {"seed": spec.seed} if prune.criterion == "random" else {}
+    return {**options, "bias_compensation": True} if prune.bias_compensation else options
+
+
+def job_criterion(spec: JobSpec) -> criteria.Criterion:
+    """The criterion that fills a job's level database, with the database's options."""
+    return criteria.get(spec.prune.criterion, attention_unit=spec.prune.attention_unit, **database_options(spec))
+
+
+def stores_weights(spec: JobSpec) -> bool:
+    """Whether a job's level database carries tensors (built layer by layer, so helpers can share the build)."""
+    return criteria.stores_weights(job_criterion(spec))
 
 
 def job_table(inputs: JobInputs) -> levels.LevelTable:
@@ -81,7 +94,7 @@ def open_database(
     """
     spec = inputs.spec
     table = job_table(inputs)
-    options = database_options(spec.prune.criterion, spec.seed)
+    options = database_options(spec)
     started = time.perf_counter()
     if report is not None:
         report("database", f"opening the {spec.prune.criterion} level database "

@@ -64,7 +64,7 @@ def kl_with_cache(model, tokens: torch.Tensor, teacher: torch.Tensor, config: KV
         cache = build_cache(model, config, storage="simulated", quantize_in_forward=True)
         logits = model(input_ids=chunk.to(model.device), past_key_values=cache, use_cache=True).logits[:, :-1]
         student = F.log_softmax(logits.float(), dim=-1)  # (B, T-1, vocab)
-        total += F.kl_div(student, target.to(student.device), log_target=True, reduction="sum").item()
+        total += metrics.kl_sum(target.to(student.device), student).item()
         count += student.shape[0] * student.shape[1]
     return total / count
 

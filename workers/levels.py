@@ -15,6 +15,7 @@ from torch import nn
 from darwinfront.core.errors import InvalidSpec
 from search.genome import LevelSpace, PruneGenome
 from workers import slicing
+from workers.criteria.base import UnitScores
 
 KINDS = ("attn", "mlp")
 
@@ -137,10 +138,15 @@ def level_space(model: nn.Module, table: LevelTable) -> LevelSpace:
 def removal_order(scores: Sequence[float]) -> list[int]:
     """Units in removal order for per-unit scores (higher = keep): lowest first, the higher index first on ties.
 
-    The reverse of the order `slicing.layout_for` keeps units in, so both cut the same units.
+    `layout` keeps every unit but the first ones of this order: the highest-scored, the lower index on ties.
     """
     keep_first = sorted(range(len(scores)), key=lambda j: (-float(scores[j]), j))
     return keep_first[::-1]
+
+
+def removal_orders(scores: UnitScores) -> list[dict[str, list[int]]]:
+    """Per layer, kind -> units in removal order (`removal_order`) of a criterion's unit scores."""
+    return [{"attn": removal_order(s.attn.tolist()), "mlp": removal_order(s.mlp.tolist())} for s in scores.layers]
 
 
 def layout(genome: PruneGenome, orders: Sequence[dict[str, Sequence[int]]], table: LevelTable) -> slicing.Layout:

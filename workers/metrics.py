@@ -1,7 +1,8 @@
-"""Fitness metrics: KL divergence to the dense teacher's next-token distributions, and perplexity.
+"""Fitness metrics: next-token log-probabilities, the KL divergence between two models' distributions, perplexity.
 
 Every position of a sequence except the last predicts the next token, so a batch of (N, T) tokens yields
-N * (T - 1) predictions; all metrics average over those predictions with equal weight.
+N * (T - 1) predictions; all metrics average over those predictions with equal weight (`workers.fitness.kl` is
+the KL over a pool of sequences, against cached teacher outputs).
 """
 
 from __future__ import annotations
@@ -38,25 +39,20 @@ def teacher_logprobs(model: nn.Module, tokens: torch.Tensor, batch_size: int) ->
     return torch.cat([next_token_logprobs(model, chunk).cpu() for chunk in tokens.split(batch_size)])
 
 
-@torch.inference_mode()
-def kl_to_teacher(model: nn.Module, tokens: torch.Tensor, teacher_logprobs: torch.Tensor, batch_size: int) -> float:
-    """Mean over predicted positions of KL(teacher || model), in nats.
+def kl_sum(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Σ over positions of KL(teacher ‖ student) in nats, from both models' log-probabilities (..., vocab) at the
+    same positions: the project's one KL, a 0-dim tensor, differentiable in `student`.
 
-    Args:
-        model: the student (a pruned model).
-        tokens: LongTensor (N, T), the tokens the teacher saw.
-        teacher_logprobs: (N, T-1, vocab), as `teacher_logprobs` returned them.
-        batch_size: sequences per forward pass.
+    Its callers divide by the positions they pass, so every KL reported is a mean over all positions of every
+    sequence, with equal weight: the N·(T-1) next-token predictions of (N, T) tokens for the fitness, the KV
+    search and distillation; all N·T positions for ablation scores, whose dense outputs need no next token.
     """
-    n, t = tokens.shape
-    if teacher_logprobs.shape[:2] != (n, t - 1):
-        raise ValueError(f"teacher log-probs {tuple(teacher_logprobs.shape)} do not match tokens {(n, t)}")
-    total = 0.0
-    for chunk, teacher in zip(tokens.split(batch_size), teacher_logprobs.split(batch_size), strict=True):
-        student = next_token_logprobs(model, chunk)  # (B, T-1, vocab)
-        teacher = teacher.to(student.device, torch.float32)
-        total += F.kl_div(student, teacher, log_target=True, reduction="sum").item()
-    return total / (n * (t - 1))
+    return F.kl_div(student, teacher, log_target=True, reduction="sum")
+
+
+def nll_sum(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Σ over predictions of the next token's negative log-likelihood, from `next_token_logprobs` of (B, T) tokens."""
+    return -logprobs.gather(-1, tokens[:, 1:, None].to(logprobs.device)).sum()
 
 
 @torch.inference_mode()
@@ -65,9 +61,7 @@ def mean_nll(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> float:
     n, t = tokens.shape
     total = 0.0
     for chunk in tokens.split(batch_size):
-        logp = next_token_logprobs(model, chunk)  # (B, T-1, vocab)
-        targets = chunk[:, 1:].to(logp.device)  # (B, T-1)
-        total -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+        total += nll_sum(next_token_logprobs(model, chunk), chunk).item()  # (B, T-1, vocab) log-probs
     return total / (n * (t - 1))
 
 

@@ -52,7 +52,7 @@ def resolve_source(source: str, cache_dir: Path | None = None) -> str:
         source: `builtin:<name>` (built on first use, see `workers.reference`), a local `.gguf` file (converted
             once into the cache, see `workers.gguf_import`), a local directory holding config.json, or a hub id
             (passed through unchanged).
-        cache_dir: the root builtin and converted models are built under (default: `reference.cache_root`).
+        cache_dir: the root builtin and converted models are built under (default: `settings.cache_dir()`).
 
     Raises:
         InvalidSpec: on an unknown builtin, a missing builtin package, a bad `.gguf` file, or a local directory

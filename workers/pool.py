@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 import ray
 
 from workers.evaluator import Evaluator
-from workers.prepare import node_threads, obs_layers, prepare
+from workers.prepare import level_layers, node_threads, prepare
 from workers.progress import StepReport, format_seconds
 from workers.telemetry import Telemetry
 
@@ -53,7 +53,7 @@ def run_prepare(
 
 
 class RemoteLayers:
-    """`database.LayerHelpers` on Ray: each helper is a streaming task (`prepare.obs_layers`) that loads the
+    """`database.LayerHelpers` on Ray: each helper is a streaming task (`prepare.level_layers`) that loads the
     job's model and tokens and sends each finished layer's results back through the object store.
 
     Args:
@@ -67,7 +67,7 @@ class RemoteLayers:
         self._streams: list[ray.ObjectRefGenerator] = []
 
     def start(self, shares: list[list[int]]) -> None:
-        task = ray.remote(obs_layers).options(num_returns="streaming", num_gpus=self.gpus, num_cpus=1,
+        task = ray.remote(level_layers).options(num_returns="streaming", num_gpus=self.gpus, num_cpus=1,
                                               max_retries=0)
         self._streams = [task.remote(self.spec, share, self.threads) for share in shares if share]
 

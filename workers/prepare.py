@@ -14,9 +14,8 @@ import torch
 
 from darwinfront.core.spec import JobSpec
 from workers import levels, metrics
-from workers.criteria.obs import ObsLevels, iter_obs_levels
 from workers.database import LayerHelpers
-from workers.job_inputs import JobInputs, database_options, job_table, open_database
+from workers.job_inputs import JobInputs, job_criterion, job_table, open_database
 from workers.progress import StepReport, format_seconds
 
 
@@ -33,7 +32,7 @@ def prepare(
         report: where each step is reported (default: the log only).
         threads: torch threads (0 keeps torch's default). The task runs alone before the job's evaluators
             start, so the driver gives it the node's cores (shared with the helpers).
-        helpers: workers that build a share of a per-layer (obs) database's layers meanwhile.
+        helpers: workers that build a share of the database's layers meanwhile (when its levels carry tensors).
     """
     report = report or StepReport()
     if threads > 0:
@@ -58,20 +57,18 @@ def prepare(
     }
 
 
-def obs_layers(spec_dict: dict, layers: list[int], threads: int = 0) -> Iterator[tuple[int, dict]]:
-    """A helper's share of a job's obs database: (layer, kind -> ObsLevels on the CPU) for each of `layers`, as
-    each finishes; the model and tokens are the job's own, so the results equal the prepare step's."""
+def level_layers(spec_dict: dict, layers: list[int], threads: int = 0) -> Iterator[tuple[int, dict]]:
+    """A helper's share of a job's level database whose levels carry tensors: (layer, kind -> LinearLevels on
+    the CPU) for each of `layers`, as each finishes; the model and tokens are the job's own, so the results
+    equal the prepare step's."""
     if threads > 0:
         torch.set_num_threads(threads)
     inputs = JobInputs.load(JobSpec.model_validate(spec_dict))
     table = job_table(inputs)
-    counts = {kind: table.counts(kind) for kind in ("attn", "mlp")}
-    options = database_options(inputs.spec.prune.criterion, inputs.spec.seed)
-    found = iter_obs_levels(inputs.model, inputs.database, counts, attention_unit=table.attention_unit,
-                            layers=layers, **options)
+    counts = {kind: table.counts(kind) for kind in levels.KINDS}
+    found = job_criterion(inputs.spec).level_weights(inputs.model, inputs.database, counts, layers=layers)
     for i, result in found:
-        yield i, {kind: ObsLevels(r.order.cpu(), {c: w.cpu() for c, w in r.weights.items()})
-                  for kind, r in result.items()}
+        yield i, {kind: r.cpu() for kind, r in result.items()}
 
 
 def node_threads() -> int:

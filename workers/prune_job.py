@@ -20,8 +20,8 @@ from search import strategies
 from search.genome import LevelSpace
 from search.strategy import Request, Stage, Strategy
 from workers import artifacts, tracking
-from workers.database import WEIGHT_CRITERIA
 from workers.interrupts import Stopping, check_interrupts
+from workers.job_inputs import stores_weights
 from workers.pool import EvaluatorPool, run_prepare
 from workers.progress import StepReport
 from workers.telemetry import Telemetry
@@ -44,8 +44,8 @@ class PruneJob:
         record = self.store.get(self.job_id)
         spec = JobSpec.model_validate(record.spec)
         report = StepReport(self.redis_url, self.job_id)
-        # an obs database is built layer by layer: the job's other evaluators' devices each take a share
-        helpers = spec.resources.evaluators - 1 if spec.prune.criterion in WEIGHT_CRITERIA else 0
+        # a database whose levels carry tensors is built layer by layer: the other evaluators' devices share it
+        helpers = spec.resources.evaluators - 1 if stores_weights(spec) else 0
         prepared = run_prepare(record.spec, gpus=spec.resources.gpus_per_evaluator, report=report, helpers=helpers)
         space = LevelSpace.from_dict(prepared["space"])
         event = {k: prepared[k] for k in ("space", "dense", "database")}

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from darwinfront.core import settings
 from darwinfront.core.errors import InvalidSpec
 from workers import data
 
@@ -82,7 +83,7 @@ def builtin_model_dir(name: str, cache_dir: Path | None = None) -> Path:
     Args:
         name: a key of `RECIPES` (`tiny-llama`, `micro-llama`), trained here, or of
             `gguf_import.PACKAGED_GGUF` (`smollm2-135m`), dequantized from the GGUF file its package ships.
-        cache_dir: the root to build under (see `cache_root`). A trained model lives in
+        cache_dir: the root to build under (default `darwinfront.core.settings.cache_dir()`). A trained model lives in
             `<root>/<name>-<recipe hash>`, a packaged one in `<root>/gguf-<file sha256 prefix>-v<n>`.
 
     Returns:
@@ -97,12 +98,8 @@ def builtin_model_dir(name: str, cache_dir: Path | None = None) -> Path:
         known = ", ".join([*RECIPES, *PACKAGED_GGUF])
         raise InvalidSpec("model.source", f"unknown builtin model {name!r}; known: {known}")
     recipe = RECIPES[name]
-    return build_once(cache_root(cache_dir) / f"{name}-{recipe.key()}", lambda out: train_reference(recipe, out))
-
-
-def cache_root(cache_dir: Path | None = None) -> Path:
-    """Where built models live: `cache_dir`, else `$DARWINFRONT_CACHE_DIR`, else `~/.cache/darwinfront/models`."""
-    return Path(cache_dir or os.environ.get("DARWINFRONT_CACHE_DIR") or Path.home() / ".cache/darwinfront/models")
+    root = cache_dir or settings.cache_dir()
+    return build_once(root / f"{name}-{recipe.key()}", lambda out: train_reference(recipe, out))
 
 
 def build_once(final: Path, build: Callable[[Path], None]) -> Path:

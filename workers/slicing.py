@@ -21,8 +21,6 @@ import torch
 from torch import nn
 
 from darwinfront.core.errors import InvalidSpec
-from search.genome import LevelSpace, PruneGenome
-from workers.criteria.base import UnitScores
 from workers.sliced_modules import NoAttention, NoMLP, QueryHeadAttention
 
 
@@ -132,46 +130,6 @@ def shared_attention_params(d: Dims, attention_unit: str = "kv_group") -> int:
     return 2 * (d.hidden + (1 if d.attn_bias else 0)) * d.n_kv * d.head_dim
 
 
-def level_space(model: nn.Module, mlp_step: int, attention_unit: str = "kv_group") -> LevelSpace:
-    """The search space of a dense model: levels per layer and the exact parameter cost of each level step.
-
-    Args:
-        model: a dense Llama-family model.
-        mlp_step: MLP channels removed per level step; the top level removes `intermediate // mlp_step` steps.
-        attention_unit: one attention level step is one KV group ("kv_group") or one query head ("q_head").
-    """
-    _require_dense(model)
-    d = dims(model)
-    if not 1 <= mlp_step <= d.intermediate:
-        raise InvalidSpec("prune.mlp_multiple", f"{mlp_step} is not in 1..{d.intermediate} (the MLP width)")
-    attn_unit, channel = unit_params(d, attention_unit)
-    return LevelSpace(
-        n_layers=d.n_layers,
-        attn_levels=d.attn_units(attention_unit),
-        mlp_levels=d.intermediate // mlp_step,
-        attn_unit_params=attn_unit,
-        mlp_level_params=mlp_step * channel,
-        dense_params=count_parameters(model),
-        attn_shared_params=shared_attention_params(d, attention_unit),
-    )
-
-
-def layout_for(genome: PruneGenome, scores: UnitScores, mlp_step: int, attention_unit: str = "kv_group") -> Layout:
-    """Keep the highest-scored units of every layer.
-
-    Layer i drops its `genome.attn[i]` lowest-scored attention units (KV groups or query heads, as `scores`
-    were made) and `genome.mlp[i] * mlp_step` lowest-scored channels. Equal scores keep the lower index.
-    """
-    if len(genome.attn) != len(scores) or len(genome.mlp) != len(scores):
-        raise InvalidSpec("genome", f"{len(genome.attn)} layers in the genome, {len(scores)} in the scores")
-    layers = []
-    for i, layer in enumerate(scores.layers):
-        attn_keep = _top(layer.attn, len(layer.attn) - genome.attn[i], f"genome.attn[{i}]")
-        mlp_keep = _top(layer.mlp, len(layer.mlp) - genome.mlp[i] * mlp_step, f"genome.mlp[{i}]")
-        layers.append(LayerLayout(attn_keep, mlp_keep))
-    return Layout(tuple(layers), attention_unit)
-
-
 def dense_layout(model: nn.Module, attention_unit: str = "kv_group") -> Layout:
     """The layout that keeps every unit of `model`."""
     d = dims(model)
@@ -221,6 +179,29 @@ def masked(model: nn.Module, layout: Layout) -> Iterator[nn.Module]:
             handle.remove()
 
 
+def add_output_shift(layer: nn.Module, kind: str, shift: torch.Tensor) -> None:
+    """Add the constant `shift` (hidden,) to the output of a cut layer's o_proj ("attn") / down_proj ("mlp"), or
+    of the stand-in of a sub-block that keeps no unit (FLAP's bias compensation of the removed units).
+
+    It joins the linear's bias where there is one. A linear without one gets it as a buffer named `bias` (what
+    `nn.Linear` adds to its output): saved with the model, not among its parameters, since a candidate's
+    parameters are those of its structure (what the search budgets).
+    """
+    block = layer.self_attn if kind == "attn" else layer.mlp
+    if getattr(block, "darwinfront_empty", False):
+        module, name = block, "o_bias" if kind == "attn" else "down_bias"
+    else:
+        module, name = (block.o_proj if kind == "attn" else block.down_proj), "bias"
+    current = getattr(module, name)
+    if current is not None:
+        with torch.no_grad():
+            current.add_(shift.to(current))
+        return
+    like = next(block.parameters(), None)
+    delattr(module, name)  # an unset bias (None) makes way for the buffer
+    module.register_buffer(name, shift.detach().to(like if like is not None else shift).clone())
+
+
 def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
     """Save a sliced model (safetensors, config.json with `darwinfront_layout`) and its tokenizer to `path`."""
     if not getattr(model.config, "darwinfront_layout", None):
@@ -255,6 +236,7 @@ def load_pruned(path: str | Path, *, dtype=torch.float32, device="cpu") -> tuple
     state = {}
     for file in files:
         state.update(load_file(file, device=str(device)))
+    _make_room_for_shifts(model, state)
     _load_strict(model, state)
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
@@ -284,17 +266,6 @@ def apply_configuration(model: nn.Module, config: dict) -> nn.Module:
             "it was made for a different model",
         )
     return model
-
-
-def _top(scores: torch.Tensor, keep: int, field: str) -> tuple[int, ...]:
-    n = len(scores)
-    if not 0 <= keep <= n:
-        raise InvalidSpec(field, f"removes {n - keep} of {n} units")
-    values = scores.detach().double().cpu().tolist()
-    if any(v != v for v in values):
-        raise InvalidSpec("scores", f"NaN unit score in {field.split('[')[0]} scores")
-    order = sorted(range(n), key=lambda j: (-values[j], j))
-    return tuple(sorted(order[:keep]))
 
 
 def _check_layout(layout: Layout, d: Dims, field: str = "layout") -> None:
@@ -392,6 +363,19 @@ def _no_init():
     except ImportError:  # older layout: fall back to a normal (slower) initialisation
         return contextlib.nullcontext()
     return no_init_weights()
+
+
+_SHIFTS = {"attn": ("self_attn.o_proj.bias", "self_attn.o_bias"), "mlp": ("mlp.down_proj.bias", "mlp.down_bias")}
+
+
+def _make_room_for_shifts(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give a rebuilt model the output shifts (`add_output_shift`) its saved state holds, zero until loaded."""
+    present = set(model.state_dict())
+    for i, layer in enumerate(model.model.layers):
+        for kind, names in _SHIFTS.items():
+            for key in (f"model.layers.{i}.{name}" for name in names):
+                if key in state and key not in present:
+                    add_output_shift(layer, kind, torch.zeros_like(state[key]))
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -8,6 +8,7 @@ starts.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -17,12 +18,21 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "changethis", "secret", "password"})
 
 
-def _default_data_dir() -> Path:
-    return Path("~/.local/share/darwinfront").expanduser()
+def data_dir() -> Path:
+    """Embedded Redis, API keys, archives: `$DARWINFRONT_DATA_DIR`, else `~/.local/share/darwinfront`."""
+    return Path(os.environ.get("DARWINFRONT_DATA_DIR") or "~/.local/share/darwinfront").expanduser()
 
 
-def _cache_dir() -> Path:
-    return Path("~/.cache/darwinfront").expanduser()
+def cache_dir() -> Path:
+    """Built and converted models: `$DARWINFRONT_CACHE_DIR`, else `~/.cache/darwinfront`."""
+    return Path(os.environ.get("DARWINFRONT_CACHE_DIR") or "~/.cache/darwinfront").expanduser()
+
+
+def database_dir() -> Path:
+    """Level databases (large: 100-200 GB for an 8B model, see docs/SCALING.md): `$DARWINFRONT_DATABASE_DIR`, else
+    `<cache dir>/databases`."""
+    explicit = os.environ.get("DARWINFRONT_DATABASE_DIR")
+    return Path(explicit).expanduser() if explicit else cache_dir() / "databases"
 
 
 class Settings(BaseSettings):
@@ -59,10 +69,10 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("DARWINFRONT_REDIS_URL", "REDIS_URL", "redis_url")
     )
-    data_dir: Path = Field(default_factory=_default_data_dir)
+    data_dir: Path = Field(default_factory=data_dir)
     api_keys_file: Path | None = None
     api_keys: dict[str, str] = Field(default_factory=dict)
-    cache_dir: Path = Field(default_factory=_cache_dir)
+    cache_dir: Path = Field(default_factory=cache_dir)
     allowed_model_roots: list[Path] | None = None
     allowed_data_roots: list[Path] | None = None
     max_evaluations_per_job: int = Field(default=100_000, ge=1)

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from darwinfront.core import criteria
 from search import strategies
 from search.schedule import halving_schedule
 from search.strategy import evaluations_per_generation
@@ -22,11 +23,6 @@ from search.strategy import evaluations_per_generation
 # a test holds the lists equal.
 BUILTIN_MODELS = ("tiny-llama", "micro-llama", "smollm2-135m")
 BUILTIN_DATA = ("pydoc",)
-# The names `workers.criteria.names()` registers (kept here: the service never imports torch); a test holds
-# the two lists equal.
-CRITERIA = (
-    "ablation", "flap", "gate", "gate_fisher", "gate_spsa", "magnitude", "obs", "random", "taylor", "wanda_sp",
-)
 
 
 class _Strict(BaseModel):
@@ -126,9 +122,16 @@ class PruneSpec(_Strict):
     )
     criterion: str = Field(
         default="obs",
-        description=f"How units are ranked and the level database filled; one of {', '.join(CRITERIA)}. "
-        "`obs` (ZipLM second-order removal with weight updates, DarwinLM's choice) stores updated weights; "
-        "the others store their removal order.",
+        description=f"How units are ranked and the level database filled; one of {', '.join(criteria.names())} "
+        "(each a module of workers/criteria/). `obs` (ZipLM second-order removal with weight updates, DarwinLM's "
+        "choice) stores updated weights; the others store their removal order.",
+    )
+    bias_compensation: bool = Field(
+        default=False,
+        description="FLAP's bias compensation: every cut o_proj / down_proj adds W[:, removed]·mean(x[removed]) to "
+        "its output (the calibration mean of what the removed units gave), stored per level in the level database "
+        "and saved with the model (a constant, not counted as a parameter). Only with criteria that support it: "
+        f"{', '.join(criteria.supporting('bias_compensation'))}.",
     )
     attention_unit: Literal["kv_group", "q_head"] = Field(
         default="kv_group",
@@ -161,8 +164,16 @@ class PruneSpec(_Strict):
     @field_validator("criterion")
     @classmethod
     def _known_criterion(cls, value: str) -> str:
-        if value not in CRITERIA:
-            raise ValueError(f"unknown criterion {value!r}; known: {', '.join(CRITERIA)}")
+        criteria.entry(value)  # a ValueError naming the known ones
+        return value
+
+    @field_validator("bias_compensation")
+    @classmethod
+    def _criterion_compensates(cls, value: bool, info: ValidationInfo) -> bool:
+        criterion = info.data.get("criterion")  # absent when it was refused itself
+        if value and criterion is not None and "bias_compensation" not in criteria.entry(criterion).supports:
+            supported = ", ".join(criteria.supporting("bias_compensation"))
+            raise ValueError(f"criterion {criterion!r} has no bias compensation; criteria that have one: {supported}")
         return value
 
 

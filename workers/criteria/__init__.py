@@ -1,6 +1,7 @@
 """Saliency criteria for structured pruning: one module per criterion, each speaking
-`score(model, calibration)`. `get(name, **kwargs)` builds a criterion by name (keyword arguments go to its
-constructor); `names()` lists them.
+`score(model, calibration)`. A module registers itself by declaring its catalog entries (`CRITERIA`, read by
+`darwinfront.core.criteria` without importing it); `get(name, **kwargs)` builds a criterion by name (keyword
+arguments go to its constructor) and `names()` lists them.
 Scores are per decoder layer, per unit (KV group or query head / MLP channel); higher = keep.
 """
 
@@ -8,35 +9,25 @@ from __future__ import annotations
 
 import importlib
 
-from workers.criteria.base import Criterion, LayerScores, UnitScores
-
-# name -> (module, class, default constructor arguments); modules are imported on first use.
-_REGISTRY: dict[str, tuple[str, str, dict]] = {
-    "random": ("workers.criteria.random", "Random", {}),
-    "magnitude": ("workers.criteria.magnitude", "Magnitude", {}),
-    "wanda_sp": ("workers.criteria.wanda_sp", "WandaSP", {}),
-    "obs": ("workers.criteria.obs", "Obs", {}),
-    "flap": ("workers.criteria.flap", "Flap", {}),
-    "taylor": ("workers.criteria.taylor", "Taylor", {}),
-    "gate": ("workers.criteria.gate", "Gate", {}),
-    "gate_fisher": ("workers.criteria.gate", "Gate", {"stat": "fisher"}),
-    "gate_spsa": ("workers.criteria.gate", "Gate", {"estimator": "spsa"}),
-    "ablation": ("workers.criteria.ablation", "Ablation", {}),
-}
+from darwinfront.core import criteria as catalog
+from workers.criteria.base import Criterion, LayerScores, LevelCriterion, LinearLevels, UnitScores
 
 
 def names() -> list[str]:
     """Registered criterion names, sorted."""
-    return sorted(_REGISTRY)
+    return list(catalog.names())
 
 
 def get(name: str, **kwargs) -> Criterion:
     """Build the criterion registered as `name`; `kwargs` go to its constructor (`seed`, `batch_size`...)."""
-    try:
-        module, cls, defaults = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown criterion {name!r}; known: {', '.join(names())}") from None
-    return getattr(importlib.import_module(module), cls)(**{**defaults, **kwargs})
+    entry = catalog.entry(name)
+    return getattr(importlib.import_module(entry.module), entry.cls)(**{**entry.defaults, **kwargs})
 
 
-__all__ = ["Criterion", "LayerScores", "UnitScores", "get", "names"]
+def stores_weights(criterion: Criterion) -> bool:
+    """Whether `criterion`'s levels carry tensors (it is a `LevelCriterion` that stores them)."""
+    return bool(getattr(criterion, "stores_weights", False))
+
+
+__all__ = ["Criterion", "LayerScores", "LevelCriterion", "LinearLevels", "UnitScores", "get", "names",
+           "stores_weights"]

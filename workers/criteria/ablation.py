@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from workers import metrics
 from workers.criteria import _gates
-from workers.criteria._common import KINDS, Geometry, check_kinds, empty, micro_batches
+from workers.criteria._common import KINDS, Geometry, check_kinds, empty
 from workers.criteria._replay import Replay
 from workers.criteria.base import LayerScores, UnitScores
+
+CRITERIA = {"ablation": {"class": "Ablation"}}  # the catalog entry (darwinfront.core.criteria)
 
 
 @dataclass(frozen=True)
@@ -28,31 +31,12 @@ class BlockScores:
     mlp: torch.Tensor
 
 
-def dense_logprobs(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
-    """The dense model's next-token log-probabilities, one (B, T, vocab) tensor per micro-batch."""
-    with torch.no_grad():
-        return [torch.log_softmax(_gates.logits(model, ids), -1) for ids in micro_batches(calibration, batch_size)]
-
-
-def _kl_sum(ref: torch.Tensor, logits: torch.Tensor) -> float:
-    logq = torch.log_softmax(logits, -1)  # (B, T, vocab)
-    return (ref.exp() * (ref - logq)).sum().item()
-
-
-def kl_to_dense(model: nn.Module, calibration: torch.Tensor, dense: list[torch.Tensor], batch_size: int = 8) -> float:
-    """KL(p_dense ‖ p_model) averaged over every token; `dense` from `dense_logprobs` with the same batch_size."""
-    total = 0.0
-    with torch.no_grad():
-        for ids, ref in zip(micro_batches(calibration, batch_size), dense, strict=True):
-            total += _kl_sum(ref, _gates.logits(model, ids))
-    return total / calibration.numel()
-
-
 def _replay_kl(replay: Replay, start: int, dense: list[torch.Tensor]) -> float:
-    """`kl_to_dense` for a change at layer `start` or above: only layers start.. run again."""
+    """KL(p_dense ‖ p_model) averaged over every position of every sequence, for a change at layer `start` or
+    above: only layers start.. run again."""
     total, count = 0.0, 0
     for (ids, logits), ref in zip(replay.logits(start), dense, strict=True):
-        total += _kl_sum(ref, logits)
+        total += metrics.kl_sum(ref, torch.log_softmax(logits, -1)).item()  # (B, T, vocab) both
         count += ids.numel()
     return total / count
 

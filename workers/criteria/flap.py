@@ -8,7 +8,7 @@ the removed set P keeps the output mean, and removes a constant column with no e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,11 +20,16 @@ from workers.criteria._common import (
     decoder_layers,
     empty,
     input_stats,
+    layerwise_stats,
     target_linear,
     unit_columns,
     unit_reduce,
 )
-from workers.criteria.base import LayerScores, UnitScores
+from workers.criteria.base import LayerScores, LinearLevels, UnitScores
+from workers.levels import removal_order
+
+# the catalog entry (darwinfront.core.criteria)
+CRITERIA = {"flap": {"class": "Flap", "supports": ["bias_compensation"]}}
 
 
 def fluctuation_columns(weight: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -40,50 +45,60 @@ def flap_bias(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -
     return w[:, removed] @ mean[removed]
 
 
-@dataclass(frozen=True)
-class FlapFit:
-    """FLAP scores and the per-layer input means that the bias compensation needs.
-
-    Attributes:
-        scores: the unit scores (higher = keep).
-        means: per layer, kind -> mean of the target linear's input columns (fp64).
-    """
-
-    scores: UnitScores
-    means: tuple[dict[str, torch.Tensor], ...]
-    attention_unit: str = "kv_group"
-
-    def bias(self, model: nn.Module, layer: int, kind: str, removed_units: torch.Tensor) -> torch.Tensor:
-        """Bias to add to layer `layer`'s o_proj / down_proj when `removed_units` (indices) are cut."""
-        lin = target_linear(decoder_layers(model)[layer], kind)
-        removed = unit_columns(removed_units, kind, Geometry.of(model, self.attention_unit))
-        return flap_bias(lin.weight, self.means[layer][kind], removed)
-
-
 class Flap:
-    """FLAP fluctuation criterion (WIFV); `fit` also returns the means for bias compensation."""
+    """FLAP fluctuation criterion (WIFV).
+
+    With `bias_compensation` its levels carry tensors (`stores_weights`): each level's output shift
+    W[:, P]·mean(X_P) for the columns P it removes, which the level database stores and candidates add.
+    """
 
     name = "flap"
 
-    def __init__(self, batch_size: int = 8, attention_unit: str = "kv_group"):
+    def __init__(self, batch_size: int = 8, attention_unit: str = "kv_group", bias_compensation: bool = False):
         self.batch_size = batch_size
         self.attention_unit = attention_unit
+        self.bias_compensation = bias_compensation
 
-    def fit(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS) -> FlapFit:
-        """One pass over `calibration`: fluctuation scores of every unit and the input means."""
+    @property
+    def stores_weights(self) -> bool:
+        return self.bias_compensation
+
+    def score(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS) -> UnitScores:
+        """Fluctuation scores of every attention unit / MLP channel, from one pass over `calibration`."""
         check_kinds(kinds)
         geo = Geometry.of(model, self.attention_unit)
         stats = input_stats(model, calibration, kinds, self.batch_size)
-        layers, means = [], []
+        layers = []
         for layer, st in zip(decoder_layers(model), stats, strict=True):
             out = {k: empty() for k in KINDS}
             for kind in kinds:
-                col = fluctuation_columns(target_linear(layer, kind).weight, st[kind].var)
-                out[kind] = unit_reduce(col, kind, geo).cpu()
-            layers.append(LayerScores(**out))
-            means.append({kind: st[kind].mean for kind in kinds})
-        return FlapFit(UnitScores(layers=tuple(layers), criterion=self.name), tuple(means), self.attention_unit)
+                out[kind] = unit_reduce(fluctuation_columns(target_linear(layer, kind).weight, st[kind].var), kind, geo)
+            layers.append(LayerScores(**{k: v.cpu() for k, v in out.items()}))
+        return UnitScores(layers=tuple(layers), criterion=self.name)
 
-    def score(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS) -> UnitScores:
-        """Fluctuation scores of every attention unit / MLP channel."""
-        return self.fit(model, calibration, kinds).scores
+    def level_weights(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor,
+        counts: Mapping[str, Sequence[int]],
+        *,
+        layers: Sequence[int] | None = None,
+    ) -> Iterator[tuple[int, dict[str, LinearLevels]]]:
+        """Per layer (walked one at a time, `layerwise_stats`), the fluctuation removal order and, at each removal
+        count, the compensating output shift of the removed units (in the linear's dtype)."""
+        kinds = tuple(counts)
+        check_kinds(kinds)
+        geo = Geometry.of(model, self.attention_unit)
+        stack = decoder_layers(model)
+        for i, stats in layerwise_stats(model, calibration, kinds, self.batch_size, layers=layers):
+            result = {}
+            for kind in kinds:
+                weight = target_linear(stack[i], kind).weight
+                scores = unit_reduce(fluctuation_columns(weight, stats[kind].var), kind, geo)
+                order = removal_order(scores.tolist())
+                shifts = {
+                    c: flap_bias(weight, stats[kind].mean, unit_columns(torch.tensor(order[:c]), kind, geo)).to(weight)
+                    for c in counts[kind] if c
+                }
+                result[kind] = LinearLevels(torch.tensor(order), shifts=shifts)
+            yield i, result

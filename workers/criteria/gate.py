@@ -24,6 +24,11 @@ from workers.criteria._common import KINDS, Geometry, check_kinds, empty, micro_
 from workers.criteria._replay import Replay
 from workers.criteria.base import LayerScores, UnitScores
 
+CRITERIA = {  # the catalog entries (darwinfront.core.criteria): one class, three variants
+    "gate": {"class": "Gate"},
+    "gate_fisher": {"class": "Gate", "defaults": {"stat": "fisher"}},
+    "gate_spsa": {"class": "Gate", "defaults": {"estimator": "spsa"}},
+}
 STATS = ("first", "fisher")
 ESTIMATORS = ("autograd", "spsa")
 

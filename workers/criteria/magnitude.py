@@ -16,6 +16,8 @@ from workers.criteria._common import (
 )
 from workers.criteria.base import LayerScores, UnitScores
 
+CRITERIA = {"magnitude": {"class": "Magnitude"}}  # the catalog entry (darwinfront.core.criteria)
+
 
 class Magnitude:
     """Weight-magnitude criterion; `calibration` is accepted for the interface and ignored."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,20 +28,9 @@ from workers.criteria._common import (
     layerwise_stats,
     target_linear,
 )
-from workers.criteria.base import LayerScores, UnitScores
+from workers.criteria.base import LayerScores, LinearLevels, UnitScores
 
-
-@dataclass(frozen=True)
-class ObsLevels:
-    """One linear's greedy OBS result.
-
-    Attributes:
-        order: unit indices in removal order (the first `max(counts)` removed units).
-        weights: removal count -> full-size updated weight (out, in) with the removed units' columns zero.
-    """
-
-    order: torch.Tensor
-    weights: dict[int, torch.Tensor]
+CRITERIA = {"obs": {"class": "Obs"}}  # the catalog entry (darwinfront.core.criteria)
 
 
 def _prepare(
@@ -156,7 +144,7 @@ def obs_prune(
     counts: Sequence[int],
     rel_damp: float = 1e-2,
     block: int = BLOCK,
-) -> ObsLevels:
+) -> LinearLevels:
     """Greedy OBS removal of `group`-wide column blocks of `weight` (out, in) given input Gram `hessian`.
 
     Runs until max(counts) groups are removed and snapshots the updated weight at every count in `counts`.
@@ -191,7 +179,7 @@ def obs_prune(
         snaps[stop] = snap.reshape(n * group, -1).T.contiguous()  # (out, in)
     weights = {c: snaps[c].to(device=weight.device, dtype=weight.dtype, copy=True) for c in sorted(counts)}
     order = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
-    return ObsLevels(order=order.cpu(), weights=weights)
+    return LinearLevels(order=order.cpu(), weights=weights)
 
 
 def _group_width(kind: str, geo: Geometry) -> int:
@@ -205,15 +193,15 @@ def obs_levels(
     *,
     on_layer: Callable[[int, int, float], None] | None = None,
     **options,
-) -> list[dict[str, ObsLevels]]:
+) -> list[dict[str, LinearLevels]]:
     """Per layer, the nested OBS removal order and updated o_proj / down_proj weights at each removal count.
 
-    `iter_obs_levels` collected: one kind -> `ObsLevels` dict per requested layer, aligned with `layers` (every
+    `iter_obs_levels` collected: one kind -> `LinearLevels` dict per requested layer, aligned with `layers` (every
     layer in order when `layers` is None). `options` are `iter_obs_levels`'s; `on_layer` is called after each
     computed layer with (layers done, layers to do, seconds since the start).
     """
     started = time.perf_counter()
-    found: dict[int, dict[str, ObsLevels]] = {}
+    found: dict[int, dict[str, LinearLevels]] = {}
     wanted = options.get("layers")
     total = len(model.model.layers) if wanted is None else len(wanted)
     for i, result in iter_obs_levels(model, calibration, levels, **options):
@@ -232,9 +220,9 @@ def iter_obs_levels(
     batch_size: int = 8,
     attention_unit: str = "kv_group",
     layers: Sequence[int] | None = None,
-) -> Iterator[tuple[int, dict[str, ObsLevels]]]:
+) -> Iterator[tuple[int, dict[str, LinearLevels]]]:
     """Per layer, the nested OBS removal order and updated o_proj / down_proj weights at each removal count,
-    yielded as (layer index, kind -> `ObsLevels`) as each layer finishes, so a caller can store a layer's level
+    yielded as (layer index, kind -> `LinearLevels`) as each layer finishes, so a caller can store a layer's level
     weights and drop them before the next (memory: one layer's results).
 
     The decoder is walked one layer at a time on cached hidden states (`layerwise_stats`): a layer's Hessians
@@ -273,11 +261,24 @@ class Obs:
     """ZipLM / OBS criterion: units scored by greedy removal order (first removed = 0, higher = keep)."""
 
     name = "obs"
+    stores_weights = True  # every level holds its OBS-updated o_proj / down_proj weight
 
     def __init__(self, rel_damp: float = 1e-2, batch_size: int = 8, attention_unit: str = "kv_group"):
         self.rel_damp = rel_damp
         self.batch_size = batch_size
         self.attention_unit = attention_unit
+
+    def level_weights(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor,
+        counts: Mapping[str, Sequence[int]],
+        *,
+        layers: Sequence[int] | None = None,
+    ) -> Iterator[tuple[int, dict[str, LinearLevels]]]:
+        """`iter_obs_levels` with this criterion's settings: per layer, the removal order and updated weights."""
+        return iter_obs_levels(model, calibration, counts, rel_damp=self.rel_damp, batch_size=self.batch_size,
+                               attention_unit=self.attention_unit, layers=layers)
 
     def score(
         self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS

@@ -8,6 +8,8 @@ from torch import nn
 from workers.criteria._common import KINDS, Geometry, check_kinds, empty
 from workers.criteria.base import LayerScores, UnitScores
 
+CRITERIA = {"random": {"class": "Random"}}  # the catalog entry (darwinfront.core.criteria)
+
 
 class Random:
     """Uniform(0, 1) scores drawn from a generator seeded with `seed`; model weights and data are ignored."""

@@ -15,6 +15,8 @@ from workers.criteria import _gates
 from workers.criteria._common import KINDS, Geometry, check_kinds, decoder_layers, empty, group_reduce, micro_batches
 from workers.criteria.base import LayerScores, UnitScores
 
+CRITERIA = {"taylor": {"class": "Taylor"}}  # the catalog entry (darwinfront.core.criteria)
+
 
 def _coupled(layer: nn.Module, kind: str) -> dict[str, nn.Linear]:
     if kind == "attn":

@@ -22,6 +22,8 @@ from workers.criteria._common import (
 )
 from workers.criteria.base import LayerScores, UnitScores
 
+CRITERIA = {"wanda_sp": {"class": "WandaSP"}}  # the catalog entry (darwinfront.core.criteria)
+
 
 def wanda_columns(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """Column scores Σ_i |W_ij|·‖X_j‖ of a linear with weight (out, in) and input column norms (in,)."""
