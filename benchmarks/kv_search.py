@@ -18,7 +18,7 @@ import time
 import optuna
 import torch
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from search.kv_space import KVSpace, pair_name
 from search.pareto import hypervolume_2d, non_dominated
 from workers.kv_evaluator import KVEvaluator, prepare_kv
@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    spec = JobSpec.model_validate({
+    spec = parse_spec({
         "method": "kv_precision", "model": {"source": args.model, "device": "cpu"},
         "data": {"calibration_tokens": args.tokens, "seq_len": 128},
         "kv": {"mode": "kivi", "group_size": 16, "residual": 32, "trials": args.budget, "population": 16,
@@ -65,7 +65,7 @@ def main() -> None:
                   for choice in itertools.product(*(range(len(g.candidates)) for g in space.groups))]
     exhaustive_s = time.perf_counter() - start
 
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(JobSpec.model_validate(spec)))
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(parse_spec(spec)))
     for name in ("KV8", "K8V4", "KV4", "K4V2", "KV2"):
         try:
             choice = space.uniform_choice(name)

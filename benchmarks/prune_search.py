@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from darwinfront.core.spec import JobSpec, SearchSpec
+from darwinfront.core.methods import parse_spec
+from darwinfront.core.spec import SearchSpec
 from search.baselines import RandomSearch, UniformOnly
 from search.evolution import Evolution, Stage
 from search.nsga import NsgaSearch
@@ -68,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def job_spec(args, seed: int) -> dict:
     stages = SearchSpec.model_validate({"offspring": args.offspring}).train_tokens  # the defaults, per stage
     train = [max(128, int(t * args.train_scale)) for t in stages]
-    return JobSpec.model_validate({
+    return parse_spec({
         "model": {"source": args.model, "device": args.device, "dtype": args.dtype},
         "data": {"calibration_tokens": args.calibration_tokens, "eval_tokens": args.eval_tokens,
                  "train_tokens": max(65536, args.post_train_tokens)},
@@ -114,7 +115,7 @@ def winner_metrics(evaluator: Evaluator, genome, post_tokens: int, seed: int) ->
 
 
 def strategies(args, spec: dict, evaluator: Evaluator, seed: int) -> dict:
-    job = JobSpec.model_validate(spec)
+    job = parse_spec(spec)
     space = evaluator.space
     start = space.uniform(args.target)
     trained = stages_for(job, evaluator.inputs.calibration.shape[0])
@@ -139,7 +140,7 @@ def bench_seed(args, seed: int) -> dict:
     spec = job_spec(args, seed)
     prepared = prepare(spec)
     evaluator = Evaluator(spec, prepared, threads=args.threads)
-    seq_len = JobSpec.model_validate(spec).data.seq_len
+    seq_len = parse_spec(spec).data.seq_len
     makers = strategies(args, spec, evaluator, seed)
     arms = list(ARMS) + (["reference"] if seed in args.seeds[: args.reference_seeds] else [])
     out = {"seed": seed, "database": prepared["database"], "dense_perplexity": prepared["dense"]["perplexity"]}

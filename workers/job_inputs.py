@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from darwinfront.core.spec import DataSpec, JobSpec
+from darwinfront.core.spec import DataSpec, PruneJobSpec
 from workers import data, database, levels, modeling
 from workers.progress import StepReport, format_seconds
 
@@ -21,7 +21,7 @@ class JobInputs:
     calibration documents; `database` is the first `data.database_tokens` of the two together.
     """
 
-    spec: JobSpec
+    spec: PruneJobSpec
     model: torch.nn.Module
     tokenizer: object
     calibration: torch.Tensor  # (N, T) token ids
@@ -30,7 +30,7 @@ class JobInputs:
     held_out: torch.Tensor  # (E, T) token ids
 
     @classmethod
-    def load(cls, spec: JobSpec) -> JobInputs:
+    def load(cls, spec: PruneJobSpec) -> JobInputs:
         model, tokenizer = modeling.load_model(
             spec.model.source, dtype=spec.model.dtype, device=spec.model.device, revision=spec.model.revision
         )

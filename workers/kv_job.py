@@ -9,26 +9,22 @@ with the uniform presets (KV8, K8V4, KV4, K4V2, KV2) and is the record; the fron
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass
 
 import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 import darwinfront
-from darwinfront.core.spec import JobSpec
-from darwinfront.core.store import JobStore
+from darwinfront.core.spec import KVJobSpec
 from search.kv_space import PRESETS, KVSpace, pair_name
 from workers import tracking
-from workers.interrupts import check_interrupts
+from workers.job import Job
 from workers.kv_evaluator import KVEvaluator, prepare_kv
 from workers.pool import EvaluatorPool, run_prepare
 from workers.progress import StepReport
 from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-OBJECTIVES = ("kl", "bits")
 FORMAT = "darwinfront.kv_precision/1"
 
 
@@ -36,7 +32,7 @@ def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
     return trial.user_attrs.get("constraint", [0.0])
 
 
-def make_sampler(spec: JobSpec) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: KVJobSpec) -> optuna.samplers.BaseSampler:
     """NSGA-II with a small population, or multivariate TPE; both honour the memory cap as a constraint."""
     if spec.kv.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, constraints_func=_constraints)
@@ -54,31 +50,25 @@ def layers_of(space: KVSpace, params: dict) -> list[list[int]]:
     return space.expand([names[i].index(params[f"g{i}"]) for i in range(len(space.groups))])
 
 
-@dataclass
-class KVJob:
-    """Runs one KV-precision job to completion (or cancellation)."""
-
-    store: JobStore
-    job_id: str
-    redis_url: str
-    lease_lost: threading.Event | None = None
-    stopping: threading.Event | None = None  # set when the driver shuts down: stop after this batch
+class KVJob(Job):
+    """Runs one KV-precision job to completion (or cancellation); it stops after the running batch when the
+    driver stops."""
 
     def run(self) -> None:
-        record = self.store.get(self.job_id)
-        spec = JobSpec.model_validate(record.spec)
+        spec = self.spec
         gpus = spec.resources.gpus_per_evaluator
         report = StepReport(self.redis_url, self.job_id)
-        prepared = run_prepare(record.spec, gpus=gpus, fn=prepare_kv, report=report)
+        prepared = run_prepare(self.spec_dict, gpus=gpus, fn=prepare_kv, report=report)
         space = KVSpace.from_dict(prepared["space"])
         self.store.put_sensitivity(self.job_id, prepared["table"])
-        self.store.append_event(self.job_id, "profiled", {
+        self.event("profiled", {
             "groups": [list(g.layers) for g in space.groups], "reduced_space": space.size(),
             "full_space": prepared["full_space"],
         })
-        study = tracking.open_study(self.redis_url, self.job_id, objectives=OBJECTIVES, sampler=make_sampler(spec))
+        study = tracking.open_study(self.redis_url, self.job_id, objectives=self.method.objectives,
+                                    sampler=make_sampler(spec))
         self._seed_presets(study, space)
-        pool = EvaluatorPool(record.spec, prepared, size=spec.resources.evaluators, gpus=gpus, evaluator=KVEvaluator,
+        pool = EvaluatorPool(self.spec_dict, prepared, size=spec.resources.evaluators, gpus=gpus, evaluator=KVEvaluator,
                              meter=Telemetry.from_url(self.redis_url), job_id=self.job_id)
         try:
             pool.wait_ready(report, " (model, data, full-precision outputs)")
@@ -99,7 +89,7 @@ class KVJob:
             params = {f"g{i}": pair_name(p) for i, p in enumerate(pairs)}
             study.enqueue_trial(params, user_attrs={"preset": name})
 
-    def _search(self, spec: JobSpec, space: KVSpace, study: optuna.Study, pool: EvaluatorPool) -> None:
+    def _search(self, spec: KVJobSpec, space: KVSpace, study: optuna.Study, pool: EvaluatorPool) -> None:
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(stale.number, state=TrialState.FAIL)  # asked by a driver that died; asked again below
         dists = distributions(space)
@@ -114,7 +104,6 @@ class KVJob:
             for trial in trials:  # tell in ask order: the same study whatever the completion order
                 self._tell(study, trial, replies[trial.number], spec.kv.max_bits)
             self._report(spec, study)
-            check_interrupts(self.store, self.job_id, lease_lost=self.lease_lost, stopping=self.stopping)
 
     @staticmethod
     def _tell(study: optuna.Study, trial: optuna.Trial, reply: dict, max_bits: float | None) -> None:
@@ -129,18 +118,17 @@ class KVJob:
         trial.set_user_attr("constraint", [nominal - max_bits if max_bits is not None else 0.0])
         study.tell(trial, [reply["kl"], nominal])
 
-    def _report(self, spec: JobSpec, study: optuna.Study) -> None:
+    def _report(self, spec: KVJobSpec, study: optuna.Study) -> None:
         front = kv_front(study)
         done = _completed(study)
         generation = (done - 1) // spec.kv.population if done else 0
-        self.store.set_front(self.job_id, front, generation=generation)
         best = min((p["objectives"]["kl"] for p in front), default=None)
-        self.store.set_progress(self.job_id, {"generation": generation, "generations": -(-spec.kv.trials //
-                                spec.kv.population), "evaluations": done, "planned": spec.kv.trials,
-                                "best": {"kl": best}})
-        self.store.append_event(self.job_id, "generation", {"generation": generation, "front_size": len(front)})
+        progress = {"generation": generation, "generations": -(-spec.kv.trials // spec.kv.population),
+                    "evaluations": done, "planned": spec.kv.trials, "best": {"kl": best}}
+        self.generation_done(generation, front=front, progress=progress,
+                             event={"generation": generation, "front_size": len(front)})
 
-    def _finish(self, spec: JobSpec, space: KVSpace, study: optuna.Study, prepared: dict) -> None:
+    def _finish(self, spec: KVJobSpec, space: KVSpace, study: optuna.Study, prepared: dict) -> None:
         front = kv_front(study)
         if not front:
             raise RuntimeError("no configuration was evaluated successfully (or none meets kv.max_bits)")
@@ -159,7 +147,7 @@ class KVJob:
                 "metrics": {"kl": trial.values[0]},
                 "seed": spec.seed,
             })
-        self.store.set_front(self.job_id, front, generation=None)
+        self.publish_front(front, generation=None)
 
 
 def kv_front(study: optuna.Study) -> list[dict]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from workers import levels, metrics
 from workers.criteria.obs import ObsLevels, iter_obs_levels
 from workers.database import LayerHelpers
@@ -38,7 +38,7 @@ def prepare(
     report = report or StepReport()
     if threads > 0:
         torch.set_num_threads(threads)
-    spec = JobSpec.model_validate(spec_dict)
+    spec = parse_spec(spec_dict)
     started = time.perf_counter()
     report("model", f"loading {spec.model.source} and tokenizing {spec.data.source}")
     inputs = JobInputs.load(spec)
@@ -63,7 +63,7 @@ def obs_layers(spec_dict: dict, layers: list[int], threads: int = 0) -> Iterator
     each finishes; the model and tokens are the job's own, so the results equal the prepare step's."""
     if threads > 0:
         torch.set_num_threads(threads)
-    inputs = JobInputs.load(JobSpec.model_validate(spec_dict))
+    inputs = JobInputs.load(parse_spec(spec_dict))
     table = job_table(inputs)
     counts = {kind: table.counts(kind) for kind in ("attn", "mlp")}
     options = database_options(inputs.spec.prune.criterion, inputs.spec.seed)
