@@ -162,6 +162,19 @@ def test_front_figure_plots_every_point():
     assert "2 points (final)" in figure.axes[0].get_title()
 
 
+def test_front_figure_draws_the_objectives_the_front_declares():
+    from darwinfront.plot import front_figure
+
+    points = [FrontPoint(candidate_id="kv-0", objectives={"kl": 0.01, "bits": 2.0}),
+              FrontPoint(candidate_id="kv-1", objectives={"kl": 0.001, "bits": 4.0})]
+    front = Front(job_id="j", objectives=methods.get("kv_precision").stored_objectives(), points=points,
+                  updated_at=None, generation=None)
+    ax = front_figure(front, dense_params=1000).axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("bits (bits/element)", "kl (nats)")
+    assert {tuple(xy) for c in ax.collections for xy in c.get_offsets().tolist()} == {(2.0, 0.01), (4.0, 0.001)}
+    assert ax.child_axes == []  # a fraction of the dense model is drawn for parameters only
+
+
 def test_plot_front_writes_the_format_of_the_suffix(tmp_path):
     from darwinfront.plot import plot_front
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from darwinfront.core.errors import InvalidSpec
 from darwinfront.core.spec import JobSpec, KVJobSpec, PosttrainJobSpec, PruneJobSpec
 
 DEFAULT_METHOD = "structured_prune"  # what a spec without `method` is
@@ -89,12 +90,14 @@ def get(name: str) -> JobMethod:
     """The registered method `name`.
 
     Raises:
-        KeyError: No method of that name.
+        InvalidSpec: No method of that name is registered in this process (for a stored job: the module that
+            registers it is not installed where the driver runs).
     """
     try:
         return _METHODS[name]
     except KeyError:
-        raise KeyError(f"no job method {name!r}; known: {', '.join(_METHODS)}") from None
+        raise InvalidSpec("method", f"no job method {name!r} is registered here (known: {', '.join(_METHODS)}); "
+                          "install the module that registers it") from None
 
 
 def names() -> tuple[str, ...]:
