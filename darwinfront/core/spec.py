@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from abc import abstractmethod
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -301,7 +302,7 @@ class JobSpec(_Strict):
     """What every job spec holds, whatever its method; each method's spec subclasses it with its own sections.
 
     A spec is one of the registered methods' classes, chosen by `method`: parse a spec dict with
-    `darwinfront.core.methods.parse_spec`, never with this class's `model_validate`.
+    `darwinfront.core.methods.parse_spec` (this class is abstract).
     """
 
     name: str | None = Field(default=None, max_length=200)
@@ -311,9 +312,9 @@ class JobSpec(_Strict):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
 
+    @abstractmethod
     def planned_evaluations(self) -> int:
         """Candidate evaluations the job will run at most (its progress bar's end and its quota's charge)."""
-        raise NotImplementedError(f"{type(self).__name__} does not say how many evaluations it plans")
 
 
 class PruneJobSpec(JobSpec):
