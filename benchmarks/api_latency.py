@@ -31,6 +31,7 @@ import httpx
 import psutil
 import redis
 
+from darwinfront.core import methods
 from darwinfront.core.settings import Settings
 from darwinfront.core.store import JobStore
 from service.auth import generate_key
@@ -58,7 +59,7 @@ def _seed(url: str, points: int) -> str:
          "target": (0.3, 0.5, 0.7)[i % 3], "generation": 7}
         for i in range(points)
     ]
-    store.set_front(job_id, front)
+    store.set_front(job_id, front, objectives=methods.get("structured_prune").stored_objectives())
     return job_id
 
 

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from workers import finetune, fitness, levels, slicing
 from workers.criteria._common import target_linear
 from workers.evaluator import Evaluator
@@ -36,7 +36,7 @@ SOURCES = {"tiny-llama": "builtin:tiny-llama", "smollm2": "builtin:smollm2-135m"
 
 def job_spec(source: str, args) -> dict:
     """A training-aware job on a magnitude database whose pools hold exactly the benchmark's tokens."""
-    return JobSpec.model_validate({
+    return parse_spec({
         "model": {"source": source, "device": getattr(args, "device", "cpu"),
                   "dtype": getattr(args, "dtype", "float32")},
         "data": {"calibration_tokens": args.kl_tokens, "train_tokens": args.train_tokens, "eval_tokens": args.seq_len,

@@ -18,7 +18,7 @@ import time
 import optuna
 import torch
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from search.kv_search import OBJECTIVES, KVSearch
 from search.kv_space import KVSpace
 from search.pareto import hypervolume_2d, non_dominated
@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    spec = JobSpec.model_validate({
+    spec = parse_spec({
         "method": "kv_precision", "model": {"source": args.model, "device": "cpu"},
         "data": {"calibration_tokens": args.tokens, "seq_len": 128},
         "kv": {"mode": "kivi", "group_size": 16, "residual": 32, "trials": args.budget, "population": 16,
@@ -65,7 +65,7 @@ def main() -> None:
                   for choice in itertools.product(*(range(len(g.candidates)) for g in space.groups))]
     exhaustive_s = time.perf_counter() - start
 
-    kv = JobSpec.model_validate(spec).kv
+    kv = parse_spec(spec).kv
     record = optuna.create_study(directions=["minimize"] * len(OBJECTIVES))
     search = KVSearch(space, record, sampler=kv.sampler, seed=args.seed, population=kv.population,
                       trials=args.budget, batch=1)  # one at a time: every proposal sees every result before it

@@ -30,7 +30,8 @@ import time
 
 import torch
 
-from darwinfront.core.spec import JobSpec, SearchSpec
+from darwinfront.core.methods import parse_spec
+from darwinfront.core.spec import SearchSpec
 from search import strategies
 from search.seeding import derive_seed
 from search.strategy import Stage
@@ -69,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def job_spec(args, seed: int) -> dict:
     stages = SearchSpec.model_validate({"offspring": args.offspring}).train_tokens  # the defaults, per stage
     train = [max(128, int(t * args.train_scale)) for t in stages]
-    return JobSpec.model_validate({
+    return parse_spec({
         "model": {"source": args.model, "device": args.device, "dtype": args.dtype},
         "data": {"calibration_tokens": args.calibration_tokens, "eval_tokens": args.eval_tokens,
                  "train_tokens": max(65536, args.post_train_tokens)},
@@ -116,7 +117,7 @@ def winner_metrics(evaluator: Evaluator, genome, post_tokens: int, seed: int) ->
 
 def arms(args, spec: dict, evaluator: Evaluator, seed: int) -> dict:
     """Each arm as a maker of its registered strategy: (strategy name, stages, generations)."""
-    job = JobSpec.model_validate(spec)
+    job = parse_spec(spec)
     space = evaluator.space
     trained = tuple(stages_for(job, evaluator.inputs.calibration.shape[0]))
     as_cut = tuple(Stage(s.survivors, s.fitness_tokens, 0) for s in trained)
@@ -140,7 +141,7 @@ def bench_seed(args, seed: int) -> dict:
     spec = job_spec(args, seed)
     prepared = prepare(spec)
     evaluator = Evaluator(spec, prepared, threads=args.threads)
-    seq_len = JobSpec.model_validate(spec).data.seq_len
+    seq_len = parse_spec(spec).data.seq_len
     makers = arms(args, spec, evaluator, seed)
     names = list(ARMS) + (["reference"] if seed in args.seeds[: args.reference_seeds] else [])
     out = {"seed": seed, "database": prepared["database"], "dense_perplexity": prepared["dense"]["perplexity"]}

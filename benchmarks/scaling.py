@@ -18,7 +18,7 @@ import time
 
 import ray
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from search.evolution import Evolution
 from search.genome import LevelSpace
 from workers.pool import EvaluatorPool, init_ray
@@ -35,14 +35,14 @@ def job_spec(args) -> dict:
         "search": {"generations": args.generations, "offspring": args.offspring},
         "seed": 0,
     }
-    defaults = JobSpec.model_validate(spec).search.train_tokens
+    defaults = parse_spec(spec).search.train_tokens
     spec["search"]["train_tokens"] = [max(128, t // args.train_divisor) for t in defaults]
-    return JobSpec.model_validate(spec).model_dump(mode="json")
+    return parse_spec(spec).model_dump(mode="json")
 
 
 def run_search(spec: dict, prepared: dict, size: int) -> dict:
     """One target's search on a pool of `size` evaluators; wall, waiting and per-stage busy figures."""
-    job = JobSpec.model_validate(spec)
+    job = parse_spec(spec)
     space = LevelSpace.from_dict(prepared["space"])
     stages = stages_for(job, prepared["calibration_sequences"])
     evolution = Evolution(space, space.uniform(0.5), seed=0, key=0, offspring=job.search.offspring, stages=stages,

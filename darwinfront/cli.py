@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from darwinfront import keys
 from darwinfront.client import Client
 from darwinfront.core.errors import DarwinfrontError
+from darwinfront.core.methods import parse_spec
 from darwinfront.core.settings import data_dir
 from darwinfront.core.spec import JobSpec
 from darwinfront.watch import describe_progress, format_front
@@ -38,7 +39,7 @@ def load_spec(path: Path) -> JobSpec:
     if not isinstance(raw, dict):
         raise DarwinfrontError(f"{path}: a job spec is a mapping, got {type(raw).__name__}")
     try:
-        return JobSpec.model_validate(raw)
+        return parse_spec(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "spec"

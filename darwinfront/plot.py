@@ -13,34 +13,42 @@ from service.schemas import Front
 
 
 def front_figure(front: Front, *, dense_params: int | None = None, title: str | None = None):
-    """A matplotlib Figure of the front: KL against parameters, one colour per target, the front as a step line.
+    """A matplotlib Figure of the front: its first objective (the quality, KL) against its last (the cost:
+    parameters, bits), one colour per target, the front as a step line.
 
     Args:
         front: The job's front.
-        dense_params: The dense model's size; when given, a top axis shows the fraction of it kept.
+        dense_params: The dense model's size; when given and the cost is in parameters, a top axis shows the
+            fraction of it kept.
         title: Defaults to the job id and generation.
+
+    Raises:
+        DarwinfrontError: matplotlib is missing, or the front does not have two objectives.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise DarwinfrontError("plotting needs matplotlib: pip install 'darwinfront[plot]'") from exc
+    if len(front.objectives) != 2:
+        raise DarwinfrontError(f"a front plot needs two objectives, this front has {len(front.objectives)}")
+    quality, cost = front.objectives
     figure = Figure(figsize=(7, 4.5), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
-    points = sorted(front.points, key=lambda p: p.objectives["params"])
+    points = sorted(front.points, key=lambda p: p.objectives[cost.name])
     if points:
-        ax.step([p.objectives["params"] for p in points], [p.objectives["kl"] for p in points],
+        ax.step([p.objectives[cost.name] for p in points], [p.objectives[quality.name] for p in points],
                 where="post", color="0.75", linewidth=1, zorder=1)
     for target in dict.fromkeys(p.target for p in points):
         group = [p for p in points if p.target == target]
         label = "front" if target is None else f"target {target:g}"
-        ax.scatter([p.objectives["params"] for p in group], [p.objectives["kl"] for p in group],
+        ax.scatter([p.objectives[cost.name] for p in group], [p.objectives[quality.name] for p in group],
                    label=label, s=36, zorder=2, edgecolors="white", linewidths=0.8)
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("KL to the dense model")
+    ax.set_xlabel(f"{cost.name} ({cost.unit})")
+    ax.set_ylabel(f"{quality.name} ({quality.unit})")
     ax.grid(True, color="0.92")
-    if dense_params:
+    if dense_params and cost.unit == "parameters":
         top = ax.secondary_xaxis("top", functions=(lambda x: x / dense_params, lambda f: f * dense_params))
         top.set_xlabel("fraction of the dense model")
     if len({p.target for p in points}) > 1:

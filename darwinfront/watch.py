@@ -19,8 +19,18 @@ from service.schemas import Front, JobPublic
 RECONNECTS = 5
 
 
-def _cell(value: float | None, width: int, digits: int) -> str:
-    return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+# what a front point may carry beside its objectives, shown when some point has it
+DETAILS = {"held_out_kl": "held-out KL", "effective_bits": "effective", "preset": "preset"}
+
+
+def _cell(value: object, width: int) -> str:
+    if value is None:
+        return f"{'-':>{width}}"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
+        return f"{int(value):>{width},}"
+    if isinstance(value, float):
+        return f"{value:>{width}.5g}"
+    return f"{value!s:>{width}}"
 
 
 def describe_progress(status: str, progress: dict) -> str:
@@ -33,24 +43,19 @@ def describe_progress(status: str, progress: dict) -> str:
 
 
 def format_front(front: Front) -> str:
-    """The front as a fixed-width table, smallest model (or fewest KV bits) first."""
+    """The front as a fixed-width table, one column per objective it declares, cheapest (its last objective) first."""
     if not front.points:
         return "(front is empty so far)"
-    if any("bits" in p.objectives for p in front.points):  # a kv_precision job
-        lines = [f"{'candidate':<24} {'bits':>6} {'effective':>9} {'KL':>10}  preset"]
-        for p in sorted(front.points, key=lambda p: p.objectives["bits"]):
-            lines.append(
-                f"{p.candidate_id:<24} {_cell(p.objectives['bits'], 6, 2)} "
-                f"{_cell(getattr(p, 'effective_bits', None), 9, 2)} {_cell(p.objectives.get('kl'), 10, 5)}  "
-                f"{getattr(p, 'preset', None) or ''}"
-            )
-        return "\n".join(lines)
-    lines = [f"{'candidate':<24} {'target':>6} {'params':>12} {'KL':>10} {'held-out KL':>12}"]
-    for p in sorted(front.points, key=lambda p: p.objectives.get("params", 0)):
-        lines.append(
-            f"{p.candidate_id:<24} {_cell(p.target, 6, 2)} {int(p.objectives.get('params', 0)):>12,} "
-            f"{_cell(p.objectives.get('kl'), 10, 5)} {_cell(getattr(p, 'held_out_kl', None), 12, 5)}"
-        )
+    names = [o.name for o in front.objectives]
+    columns = [("target", "target")] if any(p.target is not None for p in front.points) else []
+    columns += [(name, name) for name in names]
+    columns += [(key, title) for key, title in DETAILS.items() if any(getattr(p, key, None) is not None
+                                                                       for p in front.points)]
+    widths = [max(len(title), 12) for _, title in columns]
+    lines = [f"{'candidate':<24} " + " ".join(f"{title:>{w}}" for (_, title), w in zip(columns, widths, strict=True))]
+    for p in sorted(front.points, key=lambda p: p.objectives[names[-1]]):
+        values = [p.objectives[key] if key in p.objectives else getattr(p, key, None) for key, _ in columns]
+        lines.append(f"{p.candidate_id:<24} " + " ".join(_cell(v, w) for v, w in zip(values, widths, strict=True)))
     return "\n".join(lines)
 
 

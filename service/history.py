@@ -1,9 +1,11 @@
 """How good a job's front is, now and generation by generation: hypervolume from `search.pareto`.
 
-The two objectives (KL, parameters) live on different scales, so the hypervolume is taken on a fixed, bounded
-scaling that every job shares: parameters as a fraction of the dense model, KL as `1 - exp(-KL)` (0 for a
-perfect copy, approaching 1 as the model is lost), against the reference point (1, 1). It lies in [0, 1), grows
-whenever the front improves anywhere, and is comparable across generations of a job.
+The objectives live on different scales, so the hypervolume is taken on a fixed, bounded scaling that every job
+shares, chosen by each objective's unit (the front carries its objectives): KL in nats as `1 - exp(-KL)` (0 for a
+perfect copy, approaching 1 as the model is lost), parameters as a fraction of the dense model, bits per element
+as a fraction of 16 (half precision), against the reference point (1, ..., 1). It lies in [0, 1), grows whenever
+the front improves anywhere, and is comparable across generations of a job. A front with an objective of another
+unit, or one to maximise, has no hypervolume.
 
 The per-generation history reads the job's Optuna study (journal storage in the same Redis), so it is exact
 for every generation, not only the ones a viewer happened to watch.
@@ -14,51 +16,79 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage
 from optuna.trial import TrialState
 
+from darwinfront.core.methods import Objective
 from darwinfront.core.store import JobStore
 from darwinfront.core.studies import study_storage
-from search.pareto import hypervolume_2d
+from search.pareto import hypervolume
 
 log = logging.getLogger(__name__)
-REFERENCE = (1.0, 1.0)
-SCALING = "params / dense params and 1 - exp(-KL), against the reference point (1, 1)"
+# unit -> (value, dense parameters) onto [0, 1) for a minimised objective
+UNIT_SCALES: dict[str, Callable[[float, int], float]] = {
+    "nats": lambda value, dense: -math.expm1(-value),
+    "parameters": lambda value, dense: value / dense,
+    "bits/element": lambda value, dense: value / 16,
+}
+SCALING = ("by unit: nats as 1 - exp(-KL), parameters as a fraction of the dense model, bits/element as a "
+           "fraction of 16; against the reference point (1, ..., 1)")
 optuna.logging.set_verbosity(logging.WARNING)
 
 
-def scaled(kl: float, params: float, dense_params: int) -> tuple[float, float]:
-    """The point (parameter fraction, 1 - exp(-KL)) the hypervolume is measured on."""
-    if dense_params <= 0:
-        raise ValueError(f"dense_params must be positive, got {dense_params}")
-    return params / dense_params, -math.expm1(-kl)
+def scalable(objectives: Sequence[Objective], dense_params: int | None) -> bool:
+    """Whether a front of these objectives has a hypervolume (every one minimised, of a known unit, and the dense
+    size known when one counts parameters)."""
+    return bool(objectives) and all(
+        o.direction == "minimize" and o.unit in UNIT_SCALES and (o.unit != "parameters" or bool(dense_params))
+        for o in objectives
+    )
 
 
-def front_hypervolume(points: Iterable[dict[str, Any]], dense_params: int) -> float:
-    """Hypervolume of front points (dicts with `objectives: {kl, params}`) on the shared scaling."""
-    scaled_points = [scaled(p["objectives"]["kl"], p["objectives"]["params"], dense_params) for p in points]
-    return hypervolume_2d(scaled_points, REFERENCE)
+def scaled(values: Mapping[str, float], objectives: Sequence[Objective], dense_params: int | None) -> tuple[float, ...]:
+    """The point the hypervolume is measured on: each objective's value on its unit's scale, in their order.
+
+    Raises:
+        ValueError: The objectives are not `scalable`.
+    """
+    if not scalable(objectives, dense_params):
+        raise ValueError(f"no hypervolume scaling for objectives {[o.model_dump() for o in objectives]} "
+                         f"with dense_params {dense_params}")
+    return tuple(UNIT_SCALES[o.unit](values[o.name], dense_params or 0) for o in objectives)
 
 
-def hypervolume_by_generation(trials: Iterable[tuple[int, float, float]], dense_params: int) -> dict[int, float]:
+def front_hypervolume(front: Mapping[str, Any], dense_params: int | None) -> float | None:
+    """Hypervolume of a front snapshot (`objectives` and `points`) on the shared scaling; None if not `scalable`."""
+    objectives = [Objective.model_validate(o) for o in front["objectives"]]
+    if not scalable(objectives, dense_params):
+        return None
+    points = [scaled(p["objectives"], objectives, dense_params) for p in front["points"]]
+    return hypervolume(points, (1.0,) * len(objectives))
+
+
+def hypervolume_by_generation(
+    trials: Iterable[tuple[int, Mapping[str, float]]], objectives: Sequence[Objective], dense_params: int | None
+) -> dict[int, float]:
     """Hypervolume of everything scored up to each generation.
 
     Args:
-        trials: (generation, kl, params) of each final-stage candidate.
+        trials: (generation, objective values by name) of each final-stage candidate.
+        objectives: The front's objectives (`scalable` ones).
         dense_params: The dense model's parameter count.
 
     Returns:
         generation -> hypervolume of the candidates of that generation and all earlier ones (non-decreasing).
     """
     history: dict[int, float] = {}
-    seen: list[tuple[float, float]] = []
-    for generation, kl, params in sorted(trials):
-        seen.append(scaled(kl, params, dense_params))
-        history[generation] = hypervolume_2d(seen, REFERENCE)  # the last trial of a generation sets its value
+    seen: list[tuple[float, ...]] = []
+    reference = (1.0,) * len(objectives)
+    for generation, values in sorted(trials, key=lambda t: t[0]):
+        seen.append(scaled(values, objectives, dense_params))
+        history[generation] = hypervolume(seen, reference)  # the last trial of a generation sets its value
     return history
 
 
@@ -80,19 +110,18 @@ def job_storage(redis_url: str, job_id: str) -> JournalStorage:
     return study_storage(redis_url, job_id)
 
 
-def study_trials(redis_url: str, job_id: str) -> list[tuple[int, float, float]]:
-    """(generation, kl, params) of every complete (final-stage) trial of the job's study; [] without a study."""
+def study_trials(redis_url: str, job_id: str) -> list[tuple[int, dict[str, float]]]:
+    """(generation, objective values by name) of every complete (final-stage) trial of the job's study that
+    records its generation; [] without a study."""
     storage = job_storage(redis_url, job_id)
     if not optuna.get_all_study_names(storage):
         return []
     study = optuna.load_study(study_name=None, storage=storage)
-    names = study.metric_names or ["kl", "params"]
     trials = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        values = dict(zip(names, trial.values, strict=True))
         generation = trial.user_attrs.get("generation")
-        if generation is not None and "kl" in values and "params" in values:
-            trials.append((int(generation), float(values["kl"]), float(values["params"])))
+        if generation is not None:
+            trials.append((int(generation), dict(zip(study.metric_names, trial.values, strict=True))))
     return trials
 
 
@@ -101,11 +130,14 @@ def job_history(store: JobStore, redis_url: str, job_id: str) -> dict[str, Any]:
 
     Returns:
         `{dense_params, points: [{generation, best, front_size, hypervolume}]}`, oldest generation first;
-        hypervolume is None when the dense size is not known yet.
+        hypervolume is None when the front's objectives have no scaling yet (no front, or the dense size unknown).
     """
     reports = [e["data"] for e in store.events(job_id, count=10_000) if e["kind"] == "generation"]
     dense = dense_params(store, job_id)
-    volumes = hypervolume_by_generation(study_trials(redis_url, job_id), dense) if dense else {}
+    objectives = [Objective.model_validate(o) for o in store.get_front(job_id)["objectives"]]
+    volumes = {}
+    if scalable(objectives, dense):
+        volumes = hypervolume_by_generation(study_trials(redis_url, job_id), objectives, dense)
     points = []
     for report in reports:
         generation = int(report["generation"])

@@ -87,15 +87,15 @@ class StoreCollector:
                 progress = self._store.get(job_id).progress
             except JobNotFound:  # dropped while we looked
                 continue
-            points = self._store.get_front(job_id)["points"]
+            front = self._store.get_front(job_id)
             done.add_metric([job_id], int(progress.get("evaluations", 0)))
             planned.add_metric([job_id], int(progress.get("planned", 0)))
             if progress.get("generation") is not None:
                 generation.add_metric([job_id], int(progress["generation"]))
-            size.add_metric([job_id], len(points))
-            dense = history.dense_params(self._store, job_id)
-            if dense and points:
-                volume.add_metric([job_id], history.front_hypervolume(points, dense))
+            size.add_metric([job_id], len(front["points"]))
+            hypervolume = history.front_hypervolume(front, history.dense_params(self._store, job_id))
+            if front["points"] and hypervolume is not None:
+                volume.add_metric([job_id], hypervolume)
         yield from (done, planned, generation, size, volume)
 
     @staticmethod

@@ -3,34 +3,58 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, RootModel, TypeAdapter
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
+from darwinfront.core import methods
+from darwinfront.core.methods import Objective, parse_spec
 from darwinfront.core.spec import JobSpec, PosttrainOptions, ResourceSpec
 from darwinfront.core.status import JobStatus
 from darwinfront.core.store import JobRecord
 
+IdempotencyKey = Annotated[str, Field(
+    min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+    description="Printable ASCII, no spaces; the same key from the same tenant returns the same job.",
+)]
 
-class JobCreate(JobSpec):
-    """A job spec, plus an optional idempotency key: resending the same key returns the first job."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "name": "micro-llama, half the attention and MLP parameters",
-        "model": {"source": "builtin:micro-llama"},
-        "prune": {"targets": [0.5]},
-        "search": {"generations": 2, "offspring": 4},
-    }]})
+class Request(BaseModel):
+    """What a job request holds beside its spec."""
 
-    idempotency_key: str | None = Field(
-        default=None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
-        description="Printable ASCII, no spaces; the same key from the same tenant returns the same job.",
-    )
+    idempotency_key: IdempotencyKey | None = None
 
-    def spec(self) -> JobSpec:
-        """The job spec without the request-only fields."""
-        # unset fields stay unset: a posttrain job tells what it was given from what it inherits
-        return JobSpec.model_validate(self.model_dump(exclude={"idempotency_key"}, exclude_unset=True))
+
+class JobCreate(RootModel[dict[str, Any]]):
+    """A job spec of any registered method (`method`, default structured_prune), plus an optional idempotency
+    key: resending the same key returns the first job.
+
+    The body is read as it came and parsed by `parse_spec`, so a bad field is named as the user wrote it; the
+    schema is the union of the methods' specs.
+    """
+
+    def parse(self) -> tuple[JobSpec, str | None]:
+        """The job spec and the idempotency key.
+
+        Raises:
+            ValidationError: naming the bad field.
+        """
+        fields = dict(self.root)
+        key = Request.model_validate({"idempotency_key": fields.pop("idempotency_key", None)}).idempotency_key
+        return parse_spec(fields), key
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(TypeAdapter(methods.spec_union(Request)).core_schema)
+        schema["examples"] = [{
+            "name": "micro-llama, half the attention and MLP parameters",
+            "model": {"source": "builtin:micro-llama"},
+            "prune": {"targets": [0.5]},
+            "search": {"generations": 2, "offspring": 4},
+        }]
+        return schema
 
 
 class PosttrainCreate(PosttrainOptions):
@@ -40,10 +64,7 @@ class PosttrainCreate(PosttrainOptions):
 
     name: str | None = Field(default=None, max_length=200)
     resources: ResourceSpec | None = Field(default=None, description="Default: the parent job's.")
-    idempotency_key: str | None = Field(
-        default=None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
-        description="Printable ASCII, no spaces; the same key from the same tenant returns the same job.",
-    )
+    idempotency_key: IdempotencyKey | None = None
 
 
 class JobPublic(BaseModel):
@@ -96,6 +117,9 @@ class Front(BaseModel):
     """The latest Pareto front snapshot of a job."""
 
     job_id: str
+    objectives: list[Objective] = Field(
+        description="The front's objectives, as its method declares them: the keys of every point's `objectives`."
+    )
     points: list[FrontPoint]
     updated_at: datetime | None
     generation: int | None

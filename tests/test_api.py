@@ -8,7 +8,7 @@ from pathlib import Path
 import redis
 from fastapi.testclient import TestClient
 
-from darwinfront.core import keys
+from darwinfront.core import keys, methods
 from darwinfront.core.settings import Settings
 from darwinfront.core.store import JobStore
 from service.app import create_app
@@ -179,13 +179,15 @@ def test_idempotency_key_by_header_or_field(api_client: TestClient, store: JobSt
 def test_front_and_events(api_client: TestClient, store: JobStore) -> None:
     job_id = api_client.post("/v1/jobs", json=GOOD).json()["id"]
     assert api_client.get(f"/v1/jobs/{job_id}/front").json() == {
-        "job_id": job_id, "points": [], "updated_at": None, "generation": None,
+        "job_id": job_id, "objectives": [], "points": [], "updated_at": None, "generation": None,
     }
     point = {"candidate_id": "t0-g3-c1", "objectives": {"kl": 0.125, "params": 0.5}, "target": 0.5,
              "generation": 3, "trial": 12}
-    store.set_front(job_id, [point])
+    store.set_front(job_id, [point], objectives=methods.get("structured_prune").stored_objectives())
     front = api_client.get(f"/v1/jobs/{job_id}/front").json()
     assert front["points"] == [point] and front["generation"] == 3
+    assert [(o["name"], o["direction"], o["unit"]) for o in front["objectives"]] == [
+        ("kl", "minimize", "nats"), ("params", "minimize", "parameters")]
     store.append_event(job_id, "generation", {"generation": 1})
     store.append_event(job_id, "generation", {"generation": 2})
     batch = api_client.get(f"/v1/jobs/{job_id}/events", params={"limit": 2}).json()

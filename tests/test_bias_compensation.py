@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from pydantic import ValidationError
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from search.genome import PruneGenome
 from workers import candidate, database, fitness, modeling, slicing
 from workers.configuration import rebuild
@@ -26,10 +26,10 @@ SPEC = {
 
 
 def test_the_spec_takes_bias_compensation_only_from_a_criterion_that_has_it():
-    assert JobSpec.model_validate({**BASE, "prune": {"criterion": "flap", "bias_compensation": True}})
-    assert not JobSpec.model_validate({**BASE, "prune": {"criterion": "flap"}}).prune.bias_compensation
+    assert parse_spec({**BASE, "prune": {"criterion": "flap", "bias_compensation": True}})
+    assert not parse_spec({**BASE, "prune": {"criterion": "flap"}}).prune.bias_compensation
     with pytest.raises(ValidationError) as info:
-        JobSpec.model_validate({**BASE, "prune": {"criterion": "wanda_sp", "bias_compensation": True}})
+        parse_spec({**BASE, "prune": {"criterion": "wanda_sp", "bias_compensation": True}})
     (error,) = info.value.errors()
     assert error["loc"] == ("prune", "bias_compensation")
     assert "'wanda_sp' has no bias compensation; criteria that have one: flap" in error["msg"]
@@ -70,7 +70,7 @@ def compensated(micro_dir, tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setenv("DARWINFRONT_DATABASE_DIR", str(tmp_path_factory.mktemp("databases")))
-    spec = JobSpec.model_validate({**SPEC, "model": {"source": str(micro_dir), "device": "cpu"}})
+    spec = parse_spec({**SPEC, "model": {"source": str(micro_dir), "device": "cpu"}})
     spec_dict = spec.model_dump(mode="json")
     evaluator = Evaluator(spec_dict, prepare(spec_dict))
     genome = PruneGenome(attn=(0, 0), mlp=(2, 2))  # half of every MLP (compensation does not help every cut: a

@@ -10,12 +10,14 @@ import pytest
 import redis
 
 from darwinfront.client import ApiError, Client, parse_sse
+from darwinfront.core import methods
 from darwinfront.core.errors import DarwinfrontError
 from darwinfront.core.store import JobStore
 from darwinfront.stack import EmbeddedStack
 from service.schemas import Event, Front, FrontPoint, History, JobList, JobPublic
 
 SPEC = {"model": {"source": "builtin:micro-llama"}, "prune": {"targets": [0.5]}, "search": {"generations": 2}}
+PRUNE_OBJECTIVES = methods.get("structured_prune").stored_objectives()
 POINTS = [
     {"candidate_id": "small", "objectives": {"kl": 0.9, "params": 400}, "target": 0.5, "generation": 1},
     {"candidate_id": "big", "objectives": {"kl": 0.2, "params": 800}, "target": 0.25, "generation": 0,
@@ -70,7 +72,7 @@ def test_job_and_front_revalidate_with_etags(client, store):
     assert changed is not first and changed.progress["evaluations"] == 2
 
     assert client.front(job.id).points == []
-    store.set_front(job.id, POINTS)
+    store.set_front(job.id, POINTS, objectives=PRUNE_OBJECTIVES)
     front = client.front(job.id)
     assert isinstance(front, Front) and [p.candidate_id for p in front.points] == ["small", "big"]
     assert front.points[1].held_out_kl == 0.25  # extra point fields come through
@@ -151,7 +153,8 @@ def test_parse_sse_reads_events_ids_and_multiline_data():
 def test_front_figure_plots_every_point():
     from darwinfront.plot import front_figure
 
-    front = Front(job_id="j", points=[FrontPoint(**p) for p in POINTS], updated_at=None, generation=None)
+    front = Front(job_id="j", objectives=PRUNE_OBJECTIVES, points=[FrontPoint(**p) for p in POINTS], updated_at=None,
+                  generation=None)
     figure = front_figure(front, dense_params=1000)
     plotted = {tuple(xy) for c in figure.axes[0].collections for xy in c.get_offsets().tolist()}
     assert plotted == {(400.0, 0.9), (800.0, 0.2)}
@@ -159,9 +162,23 @@ def test_front_figure_plots_every_point():
     assert "2 points (final)" in figure.axes[0].get_title()
 
 
+def test_front_figure_draws_the_objectives_the_front_declares():
+    from darwinfront.plot import front_figure
+
+    points = [FrontPoint(candidate_id="kv-0", objectives={"kl": 0.01, "bits": 2.0}),
+              FrontPoint(candidate_id="kv-1", objectives={"kl": 0.001, "bits": 4.0})]
+    front = Front(job_id="j", objectives=methods.get("kv_precision").stored_objectives(), points=points,
+                  updated_at=None, generation=None)
+    ax = front_figure(front, dense_params=1000).axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("bits (bits/element)", "kl (nats)")
+    assert {tuple(xy) for c in ax.collections for xy in c.get_offsets().tolist()} == {(2.0, 0.01), (4.0, 0.001)}
+    assert ax.child_axes == []  # a fraction of the dense model is drawn for parameters only
+
+
 def test_plot_front_writes_the_format_of_the_suffix(tmp_path):
     from darwinfront.plot import plot_front
 
-    front = Front(job_id="j", points=[FrontPoint(**p) for p in POINTS], updated_at=None, generation=3)
+    front = Front(job_id="j", objectives=PRUNE_OBJECTIVES, points=[FrontPoint(**p) for p in POINTS], updated_at=None,
+                  generation=3)
     assert plot_front(front, tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in plot_front(front, tmp_path / "f.svg").read_bytes()[:400]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from search.genome import PruneGenome
 from workers import fitness, modeling
 from workers.configuration import rebuild
@@ -27,7 +27,7 @@ def scored(micro_dir, tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setenv("DARWINFRONT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    spec = JobSpec.model_validate({**SPEC, "model": {"source": str(micro_dir), "device": "cpu"}})
+    spec = parse_spec({**SPEC, "model": {"source": str(micro_dir), "device": "cpu"}})
     spec_dict = spec.model_dump(mode="json")
     prepared = prepare(spec_dict)
     evaluator = Evaluator(spec_dict, prepared)

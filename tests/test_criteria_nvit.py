@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_criteria_support import calibration, group_rows, tiny_model
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from workers import criteria, database
 from workers.criteria import _gates
 from workers.levels import LevelTable
@@ -78,7 +78,7 @@ def test_a_dead_kv_group_and_a_dead_channel_score_zero():
 
 
 def test_a_job_spec_and_a_level_database_take_it_by_name(tmp_path):
-    spec = JobSpec.model_validate({"model": {"source": "builtin:micro-llama"}, "prune": {"criterion": "nvit"}})
+    spec = parse_spec({"model": {"source": "builtin:micro-llama"}, "prune": {"criterion": "nvit"}})
     assert spec.prune.criterion == "nvit"
     model, calib = tiny_model(), calibration()
     table = LevelTable(attn_units=2, attn_step=1, mlp_units=model.config.intermediate_size, mlp_step=16)

@@ -24,7 +24,7 @@ from darwinfront.stack import EmbeddedStack
 from service.embedded import EmbeddedRedis
 from workers import tracking
 from workers.driver import Driver
-from workers.interrupts import Cancelled, LeaseLost, Stopping, check_interrupts
+from workers.job import Cancelled, Job, LeaseLost, Stopping
 
 pytest_plugins = ["service_fixtures"]
 
@@ -50,19 +50,25 @@ def test_running_to_queued_is_the_one_way_back():
             check_transition(final, JobStatus.queued)
 
 
+class _Idle(Job):
+    def run(self) -> None:
+        pass
+
+
 def test_safe_points_say_lease_lost_then_cancel_then_stop(store: JobStore):
     job_id = _held(store)
     lost, stopping = threading.Event(), threading.Event()
-    check_interrupts(store, job_id, lease_lost=lost, stopping=stopping)  # nothing asked: carry on
+    job = _Idle(store, job_id, lease_lost=lost, stopping=stopping)
+    job.check_interrupts()  # nothing asked: carry on
     stopping.set()
     with pytest.raises(Stopping):
-        check_interrupts(store, job_id, lease_lost=lost, stopping=stopping)
+        job.check_interrupts()
     store.request_cancel(job_id)
     with pytest.raises(Cancelled):  # a cancelled job ends now rather than wait on the queue
-        check_interrupts(store, job_id, lease_lost=lost, stopping=stopping)
+        job.check_interrupts()
     lost.set()
     with pytest.raises(LeaseLost):
-        check_interrupts(store, job_id, lease_lost=lost, stopping=None)
+        _Idle(store, job_id, lease_lost=lost).check_interrupts()
 
 
 def test_requeue_held_releases_the_lease_and_says_why(store: JobStore, redis_client: redis.Redis):

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from darwinfront.stack import EmbeddedStack
 from workers import fitness, metrics, modeling, slicing
 from workers.data import load_texts, token_sequences
@@ -77,7 +77,7 @@ def finished_job(http):
 
 def test_submit_poll_front_download_apply(http, finished_job, tmp_path):
     job_id = finished_job["id"]
-    assert finished_job["progress"]["evaluations"] == JobSpec.model_validate(SPEC).planned_evaluations()
+    assert finished_job["progress"]["evaluations"] == parse_spec(SPEC).planned_evaluations()
 
     front = http.get(f"/v1/jobs/{job_id}/front").json()
     points = front["points"]
@@ -91,7 +91,7 @@ def test_submit_poll_front_download_apply(http, finished_job, tmp_path):
     assert response.status_code == 200
     configuration = response.json()
 
-    spec = JobSpec.model_validate(SPEC)
+    spec = parse_spec(SPEC)
     model, tokenizer = modeling.load_model(spec.model.source, device="cpu")
     tokens = token_sequences(
         tokenizer, load_texts(spec.data.source), n_tokens=spec.data.calibration_tokens,

@@ -26,6 +26,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from darwinfront.core import methods
 from darwinfront.core.settings import Settings
 from darwinfront.core.store import JobStore, connect
 from service.app import create_app
@@ -78,7 +79,7 @@ def _seed(store: JobStore, settings: Settings, tenant: str) -> None:
     store.claim("fuzz-driver", timeout=0)
     store.set_progress(job_id, {"generation": 1, "generations": 1, "evaluations": 3, "planned": 3})
     store.set_front(job_id, [{"candidate_id": CANDIDATE, "objectives": {"kl": 0.5, "params": 0.5}, "target": 0.5,
-                              "generation": 1}])
+                              "generation": 1}], objectives=methods.get("structured_prune").stored_objectives())
     store.append_event(job_id, "generation", {"generation": 1})
     store.put_result(job_id, CANDIDATE, {"heads": [2, 1], "channels": [16, 8]})
     (settings.artifacts_dir / job_id).mkdir(parents=True)

@@ -18,7 +18,8 @@ from gguf import MODEL_TENSOR as T
 from gguf import GGMLQuantizationType as QT
 
 from darwinfront.core.errors import InvalidSpec
-from darwinfront.core.spec import BUILTIN_MODELS, JobSpec
+from darwinfront.core.methods import parse_spec
+from darwinfront.core.spec import BUILTIN_MODELS
 from workers import gguf_import, modeling, reference
 
 pytest_plugins = ["service_fixtures"]
@@ -266,7 +267,7 @@ def _fail_job(store, redis_url: str, data_dir: Path, spec: dict, monkeypatch) ->
     from workers.prepare import prepare
 
     monkeypatch.setattr(prune_job, "run_prepare", lambda spec, gpus=0.0, report=None, helpers=0: prepare(spec, report))
-    job = store.create("alpha", JobSpec.model_validate(spec).model_dump(mode="json"))
+    job = store.create("alpha", parse_spec(spec).model_dump(mode="json"))
     driver = Driver(redis_url, data_dir, lease_seconds=30)
     assert driver.store.claim(driver.driver_id, timeout=0, lease_seconds=30) == job.id
     assert driver.run_job(job.id).value == "failed"

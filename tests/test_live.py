@@ -16,6 +16,7 @@ import redis
 
 from darwinfront.cli import main
 from darwinfront.client import Client
+from darwinfront.core import methods
 from darwinfront.core.store import JobStore
 from darwinfront.stack import EmbeddedStack
 from darwinfront.watch import watch
@@ -32,7 +33,8 @@ def _point(cid: str, kl: float, params: int, generation: int) -> dict:
 
 def _generation(store: JobStore, job_id: str, generation: int, points: list[dict]) -> None:
     """What the driver writes at the end of a generation: front, progress, then the `generation` event."""
-    store.set_front(job_id, points, generation=generation)
+    objectives = methods.get("structured_prune").stored_objectives()
+    store.set_front(job_id, points, generation=generation, objectives=objectives)
     store.set_progress(job_id, {"generation": generation, "generations": 2, "evaluations": 4 * (generation + 1),
                                 "planned": 12, "best": {"0.5": points[-1]["objectives"]["kl"]}})
     store.append_event(job_id, "generation", {"generation": generation, "front_size": len(points)})
@@ -71,7 +73,7 @@ def test_front_is_304_until_a_new_snapshot(api_client, store):
     unchanged = api_client.get(f"/v1/jobs/{job_id}/front", headers={"If-None-Match": empty.headers["ETag"]})
     assert unchanged.status_code == 304
 
-    store.set_front(job_id, [_point("c1", 0.2, 500, 0)])
+    store.set_front(job_id, [_point("c1", 0.2, 500, 0)], objectives=methods.get("structured_prune").stored_objectives())
     fresh = api_client.get(f"/v1/jobs/{job_id}/front", headers={"If-None-Match": empty.headers["ETag"]})
     assert fresh.status_code == 200 and [p["candidate_id"] for p in fresh.json()["points"]] == ["c1"]
 

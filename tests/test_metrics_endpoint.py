@@ -7,6 +7,7 @@ import math
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from darwinfront.core import methods
 from darwinfront.core.telemetry import TelemetryStore
 from service.history import front_hypervolume, hypervolume_by_generation, scaled
 
@@ -39,14 +40,28 @@ def scrape(api_client) -> dict[str, dict[tuple, float]]:
 
 
 def test_hypervolume_known_answers():
-    assert scaled(math.log(2), 500, DENSE) == pytest.approx((0.5, 0.5))
-    assert front_hypervolume(FRONT, DENSE) == pytest.approx(0.3125)
-    assert front_hypervolume([], DENSE) == 0.0
+    prune = methods.get("structured_prune").objectives
+    assert scaled({"kl": math.log(2), "params": 500}, prune, DENSE) == pytest.approx((0.5, 0.5))
+    snapshot = {"objectives": methods.get("structured_prune").stored_objectives(), "points": FRONT}
+    assert front_hypervolume(snapshot, DENSE) == pytest.approx(0.3125)
+    assert front_hypervolume({**snapshot, "points": []}, DENSE) == 0.0
+    assert front_hypervolume(snapshot, None) is None  # parameters need the dense size
     # up to generation 0 only "half" counts; generation 1 adds "small"; a dominated point changes nothing
-    trials = [(0, math.log(2), 500), (1, math.log(4), 250), (1, 5.0, 900)]
-    assert hypervolume_by_generation(trials, DENSE) == pytest.approx({0: 0.25, 1: 0.3125})
+    trials = [(0, {"kl": math.log(2), "params": 500}), (1, {"kl": math.log(4), "params": 250}),
+              (1, {"kl": 5.0, "params": 900})]
+    assert hypervolume_by_generation(trials, prune, DENSE) == pytest.approx({0: 0.25, 1: 0.3125})
     with pytest.raises(ValueError, match="dense_params"):
-        scaled(0.1, 10, 0)
+        scaled({"kl": 0.1, "params": 10}, prune, 0)
+
+
+def test_a_kv_front_is_scaled_by_its_bits_and_an_unknown_unit_has_no_hypervolume():
+    # (1 - e^-KL, bits / 16) = (0.5, 0.25): the box to (1, 1) is 0.5 * 0.75
+    kv = {"objectives": methods.get("kv_precision").stored_objectives(),
+          "points": [{"candidate_id": "kv-1", "objectives": {"kl": math.log(2), "bits": 4.0}}]}
+    assert front_hypervolume(kv, None) == pytest.approx(0.375)
+    odd = {"objectives": [{"name": "kl", "direction": "minimize", "unit": "nats"},
+                          {"name": "latency", "direction": "minimize", "unit": "ms"}], "points": []}
+    assert front_hypervolume(odd, DENSE) is None
 
 
 def test_metrics_report_jobs_queue_evaluations_and_fronts(api_client, store, redis_client):
@@ -55,7 +70,7 @@ def test_metrics_report_jobs_queue_evaluations_and_fronts(api_client, store, red
     assert store.claim("d1", timeout=0) == queued  # the oldest is taken first: it runs, `running` waits
     running, queued = queued, running
     store.append_event(running, "prepared", {"dense": {"params": DENSE}})
-    store.set_front(running, FRONT)
+    store.set_front(running, FRONT, objectives=methods.get("structured_prune").stored_objectives())
     store.set_progress(running, {"generation": 1, "evaluations": 7, "planned": 20})
     telemetry = TelemetryStore(redis_client)
     telemetry.count_evaluation(0.3)

@@ -6,6 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from darwinfront.core import methods
 from darwinfront.core.settings import Settings
 from darwinfront.core.telemetry import TelemetryStore
 from service.app import create_app
@@ -22,7 +23,7 @@ def _running_job(api_client, store, redis_client) -> str:
     job_id = api_client.post("/v1/jobs", json=SPEC).json()["id"]
     assert store.claim("d1", timeout=0) == job_id
     store.append_event(job_id, "prepared", {"dense": {"params": 1000}})
-    store.set_front(job_id, FRONT)
+    store.set_front(job_id, FRONT, objectives=methods.get("structured_prune").stored_objectives())
     store.set_progress(job_id, {"generation": 3, "evaluations": 7, "planned": 20})
     TelemetryStore(redis_client).report_evaluators(job_id, 2, lost=1)
     return job_id

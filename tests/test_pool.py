@@ -8,7 +8,7 @@ import signal
 import pytest
 import ray
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from search.genome import LevelSpace
 from workers.evaluator import Evaluator
 from workers.pool import EvaluatorPool, init_ray
@@ -16,7 +16,7 @@ from workers.prepare import prepare
 
 pytestmark = pytest.mark.integration
 
-SPEC = JobSpec.model_validate(
+SPEC = parse_spec(
     {
         "model": {"source": "builtin:micro-llama", "device": "cpu"},
         "data": {"calibration_tokens": 512, "eval_tokens": 256, "seq_len": 64, "database_tokens": 512},

@@ -12,11 +12,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from darwinfront.core.status import JobStatus
 from search.genome import LevelSpace
 from workers import artifacts, slicing
-from workers.interrupts import Cancelled, LeaseLost
+from workers.job import Cancelled, LeaseLost
 from workers.posttrain_job import Posttrainer, PosttrainJob, batch_rows, load_pools
 
 pytest_plugins = ["service_fixtures"]
@@ -38,8 +38,8 @@ POSTTRAIN = {"method": "posttrain", "posttrain": {"job": "parent", "candidate": 
 
 
 def test_a_posttrain_spec_needs_no_model_and_plans_one_evaluation():
-    spec = JobSpec.model_validate(POSTTRAIN)
-    assert spec.model is None and spec.prune is None and spec.search is None
+    spec = parse_spec(POSTTRAIN)
+    assert spec.model is None and not hasattr(spec, "prune") and not hasattr(spec, "search")
     assert spec.posttrain.loss == "kd" and spec.posttrain.tokens == 4 * 32768  # 4x the last stage's training
     assert spec.planned_evaluations() == 1
 
@@ -63,7 +63,7 @@ def test_a_posttrain_spec_needs_no_model_and_plans_one_evaluation():
 )
 def test_bad_posttrain_specs_name_the_field(changes, field, words):
     with pytest.raises(ValidationError) as caught:
-        JobSpec.model_validate({**POSTTRAIN, **changes})
+        parse_spec({**POSTTRAIN, **changes})
     error = caught.value.errors()[0]
     assert error["loc"] == field and words in error["msg"]
 
@@ -71,11 +71,11 @@ def test_bad_posttrain_specs_name_the_field(changes, field, words):
 @pytest.mark.parametrize("method", ["structured_prune", "kv_precision"])
 def test_other_methods_refuse_a_posttrain_section_and_still_need_a_model(method):
     with pytest.raises(ValidationError) as caught:
-        JobSpec.model_validate({"method": method, "model": {"source": "builtin:micro-llama"},
+        parse_spec({"method": method, "model": {"source": "builtin:micro-llama"},
                                 "posttrain": {"job": "p", "candidate": "c"}})
     assert caught.value.errors()[0]["loc"] == ("posttrain",)
     with pytest.raises(ValidationError) as caught:
-        JobSpec.model_validate({"method": method})
+        parse_spec({"method": method})
     assert [(e["loc"], e["msg"]) for e in caught.value.errors()] == [(("model",), "Field required")]
 
 
@@ -95,7 +95,7 @@ def test_batch_rows_cover_the_budget_and_reshuffle_beyond_the_pool():
 
 def test_the_training_pool_is_disjoint_from_the_fitness_pool_and_the_held_out_text(micro_model):
     _, tokenizer = micro_model
-    spec = JobSpec.model_validate(PARENT_SPEC)
+    spec = parse_spec(PARENT_SPEC)
     pools = load_pools(spec, tokenizer, tokens=8192)
     assert pools.calibration.shape == (spec.data.calibration_sequences, 64) and pools.training.shape == (128, 64)
     fitness = {tuple(r) for r in pools.calibration.tolist()}
@@ -113,7 +113,7 @@ def parent(tmp_path_factory, micro_dir):
     from workers.evaluator import Evaluator
     from workers.prepare import prepare
 
-    spec = JobSpec.model_validate(PARENT_SPEC).model_dump(mode="json")
+    spec = parse_spec(PARENT_SPEC).model_dump(mode="json")
     prepared = prepare(spec)
     evaluator = Evaluator(spec, prepared)
     genome = LevelSpace.from_dict(prepared["space"]).uniform(0.5)
@@ -204,7 +204,7 @@ def jobs(store, parent, tmp_path):
         spec = {"method": "posttrain", "model": parent["spec"]["model"], "data": parent["spec"]["data"],
                 "seed": parent["spec"]["seed"],
                 "posttrain": {**OPTIONS, **options, "job": parent_id, "candidate": CANDIDATE}}
-        job_id = store.create("alpha", JobSpec.model_validate(spec).model_dump(mode="json")).id
+        job_id = store.create("alpha", parse_spec(spec).model_dump(mode="json")).id
         assert store.claim("test-driver", timeout=0) == job_id
         return job_id
 
@@ -214,7 +214,7 @@ def jobs(store, parent, tmp_path):
 def test_the_job_stores_a_result_an_archive_and_a_front_under_the_candidate_id(store, jobs, parent, tmp_path):
     job_id = jobs["follow_up"]()
     parent_before = (store.get(jobs["parent"]), store.get_result(jobs["parent"], CANDIDATE))
-    PosttrainJob(store, job_id, jobs["data_dir"], in_process=True).run()
+    PosttrainJob(store, job_id, data_dir=jobs["data_dir"], in_process=True).run()
 
     document = store.get_result(job_id, CANDIDATE)
     post = document["posttrain"]
@@ -255,7 +255,7 @@ def test_cancel_and_a_lost_lease_stop_the_training_between_steps(store, jobs):
     canceller = threading.Thread(target=cancel_after_two_steps)
     canceller.start()
     with pytest.raises(Cancelled):
-        PosttrainJob(store, job_id, jobs["data_dir"], in_process=True).run()
+        PosttrainJob(store, job_id, data_dir=jobs["data_dir"], in_process=True).run()
     canceller.join()
     assert 2 <= store.get(job_id).progress["step"] < 64
     assert store.result_ids(job_id) == []
@@ -264,5 +264,5 @@ def test_cancel_and_a_lost_lease_stop_the_training_between_steps(store, jobs):
     lost.set()
     job_id = jobs["follow_up"]()
     with pytest.raises(LeaseLost):
-        PosttrainJob(store, job_id, jobs["data_dir"], lease_lost=lost, in_process=True).run()
+        PosttrainJob(store, job_id, data_dir=jobs["data_dir"], lease_lost=lost, in_process=True).run()
     assert store.get(job_id).progress == {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from darwinfront.core.status import JobStatus
 from darwinfront.core.store import JobStore
 
@@ -27,7 +27,7 @@ def _error(response) -> dict:
 def _parent(store: JobStore, spec: dict = PRUNE, *, status: JobStatus = JobStatus.succeeded,
             candidate: str | None = CANDIDATE, tenant: str = "alpha") -> str:
     """A job as its driver leaves it: claimed, its candidate's configuration stored, then `status`."""
-    job_id = store.create(tenant, JobSpec.model_validate(spec).model_dump(mode="json")).id
+    job_id = store.create(tenant, parse_spec(spec).model_dump(mode="json")).id
     while (claimed := store.claim("test-driver", timeout=0)) not in (job_id, None):
         pass
     assert claimed == job_id
@@ -56,7 +56,7 @@ def test_the_route_creates_a_follow_up_job_and_leaves_the_parent_untouched(api_c
     parent_spec = store.get(parent).spec
     assert {k: spec[k] for k in ("model", "data", "seed", "resources")} == {
         k: parent_spec[k] for k in ("model", "data", "seed", "resources")}  # inherited
-    assert spec["prune"] is None and spec["search"] is None
+    assert "prune" not in spec and "search" not in spec
     assert store.claim("test-driver", timeout=0) == job["id"]  # queued like any job
     assert (store.get(parent), store.get_result(parent, CANDIDATE), store.events(parent),
             store.result_ids(parent)) == before

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from test_end_to_end import _wait, download_model, http, stack  # noqa: F401  (the embedded stack fixtures, started once here)
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from workers import fitness, modeling, slicing
 from workers.posttrain_job import load_pools
 
@@ -49,7 +49,7 @@ def test_a_front_candidate_post_trained_through_the_route(http, tmp_path):  # no
     model = download_model(http, job["id"], cid, tmp_path)
     assert slicing.count_parameters(model) == parent_configuration["parameters"] == point["objectives"]["params"]
 
-    spec = JobSpec.model_validate(PARENT)
+    spec = parse_spec(PARENT)
     dense, tokenizer = modeling.load_model(spec.model.source, device="cpu")
     pools = load_pools(spec, tokenizer, OPTIONS["tokens"])
     teacher = fitness.Teacher.of(dense, pools.held_out)

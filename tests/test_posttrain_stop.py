@@ -8,7 +8,7 @@ import time
 import pytest
 from test_posttrain import jobs, parent  # noqa: F401 - the fixtures: a finished parent job and its follow-ups
 
-from workers.interrupts import Stopping
+from workers.job import Stopping
 from workers.posttrain_job import PosttrainJob
 
 pytest_plugins = ["service_fixtures"]
@@ -27,7 +27,7 @@ def test_a_stopping_driver_stops_the_training_between_steps(store, jobs):  # noq
     stopper = threading.Thread(target=stop_after_two_steps)
     stopper.start()
     with pytest.raises(Stopping):
-        PosttrainJob(store, job_id, jobs["data_dir"], stopping=stopping, in_process=True).run()
+        PosttrainJob(store, job_id, data_dir=jobs["data_dir"], stopping=stopping, in_process=True).run()
     stopper.join()
     assert 2 <= store.get(job_id).progress["step"] < 64
     assert store.result_ids(job_id) == [] and not store.cancel_requested(job_id)

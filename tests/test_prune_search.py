@@ -10,7 +10,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from darwinfront.core.spec import JobSpec, SearchSpec
+from darwinfront.core.methods import parse_spec
+from darwinfront.core.spec import SearchSpec
 from search.evolution import Evolution
 from search.genome import PruneGenome
 from search.mutation import offspring
@@ -39,13 +40,13 @@ def _one_thread():
 def test_spec_accepts_every_registered_criterion_and_only_those():
     assert {"obs", "flap", "gate", "gate_fisher", "gate_spsa", "wanda_sp"} <= set(criteria.names())
     for name in criteria.names():
-        assert JobSpec.model_validate({**BASE, "prune": {"criterion": name}}).prune.criterion == name
+        assert parse_spec({**BASE, "prune": {"criterion": name}}).prune.criterion == name
     with pytest.raises(ValidationError, match="unknown criterion 'snip'"):
-        JobSpec.model_validate({**BASE, "prune": {"criterion": "snip"}})
+        parse_spec({**BASE, "prune": {"criterion": "snip"}})
 
 
 def test_spec_defaults_are_the_scaled_paper_schedule():
-    spec = JobSpec.model_validate(BASE)
+    spec = parse_spec(BASE)
     assert (spec.prune.criterion, spec.prune.levels, spec.prune.mlp_multiple) == ("obs", 10, 8)
     assert spec.prune.training_aware and spec.prune.attention_unit == "kv_group" and spec.search.kl_topk == "auto"
     assert (spec.search.offspring, spec.search.survivors) == (16, [8, 4, 2, 1])
@@ -54,7 +55,7 @@ def test_spec_defaults_are_the_scaled_paper_schedule():
     assert 1e-4 <= spec.prune.train_lr <= 5e-4
     # 1 + generations * (16 offspring + 8 + 4 + 2 survivors + the parent) per target
     assert spec.planned_evaluations() == 1 + 30 * 31
-    two = JobSpec.model_validate({**BASE, "prune": {"targets": [0.3, 0.5]}, "search": {"generations": 3}})
+    two = parse_spec({**BASE, "prune": {"targets": [0.3, 0.5]}, "search": {"generations": 3}})
     assert two.planned_evaluations() == 2 * (1 + 3 * 31)
 
 
@@ -74,17 +75,17 @@ def test_search_stages_follow_the_offspring_and_are_checked():
         with pytest.raises(ValidationError):
             SearchSpec.model_validate(fields)
     with pytest.raises(ValidationError, match="training pool"):
-        JobSpec.model_validate({**BASE, "data": {"train_tokens": 0}})
-    assert JobSpec.model_validate({**BASE, "data": {"train_tokens": 0}, "prune": {"training_aware": False}})
+        parse_spec({**BASE, "data": {"train_tokens": 0}})
+    assert parse_spec({**BASE, "data": {"train_tokens": 0}, "prune": {"training_aware": False}})
 
 
 def test_stages_cap_fitness_tokens_at_the_pool_and_train_only_when_training_aware():
-    spec = JobSpec.model_validate({**BASE, "data": {"calibration_tokens": 640, "seq_len": 64}})
+    spec = parse_spec({**BASE, "data": {"calibration_tokens": 640, "seq_len": 64}})
     stages = stages_for(spec, calibration_sequences=10)
     assert [(s.survivors, s.fitness_tokens, s.train_tokens) for s in stages] == [
         (8, 256, 2048), (4, 512, 8192), (2, 640, 16384), (1, 640, 32768)
     ]
-    off = JobSpec.model_validate({**BASE, "prune": {"training_aware": False}})
+    off = parse_spec({**BASE, "prune": {"training_aware": False}})
     assert all(s.train_tokens == 0 for s in stages_for(off, calibration_sequences=16))
 
 
@@ -145,7 +146,7 @@ def test_level_switch_offspring_keep_the_real_parameter_count(random_llama):
 
 def test_parent_joins_only_the_last_stage_by_index(random_llama):
     space = levels.level_space(random_llama, levels.table_for(random_llama, levels=6, multiple=8))
-    spec = JobSpec.model_validate({**BASE, "search": {"offspring": 8}})
+    spec = parse_spec({**BASE, "search": {"offspring": 8}})
     stages = stages_for(spec, calibration_sequences=32)
     run = Evolution(space, space.uniform(0.5), seed=0, key=0, generations=1, offspring=8, stages=stages,
                     score_parent_at_start=False)
@@ -180,7 +181,7 @@ def test_evaluation_restores_the_model_and_the_exported_winner_reloads_to_its_lo
     from workers.prepare import prepare
 
     micro = {**MICRO, "prune": {**MICRO["prune"], "train_loss": "kd"}}  # the export replays distillation too
-    spec = JobSpec.model_validate(micro).model_dump(mode="json")
+    spec = parse_spec(micro).model_dump(mode="json")
     prepared = prepare(spec)
     evaluator = Evaluator(spec, prepared)
     model = evaluator.inputs.model
@@ -228,9 +229,9 @@ def test_evaluation_restores_the_model_and_the_exported_winner_reloads_to_its_lo
 def _run_job(store, redis_url: str, data_dir, evaluators: int) -> str:
     from workers.prune_job import PruneJob
 
-    spec = JobSpec.model_validate({**MICRO, "resources": {"evaluators": evaluators}})
+    spec = parse_spec({**MICRO, "resources": {"evaluators": evaluators}})
     job = store.create("alpha", spec.model_dump(mode="json"))
-    PruneJob(store, job.id, redis_url, data_dir).run()
+    PruneJob(store, job.id, redis_url=redis_url, data_dir=data_dir).run()
     return job.id
 
 
@@ -248,7 +249,7 @@ def test_identical_fronts_with_one_and_two_evaluators(micro_dir, store, redis_se
     finally:
         ray.shutdown()
     runs = [tracking.recorded(tracking.open_study(redis_server.url, job)) for job in (one, two)]
-    assert len(runs[0]) == JobSpec.model_validate(MICRO).planned_evaluations()
+    assert len(runs[0]) == parse_spec(MICRO).planned_evaluations()
     assert runs[0].keys() == runs[1].keys()
     for cid, result in runs[0].items():
         assert runs[1][cid]["kl"] == pytest.approx(result["kl"], rel=1e-5), cid

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from test_slicing import _scores
 
 from darwinfront.core.errors import InvalidSpec
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from search.genome import PruneGenome
 from workers import criteria, database, levels, slicing
 from workers.criteria.base import UnitScores
@@ -238,10 +238,10 @@ def test_query_head_candidates_give_the_masked_logits_and_count(criterion, tmp_p
 
 
 def test_spec_takes_query_heads_and_names_a_bad_unit():
-    spec = JobSpec.model_validate({"model": {"source": "builtin:micro-llama"}, "prune": {"attention_unit": "q_head"}})
+    spec = parse_spec({"model": {"source": "builtin:micro-llama"}, "prune": {"attention_unit": "q_head"}})
     assert spec.prune.attention_unit == "q_head"
     with pytest.raises(ValidationError) as caught:
-        JobSpec.model_validate({"model": {"source": "builtin:micro-llama"}, "prune": {"attention_unit": "heads"}})
+        parse_spec({"model": {"source": "builtin:micro-llama"}, "prune": {"attention_unit": "heads"}})
     assert caught.value.errors()[0]["loc"] == ("prune", "attention_unit")
 
 
@@ -253,7 +253,7 @@ def test_a_query_head_job_evaluates_and_exports_a_model_that_reloads_to_its_kl(m
     from workers.evaluator import Evaluator
     from workers.prepare import prepare
 
-    spec = JobSpec.model_validate({**MICRO, "prune": {**MICRO["prune"], "attention_unit": "q_head"}})
+    spec = parse_spec({**MICRO, "prune": {**MICRO["prune"], "attention_unit": "q_head"}})
     spec = spec.model_dump(mode="json")
     prepared = prepare(spec)
     assert prepared["database"]["table"]["attention_unit"] == "q_head"
@@ -285,7 +285,7 @@ def test_a_query_head_candidate_post_trains_with_its_heads_still_cut(micro_dir, 
     from workers.prepare import prepare
 
     spec = {**PARENT_SPEC, "prune": {**PARENT_SPEC["prune"], "attention_unit": "q_head"}}
-    spec = JobSpec.model_validate(spec).model_dump(mode="json")
+    spec = parse_spec(spec).model_dump(mode="json")
     prepared = prepare(spec)
     evaluator = Evaluator(spec, prepared)
     genome = LevelSpace.from_dict(prepared["space"]).uniform(0.5)

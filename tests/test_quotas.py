@@ -9,9 +9,9 @@ import redis
 from fastapi.testclient import TestClient
 
 from darwinfront.core import keys
+from darwinfront.core.methods import parse_spec
 from darwinfront.core.quotas import EvaluationBudgetExceeded, Quota, TooManyActiveJobs
 from darwinfront.core.settings import Settings
-from darwinfront.core.spec import JobSpec
 from darwinfront.core.status import JobStatus
 from darwinfront.core.store import JobStore
 from service.app import create_app
@@ -104,7 +104,7 @@ def test_concurrent_submissions_cannot_pass_the_quota_together(store: JobStore, 
 def quota_client(service_settings: Settings, redis_client: redis.Redis):
     from service_fixtures import API_KEY, bearer  # after pytest_plugins registered it (assertion rewriting)
 
-    planned = JobSpec.model_validate(GOOD).planned_evaluations()
+    planned = parse_spec(GOOD).planned_evaluations()
     settings = service_settings.model_copy(
         update={"max_active_jobs_per_tenant": 2, "max_active_evaluations_per_tenant": 2 * planned + 1}
     )

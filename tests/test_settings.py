@@ -14,8 +14,8 @@ import redis
 from pydantic import ValidationError
 
 from darwinfront.core.errors import InvalidSpec
+from darwinfront.core.methods import parse_spec
 from darwinfront.core.settings import Settings, get_settings
-from darwinfront.core.spec import JobSpec
 from service.app import create_app
 from service.auth import KeyRing, generate_key, hash_key, tenant_for
 from service.embedded import EmbeddedRedis, EmbeddedRedisError, redis_url
@@ -165,10 +165,10 @@ def test_data_sources(roots: Settings, tmp_path: Path) -> None:
 
 
 def test_budget_cap(roots: Settings) -> None:
-    small = JobSpec.model_validate({"model": {"source": "builtin:tiny-llama"}, "search": {"generations": 2}})
+    small = parse_spec({"model": {"source": "builtin:tiny-llama"}, "search": {"generations": 2}})
     assert small.planned_evaluations() <= roots.max_evaluations_per_job
     validate_spec(small, roots)
-    big = JobSpec.model_validate(
+    big = parse_spec(
         {"model": {"source": "builtin:tiny-llama"}, "search": {"generations": 500, "offspring": 64}}
     )
     with pytest.raises(InvalidSpec, match=f"plans {big.planned_evaluations()} candidate evaluations") as caught:

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from darwinfront.stack import EmbeddedStack
 from workers import fitness, modeling, slicing
 from workers.configuration import rebuild
@@ -78,7 +78,7 @@ def test_database_layers_are_reported_before_the_first_generation(finished):
 
 
 def test_the_downloaded_configuration_and_archive_give_the_fronts_kl(finished, smollm2_dir):
-    spec = JobSpec.model_validate(SPEC)
+    spec = parse_spec(SPEC)
     dense, tokenizer = modeling.load_model(smollm2_dir, device="cpu")
     calibration = token_pools(tokenizer, spec.data, spec.seed)["calibration"]
     teacher = fitness.Teacher.of(dense, calibration)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 import redis
 
-from darwinfront.core import keys
+from darwinfront.core import keys, methods
 from darwinfront.core.errors import CandidateNotFound, InvalidTransition, JobNotFound
 from darwinfront.core.status import TERMINAL, JobStatus, check_transition
 from darwinfront.core.store import JobStore
@@ -212,14 +212,16 @@ def test_checkpoint_round_trip(store: JobStore) -> None:
 
 def test_front_results_and_artifacts(store: JobStore) -> None:
     job_id = store.create("alpha", SPEC).id
-    assert store.get_front(job_id) == {"points": [], "updated_at": None, "generation": None}
+    assert store.get_front(job_id) == {"objectives": [], "points": [], "updated_at": None, "generation": None}
     points = [
         {"candidate_id": "t0-g1-c0", "objectives": {"kl": 0.2, "params": 0.7}, "target": 0.3, "generation": 1},
         {"candidate_id": "t1-g2-c3", "objectives": {"kl": 0.5, "params": 0.5}, "target": 0.5, "generation": 2},
     ]
-    store.set_front(job_id, points)
+    store.set_front(job_id, points, objectives=methods.get("structured_prune").stored_objectives())
     front = store.get_front(job_id)
     assert front["points"] == points and front["generation"] == 2 and front["updated_at"]
+    assert front["objectives"] == [{"name": "kl", "direction": "minimize", "unit": "nats"},
+                                   {"name": "params", "direction": "minimize", "unit": "parameters"}]
     store.put_result(job_id, "t1-g2-c3", {"keep": {"0": 3}})
     assert store.get_result(job_id, "t1-g2-c3") == {"keep": {"0": 3}}
     assert store.result_ids(job_id) == ["t1-g2-c3"]

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from pydantic import ValidationError
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from search import strategies
 from search.genome import LevelSpace, PruneGenome
 from search.kv_search import OBJECTIVES, KVSearch
@@ -117,13 +117,13 @@ def test_a_state_of_another_strategy_or_a_used_one_is_refused(name):
 
 def test_spec_names_a_registered_strategy_and_plans_its_budget():
     base = {"model": {"source": "builtin:micro-llama"}, "prune": {"targets": [0.3, 0.5]}}
-    assert JobSpec.model_validate(base).search.strategy == "evolution"
+    assert parse_spec(base).search.strategy == "evolution"
     for name in strategies.names():
-        spec = JobSpec.model_validate({**base, "search": {"strategy": name, "generations": 3, "offspring": 4}})
+        spec = parse_spec({**base, "search": {"strategy": name, "generations": 3, "offspring": 4}})
         per_target = 1 if name == "uniform" else 1 + 3 * (4 + 2 + 1)
         assert spec.planned_evaluations() == 2 * per_target
     with pytest.raises(ValidationError, match="unknown search strategy 'annealing'") as caught:
-        JobSpec.model_validate({**base, "search": {"strategy": "annealing"}})
+        parse_spec({**base, "search": {"strategy": "annealing"}})
     assert caught.value.errors()[0]["loc"] == ("search", "strategy")
 
 

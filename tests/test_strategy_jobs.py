@@ -8,7 +8,7 @@ import itertools
 import over_http
 import pytest
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from darwinfront.stack import EmbeddedStack
 from search.genome import LevelSpace
 from workers import tracking
@@ -36,7 +36,7 @@ def genomes_at(space: LevelSpace, target: float) -> int:
 
 
 def test_a_random_search_job_spends_the_evolution_budget_and_fronts_each_targets_best(tmp_path, micro_dir):
-    planned = JobSpec.model_validate(SPEC).planned_evaluations()
+    planned = parse_spec(SPEC).planned_evaluations()
     assert planned == 2 * (1 + 2 * (4 + 2 + 1))
     with EmbeddedStack(tmp_path, port=0) as stack, over_http.client(stack) as http:
         refused = http.post("/v1/jobs", json={**SPEC, "search": {"strategy": "annealing"}})

@@ -8,7 +8,7 @@ import json
 import torch
 
 import darwinfront
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.spec import PruneJobSpec
 from search.genome import LevelSpace, PruneGenome
 from workers.slicing import Layout
 
@@ -29,7 +29,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def build_configuration(
-    *, spec: JobSpec, space: LevelSpace, genome: PruneGenome, layout: Layout, model: torch.nn.Module, result: dict
+    *, spec: PruneJobSpec, space: LevelSpace, genome: PruneGenome, layout: Layout, model: torch.nn.Module, result: dict
 ) -> dict:
     """Assemble the JSON-safe configuration of one candidate."""
     return {

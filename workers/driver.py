@@ -22,14 +22,12 @@ from pathlib import Path
 import redis
 
 from darwinfront.core.errors import InvalidTransition
+from darwinfront.core.methods import method_of
 from darwinfront.core.settings import Settings
 from darwinfront.core.status import JobStatus
 from darwinfront.core.store import JobStore, connect
-from workers.interrupts import Cancelled, LeaseLost, Stopping
-from workers.kv_job import KVJob
+from workers.job import Cancelled, LeaseLost, Stopping
 from workers.pool import describe_error, init_ray
-from workers.posttrain_job import PosttrainJob
-from workers.prune_job import PruneJob
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +148,10 @@ class Driver:
 
     def _attempt(self, job_id: str, lease: LeaseKeeper) -> tuple[JobStatus | None, str | None]:
         self.store.append_event(job_id, "started", {"driver": self.driver_id})
-        stops = {"lease_lost": lease.lost, "stopping": self.stopping}
         try:
-            method = self.store.get(job_id).spec.get("method", "structured_prune")
-            if method == "kv_precision":
-                KVJob(self.store, job_id, self.redis_url, **stops).run()
-            elif method == "posttrain":
-                PosttrainJob(self.store, job_id, self.data_dir, **stops).run()
-            else:
-                PruneJob(self.store, job_id, self.redis_url, self.data_dir, **stops).run()
+            runner = method_of(self.store.get(job_id).spec).load_runner()
+            runner(self.store, job_id, redis_url=self.redis_url, data_dir=self.data_dir, lease_lost=lease.lost,
+                   stopping=self.stopping).run()
         except Cancelled:
             return JobStatus.cancelled, None
         except Stopping:

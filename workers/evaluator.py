@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from darwinfront.core.errors import InvalidSpec
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from search.genome import LevelSpace, PruneGenome
 from workers import candidate, finetune, fitness, latency, levels, metrics, slicing
 from workers.configuration import build_configuration
@@ -28,7 +28,7 @@ class Evaluator:
     def __init__(self, spec_dict: dict, prepared: dict, threads: int = 0):
         if threads > 0:
             torch.set_num_threads(threads)
-        self.inputs = JobInputs.load(JobSpec.model_validate(spec_dict))
+        self.inputs = JobInputs.load(parse_spec(spec_dict))
         spec = self.inputs.spec
         self.space = LevelSpace.from_dict(prepared["space"])
         self.database = open_database(self.inputs)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from darwinfront.core.spec import DataSpec, JobSpec
+from darwinfront.core.spec import DataSpec, PruneJobSpec
 from workers import criteria, data, database, levels, modeling
 from workers.progress import StepReport, format_seconds
 
@@ -21,7 +21,7 @@ class JobInputs:
     calibration documents; `database` is the first `data.database_tokens` of the two together.
     """
 
-    spec: JobSpec
+    spec: PruneJobSpec
     model: torch.nn.Module
     tokenizer: object
     calibration: torch.Tensor  # (N, T) token ids
@@ -30,7 +30,7 @@ class JobInputs:
     held_out: torch.Tensor  # (E, T) token ids
 
     @classmethod
-    def load(cls, spec: JobSpec) -> JobInputs:
+    def load(cls, spec: PruneJobSpec) -> JobInputs:
         model, tokenizer = modeling.load_model(
             spec.model.source, dtype=spec.model.dtype, device=spec.model.device, revision=spec.model.revision
         )
@@ -60,7 +60,7 @@ def token_pools(tokenizer, data_spec: DataSpec, seed: int) -> dict[str, torch.Te
             "held_out": held_out}
 
 
-def database_options(spec: JobSpec) -> dict:
+def database_options(spec: PruneJobSpec) -> dict:
     """The criterion options that name a job's database: the seed (for `random` only) and the job options the
     criterion accepts (`prune.bias_compensation`, when on)."""
     prune = spec.prune
@@ -68,12 +68,12 @@ def database_options(spec: JobSpec) -> dict:
     return {**options, "bias_compensation": True} if prune.bias_compensation else options
 
 
-def job_criterion(spec: JobSpec) -> criteria.Criterion:
+def job_criterion(spec: PruneJobSpec) -> criteria.Criterion:
     """The criterion that fills a job's level database, with the database's options."""
     return criteria.get(spec.prune.criterion, attention_unit=spec.prune.attention_unit, **database_options(spec))
 
 
-def stores_weights(spec: JobSpec) -> bool:
+def stores_weights(spec: PruneJobSpec) -> bool:
     """Whether a job's level database carries tensors (built layer by layer, so helpers can share the build)."""
     return criteria.stores_weights(job_criterion(spec))
 

@@ -7,7 +7,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
+from darwinfront.core.spec import KVJobSpec
 from search.kv_space import build_space
 from workers import data, metrics, modeling
 from workers.kv.cache import KVPrecisionConfig, build_cache, kv_bits, model_shape
@@ -15,7 +16,7 @@ from workers.kv.profile import profile_kv
 from workers.progress import StepReport
 
 
-def _load(spec: JobSpec):
+def _load(spec: KVJobSpec):
     model, tokenizer = modeling.load_model(
         spec.model.source, dtype=spec.model.dtype, device=spec.model.device, revision=spec.model.revision
     )
@@ -27,7 +28,7 @@ def _load(spec: JobSpec):
     return model, tokens
 
 
-def config_for(spec: JobSpec, layers: list[list[int]]) -> KVPrecisionConfig:
+def config_for(spec: KVJobSpec, layers: list[list[int]]) -> KVPrecisionConfig:
     kv = spec.kv
     return KVPrecisionConfig(layers=tuple(map(tuple, layers)), mode=kv.mode, group_size=kv.group_size,
                              residual=kv.residual)
@@ -41,7 +42,7 @@ def prepare_kv(spec_dict: dict, report: StepReport | None = None, threads: int =
     report = report or StepReport()
     if threads > 0:
         torch.set_num_threads(threads)
-    spec = JobSpec.model_validate(spec_dict)
+    spec = parse_spec(spec_dict)
     report("model", f"loading {spec.model.source} and tokenizing {spec.data.source}")
     model, tokens = _load(spec)
     num_layers, _, head_dim = model_shape(model)
@@ -75,7 +76,7 @@ class KVEvaluator:
     def __init__(self, spec_dict: dict, prepared: dict, threads: int = 0):
         if threads > 0:
             torch.set_num_threads(threads)
-        self.spec = JobSpec.model_validate(spec_dict)
+        self.spec = parse_spec(spec_dict)
         self.model, self.tokens = _load(self.spec)
         self.teacher = metrics.teacher_logprobs(self.model, self.tokens, batch_size=8)
         self.head_dim = prepared["head_dim"]

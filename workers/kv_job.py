@@ -9,19 +9,16 @@ constraint) records every configuration in the job's study; the front is its `be
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass
 
 import optuna
 from optuna.trial import TrialState
 
 import darwinfront
-from darwinfront.core.spec import JobSpec
-from darwinfront.core.store import JobStore
-from search.kv_search import OBJECTIVES, KVSearch
+from darwinfront.core.spec import KVJobSpec
+from search.kv_search import KVSearch
 from search.kv_space import KVSpace
 from workers import tracking
-from workers.interrupts import check_interrupts
+from workers.job import Job
 from workers.kv_evaluator import KVEvaluator, prepare_kv
 from workers.pool import EvaluatorPool, run_prepare
 from workers.progress import StepReport
@@ -31,31 +28,24 @@ log = logging.getLogger(__name__)
 FORMAT = "darwinfront.kv_precision/1"
 
 
-@dataclass
-class KVJob:
-    """Runs one KV-precision job to completion (or cancellation)."""
-
-    store: JobStore
-    job_id: str
-    redis_url: str
-    lease_lost: threading.Event | None = None
-    stopping: threading.Event | None = None  # set when the driver shuts down: stop after this batch
+class KVJob(Job):
+    """Runs one KV-precision job to completion (or cancellation); it stops after the running round when the
+    driver stops."""
 
     def run(self) -> None:
-        record = self.store.get(self.job_id)
-        spec = JobSpec.model_validate(record.spec)
+        spec = self.spec
         gpus = spec.resources.gpus_per_evaluator
         report = StepReport(self.redis_url, self.job_id)
-        prepared = run_prepare(record.spec, gpus=gpus, fn=prepare_kv, report=report)
+        prepared = run_prepare(self.spec_dict, gpus=gpus, fn=prepare_kv, report=report)
         space = KVSpace.from_dict(prepared["space"])
         self.store.put_sensitivity(self.job_id, prepared["table"])
-        self.store.append_event(self.job_id, "profiled", {
+        self.event("profiled", {
             "groups": [list(g.layers) for g in space.groups], "reduced_space": space.size(),
             "full_space": prepared["full_space"],
         })
-        study = tracking.open_study(self.redis_url, self.job_id, objectives=OBJECTIVES)
+        study = tracking.open_study(self.redis_url, self.job_id, objectives=self.method.objectives)
         search = self._strategy(spec, space, study)
-        pool = EvaluatorPool(record.spec, prepared, size=spec.resources.evaluators, gpus=gpus, evaluator=KVEvaluator,
+        pool = EvaluatorPool(self.spec_dict, prepared, size=spec.resources.evaluators, gpus=gpus, evaluator=KVEvaluator,
                              meter=Telemetry.from_url(self.redis_url), job_id=self.job_id)
         try:
             pool.wait_ready(report, " (model, data, full-precision outputs)")
@@ -64,7 +54,7 @@ class KVJob:
             pool.shutdown()
         self._finish(spec, space, study, prepared)
 
-    def _strategy(self, spec: JobSpec, space: KVSpace, study: optuna.Study) -> KVSearch:
+    def _strategy(self, spec: KVJobSpec, space: KVSpace, study: optuna.Study) -> KVSearch:
         """The job's KV search, recording in `study`; a resumed job loads it from its checkpoint."""
         kv = spec.kv
         search = KVSearch(
@@ -76,7 +66,7 @@ class KVJob:
             search.load_state_dict(checkpoint[1])
         return search
 
-    def _search(self, spec: JobSpec, search: KVSearch, study: optuna.Study, pool: EvaluatorPool) -> None:
+    def _search(self, spec: KVJobSpec, search: KVSearch, study: optuna.Study, pool: EvaluatorPool) -> None:
         """Ask a round, evaluate what the study does not hold yet (a restart re-asks what it had), tell, checkpoint."""
         while not search.finished:
             requests = search.ask()
@@ -90,22 +80,19 @@ class KVJob:
                 else:
                     measured = {"effective_bits": reply["bits"]["effective"]} if "bits" in reply else None
                     search.tell(request.candidate_id, reply["kl"], attrs=measured)
-            self._report(spec, study)
-            self.store.save_checkpoint(self.job_id, search.rounds, search.state_dict())
-            check_interrupts(self.store, self.job_id, lease_lost=self.lease_lost, stopping=self.stopping)
+            self._report(spec, study, checkpoint=search.state_dict())
 
-    def _report(self, spec: JobSpec, study: optuna.Study) -> None:
+    def _report(self, spec: KVJobSpec, study: optuna.Study, checkpoint: dict) -> None:
         front = kv_front(study)
         done = _completed(study)
         generation = (done - 1) // spec.kv.population if done else 0
-        self.store.set_front(self.job_id, front, generation=generation)
         best = min((p["objectives"]["kl"] for p in front), default=None)
-        self.store.set_progress(self.job_id, {"generation": generation, "generations": -(-spec.kv.trials //
-                                spec.kv.population), "evaluations": done, "planned": spec.kv.trials,
-                                "best": {"kl": best}})
-        self.store.append_event(self.job_id, "generation", {"generation": generation, "front_size": len(front)})
+        progress = {"generation": generation, "generations": -(-spec.kv.trials // spec.kv.population),
+                    "evaluations": done, "planned": spec.kv.trials, "best": {"kl": best}}
+        self.generation_done(generation, front=front, progress=progress, checkpoint=checkpoint,
+                             event={"generation": generation, "front_size": len(front)})
 
-    def _finish(self, spec: JobSpec, space: KVSpace, study: optuna.Study, prepared: dict) -> None:
+    def _finish(self, spec: KVJobSpec, space: KVSpace, study: optuna.Study, prepared: dict) -> None:
         front = kv_front(study)
         if not front:
             raise RuntimeError("no configuration was evaluated successfully (or none meets kv.max_bits)")
@@ -124,7 +111,7 @@ class KVJob:
                 "metrics": {"kl": trial.values[0]},
                 "seed": spec.seed,
             })
-        self.store.set_front(self.job_id, front, generation=None)
+        self.publish_front(front, generation=None)
 
 
 def kv_front(study: optuna.Study) -> list[dict]:

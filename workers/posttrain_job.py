@@ -17,7 +17,6 @@ import logging
 import math
 import tarfile
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,10 @@ import torch
 from torch import nn
 
 from darwinfront.core.errors import CandidateNotFound, InvalidSpec
-from darwinfront.core.spec import JobSpec, PosttrainOptions
-from darwinfront.core.store import JobStore
+from darwinfront.core.methods import parse_spec
+from darwinfront.core.spec import PosttrainJobSpec, PosttrainOptions, PruneJobSpec
 from workers import artifacts, data, finetune, fitness, metrics, modeling, slicing
-from workers.interrupts import check_interrupts
+from workers.job import Job
 
 log = logging.getLogger(__name__)
 EVENTS_PER_RUN = 10  # `training` events over a whole run, whatever its length
@@ -60,7 +59,7 @@ class Pools:
     held_out: torch.Tensor  # (E, T): other documents
 
 
-def load_pools(spec: JobSpec, tokenizer, tokens: int) -> Pools:
+def load_pools(spec: PruneJobSpec, tokenizer, tokens: int) -> Pools:
     """The pools of the parent `spec` (the same fitness and held-out sequences its search used).
 
     The training pool holds up to `tokens` tokens of the calibration documents after the fitness pool (more
@@ -87,7 +86,7 @@ def load_candidate(spec_dict: dict, configuration: dict, archive: str | None) ->
     From `archive` (the parent's `.tar`) when given; else rebuilt the way the parent exported it (dense
     model, level database weights, the recorded light training, slicing), which costs a few model loads.
     """
-    spec = JobSpec.model_validate(spec_dict)
+    spec = parse_spec(spec_dict)
     dtype, device = modeling.resolve_dtype(spec.model.dtype), modeling.resolve_device(spec.model.device)
     with tempfile.TemporaryDirectory(prefix="darwinfront-posttrain-") as tmp:
         if archive is not None:
@@ -121,7 +120,7 @@ class Posttrainer:
     def __init__(self, spec_dict: dict, configuration: dict, archive: str | None, options: dict, threads: int = 0):
         if threads > 0:
             torch.set_num_threads(threads)
-        spec = JobSpec.model_validate(spec_dict)
+        spec = parse_spec(spec_dict)
         self.options = PosttrainOptions.model_validate(options)
         self.model, self.tokenizer, self.source = load_candidate(spec_dict, configuration, archive)
         device = next(self.model.parameters()).device
@@ -208,27 +207,18 @@ class _Trainer:
 
 
 @dataclass
-class PosttrainJob:
-    """Runs one posttrain job to completion (or cancellation) given its store and id.
+class PosttrainJob(Job):
+    """Runs one posttrain job to completion (or cancellation). The parent's archives are read from `data_dir` and
+    the result written there; a stopping driver sends the job back to the queue, to train again from the start.
 
     Args:
-        store: the job store.
-        job_id: the posttrain job.
-        data_dir: where model archives live (the parent's are read there, the result is written there).
-        lease_lost: set by the driver's lease keeper when the job is taken over.
-        stopping: set when the driver shuts down; the job goes back to the queue and trains again from the start.
         in_process: train in this process instead of a Ray actor.
     """
 
-    store: JobStore
-    job_id: str
-    data_dir: Path
-    lease_lost: threading.Event | None = None
-    stopping: threading.Event | None = None
     in_process: bool = False
 
     def run(self) -> None:
-        spec = JobSpec.model_validate(self.store.get(self.job_id).spec)
+        spec = self.spec
         options = spec.posttrain
         parent = self.store.get(options.job)
         configuration = self.store.get_result(options.job, options.candidate)
@@ -240,7 +230,7 @@ class PosttrainJob:
             before = trainer.call("measure")
             event = {"parent": options.job, "candidate": options.candidate, "before": before,
                      "dense": {"params": plan["dense_parameters"]}, **plan}
-            self.store.append_event(self.job_id, "prepared", event)
+            self.event("prepared", event)
             self._train(trainer, plan["steps"])
             after = trainer.call("measure")
             document = posttrained_configuration(configuration, spec, plan, trainer.call("record"), before, after)
@@ -251,8 +241,8 @@ class PosttrainJob:
             trainer.close()
         self.store.put_result(self.job_id, options.candidate, document)
         self.store.put_artifact(self.job_id, options.candidate, meta)
-        self.store.set_front(self.job_id, [front_point(document)], generation=None)
-        self.store.append_event(self.job_id, "posttrained", {"before": before, "after": after})
+        self.publish_front([front_point(document)], generation=None)
+        self.event("posttrained", {"before": before, "after": after})
 
     def _parent_archive(self, parent_id: str, candidate_id: str) -> str | None:
         """The parent's archive of the candidate when it is on this host, else None (the trainer rebuilds it)."""
@@ -270,17 +260,17 @@ class PosttrainJob:
         """Step the trainer to the end, reporting progress; stop between steps on cancel, a lost lease or a stop."""
         every = max(1, steps // EVENTS_PER_RUN)
         for _ in range(steps):
-            check_interrupts(self.store, self.job_id, lease_lost=self.lease_lost, stopping=self.stopping)
+            self.check_interrupts()
             done = trainer.call("step")
             step = done["step"]
             # evaluations / planned count steps here, so progress bars made for searches show the training
-            self.store.set_progress(self.job_id, {"step": step, "steps": steps, "tokens": done["tokens"],
-                                                  "loss": done["loss"], "evaluations": step, "planned": steps})
+            self.progress({"step": step, "steps": steps, "tokens": done["tokens"], "loss": done["loss"],
+                           "evaluations": step, "planned": steps})
             if step % every == 0 or step == steps:
-                self.store.append_event(self.job_id, "training", {"step": step, "steps": steps, "loss": done["loss"]})
+                self.event("training", {"step": step, "steps": steps, "loss": done["loss"]})
 
 
-def posttrained_configuration(parent: dict, spec: JobSpec, plan: dict, record: dict, before: dict,
+def posttrained_configuration(parent: dict, spec: PosttrainJobSpec, plan: dict, record: dict, before: dict,
                               after: dict) -> dict:
     """The follow-up's configuration document: the parent's, with the post-trained metrics and a `posttrain`
     section (parent job, tokens, loss, lr, KL and perplexity before and after)."""

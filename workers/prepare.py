@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from workers import levels, metrics
 from workers.database import LayerHelpers
 from workers.job_inputs import JobInputs, job_criterion, job_table, open_database
@@ -37,7 +37,7 @@ def prepare(
     report = report or StepReport()
     if threads > 0:
         torch.set_num_threads(threads)
-    spec = JobSpec.model_validate(spec_dict)
+    spec = parse_spec(spec_dict)
     started = time.perf_counter()
     report("model", f"loading {spec.model.source} and tokenizing {spec.data.source}")
     inputs = JobInputs.load(spec)
@@ -63,7 +63,7 @@ def level_layers(spec_dict: dict, layers: list[int], threads: int = 0) -> Iterat
     equal the prepare step's."""
     if threads > 0:
         torch.set_num_threads(threads)
-    inputs = JobInputs.load(JobSpec.model_validate(spec_dict))
+    inputs = JobInputs.load(parse_spec(spec_dict))
     table = job_table(inputs)
     counts = {kind: table.counts(kind) for kind in levels.KINDS}
     found = job_criterion(inputs.spec).level_weights(inputs.model, inputs.database, counts, layers=layers)

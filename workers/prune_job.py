@@ -10,17 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 
-from darwinfront.core.spec import JobSpec
-from darwinfront.core.store import JobStore
+from darwinfront.core.spec import PruneJobSpec
 from search import strategies
 from search.genome import LevelSpace
 from search.strategy import Request, Stage, Strategy
 from workers import artifacts, tracking
-from workers.interrupts import Stopping, check_interrupts
+from workers.job import Job
 from workers.job_inputs import stores_weights
 from workers.pool import EvaluatorPool, run_prepare
 from workers.progress import StepReport
@@ -29,32 +26,24 @@ from workers.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PruneJob:
-    """Runs one job to completion (or cancellation) given its store, its id and a Redis URL for Optuna."""
-
-    store: JobStore
-    job_id: str
-    redis_url: str
-    data_dir: Path
-    lease_lost: threading.Event | None = None  # set by the driver's lease keeper when the job is taken over
-    stopping: threading.Event | None = None  # set when the driver shuts down: stop at the next evaluation
+class PruneJob(Job):
+    """Runs one structured_prune job to completion (or cancellation); it stops at the next evaluation when the
+    driver stops, and resumes from its checkpoint and the study's recorded candidates."""
 
     def run(self) -> None:
-        record = self.store.get(self.job_id)
-        spec = JobSpec.model_validate(record.spec)
+        spec = self.spec
         report = StepReport(self.redis_url, self.job_id)
         # a database whose levels carry tensors is built layer by layer: the other evaluators' devices share it
         helpers = spec.resources.evaluators - 1 if stores_weights(spec) else 0
-        prepared = run_prepare(record.spec, gpus=spec.resources.gpus_per_evaluator, report=report, helpers=helpers)
+        prepared = run_prepare(self.spec_dict, gpus=spec.resources.gpus_per_evaluator, report=report, helpers=helpers)
         space = LevelSpace.from_dict(prepared["space"])
         event = {k: prepared[k] for k in ("space", "dense", "database")}
-        self.store.append_event(self.job_id, "prepared", event)
+        self.event("prepared", event)
         stages = stages_for(spec, prepared["calibration_sequences"])
         searches = self._strategies(spec, space, stages)
         study = tracking.open_study(self.redis_url, self.job_id)
         pool = EvaluatorPool(
-            record.spec, prepared, size=spec.resources.evaluators, gpus=spec.resources.gpus_per_evaluator,
+            self.spec_dict, prepared, size=spec.resources.evaluators, gpus=spec.resources.gpus_per_evaluator,
             meter=Telemetry.from_url(self.redis_url), job_id=self.job_id,
         )
         try:
@@ -65,7 +54,7 @@ class PruneJob:
         finally:
             pool.shutdown()
 
-    def _strategies(self, spec: JobSpec, space: LevelSpace, stages: list[Stage]) -> list[Strategy[Request]]:
+    def _strategies(self, spec: PruneJobSpec, space: LevelSpace, stages: list[Stage]) -> list[Strategy[Request]]:
         """One strategy per target from the registry; a resumed job loads each from its checkpoint."""
         plan = strategies.Plan(spec.search.generations, spec.search.offspring, tuple(stages))
         searches = [
@@ -88,18 +77,15 @@ class PruneJob:
             generation = min(s.rounds for s in searches if not s.finished)
             progress = {"phase": "search", "generation": generation, "generations": spec.search.generations,
                         "evaluations": evaluations, "planned": planned, "best": best}
-            self.store.set_progress(self.job_id, {**progress, "message": f"running generation {generation}"})
+            self.progress({**progress, "message": f"running generation {generation}"})
             evaluations += self._round(spec, space, searches, study, pool)
             best = {str(t): s.best_fitness for t, s in zip(spec.prune.targets, searches, strict=True)}
             front = tracking.front(study)
-            self.store.set_front(self.job_id, front, generation=generation)
-            self.store.set_progress(self.job_id, {**progress, "evaluations": evaluations, "best": best})
-            state = {"generation": generation, "strategies": [s.state_dict() for s in searches]}
-            self.store.save_checkpoint(self.job_id, generation, state)
-            self.store.append_event(
-                self.job_id, "generation", {"generation": generation, "best": best, "front_size": len(front)}
+            self.generation_done(
+                generation, front=front, progress={**progress, "evaluations": evaluations, "best": best},
+                event={"generation": generation, "best": best, "front_size": len(front)},
+                checkpoint={"generation": generation, "strategies": [s.state_dict() for s in searches]},
             )
-            check_interrupts(self.store, self.job_id, lease_lost=self.lease_lost, stopping=self.stopping)
 
     def _round(self, spec, space, searches, study, pool) -> int:
         """Run one round (an evolution's generation, all its stages) of every search, side by side; return
@@ -126,10 +112,8 @@ class PruneJob:
                 tracking.record(study, space, reply, final=request["final"])
                 count += 1
                 if reply.get("error"):
-                    event = {"candidate_id": reply["candidate_id"], "error": reply["error"]}
-                    self.store.append_event(self.job_id, "candidate_failed", event)
-                if self.stopping is not None and self.stopping.is_set():
-                    raise Stopping  # safe mid-round: a resumed job is told what was recorded
+                    self.event("candidate_failed", {"candidate_id": reply["candidate_id"], "error": reply["error"]})
+                self.check_stopping()  # safe mid-generation: a resumed job is told what was recorded
 
     def _finish(self, study, pool) -> None:
         """Write the configuration of every front point, export each as a sliced model archive and time it."""
@@ -153,10 +137,10 @@ class PruneJob:
             point.update({**timing, **one_shot}, perplexity=attrs.get("perplexity"), gives=configuration["gives"])
             self.store.put_result(self.job_id, point["candidate_id"], configuration)
             self.store.put_artifact(self.job_id, point["candidate_id"], meta)
-        self.store.set_front(self.job_id, front, generation=None)
+        self.publish_front(front, generation=None)
 
 
-def stages_for(spec: JobSpec, calibration_sequences: int) -> list[Stage]:
+def stages_for(spec: PruneJobSpec, calibration_sequences: int) -> list[Stage]:
     """The job's selection stages: fitness tokens capped by the fitness pool, training only when training-aware."""
     pool_tokens = calibration_sequences * spec.data.seq_len
     search = spec.search

@@ -10,32 +10,35 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 
 import optuna
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState
 
+from darwinfront.core import methods
+from darwinfront.core.methods import Objective
 from darwinfront.core.studies import study_storage
 from search.genome import LevelSpace, PruneGenome
 
-OBJECTIVES = ("kl", "params")
+PRUNE_OBJECTIVES = methods.get("structured_prune").objectives  # (kl, params): what `record` and `front` write
 optuna.logging.set_verbosity(logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="workers.tracking")
 
 
 def open_study(
-    redis_url: str, job_id: str, *, objectives: tuple[str, ...] = OBJECTIVES, sampler: optuna.samplers.BaseSampler
-    | None = None
+    redis_url: str, job_id: str, *, objectives: Sequence[Objective] = PRUNE_OBJECTIVES,
+    sampler: optuna.samplers.BaseSampler | None = None,
 ) -> optuna.Study:
-    """Create or reopen the job's study; every objective is minimised (default: KL, parameter count)."""
+    """Create or reopen the job's study over its method's objectives (default: a prune job's)."""
     study = optuna.create_study(
         storage=study_storage(redis_url, job_id),
         study_name=f"darwinfront-{job_id}",
-        directions=["minimize"] * len(objectives),
+        directions=[o.direction for o in objectives],
         load_if_exists=True,
         sampler=sampler,
     )
-    study.set_metric_names(list(objectives))
+    study.set_metric_names([o.name for o in objectives])
     return study
 
 
@@ -86,7 +89,7 @@ def front(study: optuna.Study) -> list[dict]:
         points.append(
             {
                 "candidate_id": trial.user_attrs["candidate_id"],
-                "objectives": dict(zip(OBJECTIVES, trial.values, strict=True)),
+                "objectives": dict(zip([o.name for o in PRUNE_OBJECTIVES], trial.values, strict=True)),
                 "target": trial.user_attrs.get("target"),
                 "generation": trial.user_attrs.get("generation"),
                 "trial": trial.number,

@@ -75,24 +75,28 @@ class JobOutputs:
             for entry_id, f in entries
         ]
 
-    def set_front(self, job_id: str, points: list[dict[str, Any]], *, generation: int | None = None) -> None:
+    def set_front(
+        self, job_id: str, points: list[dict[str, Any]], *, objectives: list[dict[str, str]],
+        generation: int | None = None,
+    ) -> None:
         """Replace the front snapshot.
 
         Args:
             job_id: The job.
             points: Dicts of candidate_id, objectives (e.g. {"kl": .., "params": ..}), target, generation.
+            objectives: The front's objectives, as its method declares them (dicts of name, direction, unit).
             generation: The search generation of the snapshot; default the largest among the points.
         """
         if generation is None:
             generations = [p["generation"] for p in points if p.get("generation") is not None]
             generation = max(generations, default=None)
-        snapshot = {"points": points, "updated_at": utc_now(), "generation": generation}
+        snapshot = {"objectives": objectives, "points": points, "updated_at": utc_now(), "generation": generation}
         self._r.set(keys.front(job_id), to_json(snapshot))
 
     def get_front(self, job_id: str) -> dict[str, Any]:
-        """The latest front snapshot: {points, updated_at, generation} (empty before the first one)."""
+        """The latest front snapshot: {objectives, points, updated_at, generation} (empty before the first one)."""
         raw = self._r.get(keys.front(job_id))
-        return json.loads(raw) if raw else {"points": [], "updated_at": None, "generation": None}
+        return json.loads(raw) if raw else {"objectives": [], "points": [], "updated_at": None, "generation": None}
 
     def put_result(self, job_id: str, candidate_id: str, configuration: dict[str, Any]) -> None:
         """Store a candidate's configuration document."""

@@ -1,14 +1,17 @@
 """The job spec: what a user submits, as JSON over REST or as a YAML/JSON file from the CLI.
 
-Every field is validated with bounds and unknown fields are refused, so a bad spec is answered with a 422 that
-names the field before any job exists. Checks that need the server's settings (allowed roots, budget caps) live
-in `service.validation`.
+A spec is a discriminated union on `method`: one class per job method (`PruneJobSpec`, `KVJobSpec`,
+`PosttrainJobSpec`, each a `JobSpec` holding only its own sections), chosen by `darwinfront.core.methods.parse_spec`
+from the registered methods (`method` defaults to structured_prune). Every field is validated with bounds and
+unknown fields are refused, so a bad spec is answered with a 422 that names the field before any job exists.
+Checks that need the server's settings (allowed roots, budget caps) live in `service.validation`.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from abc import abstractmethod
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -323,68 +326,34 @@ class ResourceSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    """A compression job."""
+    """What every job spec holds, whatever its method; each method's spec subclasses it with its own sections.
+
+    A spec is one of the registered methods' classes, chosen by `method`: parse a spec dict with
+    `darwinfront.core.methods.parse_spec` (this class is abstract).
+    """
 
     name: str | None = Field(default=None, max_length=200)
-    method: Literal["structured_prune", "kv_precision", "posttrain"] = "structured_prune"
-    model: ModelSpec | None = Field(
-        default=None, validate_default=True,
-        description="Required, except for posttrain, whose model, data and seed are its parent job's.",
-    )
+    method: str
+    model: ModelSpec
     data: DataSpec = Field(default_factory=DataSpec)
-    prune: PruneSpec | None = Field(default=None, description="structured_prune only (defaults filled in).")
-    search: SearchSpec | None = Field(default=None, description="structured_prune only (defaults filled in).")
-    kv: KVSpec | None = None
-    posttrain: PosttrainSpec | None = Field(
-        default=None, validate_default=True, description="posttrain only (required there)."
-    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
 
-    @field_validator("model")
-    @classmethod
-    def _model_unless_posttrain(cls, value: ModelSpec | None, info: ValidationInfo) -> ModelSpec | None:
-        if value is None and info.data.get("method") != "posttrain":
-            raise PydanticCustomError("missing", "Field required")
-        return value
+    @abstractmethod
+    def planned_evaluations(self) -> int:
+        """Candidate evaluations the job will run at most (its progress bar's end and its quota's charge)."""
 
-    @field_validator("prune", "search", "kv", "posttrain")
-    @classmethod
-    def _posttrain_sections(cls, value: object, info: ValidationInfo) -> object:
-        """A posttrain job has a posttrain section and none of the search sections; no other job has one."""
-        method = info.data.get("method")
-        if info.field_name == "posttrain":
-            if method == "posttrain" and value is None:
-                raise PydanticCustomError("missing", "Field required for method posttrain (job and candidate)")
-            if method not in (None, "posttrain") and value is not None:
-                raise ValueError(f"applies to method posttrain, not {method}")
-        elif method == "posttrain" and value is not None:
-            raise ValueError("does not apply to method posttrain (it trains a candidate of its parent job)")
-        return value
+
+class PruneJobSpec(JobSpec):
+    """A `structured_prune` job: a (1+λ) evolution of per-layer levels at each target size (the default method)."""
+
+    method: Literal["structured_prune"] = "structured_prune"
+    prune: PruneSpec = Field(default_factory=PruneSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
 
     @model_validator(mode="after")
-    def _blocks_match_method(self) -> JobSpec:
-        if self.method == "posttrain":
-            return self  # its sections were checked field by field
-        if self.method == "kv_precision":
-            stray = [name for name in ("prune", "search") if getattr(self, name) is not None]
-            if stray:
-                raise ValueError(f"{', '.join(stray)} applies to method structured_prune, not kv_precision")
-            if self.kv is None:
-                object.__setattr__(self, "kv", KVSpec())
-            return self
-        if self.kv is not None:
-            raise ValueError("kv applies to method kv_precision, not structured_prune")
-        if self.prune is None:
-            object.__setattr__(self, "prune", PruneSpec())
-        if self.search is None:
-            object.__setattr__(self, "search", SearchSpec())
-        return self
-
-    @model_validator(mode="after")
-    def _training_has_data(self) -> JobSpec:
-        prune_trains = self.method == "structured_prune" and self.prune.training_aware
-        if prune_trains and any(self.search.train_tokens) and self.data.train_tokens == 0:
+    def _training_has_data(self) -> PruneJobSpec:
+        if self.prune.training_aware and any(self.search.train_tokens) and self.data.train_tokens == 0:
             raise ValueError("training-aware selection needs a training pool: set data.train_tokens > 0 "
                              "(or prune.training_aware: false)")
         return self
@@ -395,12 +364,42 @@ class JobSpec(_Strict):
 
         A run can stop early (no unseen offspring left in a small space), never run more.
         """
-        if self.method == "kv_precision":
-            return self.kv.trials
-        if self.method == "posttrain":
-            return 1  # one candidate, trained and measured
         search = self.search
         per_target = strategies.planned_evaluations(
             search.strategy, generations=search.generations, offspring=search.offspring, survivors=search.survivors
         )
         return len(self.prune.targets) * per_target
+
+
+class KVJobSpec(JobSpec):
+    """A `kv_precision` job: per-layer key/value bit pairs searched by Optuna (KVTuner)."""
+
+    method: Literal["kv_precision"]
+    kv: KVSpec = Field(default_factory=KVSpec)
+
+    def planned_evaluations(self) -> int:
+        """One evaluation per trial."""
+        return self.kv.trials
+
+
+class PosttrainJobSpec(JobSpec):
+    """A `posttrain` job: train one front candidate of a finished structured_prune job on more tokens."""
+
+    method: Literal["posttrain"]
+    model: ModelSpec | None = Field(
+        default=None, description="The parent job's: filled in when the job is created (leave it out)."
+    )
+    posttrain: PosttrainSpec = Field(
+        default=None, validate_default=True, description="The parent job, its candidate and the training options."
+    )
+
+    @field_validator("posttrain", mode="before")
+    @classmethod
+    def _required(cls, value: object) -> object:
+        if value is None:
+            raise PydanticCustomError("missing", "Field required for method posttrain (job and candidate)")
+        return value
+
+    def planned_evaluations(self) -> int:
+        """One candidate, trained and measured."""
+        return 1

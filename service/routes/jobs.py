@@ -6,11 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from darwinfront.core.errors import CandidateNotFound, JobNotFound
+from darwinfront.core.methods import method_of, parse_spec
 from darwinfront.core.quotas import Quota
 from darwinfront.core.settings import Settings
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.spec import JobSpec, PosttrainJobSpec
 from darwinfront.core.status import TERMINAL, JobStatus
 from darwinfront.core.store import JobRecord, JobStore
 from service.etag import conditional
@@ -51,7 +54,21 @@ def _refuse(code: int, kind: str, field: str, message: str) -> HTTPException:
     return HTTPException(code, detail={"code": kind, "field": field, "message": f"{field}: {message}"})
 
 
-def resolve_parent(store: JobStore, tenant: str, spec: JobSpec, fields: tuple[str, str] = _PARENT_FIELDS) -> JobSpec:
+def _parse(document: dict) -> JobSpec:
+    """`parse_spec` for a request body: a bad field is a 422 naming it (`prune.targets.0`)."""
+    try:
+        return parse_spec(document)
+    except ValidationError as exc:
+        raise _body_errors(exc) from None
+
+
+def _body_errors(exc: ValidationError) -> RequestValidationError:
+    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
+
+
+def resolve_parent(
+    store: JobStore, tenant: str, spec: PosttrainJobSpec, fields: tuple[str, str] = _PARENT_FIELDS
+) -> JobSpec:
     """The posttrain `spec` with its parent job's model, data and seed (and resources, unless given) filled in.
 
     Args:
@@ -71,7 +88,7 @@ def resolve_parent(store: JobStore, tenant: str, spec: JobSpec, fields: tuple[st
         parent = store.get(options.job, tenant)
     except JobNotFound:
         raise _refuse(404, "job_not_found", job_field, f"no job {options.job!r}") from None
-    method = parent.spec.get("method", "structured_prune")
+    method = method_of(parent.spec).name
     if method != "structured_prune":
         raise _refuse(422, "not_a_prune_job", job_field, f"job {parent.id!r} is a {method} job; only the "
                       "candidates of a structured_prune job can be post-trained")
@@ -83,21 +100,21 @@ def resolve_parent(store: JobStore, tenant: str, spec: JobSpec, fields: tuple[st
                           " its front candidates are exported when it succeeds: post-train one then") from None
         raise _refuse(404, "candidate_not_found", candidate_field, f"job {parent.id!r} has no exported "
                       f"candidate {options.candidate!r} (the front points of a succeeded job have one)") from None
-    parent_spec = JobSpec.model_validate(parent.spec)
+    parent_spec = parse_spec(parent.spec)
     inherited = {"model": parent_spec.model, "data": parent_spec.data, "seed": parent_spec.seed}
     for name, value in inherited.items():
         if name in spec.model_fields_set and getattr(spec, name) != value:
             raise _invalid(name, "a posttrain job uses its parent job's; leave it out")
     if "resources" not in spec.model_fields_set:
         inherited["resources"] = parent_spec.resources
-    return JobSpec.model_validate({**spec.model_dump(exclude_unset=True), **inherited})
+    return _parse({**spec.model_dump(exclude_unset=True), **inherited})
 
 
 def _validate_and_create(
     store: JobStore, settings: Settings, tenant: str, spec: JobSpec, key: str | None,
     fields: tuple[str, str] = _PARENT_FIELDS,
 ) -> JobRecord:
-    if spec.method == "posttrain":
+    if isinstance(spec, PosttrainJobSpec):
         spec = resolve_parent(store, tenant, spec, fields)
     validate_spec(spec, settings)  # looks at the file system
     return store.create(tenant, spec.model_dump(mode="json"), idempotency_key=key,
@@ -118,10 +135,14 @@ async def create_job(
     An idempotency key (the `Idempotency-Key` header or the `idempotency_key` field) makes a retry return the
     job the first request created.
     """
-    if body.idempotency_key and idempotency_header and body.idempotency_key != idempotency_header:
+    try:
+        spec, key = body.parse()
+    except ValidationError as exc:
+        raise _body_errors(exc) from None
+    if key and idempotency_header and key != idempotency_header:
         raise _invalid("idempotency_key", "differs from the Idempotency-Key header")
-    key = body.idempotency_key or idempotency_header
-    record: JobRecord = await blocking(_validate_and_create, store, settings, tenant, body.spec(), key)
+    key = key or idempotency_header
+    record: JobRecord = await blocking(_validate_and_create, store, settings, tenant, spec, key)
     response.headers["Location"] = f"/v1/jobs/{record.id}"
     return JobPublic.from_record(record)
 
@@ -155,7 +176,7 @@ async def posttrain_candidate(
     document = {"method": "posttrain", "posttrain": {**options, "job": job_id, "candidate": candidate_id}}
     document |= body.model_dump(include={"name", "resources"}, exclude_none=True)
     key = body.idempotency_key or idempotency_header
-    spec = JobSpec.model_validate(document)
+    spec = _parse(document)
     record = await blocking(_validate_and_create, store, settings, tenant, spec, key, ("job_id", "candidate_id"))
     response.headers["Location"] = f"/v1/jobs/{record.id}"
     return JobPublic.from_record(record)

@@ -163,30 +163,45 @@
     $('job-error').textContent = job.error || '';
   }
 
-  function paramsLabel(params) {
-    return state.dense ? `${DFPlot.compact(params)} (${((100 * params) / state.dense).toFixed(1)}%)`
-                       : DFPlot.compact(params);
+  // The front says its objectives: the first (the quality, KL) is drawn against the last (the cost).
+  function axes(front) {
+    const objectives = front.objectives || [];
+    return { quality: objectives[0], cost: objectives[objectives.length - 1], all: objectives };
+  }
+
+  function objectiveLabel(objective) { return `${objective.name} (${objective.unit})`; }
+
+  function objectiveValue(objective, value) {
+    if (objective.unit === 'parameters' && state.dense && typeof value === 'number') {
+      return `${DFPlot.compact(value)} (${((100 * value) / state.dense).toFixed(1)}%)`;
+    }
+    return objective.unit === 'parameters' ? DFPlot.compact(value) : fmt(value, 5);
   }
 
   function drawFront(front) {
     state.front = front;
+    const { quality, cost, all } = axes(front);
     const targets = [...new Set(front.points.map((p) => p.target))].sort((a, b) => a - b);
     DFPlot.chart($('front-plot'), {
-      series: targets.map((t) => ({
+      series: !quality ? [] : targets.map((t) => ({
         name: t === null || t === undefined ? 'front' : `target ${t}`, className: 'front-point', line: null,
         points: front.points.filter((p) => p.target === t)
-          .map((p) => ({ x: p.objectives.params, y: p.objectives.kl, id: p.candidate_id, data: p })),
+          .map((p) => ({ x: p.objectives[cost.name], y: p.objectives[quality.name], id: p.candidate_id, data: p })),
       })),
-      xLabel: 'parameters', yLabel: 'KL to the dense model', empty: 'the front is empty so far',
+      xLabel: cost ? objectiveLabel(cost) : '', yLabel: quality ? objectiveLabel(quality) : '',
+      empty: 'the front is empty so far',
       onHover: (p, e) => hover(p.data, e), onLeave: () => { $('tooltip').hidden = true; },
       onClick: (p) => download(p.data.candidate_id),
     });
     $('front-plot').dataset.points = String(front.points.length);
+    const head = $('front-table').tHead.rows[0];
+    head.replaceChildren(...['Candidate', 'Target', ...all.map(objectiveLabel), 'Held-out KL', 'Perplexity',
+                             'Latency ms', ''].map((title) => node('th', title)));
     const body = $('front-table').tBodies[0];
     body.replaceChildren(...front.points.map((p) => {
       const button = node('button', 'download');
       button.addEventListener('click', () => download(p.candidate_id));
-      return row([p.candidate_id, fmt(p.target, 2), paramsLabel(p.objectives.params), fmt(p.objectives.kl, 5),
+      return row([p.candidate_id, fmt(p.target, 2), ...all.map((o) => objectiveValue(o, p.objectives[o.name])),
                   fmt(p.held_out_kl, 5), fmt(p.perplexity, 2), fmt(p.latency_ms, 2), button]);
     }));
   }
@@ -207,8 +222,8 @@
     return [
       `candidate ${point.candidate_id}`,
       `target ${fmt(point.target, 2)} · generation ${fmt(point.generation)}`,
-      `parameters ${paramsLabel(point.objectives.params)}`,
-      `KL ${fmt(point.objectives.kl, 5)} · held-out KL ${fmt(point.held_out_kl, 5)}`,
+      ...axes(state.front).all.map((o) => `${objectiveLabel(o)} ${objectiveValue(o, point.objectives[o.name])}`),
+      `held-out KL ${fmt(point.held_out_kl, 5)}`,
     ];
   }
 
