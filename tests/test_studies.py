@@ -20,7 +20,7 @@ def test_a_study_is_written_under_its_job_and_read_back_by_the_history(redis_ser
     open_study(redis_server.url, "studies-b")  # another job's study stays apart
 
     assert redis_client.keys(f"{keys.optuna_prefix('studies-a')}*")
-    assert study_trials(redis_server.url, "studies-a") == [(2, 0.5, 100.0)]
+    assert study_trials(redis_server.url, "studies-a") == [(2, {"kl": 0.5, "params": 100.0})]
     assert study_trials(redis_server.url, "studies-b") == []
     assert study_trials(redis_server.url, "studies-c") == []  # no study at all
     reopened = optuna.load_study(study_name=None, storage=study_storage(redis_server.url, "studies-a"))
