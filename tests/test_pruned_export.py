@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,11 @@ def test_the_model_card_states_source_configuration_metrics_and_loading(tmp_path
     assert "| `kl` | 0.125 |" in card and "| `perplexity` | 9.5 |" in card and "latency" not in card
     assert "| 0 | 3 | 2 | 24 |" in card and "| 1 | 0 | 0 | 10 |" in card and "| 2 | 4 | 2 | 0 |" in card
     assert 'from_pretrained("path/to/this/directory", trust_remote_code=True)' in card
+
+
+def test_outside_md_python_blocks_parse():
+    """They run in test_outside_env.py (integration), in an environment without darwinfront."""
+    blocks = re.findall(r"^```python\n(.*?)^```", (ROOT / "docs" / "OUTSIDE.md").read_text(), re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 3
+    for block in blocks:
+        compile(block, "OUTSIDE.md", "exec")
