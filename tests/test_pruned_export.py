@@ -52,9 +52,15 @@ def odd_layout(model, unit: str) -> slicing.Layout:
     return slicing.Layout(tuple(slicing.LayerLayout(a, m) for a, m in layers), unit)
 
 
-def export_model(model, unit: str, folder: Path) -> torch.Tensor:
-    """Slice `model` to `odd_layout`, save it to `folder` with the logits `load_pruned` gives; return them."""
+def export_model(model, unit: str, folder: Path, shifts: bool = False) -> torch.Tensor:
+    """Slice `model` to `odd_layout` (with `shifts`, a compensating output shift on layer 0's attention and on the
+    removed sub-blocks), save it to `folder` with the logits `load_pruned` gives; return them."""
     slicing.slice_model(model, odd_layout(model, unit))
+    if shifts:
+        generator = torch.Generator().manual_seed(2)
+        for i, kind in ((0, "attn"), (1, "attn"), (2, "mlp")):
+            shift = torch.randn(model.config.hidden_size, generator=generator)
+            slicing.add_output_shift(model.model.layers[i], kind, shift)
     slicing.save_pruned(model, None, folder)
     tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     loaded = export.load(folder)  # what load_pruned gives, less the tokenizer (none here)
@@ -76,18 +82,18 @@ def run_outside(folders: list[Path], tmp_path: Path, python: str = sys.executabl
     return json.loads(result.read_text())
 
 
-CASES = [("llama_gqa", "q_head"), ("llama_bias", "kv_group"), ("llama_mha", "q_head"), ("qwen2_bias", "q_head"),
-         ("mistral", "kv_group")]
+CASES = [("llama_gqa", "q_head", True), ("llama_bias", "kv_group", True), ("llama_mha", "q_head", False),
+         ("qwen2_bias", "q_head", True), ("mistral", "kv_group", False)]
 
 
 def test_every_family_exports_to_stock_transformers_with_darwinfronts_logits(tmp_path):
     folders = []
-    for kind, unit in CASES:
+    for kind, unit, shifts in CASES:
         model = tiny_mistral() if kind == "mistral" else tiny_model(kind)
         folders.append(tmp_path / f"{kind}-{unit}")
-        export_model(model, unit, folders[-1])
+        export_model(model, unit, folders[-1], shifts=shifts)
     results = run_outside(folders, tmp_path)
-    for (kind, _), folder in zip(CASES, folders, strict=True):
+    for (kind, _, _), folder in zip(CASES, folders, strict=True):
         got = results[str(folder)]
         family = "Qwen2" if kind.startswith("qwen2") else "Mistral" if kind == "mistral" else "Llama"
         assert got["class"] == f"Pruned{family}ForCausalLM"
@@ -98,16 +104,21 @@ def test_every_family_exports_to_stock_transformers_with_darwinfronts_logits(tmp
 
 def test_the_config_states_each_layers_shapes_and_names_its_code(tmp_path):
     model = tiny_model("llama_gqa")
-    export_model(model, "q_head", tmp_path / "m")
+    export_model(model, "q_head", tmp_path / "m", shifts=True)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["model_type"] == "darwinfront_llama" and config["architectures"] == ["PrunedLlamaForCausalLM"]
     assert config["auto_map"] == {"AutoConfig": "modeling_pruned_llama.PrunedLlamaConfig",
                                   "AutoModelForCausalLM": "modeling_pruned_llama.PrunedLlamaForCausalLM"}
     assert config["layer_shapes"] == [
-        {"num_attention_heads": 3, "num_key_value_heads": 2, "intermediate_size": 24, "kv_head_of_query": [0, 0, 1]},
-        {"num_attention_heads": 0, "num_key_value_heads": 0, "intermediate_size": 10, "kv_head_of_query": None},
-        {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 0, "kv_head_of_query": None},
+        {"num_attention_heads": 3, "num_key_value_heads": 2, "intermediate_size": 24, "kv_head_of_query": [0, 0, 1],
+         "attention_output_bias": True, "mlp_output_bias": False},
+        {"num_attention_heads": 0, "num_key_value_heads": 0, "intermediate_size": 10, "kv_head_of_query": None,
+         "attention_output_bias": True, "mlp_output_bias": False},
+        {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 0, "kv_head_of_query": None,
+         "attention_output_bias": False, "mlp_output_bias": True},
     ]
+    loaded = export.load(tmp_path / "m")  # the shifts are buffers: the parameters are the structure's
+    assert slicing.count_parameters(loaded) == slicing.count_parameters(model)
     assert (config["num_attention_heads"], config["intermediate_size"]) == (4, 48)  # the dense model's
     assert {p.name for p in (tmp_path / "m").glob("*.py")} == {"modeling_pruned_llama.py", "pruned_layers.py"}
 
@@ -125,13 +136,16 @@ def test_a_reloaded_model_saves_again_to_the_same_model(tmp_path):
     assert slicing.count_parameters(again) == slicing.count_parameters(model)
 
 
+def _shape(heads: int, kv_heads: int, index: list[int] | None = None) -> dict:
+    return {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": 8,
+            "kv_head_of_query": index, "attention_output_bias": False, "mlp_output_bias": False}
+
+
 @pytest.mark.parametrize("shapes, words", [
-    ([{"num_attention_heads": 3, "num_key_value_heads": 2, "intermediate_size": 8, "kv_head_of_query": None}] * 3,
-     "layer_shapes[0]: 3 query heads do not group evenly on 2 KV heads"),
-    ([{"num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 8, "kv_head_of_query": [0, 2]}] * 3,
-     "layer_shapes[0].kv_head_of_query"),
-    ([{"num_attention_heads": 2, "num_key_value_heads": 0, "intermediate_size": 8, "kv_head_of_query": None}] * 3,
-     "layer_shapes[0]: 2 query heads on 0 KV heads"),
+    ([_shape(3, 2)] * 3, "layer_shapes[0]: 3 query heads do not group evenly on 2 KV heads"),
+    ([_shape(2, 2, [0, 2])] * 3, "layer_shapes[0].kv_head_of_query"),
+    ([_shape(2, 0)] * 3, "layer_shapes[0]: 2 query heads on 0 KV heads"),
+    ([_shape(2, 2), {"num_attention_heads": 2}, _shape(2, 2)], "layer_shapes[1]: expected the keys"),
     ([], "expected a list of 3 layers"),
 ])
 def test_bad_layer_shapes_are_refused_naming_the_layer(shapes, words):
