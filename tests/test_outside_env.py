@@ -21,7 +21,7 @@ import transformers
 from filelock import FileLock
 from test_pruned_export import run_outside
 
-from darwinfront.core.spec import JobSpec
+from darwinfront.core.methods import parse_spec
 from search.genome import LevelSpace, PruneGenome
 from workers import slicing
 from workers.kv.cache import KVPrecisionConfig
@@ -69,7 +69,7 @@ def exported(micro_dir, tmp_path_factory) -> Path:
     from workers.evaluator import Evaluator
     from workers.prepare import prepare
 
-    spec = JobSpec.model_validate(SPEC).model_dump(mode="json")
+    spec = parse_spec(SPEC).model_dump(mode="json")
     prepared = prepare(spec)
     space = LevelSpace.from_dict(prepared["space"])
     rest = space.n_layers - 1
