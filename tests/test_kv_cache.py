@@ -4,8 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from darwinfront.core.errors import InvalidSpec
-from workers.kv.cache import KVPrecisionConfig, KVQuantLayer, build_cache, kv_bits
+from workers.kv.cache import InvalidKVConfig, KVPrecisionConfig, KVQuantLayer, build_cache, kv_bits
 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 L, HEAD_DIM, KV_HEADS = 3, 16, 2
@@ -193,7 +192,7 @@ def test_config_round_trips_through_dict():
     (dict(layers=[[4, 4]] * 3, window=3), "kv", "unknown fields ['window']"),
 ])
 def test_bad_configs_are_refused_with_a_clear_message(model, config, field, words):
-    with pytest.raises(InvalidSpec) as info:
+    with pytest.raises(InvalidKVConfig) as info:
         build_cache(model, config)
     assert info.value.field == field and words in str(info.value)
 

@@ -19,6 +19,7 @@ from search.kv_search import KVSearch
 from search.kv_space import KVSpace
 from workers import tracking
 from workers.job import Job
+from workers.kv.cache import KVPrecisionConfig
 from workers.kv_evaluator import KVEvaluator, prepare_kv
 from workers.pool import EvaluatorPool, run_prepare
 from workers.progress import StepReport
@@ -99,6 +100,8 @@ class KVJob(Job):
         trials = {t.number: t for t in study.get_trials(deepcopy=False)}
         for point in front:
             trial = trials[point["trial"]]
+            precision = KVPrecisionConfig(tuple(trial.user_attrs["layers"]), spec.kv.mode, spec.kv.group_size,
+                                          spec.kv.residual)
             self.store.put_result(self.job_id, point["candidate_id"], {
                 "format": FORMAT,
                 "darwinfront_version": darwinfront.__version__,
@@ -107,6 +110,7 @@ class KVJob(Job):
                           "head_dim": prepared["head_dim"]},
                 "mode": spec.kv.mode, "group_size": spec.kv.group_size, "residual": spec.kv.residual,
                 "layers": trial.user_attrs["layers"],
+                "kv_map": precision.to_kv_map(prepared["head_dim"]),  # the same, as serving engines read it
                 "bits": {"nominal": trial.values[1], "effective": trial.user_attrs["effective_bits"]},
                 "metrics": {"kl": trial.values[0]},
                 "seed": spec.seed,

@@ -86,8 +86,8 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer in eval mode.
 
-    Directories that `slicing.save_pruned` wrote (their config carries `darwinfront_layout`) are rebuilt with
-    their per-layer sizes; everything else goes through `AutoModelForCausalLM.from_pretrained`.
+    Directories that `slicing.save_pruned` wrote (a `darwinfront_<family>` config) load with their per-layer
+    sizes; everything else goes through `AutoModelForCausalLM.from_pretrained`.
 
     Returns:
         (model, tokenizer); the tokenizer's pad token falls back to its EOS token.
@@ -95,12 +95,13 @@ def load_model(
     Raises:
         InvalidSpec: on a bad source, device or dtype, or an architecture darwinfront cannot prune.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.pruned_hf.export import read_family
 
     path = resolve_source(source, cache_dir)
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
-    config = AutoConfig.from_pretrained(path, revision=revision)
-    if getattr(config, "darwinfront_layout", None):
+    if read_family(Path(path)) is not None:
         from workers.slicing import load_pruned
 
         model, tokenizer = load_pruned(path, dtype=torch_dtype, device=torch_device)
@@ -120,11 +121,12 @@ def check_architecture(model: nn.Module) -> None:
     That is `model.model.layers[i].self_attn.{q,k,v,o}_proj` and `.mlp.{gate,up,down}_proj` on a
     LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM.
     """
-    name = type(model).__name__
-    if name not in SUPPORTED_ARCHITECTURES:
+    name = next((c.__name__ for c in type(model).__mro__ if c.__name__ in SUPPORTED_ARCHITECTURES), None)
+    if name is None:  # a pruned model's class subclasses its family's, so it passes
         raise InvalidSpec(
             "model.source",
-            f"architecture {name} is not supported; darwinfront prunes {', '.join(SUPPORTED_ARCHITECTURES)}",
+            f"architecture {type(model).__name__} is not supported; darwinfront prunes "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}",
         )
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not layers:

@@ -30,6 +30,7 @@ from darwinfront.core.methods import parse_spec
 from darwinfront.core.spec import PosttrainJobSpec, PosttrainOptions, PruneJobSpec
 from workers import artifacts, data, finetune, fitness, metrics, modeling, slicing
 from workers.job import Job
+from workers.pruned_hf import model_card
 
 log = logging.getLogger(__name__)
 EVENTS_PER_RUN = 10  # `training` events over a whole run, whatever its length
@@ -236,6 +237,7 @@ class PosttrainJob(Job):
             document = posttrained_configuration(configuration, spec, plan, trainer.call("record"), before, after)
             with tempfile.TemporaryDirectory(dir=self.data_dir) as tmp:
                 trainer.call("save", tmp)
+                model_card.write(Path(tmp), document)
                 meta = artifacts.archive(self.data_dir, self.job_id, options.candidate, Path(tmp))
         finally:
             trainer.close()

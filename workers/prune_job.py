@@ -21,6 +21,7 @@ from workers.job import Job
 from workers.job_inputs import stores_weights
 from workers.pool import EvaluatorPool, run_prepare
 from workers.progress import StepReport
+from workers.pruned_hf import model_card
 from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ class PruneJob(Job):
                 self.check_stopping()  # safe mid-generation: a resumed job is told what was recorded
 
     def _finish(self, study, pool) -> None:
-        """Write the configuration of every front point, export each as a sliced model archive and time it."""
+        """Write the configuration of every front point, export each as a sliced model archive (with its model
+        card) and time it."""
         front = tracking.front(study)
         if not front:
             raise RuntimeError("every candidate evaluation failed; see the job's events")
@@ -129,9 +131,10 @@ class PruneJob(Job):
             configuration = pool.call("configuration", request, result)
             with tempfile.TemporaryDirectory(dir=self.data_dir) as tmp:
                 exported = pool.call("export", configuration, tmp)
+                timing = {k: exported[k] for k in ("latency_ms", "dense_latency_ms")}
+                configuration["metrics"].update(timing)
+                model_card.write(Path(tmp), configuration)
                 meta = artifacts.archive(self.data_dir, self.job_id, point["candidate_id"], Path(tmp))
-            timing = {k: exported[k] for k in ("latency_ms", "dense_latency_ms")}
-            configuration["metrics"].update(timing)
             metrics = configuration["metrics"]
             one_shot = {k: metrics[k] for k in ("kl_cut", "kl_oneshot") if k in metrics}
             point.update({**timing, **one_shot}, perplexity=attrs.get("perplexity"), gives=configuration["gives"])

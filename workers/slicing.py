@@ -7,7 +7,8 @@ installed attention reshapes with `-1` heads, so a sliced layer needs no config 
 the layer's attention becomes a `QueryHeadAttention` that pairs each kept query head with its KV head. An MLP channel
 is one row of gate_proj and up_proj and the matching column of down_proj. A sub-block that keeps no unit is replaced
 by a module that returns its output bias (zeros without one), which is what the masked model computes too. The
-modules a cut layer is rebuilt with live in `workers.sliced_modules`.
+stand-ins for a removed sub-block live in `workers.pruned_hf.pruned_layers`, beside the exported models' code;
+`QueryHeadAttention` in `workers.sliced_modules`. `save_pruned` writes a directory stock transformers loads.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from darwinfront.core.errors import InvalidSpec
-from workers.sliced_modules import NoAttention, NoMLP, QueryHeadAttention
+from workers.pruned_hf.pruned_layers import NoAttention, NoMLP
+from workers.sliced_modules import QueryHeadAttention
 
 
 @dataclass(frozen=True)
@@ -203,42 +205,29 @@ def add_output_shift(layer: nn.Module, kind: str, shift: torch.Tensor) -> None:
 
 
 def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
-    """Save a sliced model (safetensors, config.json with `darwinfront_layout`) and its tokenizer to `path`."""
+    """Save a sliced model to `path` so that it loads without darwinfront (`workers.pruned_hf`): safetensors, its
+    tokenizer, the pruned config (per-layer shapes, `darwinfront_layout`, `auto_map`) and the modeling code."""
+    from workers.pruned_hf import export
+
     if not getattr(model.config, "darwinfront_layout", None):
         raise InvalidSpec("model", "save_pruned expects a model cut by slice_model (no darwinfront_layout)")
     path = Path(path)
     model.save_pretrained(path)
+    export.write_code(model, path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
 
 
 def load_pruned(path: str | Path, *, dtype=torch.float32, device="cpu") -> tuple[nn.Module, object]:
-    """Load a directory written by `save_pruned`: build the dense architecture, slice it, load the weights.
+    """Load a directory written by `save_pruned`, with darwinfront's copy of the code the directory carries
+    (`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` gives the same model elsewhere)."""
+    from transformers import AutoTokenizer
 
-    Stock `from_pretrained` cannot express per-layer sizes, hence this. The dense model is built without
-    weight initialisation and sliced before the saved tensors are copied in (strictly: every key must match).
-    """
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from workers.pruned_hf import export
 
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    layout = Layout.from_dict(config.darwinfront_layout)
-    config.darwinfront_layout = None
-    with _no_init(), torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()  # skipped with the initialisation
-    slice_model(model, layout)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise InvalidSpec("model.source", f"{path} holds no .safetensors weights")
-    state = {}
-    for file in files:
-        state.update(load_file(file, device=str(device)))
-    _make_room_for_shifts(model, state)
-    _load_strict(model, state)
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never the directory's code
+    return export.load(Path(path), dtype=dtype, device=device), tokenizer
 
 
 def apply_configuration(model: nn.Module, config: dict) -> nn.Module:
@@ -355,41 +344,3 @@ def _multiply_input(mask: torch.Tensor):
         return (args[0] * mask, *args[1:])
 
     return hook
-
-
-def _no_init():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older layout: fall back to a normal (slower) initialisation
-        return contextlib.nullcontext()
-    return no_init_weights()
-
-
-_SHIFTS = {"attn": ("self_attn.o_proj.bias", "self_attn.o_bias"), "mlp": ("mlp.down_proj.bias", "mlp.down_bias")}
-
-
-def _make_room_for_shifts(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give a rebuilt model the output shifts (`add_output_shift`) its saved state holds, zero until loaded."""
-    present = set(model.state_dict())
-    for i, layer in enumerate(model.model.layers):
-        for kind, names in _SHIFTS.items():
-            for key in (f"model.layers.{i}.{name}" for name in names):
-                if key in state and key not in present:
-                    add_output_shift(layer, kind, torch.zeros_like(state[key]))
-
-
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy `state` into `model`; every key must match, except tied copies of a loaded tensor."""
-    targets = model.state_dict(keep_vars=True)
-    unexpected = sorted(set(state) - set(targets))
-    loaded_ids = {id(targets[k]) for k in state if k in targets}
-    missing = sorted(k for k in set(targets) - set(state) if id(targets[k]) not in loaded_ids)
-    if unexpected or missing:
-        raise InvalidSpec("model.source", f"weights do not fit the layout: missing {missing}, unexpected {unexpected}")
-    with torch.no_grad():
-        for key, tensor in state.items():
-            if targets[key].shape != tensor.shape:
-                shapes = f"saved {tuple(tensor.shape)}, layout {tuple(targets[key].shape)}"
-                raise InvalidSpec("model.source", f"{key}: {shapes}")
-            targets[key].copy_(tensor)
-

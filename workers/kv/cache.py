@@ -20,6 +20,10 @@ Prefill semantics: by default the current forward attends to its own K/V in full
 stored history is quantized (serving semantics, as HF and KIVI). With ``quantize_in_forward=True`` the
 current forward already sees its K/V as they are stored, so a teacher-forced objective (KL, perplexity) sees
 the error.
+
+This module and ``quant.py`` import only torch and transformers (``quant`` relatively), so the pair copies into
+any package to build the cache without darwinfront: ``KVPrecisionConfig.from_kv_map`` reads the per-layer
+precision map a configuration download carries (``to_kv_map`` writes it; its shape is in docs/OUTSIDE.md).
 """
 
 from __future__ import annotations
@@ -32,8 +36,7 @@ import transformers
 from packaging.version import Version
 from transformers.cache_utils import Cache, DynamicLayer
 
-from darwinfront.core.errors import InvalidSpec
-from workers.kv.quant import QTensor, cat_tokens, dequantize, quantize
+from .quant import QTensor, cat_tokens, dequantize, quantize
 
 TRANSFORMERS_RANGE = ("5.0", "5.30")  # [min, max): the layer API of 5.x; tested on 5.24
 if not Version(TRANSFORMERS_RANGE[0]) <= Version(transformers.__version__) < Version(TRANSFORMERS_RANGE[1]):
@@ -43,9 +46,22 @@ if not Version(TRANSFORMERS_RANGE[0]) <= Version(transformers.__version__) < Ver
     )
 
 KV_BITS = (2, 4, 8, 16)
+KV_MAP_FORMAT = "kv_precision_map/1"
 MODES = ("per_token", "kivi")
 STORAGES = ("simulated", "packed")
 _KIVI_DEFAULT = 32
+
+
+class InvalidKVConfig(ValueError):
+    """A KV precision config (or the model it is for) is malformed; ``field`` names what (e.g. ``kv.layers[1]``).
+
+    The module's own error, as it stands alone; darwinfront's ``InvalidKVConfig`` has the same message shape.
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -68,20 +84,20 @@ class KVPrecisionConfig:
     def __post_init__(self) -> None:
         layers = tuple(_pair(p, i) for i, p in enumerate(self.layers))
         if not layers:
-            raise InvalidSpec("kv.layers", "at least one layer is needed")
+            raise InvalidKVConfig("kv.layers", "at least one layer is needed")
         if self.mode not in MODES:
-            raise InvalidSpec("kv.mode", f"{self.mode!r} is not one of {MODES}")
+            raise InvalidKVConfig("kv.mode", f"{self.mode!r} is not one of {MODES}")
         group, residual = self.group_size, self.residual
         if self.mode == "kivi":
             group = _KIVI_DEFAULT if group is None else group
             residual = _KIVI_DEFAULT if residual is None else residual
         residual = 0 if residual is None else residual
         if group is not None and (not isinstance(group, int) or group < 1):
-            raise InvalidSpec("kv.group_size", f"{group!r} is not a positive integer")
+            raise InvalidKVConfig("kv.group_size", f"{group!r} is not a positive integer")
         if not isinstance(residual, int) or residual < 0:
-            raise InvalidSpec("kv.residual", f"{residual!r} is not a non-negative integer")
+            raise InvalidKVConfig("kv.residual", f"{residual!r} is not a non-negative integer")
         if self.mode == "kivi" and (residual == 0 or residual % group):
-            raise InvalidSpec(
+            raise InvalidKVConfig(
                 "kv.residual", f"KIVI needs a positive multiple of group_size {group}, got {residual}"
             )
         object.__setattr__(self, "layers", layers)
@@ -104,14 +120,14 @@ class KVPrecisionConfig:
         return min(self.group_size, head_dim) if self.mode == "kivi" else self.group_size
 
     def check_model(self, num_layers: int, head_dim: int) -> None:
-        """Raise ``InvalidSpec`` unless this config fits a model of ``num_layers`` layers and ``head_dim``."""
+        """Raise ``InvalidKVConfig`` unless this config fits a model of ``num_layers`` layers and ``head_dim``."""
         if self.num_layers != num_layers:
-            raise InvalidSpec(
+            raise InvalidKVConfig(
                 "kv.layers", f"{self.num_layers} layer pairs given, the model has {num_layers} layers"
             )
         group = self.token_group(head_dim)
         if head_dim % group:
-            raise InvalidSpec("kv.group_size", f"{group} does not divide head_dim {head_dim}")
+            raise InvalidKVConfig("kv.group_size", f"{group} does not divide head_dim {head_dim}")
 
     def to_dict(self) -> dict:
         return {"layers": [list(p) for p in self.layers], "mode": self.mode, "group_size": self.group_size,
@@ -122,20 +138,58 @@ class KVPrecisionConfig:
         """Read ``{"layers": [[k, v] | {"k": k, "v": v}, ...], "mode", "group_size", "residual"}``."""
         unknown = set(data) - {"layers", "mode", "group_size", "residual"}
         if unknown:
-            raise InvalidSpec("kv", f"unknown fields {sorted(unknown)}")
+            raise InvalidKVConfig("kv", f"unknown fields {sorted(unknown)}")
         if "layers" not in data:
-            raise InvalidSpec("kv.layers", "missing")
+            raise InvalidKVConfig("kv.layers", "missing")
         return cls(**data)
+
+
+    def to_kv_map(self, head_dim: int) -> dict:
+        """The per-layer precision map serving engines read: each layer's key and value bits, group size (channels
+        per group for a per-token ``axis: "token"``, tokens per group for KIVI keys' ``axis: "channel"``) and the
+        full-precision ``residual`` window in tokens. 16-bit streams are unquantized (``group_size`` null)."""
+        self.check_model(self.num_layers, head_dim)
+        kivi = self.mode == "kivi"
+        key_axis, key_group = ("channel", self.group_size) if kivi else ("token", self.token_group(head_dim))
+
+        def stream(bits: int, axis: str, group: int) -> dict:
+            return {"bits": bits, "axis": axis, "group_size": None if bits == 16 else group}
+
+        return {"format": KV_MAP_FORMAT, "mode": self.mode, "head_dim": head_dim, "layers": [
+            {"layer": i, "key": stream(k, key_axis, key_group),
+             "value": stream(v, "token", self.token_group(head_dim)), "residual": self.residual}
+            for i, (k, v) in enumerate(self.layers)]}
+
+    @classmethod
+    def from_kv_map(cls, kv_map: dict) -> KVPrecisionConfig:
+        """Read a map written by ``to_kv_map``; one mode, group size and residual on every layer (what this cache
+        implements), else ``InvalidKVConfig`` naming the layer."""
+        if not isinstance(kv_map, dict) or kv_map.get("format") != KV_MAP_FORMAT:
+            raise InvalidKVConfig("kv_map.format", f"expected {KV_MAP_FORMAT!r}")
+        try:
+            mode, head_dim, layers = kv_map["mode"], kv_map["head_dim"], kv_map["layers"]
+            pairs = [(layer["key"]["bits"], layer["value"]["bits"]) for layer in layers]
+        except (KeyError, TypeError) as e:
+            raise InvalidKVConfig("kv_map", f"not a KV precision map: missing {e}") from None
+        groups = [layer[s]["group_size"] for s in ("key", "value") for layer in layers if layer[s]["group_size"]]
+        config = cls(layers=tuple(pairs), mode=mode, group_size=groups[0] if groups else None,
+                     residual=layers[0].get("residual") if layers else None)
+        expected = config.to_kv_map(head_dim)["layers"]
+        for i, (got, want) in enumerate(zip(layers, expected, strict=True)):
+            if got != want:
+                raise InvalidKVConfig(f"kv_map.layers[{i}]", f"{got} differs from {want}: this cache needs one mode, "
+                                      "group size and residual on every layer")
+        return config
 
 
 def _pair(p: object, i: int) -> tuple[int, int]:
     if isinstance(p, dict):
         p = (p.get("k"), p.get("v"))
     if not isinstance(p, Sequence) or len(p) != 2:
-        raise InvalidSpec(f"kv.layers[{i}]", f"{p!r} is not a (k_bits, v_bits) pair")
+        raise InvalidKVConfig(f"kv.layers[{i}]", f"{p!r} is not a (k_bits, v_bits) pair")
     for name, b in zip(("k_bits", "v_bits"), p, strict=True):
         if isinstance(b, bool) or b not in KV_BITS:
-            raise InvalidSpec(f"kv.layers[{i}]", f"{name}={b!r} is not one of {KV_BITS}")
+            raise InvalidKVConfig(f"kv.layers[{i}]", f"{name}={b!r} is not one of {KV_BITS}")
     return int(p[0]), int(p[1])
 
 
@@ -222,7 +276,7 @@ class KVQuantLayer(DynamicLayer):
                  quantize_in_forward: bool = False):
         super().__init__()
         if storage not in STORAGES:
-            raise InvalidSpec("storage", f"{storage!r} is not one of {STORAGES}")
+            raise InvalidKVConfig("storage", f"{storage!r} is not one of {STORAGES}")
         self.k_bits, self.v_bits, self.mode, self.storage = k_bits, v_bits, mode, storage
         self.token_group, self.key_group, self.residual = token_group, key_group, residual
         self.quantize_in_forward = quantize_in_forward
@@ -323,7 +377,7 @@ def model_shape(model_or_config) -> tuple[int, int, int]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if kinds - {"full_attention"}:
-        raise InvalidSpec("model", f"the KV cache needs full-attention layers only, found {sorted(kinds)}")
+        raise InvalidKVConfig("model", f"the KV cache needs full-attention layers only, found {sorted(kinds)}")
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return config.num_hidden_layers, kv_heads, head_dim
 

@@ -1,0 +1,135 @@
+"""Write a sliced model as a directory that loads without darwinfront, and read one back.
+
+The directory holds the weights (safetensors), the tokenizer, `config.json` in the family's pruned config
+(`model_type: darwinfront_<family>`, the per-layer `layer_shapes`, an `auto_map` naming the modeling file), and the
+modeling code (`modeling_pruned_<family>.py` with `pruned_layers.py`). darwinfront reads it back with the same
+classes, imported from this package rather than run from the directory, so an archive's code is never executed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from darwinfront.architectures import SUPPORTED_ARCHITECTURES
+from darwinfront.core.errors import InvalidSpec
+
+_HERE = Path(__file__).resolve().parent
+SHARED_CODE = "pruned_layers.py"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One supported model family: `name` as in `modeling_pruned_<name>.py`, `prefix` as in `<prefix>ForCausalLM`."""
+
+    name: str
+    prefix: str
+
+    @property
+    def module(self) -> str:
+        return f"modeling_pruned_{self.name}"
+
+    @property
+    def model_type(self) -> str:
+        return f"darwinfront_{self.name}"
+
+    @property
+    def config_class(self) -> type:
+        return getattr(self._classes(), f"Pruned{self.prefix}Config")
+
+    @property
+    def causal_lm_class(self) -> type:
+        return getattr(self._classes(), f"Pruned{self.prefix}ForCausalLM")
+
+    def auto_map(self) -> dict:
+        return {"AutoConfig": f"{self.module}.Pruned{self.prefix}Config",
+                "AutoModelForCausalLM": f"{self.module}.Pruned{self.prefix}ForCausalLM"}
+
+    def _classes(self):
+        return importlib.import_module(f"{__package__}.{self.module}")
+
+
+FAMILIES = {f"{prefix}ForCausalLM": Family(prefix.lower(), prefix) for prefix in ("Llama", "Mistral", "Qwen2")}
+assert set(FAMILIES) == set(SUPPORTED_ARCHITECTURES)
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of a dense, sliced or pruned-class model (the first supported class it is, or subclasses)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    raise InvalidSpec("model", f"{type(model).__name__} is none of {', '.join(FAMILIES)}")
+
+
+def layer_shapes(model: nn.Module) -> list[dict]:
+    """Each decoder layer's kept widths, read from its modules: what `config.layer_shapes` records."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shapes = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        empty_attn = getattr(attn, "darwinfront_empty", False)
+        heads = 0 if empty_attn else attn.q_proj.out_features // head_dim
+        kv_heads = 0 if empty_attn else attn.k_proj.out_features // head_dim
+        index = getattr(attn, "kv_head_of_query", None)
+        index = None if index is None else list(index)
+        if index is not None and heads % kv_heads == 0 and index == [j // (heads // kv_heads) for j in range(heads)]:
+            index = None  # the usual grouping: the family's own attention runs it
+        empty_mlp = getattr(mlp, "darwinfront_empty", False)
+        width = 0 if empty_mlp else mlp.down_proj.in_features
+        attn_bias = attn.o_bias if empty_attn else attn.o_proj.bias
+        mlp_bias = mlp.down_bias if empty_mlp else mlp.down_proj.bias
+        shapes.append({"num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": width,
+                       "kv_head_of_query": index, "attention_output_bias": attn_bias is not None,
+                       "mlp_output_bias": mlp_bias is not None})
+    return shapes
+
+
+def write_code(model: nn.Module, path: Path) -> None:
+    """Turn a directory `model.save_pretrained` wrote into one stock transformers loads with trust_remote_code:
+    the pruned config (`layer_shapes`, `auto_map`) over `config.json`, and the modeling code beside it."""
+    family = family_of(model)
+    data = model.config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "layer_shapes"):
+        data.pop(key, None)
+    config = family.config_class.from_dict({**data, "layer_shapes": layer_shapes(model)})
+    config.architectures = [family.causal_lm_class.__name__]
+    config.auto_map = family.auto_map()
+    config.save_pretrained(path)
+    for name in (SHARED_CODE, f"{family.module}.py"):
+        shutil.copyfile(_HERE / name, Path(path) / name)
+
+
+def read_family(path: Path) -> Family | None:
+    """The family of a pruned directory (its `config.json` model type), or None for any other model source."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return None
+    model_type = json.loads(file.read_text()).get("model_type")
+    return next((f for f in FAMILIES.values() if f.model_type == model_type), None)
+
+
+def load(path: Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """Load a pruned directory with darwinfront's own copy of its classes; every saved tensor must fit.
+
+    Raises:
+        InvalidSpec: not a pruned directory of a supported family, or weights that do not fit its shapes.
+    """
+    path = Path(path)
+    family = read_family(path)
+    if family is None:
+        raise InvalidSpec("model.source", f"{path} is not a pruned model directory (config.json model_type is none "
+                          f"of {', '.join(f.model_type for f in FAMILIES.values())}); export it again")
+    if not any(path.glob("*.safetensors")):
+        raise InvalidSpec("model.source", f"{path} holds no .safetensors weights")
+    model, info = family.causal_lm_class.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise InvalidSpec("model.source", f"weights do not fit the layer shapes of {path}: {problems}")
+    return model.to(device).eval()

@@ -1,0 +1,179 @@
+"""The pieces every pruned model family shares: per-layer shapes read from the config, the stand-ins for a removed
+attention or MLP, and attention whose query heads read their KV heads through an index.
+
+This file travels inside every exported model directory beside `modeling_pruned_<family>.py` and is loaded by
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`, so it imports only torch and transformers.
+
+A pruned config is its family's dense config (the dense `num_attention_heads`, `num_key_value_heads`,
+`intermediate_size`, `head_dim`) plus `layer_shapes`, one entry per decoder layer:
+
+    {"num_attention_heads": 3,       # query heads kept; 0: the layer has no attention
+     "num_key_value_heads": 2,       # KV heads kept (0 with no attention)
+     "intermediate_size": 96,        # MLP channels kept; 0: the layer has no MLP
+     "kv_head_of_query": [0, 0, 1],  # the KV head each query head reads; null: the usual grouping
+                                     #   (query head j reads KV head j // (query heads / KV heads))
+     "attention_output_bias": true,  # the attention's output carries a bias even if the family's has none
+     "mlp_output_bias": false}       #   (pruning's compensation for removed units), and likewise the MLP's
+
+Such a bias is a buffer named `bias` on o_proj / down_proj (`o_bias` / `down_bias` on a removed sub-block's
+stand-in), saved with the weights but not counted among the parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "kv_head_of_query",
+              "attention_output_bias", "mlp_output_bias")
+
+
+def settle_layer_shapes(config) -> None:
+    """Check `config.layer_shapes`; raise ValueError naming the layer and field unless it describes every layer.
+
+    None means the dense widths on every layer (transformers builds a default config to compare against).
+    """
+    if config.layer_shapes is None:
+        config.layer_shapes = [{"num_attention_heads": config.num_attention_heads,
+                                "num_key_value_heads": config.num_key_value_heads,
+                                "intermediate_size": config.intermediate_size, "kv_head_of_query": None,
+                                "attention_output_bias": False, "mlp_output_bias": False}
+                               for _ in range(config.num_hidden_layers)]
+    shapes = config.layer_shapes
+    if not isinstance(shapes, list) or len(shapes) != config.num_hidden_layers:
+        raise ValueError(f"layer_shapes: expected a list of {config.num_hidden_layers} layers, got {shapes!r}")
+    for i, shape in enumerate(shapes):
+        if not isinstance(shape, dict) or set(shape) != set(SHAPE_KEYS):
+            raise ValueError(f"layer_shapes[{i}]: expected the keys {SHAPE_KEYS}, got {shape!r}")
+        heads, kv_heads, index = shape["num_attention_heads"], shape["num_key_value_heads"], shape["kv_head_of_query"]
+        if (heads == 0) != (kv_heads == 0) or heads < 0 or kv_heads < 0 or shape["intermediate_size"] < 0:
+            raise ValueError(f"layer_shapes[{i}]: {heads} query heads on {kv_heads} KV heads")
+        if index is None and heads % max(kv_heads, 1):
+            raise ValueError(f"layer_shapes[{i}]: {heads} query heads do not group evenly on {kv_heads} KV heads; "
+                             "give kv_head_of_query")
+        if index is not None and (len(index) != heads or any(not 0 <= k < kv_heads for k in index)):
+            raise ValueError(f"layer_shapes[{i}].kv_head_of_query: {heads} indices in 0..{kv_heads - 1} expected")
+
+
+def layer_config(config, index: int):
+    """A copy of the model config with layer `index`'s head counts and MLP width, for the family's own modules."""
+    shape = config.layer_shapes[index]
+    layer = copy.copy(config)
+    layer.num_attention_heads = shape["num_attention_heads"]
+    layer.num_key_value_heads = shape["num_key_value_heads"]
+    layer.intermediate_size = shape["intermediate_size"]
+    layer.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return layer
+
+
+def cut_layers(model: nn.Module, attention_class: type, mlp_class: type) -> None:
+    """Rebuild each decoder layer of `model` (a family's base model, built dense) at its `layer_shapes` widths.
+
+    `from_pretrained` builds models on the meta device, so the dense modules built first cost no memory there.
+    """
+    config = model.config
+    for i, layer in enumerate(model.layers):
+        shape = config.layer_shapes[i]
+        if shape["num_attention_heads"] == 0:
+            layer.self_attn = NoAttention(i, config.hidden_size, layer.self_attn.o_proj.bias)
+        else:
+            layer.self_attn = attention_class(config, i)
+        if shape["intermediate_size"] == 0:
+            layer.mlp = NoMLP(config.hidden_size, layer.mlp.down_proj.bias)
+        else:
+            layer.mlp = mlp_class(layer_config(config, i))
+        if shape["attention_output_bias"]:
+            _give_bias(*((layer.self_attn, "o_bias") if shape["num_attention_heads"] == 0 else
+                         (layer.self_attn.o_proj, "bias")), config.hidden_size)
+        if shape["mlp_output_bias"]:
+            _give_bias(*((layer.mlp, "down_bias") if shape["intermediate_size"] == 0 else
+                         (layer.mlp.down_proj, "bias")), config.hidden_size)
+
+
+def _give_bias(module: nn.Module, name: str, hidden: int) -> None:
+    """A zero `name` buffer (filled by the saved weights) where `module` has no bias of its own."""
+    if getattr(module, name) is None:
+        delattr(module, name)
+        module.register_buffer(name, torch.zeros(hidden))
+
+
+def set_kv_heads(attention: nn.Module, kv_head_of_query: list[int] | None) -> None:
+    """Record which KV head each query head of `attention` reads (None: the usual grouping).
+
+    A plain tuple, not a buffer: `from_pretrained` builds on the meta device and would leave a buffer unset.
+    """
+    attention.kv_head_of_query = None if kv_head_of_query is None else tuple(int(k) for k in kv_head_of_query)
+    if kv_head_of_query is not None:
+        attention.num_key_value_groups = 1  # keys and values arrive already expanded to the query heads
+
+
+def attend_with_kv_index(attention, hidden_states, position_embeddings, attention_mask, cache, *, rotary,
+                         eager, attention_functions, **kwargs):
+    """The family's attention forward, with keys and values expanded to the query heads by `kv_head_of_query`.
+
+    Keys and values are cached once per KV head and expanded just before the attention function runs (eager,
+    sdpa, ...), so the cache is no larger than the dense model's.
+    """
+    cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+    input_shape = hidden_states.shape[:-1]
+    shape = (*input_shape, -1, attention.head_dim)
+    query = attention.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, query heads, T, h)
+    key = attention.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, KV heads, T, h)
+    value = attention.v_proj(hidden_states).view(shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query, key = rotary(query, key, cos, sin)
+    if cache is not None:
+        key, value = cache.update(key, value, attention.layer_idx, kwargs=kwargs)
+    index = torch.tensor(attention.kv_head_of_query, dtype=torch.long, device=key.device)
+    key, value = key.index_select(1, index), value.index_select(1, index)  # (B, query heads, S, h)
+    attend = attention_functions.get_interface(attention.config._attn_implementation, eager)
+    window = getattr(attention, "sliding_window", None)
+    extra = {"sliding_window": window} if window is not None else {}
+    out, weights = attend(
+        attention, query, key, value, attention_mask,
+        dropout=0.0 if not attention.training else attention.attention_dropout, scaling=attention.scaling,
+        **extra, **kwargs,
+    )
+    return attention.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+class NoAttention(nn.Module):
+    """Stands in for a self-attention block that keeps no head: returns its output bias (or zeros).
+
+    It still writes a one-wide zero placeholder into the KV cache, so the cache counts this layer's tokens
+    (transformers reads the sequence length from the first layer).
+    """
+
+    darwinfront_empty = True
+
+    def __init__(self, layer_idx: int, hidden: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden = hidden
+        self.o_bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+
+    def forward(self, hidden_states: torch.Tensor, *args, cache=None, **kwargs) -> tuple[torch.Tensor, None]:
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        batch, seq = hidden_states.shape[:2]
+        if cache is not None:
+            placeholder = hidden_states.new_zeros(batch, 1, seq, 1)  # (B, 1 head, T, width 1)
+            cache.update(placeholder, placeholder, self.layer_idx)
+        out = hidden_states.new_zeros(batch, seq, self.hidden)  # (B, T, hidden)
+        return (out if self.o_bias is None else out + self.o_bias), None
+
+
+class NoMLP(nn.Module):
+    """Stands in for an MLP that keeps no channel: returns its output bias (or zeros)."""
+
+    darwinfront_empty = True
+
+    def __init__(self, hidden: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.hidden = hidden
+        self.down_bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(*x.shape[:-1], self.hidden)
+        return out if self.down_bias is None else out + self.down_bias
