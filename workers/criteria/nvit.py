@@ -18,7 +18,7 @@ from torch import nn
 
 from workers.criteria._common import KINDS, Geometry, check_kinds, decoder_layers, empty, micro_batches
 from workers.criteria.base import LayerScores, UnitScores
-from workers.criteria.taylor import _coupled, _unit_sum, weight_gradients
+from workers.criteria.taylor import coupled, unit_sum, weight_gradients
 
 CRITERIA = {"nvit": {"class": "NViT"}}  # the catalog entry (darwinfront.core.criteria)
 
@@ -32,9 +32,9 @@ def group_products(
     for layer, per_kind in zip(decoder_layers(model), grads, strict=True):
         products = {}
         for kind, g in per_kind.items():
-            mats = _coupled(layer, kind)
+            mats = coupled(layer, kind)
             signed = {name: mats[name].weight.detach().to(torch.float64) * g[name] for name in mats}
-            products[kind] = _unit_sum(signed, kind, geo).cpu()
+            products[kind] = unit_sum(signed, kind, geo).cpu()
         out.append(products)
     return out
 

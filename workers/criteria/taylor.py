@@ -18,7 +18,7 @@ from workers.criteria.base import LayerScores, UnitScores
 CRITERIA = {"taylor": {"class": "Taylor"}}  # the catalog entry (darwinfront.core.criteria)
 
 
-def _coupled(layer: nn.Module, kind: str) -> dict[str, nn.Linear]:
+def coupled(layer: nn.Module, kind: str) -> dict[str, nn.Linear]:
     if kind == "attn":
         a = layer.self_attn
         return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj}
@@ -26,7 +26,7 @@ def _coupled(layer: nn.Module, kind: str) -> dict[str, nn.Linear]:
     return {"gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
 
 
-def _unit_sum(saliency: dict[str, torch.Tensor], kind: str, geo: Geometry) -> torch.Tensor:
+def unit_sum(saliency: dict[str, torch.Tensor], kind: str, geo: Geometry) -> torch.Tensor:
     """Aggregate per-weight saliency |w·g| of one layer's coupled matrices into per-unit scores."""
     if kind == "mlp":
         return saliency["gate"].sum(1) + saliency["up"].sum(1) + saliency["down"].sum(0)
@@ -44,7 +44,7 @@ def weight_gradients(
     """∂T/∂W (fp64) of every coupled matrix, per layer and kind; T = mean CE. Leaves the model's grads as found."""
     check_kinds(kinds)
     layers = decoder_layers(model)
-    wanted = [lin.weight for layer in layers for kind in kinds for lin in _coupled(layer, kind).values()]
+    wanted = [lin.weight for layer in layers for kind in kinds for lin in coupled(layer, kind).values()]
     saved = [(w, w.grad) for w in wanted]
     with _gates.frozen(model), torch.enable_grad():
         for w in wanted:
@@ -55,7 +55,7 @@ def weight_gradients(
             (_gates.sample_ce(model, ids).sum() * scale).backward()
         grads = [
             {
-                kind: {name: lin.weight.grad.detach().to(torch.float64) for name, lin in _coupled(layer, kind).items()}
+                kind: {name: lin.weight.grad.detach().to(torch.float64) for name, lin in coupled(layer, kind).items()}
                 for kind in kinds
             }
             for layer in layers
@@ -82,8 +82,8 @@ class Taylor:
         for layer, per_kind in zip(decoder_layers(model), grads, strict=True):
             out = {k: empty() for k in KINDS}
             for kind, g in per_kind.items():
-                mats = _coupled(layer, kind)
+                mats = coupled(layer, kind)
                 sal = {name: (mats[name].weight.detach().to(torch.float64) * g[name]).abs() for name in mats}
-                out[kind] = _unit_sum(sal, kind, geo).cpu()
+                out[kind] = unit_sum(sal, kind, geo).cpu()
             layers.append(LayerScores(**out))
         return UnitScores(layers=tuple(layers), criterion=self.name)
