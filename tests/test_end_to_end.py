@@ -6,6 +6,7 @@ submit -> poll until succeeded -> front -> download a configuration -> apply -> 
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 import time
 
@@ -44,10 +45,19 @@ def download_model(http: httpx.Client, job_id: str, candidate_id: str, folder):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, micro_dir):
-    """One embedded stack for the module (Ray starts once); the micro model is built before the driver runs."""
+    """One embedded stack for the module (Ray starts once); the micro model is built before the driver runs. Its
+    driver waits 2 s for GPUs that are not there (test_a_job_asking_for_absent_gpus_fails_and_the_next_runs)."""
     data_dir = tmp_path_factory.mktemp("stack")
-    with EmbeddedStack(data_dir, port=0) as running:
-        yield running
+    previous = os.environ.get("DARWINFRONT_PLACEMENT_TIMEOUT_SECONDS")
+    os.environ["DARWINFRONT_PLACEMENT_TIMEOUT_SECONDS"] = "2"
+    try:
+        with EmbeddedStack(data_dir, port=0) as running:
+            yield running
+    finally:
+        if previous is None:
+            os.environ.pop("DARWINFRONT_PLACEMENT_TIMEOUT_SECONDS", None)
+        else:
+            os.environ["DARWINFRONT_PLACEMENT_TIMEOUT_SECONDS"] = previous
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +164,17 @@ def test_a_model_that_cannot_load_fails_with_a_readable_error(http, stack, tmp_p
     job = _wait(http, response.json()["id"], timeout=120)
     assert job["status"] == "failed"
     assert job["error"] and "Traceback" not in job["error"]
+
+
+def test_a_job_asking_for_absent_gpus_fails_and_the_next_runs(http, finished_job):
+    spec = SPEC | {"name": "gpus", "resources": {"evaluators": 1, "gpus_per_evaluator": 1}}
+    response = http.post("/v1/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    job = _wait(http, response.json()["id"], timeout=120)
+    assert job["status"] == "failed"
+    assert "resources.gpus_per_evaluator" in job["error"] and "Traceback" not in job["error"]
+    after = http.post("/v1/jobs", json=SPEC | {"name": "after gpus", "search": {"generations": 1, "offspring": 2}})
+    assert _wait(http, after.json()["id"])["status"] == "succeeded"
 
 
 KV_SPEC = {

@@ -8,7 +8,9 @@ from collections.abc import Iterable, Iterator
 
 import ray
 
+from darwinfront.core.settings import Settings
 from workers.evaluator import Evaluator
+from workers.placement import wait_placeable
 from workers.prepare import level_layers, node_threads, prepare
 from workers.progress import StepReport, format_seconds
 from workers.telemetry import Telemetry
@@ -49,6 +51,7 @@ def run_prepare(
             return fn(spec, report, threads=threads)
         return fn(spec, report, threads=threads, helpers=RemoteLayers(spec, helpers, gpus=gpus, threads=threads))
 
+    wait_placeable(gpus, helpers + 1, timeout=Settings().placement_timeout_seconds)
     return ray.get(ray.remote(task).options(num_gpus=gpus, num_cpus=1, max_retries=0).remote(spec, report))
 
 
@@ -108,6 +111,7 @@ class EvaluatorPool:
         self, spec: dict, prepared: dict, *, size: int, gpus: float = 0.0, max_retries: int = 2, evaluator=Evaluator,
         meter: Telemetry | None = None, job_id: str = "",
     ):
+        wait_placeable(gpus, size, timeout=Settings().placement_timeout_seconds)
         cpus = ray.cluster_resources().get("CPU", 1)
         threads = max(1, int(cpus // size)) if gpus == 0 else 0
         shared = ray.put(prepared)

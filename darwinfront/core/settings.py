@@ -60,6 +60,8 @@ class Settings(BaseSettings):
         lease_seconds: How long a driver's lease on a running job lasts without a renewal.
         shutdown_grace_seconds: After SIGTERM, how long a driver waits for its job to reach a safe point before
             it requeues the job and exits regardless.
+        placement_timeout_seconds: How long a job waits for the Ray cluster to offer the GPUs its evaluators ask
+            for (an autoscaler may add a node meanwhile) before it fails saying what it asked and what is there.
         metrics_per_job: Show per-job series (job ids, their evaluations and fronts) on the keyless `/metrics`;
             off by default, since job ids and per-job figures tell what tenants run.
     """
@@ -83,6 +85,7 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0.5, le=3600)
     cors_origins: list[str] = Field(default_factory=list)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
+    placement_timeout_seconds: float = Field(default=120.0, ge=0, le=86_400)
     metrics_per_job: bool = False
 
     @model_validator(mode="after")
