@@ -53,7 +53,7 @@ def run_search(spec: dict, prepared: dict, size: int) -> dict:
     try:
         while not evolution.finished:
             batch = evolution.ask()
-            requests = [_request_dict(r, 0.5, len(stages) - 1, job.data.seq_len) for r in batch]
+            requests = [_request_dict(r, 0.5, job.data.seq_len) for r in batch]
             stage_start = time.perf_counter()
             replies = pool.map_unordered(requests)
             while True:
