@@ -179,6 +179,8 @@ def cmd_download(args) -> int:
         print(path)
         if args.model:
             print(client.download_model(args.job, cid, out / f"{cid}.tar"))
+        if args.gguf:
+            print(client.download_gguf(args.job, cid, out / f"{cid}.{args.gguf_type}.gguf", args.gguf_type))
     return 0
 
 
@@ -250,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("candidate", nargs="?")
     p.add_argument("-o", "--output", default=".")
     p.add_argument("--model", action="store_true", help="also download the sliced model archive")
+    p.add_argument("--gguf", action="store_true", help="also download the model as a GGUF file for llama.cpp")
+    p.add_argument("--gguf-type", choices=("f16", "q8_0", "f32"), default="f16", help="the GGUF's weight type")
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("cancel", help="cancel a job")

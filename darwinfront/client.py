@@ -259,9 +259,20 @@ class Client:
 
     def download_model(self, job_id: str, candidate_id: str, path: Path) -> Path:
         """Save the sliced model's archive (.tar) to `path`."""
-        path = Path(path)
+        return self._download(f"/v1/jobs/{job_id}/candidates/{candidate_id}/model", Path(path))
+
+    def download_gguf(self, job_id: str, candidate_id: str, path: Path, gguf_type: str = "f16") -> Path:
+        """Save the sliced model as a GGUF file for llama.cpp / Ollama (`gguf_type` f16, q8_0 or f32) to `path`.
+
+        The server writes it from the archive on the first request, so this waits up to ten minutes for it.
+        """
+        url = f"/v1/jobs/{job_id}/candidates/{candidate_id}/gguf"
+        return self._download(url, Path(path), params={"type": gguf_type}, timeout=600.0)
+
+    def _download(self, url: str, path: Path, *, params: dict | None = None, timeout: float | None = None) -> Path:
+        extra = {} if timeout is None else {"timeout": timeout}
         try:
-            with self.http.stream("GET", f"/v1/jobs/{job_id}/candidates/{candidate_id}/model") as response:
+            with self.http.stream("GET", url, params=params, **extra) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._raise_for(response)
