@@ -300,3 +300,13 @@ def test_download_gguf_from_the_command_line(tokenizer, tmp_path):
         assert main([*args, "--gguf", "--gguf-type", "q8_0"]) == 0
     meta, _ = read(tmp_path / "out" / "t0-g1-c0.q8_0.gguf")
     assert meta["deci.feed_forward_length"] == [48, 10, 32]
+
+
+def test_the_module_command_converts_a_directory(tokenizer, tmp_path, capsys):
+    from darwinfront.gguf_export.__main__ import main
+
+    pruned("llama", "kv_group", tokenizer, tmp_path / "m")
+    assert main([str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--type", "q8_0"]) == 0
+    assert json.loads(capsys.readouterr().out)["tensor_types"]["Q8_0"] > 0
+    assert main([str(tmp_path / "nowhere"), str(tmp_path / "x.gguf")]) == 2
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
