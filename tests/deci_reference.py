@@ -31,7 +31,7 @@ def forward(path, ids: list[int]) -> np.ndarray:
         inp = x
         cur = x if heads == 0 else _norm(x, w[f"blk.{i}.attn_norm.weight"], eps)
         if heads > 0:
-            cur = _attention(cur, w, i, heads, kv_heads, dim, base)
+            cur = _attention(cur, w, i, heads, kv_heads, dim, base, w.get("rope_freqs.weight"))
         if ffn == 0:
             continue  # deci skips the whole layer
         ffn_inp = cur + inp if heads > 0 else cur
@@ -42,10 +42,10 @@ def forward(path, ids: list[int]) -> np.ndarray:
     return x @ w.get("output.weight", w["token_embd.weight"]).T
 
 
-def _attention(x, w, i, heads, kv_heads, dim, base):
+def _attention(x, w, i, heads, kv_heads, dim, base, factors):
     steps = x.shape[0]
-    q = _rope(_linear(x, w, f"blk.{i}.attn_q").reshape(steps, heads, dim), base)  # (T, H, d)
-    k = _rope(_linear(x, w, f"blk.{i}.attn_k").reshape(steps, kv_heads, dim), base)  # (T, KV, d)
+    q = _rope(_linear(x, w, f"blk.{i}.attn_q").reshape(steps, heads, dim), base, factors)  # (T, H, d)
+    k = _rope(_linear(x, w, f"blk.{i}.attn_k").reshape(steps, kv_heads, dim), base, factors)  # (T, KV, d)
     v = _linear(x, w, f"blk.{i}.attn_v").reshape(steps, kv_heads, dim)
     group = heads // kv_heads
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # (T, H, d)
@@ -57,10 +57,11 @@ def _attention(x, w, i, heads, kv_heads, dim, base):
     return _linear(out, w, f"blk.{i}.attn_output")
 
 
-def _rope(x, base):
-    """Rotate adjacent pairs (2j, 2j+1) by position * base^(-2j/d) (llama.cpp's normal rotary)."""
+def _rope(x, base, factors=None):
+    """Rotate adjacent pairs (2j, 2j+1) by position * base^(-2j/d) / factor_j (llama.cpp's normal rotary)."""
     steps, _, dim = x.shape
-    angles = np.arange(steps)[:, None] * base ** (-np.arange(0, dim, 2) / dim)[None, :]  # (T, d/2)
+    frequencies = base ** (-np.arange(0, dim, 2) / dim) / (1.0 if factors is None else factors)  # (d/2,)
+    angles = np.arange(steps)[:, None] * frequencies[None, :]  # (T, d/2)
     cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
     even, odd = x[..., 0::2], x[..., 1::2]
     out = np.empty_like(x)

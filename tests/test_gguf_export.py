@@ -35,8 +35,9 @@ def tokenizer():
 
 
 def small_model(kind: str, tokenizer):
-    """Three layers, 4 query heads on 2 KV heads of 16, MLP 96: `llama` (tied), `llama_bias` (q/k/v/o and MLP
-    biases, untied) or `qwen2` (q/k/v biases, untied); norms and biases drawn away from their init."""
+    """Three layers, 4 query heads on 2 KV heads of 16, MLP 96: `llama` (tied), `llama3` (tied, Llama 3's rotary
+    scaling with an original context of 32, so every branch of it acts), `llama_bias` (q/k/v/o and MLP biases,
+    untied) or `qwen2` (q/k/v biases, untied); norms and biases drawn away from their init."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -48,6 +49,10 @@ def small_model(kind: str, tokenizer):
     else:
         bias = kind == "llama_bias"
         config = LlamaConfig(tie_word_embeddings=not bias, attention_bias=bias, mlp_bias=bias, **common)
+        if kind == "llama3":
+            config.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 32}
         model = LlamaForCausalLM(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -147,7 +152,7 @@ def test_tensors_are_the_sliced_weights_in_llama_cpps_rotary_order(tokenizer, tm
     np.testing.assert_array_equal(tensors["output.weight"], hf(model.lm_head.weight))
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_bias", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "llama_bias", "qwen2"])
 def test_the_file_run_as_deci_gives_the_candidates_logits(kind, tokenizer, tmp_path):
     model = pruned(kind, "q_head", tokenizer, tmp_path / "m", shifts=True)
     ids, expected = logits(model, tokenizer)
@@ -157,6 +162,12 @@ def test_the_file_run_as_deci_gives_the_candidates_logits(kind, tokenizer, tmp_p
         write_gguf(tmp_path / "m", path, gguf_type)
         error = np.abs(forward(path, ids) - expected).max() / scale
         assert error < tolerance, (gguf_type, error)
+    factors = read(tmp_path / "m.f32.gguf")[1].get("rope_freqs.weight")
+    if kind == "llama3":  # wavelengths 2π·10000^(j/16): below 32/4 kept, above 32 divided by 8, blended between
+        smooth = (32 / (2 * np.pi * 10000 ** (2 / 16)) - 1) / 3
+        np.testing.assert_allclose(factors, [1.0, 1 / ((1 - smooth) / 8 + smooth)] + [8.0] * 6, rtol=1e-6)
+    else:
+        assert factors is None
     unpermuted = tmp_path / "wrong.gguf"  # the check can fail: q/k rows left in Hugging Face order differ
     original = deci.permute_rotary
     try:
@@ -241,8 +252,8 @@ def test_what_cannot_be_exported_is_refused_naming_it(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="gguf_type 'q4_0': expected one of f32, f16, q8_0"):
         write_gguf(tmp_path / "m", tmp_path / "x.gguf", "q4_0")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    for change, words in (({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},
-                           "rope_type 'llama3'"), ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    for change, words in (({"rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 5e5}},
+                           "rope_type 'yarn'"), ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
                           ({"model_type": "gpt2"}, "model_type 'gpt2'")):
         (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ValueError, match=words):

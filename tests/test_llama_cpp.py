@@ -60,7 +60,7 @@ def llama_python() -> str:
 def test_every_layer_shape_gives_pytorchs_logits_in_llama_cpp(llama_python, tmp_path):
     tokenizer = reference.train_tokenizer(["def f(x):\n    return x + 1\n", "class A:\n    pass\n"] * 4, 300)
     expected, job = {}, {}
-    for kind in ("llama", "llama_bias", "qwen2"):
+    for kind in ("llama", "llama3", "llama_bias", "qwen2"):
         for unit, shifts in (("q_head", True), ("kv_group", False)):
             folder = tmp_path / f"{kind}-{unit}"
             model = pruned(kind, unit, tokenizer, folder, shifts=shifts)

@@ -17,6 +17,7 @@ are half a head apart); `deci` uses that rotary for every family we export, Qwen
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ class Geometry:
     rope_theta: float
     rms_eps: float
     tied: bool
+    rope_factors: tuple[float, ...] | None = None  # llama3 scaling: each rotary frequency divided by its factor
 
 
 @dataclass(frozen=True)
@@ -73,16 +75,34 @@ def geometry(config: dict) -> Geometry:
         raise ValueError(f"hidden_act {config['hidden_act']!r}: llama.cpp's deci runs SiLU MLPs only")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", None):
-        raise ValueError(f"rope_type {kind!r}: the GGUF export writes unscaled rotary embeddings only")
-    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    heads = config["num_attention_heads"]
+    if kind not in ("default", "llama3", None):
+        raise ValueError(f"rope_type {kind!r}: the GGUF export writes unscaled or llama3-scaled rotary embeddings")
+    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     return Geometry(
-        layers=config["num_hidden_layers"], hidden=config["hidden_size"],
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads, vocab=config["vocab_size"],
-        context=config.get("max_position_embeddings", 2048), rope_theta=float(theta),
+        layers=config["num_hidden_layers"], hidden=config["hidden_size"], head_dim=head_dim,
+        vocab=config["vocab_size"], context=config.get("max_position_embeddings", 2048), rope_theta=theta,
         rms_eps=float(config.get("rms_norm_eps", 1e-6)), tied=bool(config.get("tie_word_embeddings", False)),
+        rope_factors=llama3_rope_factors(rope, theta, head_dim) if kind == "llama3" else None,
     )
+
+
+def llama3_rope_factors(rope: dict, theta: float, head_dim: int) -> tuple[float, ...]:
+    """Llama 3's frequency scaling as per-frequency divisors (llama.cpp's `rope_freqs`): high frequencies kept, low
+    ones divided by `factor`, a smooth blend between the two wavelengths."""
+    factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    original = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for j in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * theta ** (j / head_dim)
+        if wavelength < original / high:
+            factors.append(1.0)
+        elif wavelength > original / low:
+            factors.append(float(factor))
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return tuple(factors)
 
 
 def layer_plans(config: dict, weights: Weights) -> list[LayerPlan]:
@@ -118,6 +138,9 @@ def tensors(geo: Geometry, plans: list[LayerPlan], weights: Weights) -> list[Ten
     """Every tensor of the GGUF file, in llama.cpp's names (an output.weight only when the embedding is untied)."""
     embedding = "model.embed_tokens.weight"
     out = [Tensor("token_embd.weight", weights.shape(embedding), lambda: weights.get(embedding))]
+    if geo.rope_factors is not None:
+        factors = np.asarray(geo.rope_factors, np.float32)
+        out.append(Tensor("rope_freqs.weight", factors.shape, lambda: factors))
     for i, plan in enumerate(plans):
         out += _attention(i, plan, geo, weights) + _mlp(i, plan, geo, weights)
     out.append(Tensor("output_norm.weight", (geo.hidden,), lambda: weights.get("model.norm.weight")))
