@@ -321,3 +321,16 @@ def test_the_module_command_converts_a_directory(tokenizer, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["tensor_types"]["Q8_0"] > 0
     assert main([str(tmp_path / "nowhere"), str(tmp_path / "x.gguf")]) == 2
     assert "error:" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
+
+
+def test_the_export_needs_no_torch(tokenizer, tmp_path):
+    """The API converts archives itself, and its image has no torch."""
+    import subprocess
+    import sys
+
+    pruned("llama", "q_head", tokenizer, tmp_path / "m", shifts=True)
+    code = ("import sys; import service.routes.candidates; from darwinfront.gguf_export import write_gguf; "
+            f"write_gguf({str(tmp_path / 'm')!r}, {str(tmp_path / 'm.gguf')!r}, 'q8_0'); "
+            "print(sorted(m for m in ('torch', 'ray', 'transformers', 'safetensors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]"] and (tmp_path / "m.gguf").is_file()

@@ -36,7 +36,6 @@ class Geometry:
     layers: int
     hidden: int
     head_dim: int
-    vocab: int
     context: int
     rope_theta: float
     rms_eps: float
@@ -81,7 +80,7 @@ def geometry(config: dict) -> Geometry:
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     return Geometry(
         layers=config["num_hidden_layers"], hidden=config["hidden_size"], head_dim=head_dim,
-        vocab=config["vocab_size"], context=config.get("max_position_embeddings", 2048), rope_theta=theta,
+        context=config.get("max_position_embeddings", 2048), rope_theta=theta,
         rms_eps=float(config.get("rms_norm_eps", 1e-6)), tied=bool(config.get("tie_word_embeddings", False)),
         rope_factors=llama3_rope_factors(rope, theta, head_dim) if kind == "llama3" else None,
     )
