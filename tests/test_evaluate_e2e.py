@@ -10,6 +10,7 @@ import os
 
 import httpx
 import pytest
+from browser import Browser, chromium_binary
 from test_end_to_end import _wait, download_model
 from test_evaluate import TASK, _our_accuracy
 
@@ -31,20 +32,25 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # as on a driver 
 
 
 @pytest.fixture(scope="module")
-def http(tmp_path_factory, micro_dir):
-    """One embedded stack whose driver has the hub switched off, and a client of it."""
+def stack(tmp_path_factory, micro_dir):
+    """One embedded stack whose driver has the hub switched off."""
     previous = {name: os.environ.get(name) for name in OFFLINE}
     os.environ.update(OFFLINE)
     try:
-        with EmbeddedStack(tmp_path_factory.mktemp("stack"), port=0) as stack, httpx.Client(
-                base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30) as client:
-            yield client
+        with EmbeddedStack(tmp_path_factory.mktemp("stack"), port=0) as running:
+            yield running
     finally:
         for name, value in previous.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def http(stack):
+    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +71,7 @@ def _prepared(http, job_id: str) -> dict:
     return next(e["data"] for e in events if e["kind"] == "prepared")
 
 
-def test_two_candidates_scored_through_the_route_share_one_dense_score(http, parent, tmp_path):
+def test_two_candidates_scored_through_the_route_share_one_dense_score(stack, http, parent, tmp_path):
     points = http.get(f"/v1/jobs/{parent}/front").json()["points"]
     assert len(points) >= 2, points
     first, second = (p["candidate_id"] for p in points[:2])
@@ -92,6 +98,20 @@ def test_two_candidates_scored_through_the_route_share_one_dense_score(http, par
     assert scored[0]["value"] == pytest.approx(_our_accuracy(model, tokenizer, docs)[0])
     dense, _ = modeling.load_model(PARENT["model"]["source"], device="cpu")
     assert scored[0]["dense"]["value"] == pytest.approx(_our_accuracy(dense, tokenizer, docs)[0])
+    _dashboard_shows_the_scores(stack, parent, tmp_path)
+
+
+def _dashboard_shows_the_scores(stack, parent: str, tmp_path) -> None:
+    """The dashboard's front table has the lm-eval column, the task in the scored rows (CI has Chromium)."""
+    if chromium_binary() is None:
+        assert not os.environ.get("CI"), "CI must install Debian's chromium (.ci/run does)"
+        return
+    with Browser(tmp_path / "profile") as browser:
+        browser.call("Page.navigate", url=f"{stack.url}/dashboard#job={parent}&key={stack.key}")
+        browser.wait_for("document.getElementById('job').dataset.stream === 'ended'")
+        text = browser.wait_for("(t => t.includes('lm-eval (dense)') && t)"
+                                "(document.getElementById('front-table').textContent)")
+        assert text.count(f"{TASK} acc ") >= 2
 
 
 def test_an_unknown_task_and_a_hub_task_offline_fail_the_job_saying_what_to_do(http, parent):
