@@ -266,3 +266,29 @@ def test_a_generation_task_is_refused_for_a_kv_candidate(store, kv_parent, tmp_p
     with pytest.raises(harness.InvalidSpec, match="tmp_echo generate text.*log-likelihood tasks only"):
         EvaluateJob(store, job_id, data_dir=tmp_path, in_process=True).run()
     assert store.get_scores(parent_id) == {}
+
+
+def test_a_cancel_stops_the_job_before_its_next_task_and_writes_no_scores(store, kv_parent, tmp_path):
+    from workers.job import Cancelled
+
+    parent_id, follow_up = kv_parent
+    job_id = follow_up("kv-2")
+    store.request_cancel(job_id)
+    with pytest.raises(Cancelled):
+        EvaluateJob(store, job_id, data_dir=tmp_path, in_process=True).run()
+    assert store.get_scores(parent_id) == {} and store.get_front(job_id)["points"] == []
+
+
+def test_a_post_trained_candidate_without_its_archive_here_is_refused_saying_where_to_run(store, tmp_path):
+    prune = {"model": {"source": "builtin:micro-llama", "device": "cpu"}}
+    posttrain = {"method": "posttrain", "model": prune["model"], "posttrain": {"job": "p", "candidate": "c"}}
+    parent_id = store.create("alpha", parse_spec(posttrain).model_dump(mode="json")).id
+    assert store.claim("test-driver", timeout=0) == parent_id
+    store.put_result(parent_id, "c", {"candidate_id": "c", "parameters": 10})
+    store.set_status(parent_id, JobStatus.succeeded)
+    spec = {"method": "evaluate", "model": prune["model"], "evaluate": {"job": parent_id, "candidate": "c",
+                                                                        "tasks": [TASK]}}
+    job_id = store.create("alpha", parse_spec(spec).model_dump(mode="json")).id
+    assert store.claim("test-driver", timeout=0) == job_id
+    with pytest.raises(harness.InvalidSpec, match="not on this host.*where the posttrain job ran"):
+        EvaluateJob(store, job_id, data_dir=tmp_path, in_process=True).run()

@@ -130,9 +130,10 @@ def load_tasks(names: Sequence[str]) -> Tasks:
     for name in names:
         entry = manager.task_index[name]
         spec: str | dict = name
-        if name in local and entry.yaml_path is not None and "task" in (config := load_yaml(entry.yaml_path,
-                                                                                             resolve_func=True)):
-            spec = _absolute_data_files(config, Path(entry.yaml_path).parent)
+        if name in local and entry.yaml_path is not None:  # a task (not a group) of ours: its data beside it
+            config = load_yaml(entry.yaml_path, resolve_func=True)
+            if "task" in config:
+                spec = _absolute_data_files(config, Path(entry.yaml_path).parent)
         try:
             built[name] = list(manager.load([spec])["tasks"].values())
         except Exception as exc:  # datasets raises many kinds (ConnectionError, FileNotFoundError, hub errors)
