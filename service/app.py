@@ -26,6 +26,7 @@ from service.limits import BodySizeLimit
 from service.routes import (
     candidates,
     dashboard,
+    evaluate,
     events,
     front,
     health,
@@ -96,6 +97,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     dashboard.install(app)
     authenticated = [Depends(require_tenant)]
-    for module in (jobs, front, events, candidates, history, stream, sensitivity):
+    for module in (jobs, evaluate, front, events, candidates, history, stream, sensitivity):
         app.include_router(module.router, prefix="/v1", dependencies=authenticated, responses=COMMON_ERRORS)
     return app

@@ -11,7 +11,7 @@ from pydantic_core import CoreSchema
 
 from darwinfront.core import methods
 from darwinfront.core.methods import Objective, parse_spec
-from darwinfront.core.spec import JobSpec, PosttrainOptions, ResourceSpec
+from darwinfront.core.spec import EvaluateOptions, JobSpec, PosttrainOptions, ResourceSpec
 from darwinfront.core.status import JobStatus
 from darwinfront.core.store import JobRecord
 
@@ -61,6 +61,16 @@ class PosttrainCreate(PosttrainOptions):
     """Post-train a candidate of a finished structured_prune job: the training options, all optional."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"tokens": 65536, "loss": "kd"}]})
+
+    name: str | None = Field(default=None, max_length=200)
+    resources: ResourceSpec | None = Field(default=None, description="Default: the parent job's.")
+    idempotency_key: IdempotencyKey | None = None
+
+
+class EvaluateCreate(EvaluateOptions):
+    """Score a candidate of a finished job with lm-evaluation-harness: the tasks, and optional settings."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"tasks": ["darwinfront_pydoc_mc"], "limit": 16}]})
 
     name: str | None = Field(default=None, max_length=200)
     resources: ResourceSpec | None = Field(default=None, description="Default: the parent job's.")

@@ -41,7 +41,7 @@ def test_a_registered_method_parses_and_plans_its_evaluations(registered):
     with pytest.raises(ValidationError) as caught:
         parse_spec({**COUNT, "count": {"points": 0}})
     assert caught.value.errors()[0]["loc"] == ("count", "points")
-    with pytest.raises(ValidationError, match="'posttrain' or 'count'"):
+    with pytest.raises(ValidationError, match="'posttrain', 'evaluate' or 'count'"):
         parse_spec({**COUNT, "method": "counting"})
 
 

@@ -107,6 +107,19 @@ def load_candidate(spec_dict: dict, configuration: dict, archive: str | None) ->
     return model, tokenizer, source
 
 
+def parent_archive(store, data_dir: Path, parent_id: str, candidate_id: str) -> str | None:
+    """The parent's archive of the candidate when it is on this host, else None (a follow-up rebuilds it)."""
+    try:
+        meta = store.get_artifact(parent_id, candidate_id)
+    except CandidateNotFound:
+        meta = None
+    path = None if meta is None else Path(data_dir) / "artifacts" / meta["path"]
+    if path is None or not path.is_file():
+        log.warning("no archive of %s/%s here; the candidate will be rebuilt", parent_id, candidate_id)
+        return None
+    return str(path)
+
+
 class Posttrainer:
     """Trains one sliced candidate against its dense model. Ray runs it as an actor; the driver steps it.
 
@@ -185,16 +198,18 @@ class Posttrainer:
         return {"params": slicing.count_parameters(self.model)}
 
 
-class _Trainer:
-    """A `Posttrainer` as a Ray actor, or in this process (`in_process`: tests and debugging)."""
+class FollowupActor:
+    """A follow-up job's worker object (`cls(*args, threads)`, default a `Posttrainer`) as a Ray actor, or in this
+    process (`in_process`: tests and debugging); its methods are called one at a time with `call`."""
 
-    def __init__(self, args: tuple, *, gpus: float, in_process: bool):
+    def __init__(self, args: tuple, *, gpus: float, in_process: bool, cls: type = None):
+        cls = cls or Posttrainer
         self.local = self.actor = None
         if in_process:
-            self.local = Posttrainer(*args)
+            self.local = cls(*args)
             return
         threads = max(1, int(ray.cluster_resources().get("CPU", 1))) if gpus == 0 else 0
-        remote = ray.remote(Posttrainer).options(num_cpus=1, num_gpus=gpus, max_restarts=0)
+        remote = ray.remote(cls).options(num_cpus=1, num_gpus=gpus, max_restarts=0)
         self.actor = remote.remote(*args, threads)
 
     def call(self, method: str, *args) -> object:
@@ -223,9 +238,9 @@ class PosttrainJob(Job):
         options = spec.posttrain
         parent = self.store.get(options.job)
         configuration = self.store.get_result(options.job, options.candidate)
-        args = (parent.spec, configuration, self._parent_archive(options.job, options.candidate),
-                options.model_dump(exclude={"job", "candidate"}))
-        trainer = _Trainer(args, gpus=spec.resources.gpus_per_evaluator, in_process=self.in_process)
+        archive = parent_archive(self.store, self.data_dir, options.job, options.candidate)
+        args = (parent.spec, configuration, archive, options.model_dump(exclude={"job", "candidate"}))
+        trainer = FollowupActor(args, gpus=spec.resources.gpus_per_evaluator, in_process=self.in_process)
         try:
             plan = trainer.call("describe")
             before = trainer.call("measure")
@@ -246,19 +261,7 @@ class PosttrainJob(Job):
         self.publish_front([front_point(document)], generation=None)
         self.event("posttrained", {"before": before, "after": after})
 
-    def _parent_archive(self, parent_id: str, candidate_id: str) -> str | None:
-        """The parent's archive of the candidate when it is on this host, else None (the trainer rebuilds it)."""
-        try:
-            meta = self.store.get_artifact(parent_id, candidate_id)
-        except CandidateNotFound:
-            meta = None
-        path = None if meta is None else Path(self.data_dir) / "artifacts" / meta["path"]
-        if path is None or not path.is_file():
-            log.warning("no archive of %s/%s here; the candidate will be rebuilt", parent_id, candidate_id)
-            return None
-        return str(path)
-
-    def _train(self, trainer: _Trainer, steps: int) -> None:
+    def _train(self, trainer: FollowupActor, steps: int) -> None:
         """Step the trainer to the end, reporting progress; stop between steps on cancel, a lost lease or a stop."""
         every = max(1, steps // EVENTS_PER_RUN)
         for _ in range(steps):

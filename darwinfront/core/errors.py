@@ -13,6 +13,9 @@ class InvalidSpec(DarwinfrontError, ValueError):
         self.field = field
         self.message = message
 
+    def __reduce__(self):  # rebuilt from its two arguments when it crosses Ray (pickle passes `args`, one string)
+        return type(self), (self.field, self.message)
+
 
 class InvalidTransition(DarwinfrontError):
     """A job status change that the state machine forbids (for example out of a terminal state)."""

@@ -64,6 +64,16 @@ def artifacts(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:artifacts"
 
 
+def scores(job_id: str) -> str:
+    """Hash: candidate id -> JSON of its lm-eval scores per task (what `evaluate` jobs measured on it)."""
+    return f"{PREFIX}job:{job_id}:scores"
+
+
+def dense_scores(job_id: str) -> str:
+    """Hash: evaluation settings key -> JSON of the dense model's lm-eval score of one task (the cache)."""
+    return f"{PREFIX}job:{job_id}:dense-scores"
+
+
 def checkpoint(job_id: str) -> str:
     """String: JSON `{generation, state}` of the latest search checkpoint."""
     return f"{PREFIX}job:{job_id}:checkpoint"

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Tag, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from darwinfront.core.errors import InvalidSpec
-from darwinfront.core.spec import JobSpec, KVJobSpec, PosttrainJobSpec, PruneJobSpec
+from darwinfront.core.spec import EvaluateJobSpec, JobSpec, KVJobSpec, PosttrainJobSpec, PruneJobSpec
 
 DEFAULT_METHOD = "structured_prune"  # what a spec without `method` is
 
@@ -175,4 +175,8 @@ register(JobMethod(
     name="posttrain", spec=PosttrainJobSpec, runner="workers.posttrain_job:PosttrainJob",
     objectives=(Objective(name="kl", direction="minimize", unit="nats"),
                 Objective(name="params", direction="minimize", unit="parameters")),
+))
+register(JobMethod(
+    name="evaluate", spec=EvaluateJobSpec, runner="workers.evaluate_job:EvaluateJob",
+    objectives=(Objective(name="score", direction="maximize", unit="mean task metric"),),
 ))

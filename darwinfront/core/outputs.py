@@ -98,6 +98,15 @@ class JobOutputs:
         raw = self._r.get(keys.front(job_id))
         return json.loads(raw) if raw else {"objectives": [], "points": [], "updated_at": None, "generation": None}
 
+    def get_scored_front(self, job_id: str) -> dict[str, Any]:
+        """`get_front`, each point of a candidate that an evaluate job scored carrying its `scores` (what the API
+        shows)."""
+        snapshot, scores = self.get_front(job_id), self.get_scores(job_id)
+        for point in snapshot["points"]:
+            if point["candidate_id"] in scores:
+                point["scores"] = scores[point["candidate_id"]]
+        return snapshot
+
     def put_result(self, job_id: str, candidate_id: str, configuration: dict[str, Any]) -> None:
         """Store a candidate's configuration document."""
         self._r.hset(keys.results(job_id), candidate_id, to_json(configuration))
@@ -135,6 +144,31 @@ class JobOutputs:
         if raw is None:
             raise CandidateNotFound(f"candidate {candidate_id!r} of job {job_id!r} has no exported model")
         return json.loads(raw)
+
+    def merge_scores(self, job_id: str, candidate_id: str, scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Add lm-eval scores (task -> entry) to a candidate's; a task scored again is replaced. Returns them all."""
+
+        def write(pipe: redis.client.Pipeline) -> dict[str, Any]:
+            raw = pipe.hget(keys.scores(job_id), candidate_id)
+            merged = {**(json.loads(raw) if raw else {}), **scores}
+            pipe.multi()
+            pipe.hset(keys.scores(job_id), candidate_id, to_json(merged))
+            return merged
+
+        return self._r.transaction(write, keys.scores(job_id), value_from_callable=True)
+
+    def get_scores(self, job_id: str) -> dict[str, dict[str, Any]]:
+        """Every scored candidate's lm-eval scores: candidate id -> task -> entry (empty when none was scored)."""
+        return {cid: json.loads(raw) for cid, raw in self._r.hgetall(keys.scores(job_id)).items()}
+
+    def get_dense_score(self, job_id: str, setting: str) -> dict[str, Any] | None:
+        """The dense model's cached score of one task under `setting` (a key the evaluator builds), or None."""
+        raw = self._r.hget(keys.dense_scores(job_id), setting)
+        return json.loads(raw) if raw else None
+
+    def put_dense_score(self, job_id: str, setting: str, score: dict[str, Any]) -> None:
+        """Cache the dense model's score of one task under `setting`."""
+        self._r.hset(keys.dense_scores(job_id), setting, to_json(score))
 
     def put_sensitivity(self, job_id: str, table: dict[str, Any]) -> None:
         """Store a KV-precision job's sensitivity profile (per layer, per bit pair: e_o, e_k, e_v)."""

@@ -1,9 +1,10 @@
 """The job spec: what a user submits, as JSON over REST or as a YAML/JSON file from the CLI.
 
 A spec is a discriminated union on `method`: one class per job method (`PruneJobSpec`, `KVJobSpec`,
-`PosttrainJobSpec`, each a `JobSpec` holding only its own sections), chosen by `darwinfront.core.methods.parse_spec`
-from the registered methods (`method` defaults to structured_prune). Every field is validated with bounds and
-unknown fields are refused, so a bad spec is answered with a 422 that names the field before any job exists.
+`PosttrainJobSpec`, `EvaluateJobSpec`, each a `JobSpec` holding only its own sections), chosen by
+`darwinfront.core.methods.parse_spec` from the registered methods (`method` defaults to structured_prune). Every
+field is validated with bounds and unknown fields are refused, so a bad spec is answered with a 422 that names the
+field before any job exists.
 Checks that need the server's settings (allowed roots, budget caps) live in `service.validation`.
 """
 
@@ -318,6 +319,40 @@ class PosttrainSpec(PosttrainOptions):
     candidate: CandidateRef = Field(description="A candidate of the parent with a stored result (a front point).")
 
 
+TaskName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]
+
+
+class EvaluateOptions(_Strict):
+    """How a chosen candidate is scored with lm-evaluation-harness (`lm_eval.simple_evaluate`).
+
+    Task names are lm_eval's (hub tasks such as arc_easy, hellaswag, piqa, winogrande) or those of the task
+    folders the driver has (`workers/eval_tasks/`, e.g. `darwinfront_pydoc_mc`, and `DARWINFRONT_EVAL_TASKS`);
+    an unknown name fails the job with the names it has.
+    """
+
+    tasks: list[TaskName] = Field(min_length=1, max_length=32, description="lm_eval task names, each scored.")
+    limit: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Score only the first `limit` documents of each task."
+    )
+    num_fewshot: int | None = Field(default=None, ge=0, le=64, description="Few-shot examples (None: the task's).")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="Requests per forward pass.")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the few-shot sampling.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_tasks(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("tasks must be distinct")
+        return value
+
+
+class EvaluateSpec(EvaluateOptions):
+    """Score one candidate of a finished job (its parent: structured_prune, posttrain or kv_precision)."""
+
+    job: JobId = Field(description="The parent job.")
+    candidate: CandidateRef = Field(description="A candidate of the parent with a stored result (a front point).")
+
+
 class ResourceSpec(_Strict):
     """How many Ray evaluators score candidates in parallel, and the GPUs each one holds."""
 
@@ -403,3 +438,26 @@ class PosttrainJobSpec(JobSpec):
     def planned_evaluations(self) -> int:
         """One candidate, trained and measured."""
         return 1
+
+
+class EvaluateJobSpec(JobSpec):
+    """An `evaluate` job: lm-evaluation-harness scores of one front candidate, the dense model's beside them."""
+
+    method: Literal["evaluate"]
+    model: ModelSpec | None = Field(
+        default=None, description="The parent job's: filled in when the job is created (leave it out)."
+    )
+    evaluate: EvaluateSpec = Field(
+        default=None, validate_default=True, description="The parent job, its candidate and the tasks."
+    )
+
+    @field_validator("evaluate", mode="before")
+    @classmethod
+    def _required(cls, value: object) -> object:
+        if value is None:
+            raise PydanticCustomError("missing", "Field required for method evaluate (job, candidate and tasks)")
+        return value
+
+    def planned_evaluations(self) -> int:
+        """One per task (the dense model's scores are cached on the parent)."""
+        return len(self.evaluate.tasks)

@@ -13,6 +13,10 @@ router = APIRouter(prefix="/jobs", tags=["results"])
 
 @router.get("/{job_id}/front", responses={404: {"model": ErrorBody}, 304: {"description": "Unchanged."}})
 async def get_front(job: JobDep, store: StoreDep, request: Request, response: Response) -> Front:
-    """The latest front snapshot; empty until the first generation ends. `If-None-Match` gets a 304 if unchanged."""
-    snapshot = await blocking(store.get_front, job.id)
+    """The latest front snapshot; empty until the first generation ends. `If-None-Match` gets a 304 if unchanged.
+
+    A point whose candidate an evaluate job scored carries its lm-eval `scores` (per task: metric, value, stderr,
+    the dense model's beside them).
+    """
+    snapshot = await blocking(store.get_scored_front, job.id)
     return conditional(request, response, Front(job_id=job.id, **snapshot))

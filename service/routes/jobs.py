@@ -13,7 +13,7 @@ from darwinfront.core.errors import CandidateNotFound, JobNotFound
 from darwinfront.core.methods import method_of, parse_spec
 from darwinfront.core.quotas import Quota
 from darwinfront.core.settings import Settings
-from darwinfront.core.spec import JobSpec, PosttrainJobSpec
+from darwinfront.core.spec import JobSpec
 from darwinfront.core.status import TERMINAL, JobStatus
 from darwinfront.core.store import JobRecord, JobStore
 from service.etag import conditional
@@ -32,17 +32,17 @@ IdempotencyHeader = Annotated[
 ParentId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 _CREATE_ERRORS = {
     400: {"model": ErrorBody, "description": "The body cannot be read (not UTF-8)."},
-    404: {"model": ErrorBody, "description": "posttrain: no such parent job for this API key, or it has no "
-          "exported candidate of that id (the error names the field)."},
-    409: {"model": ErrorBody, "description": "posttrain: the parent job has not finished exporting its "
+    404: {"model": ErrorBody, "description": "posttrain, evaluate: no such parent job for this API key, or it has "
+          "no exported candidate of that id (the error names the field)."},
+    409: {"model": ErrorBody, "description": "posttrain, evaluate: the parent job has not finished exporting its "
           "candidates yet (`job_not_finished`)."},
     422: {"model": ErrorBody, "description": "The spec is invalid (the error names the field), the posttrain "
-          "parent is not a structured_prune job (`not_a_prune_job`), or the tenant's active jobs and this one "
-          "together plan more evaluations than allowed (`budget_exceeded`)."},
+          "parent is not a structured_prune job (`not_a_prune_job`), the evaluate parent is of a method it does "
+          "not take (`unsupported_parent`), or the tenant's active jobs and this one together plan more "
+          "evaluations than allowed (`budget_exceeded`)."},
     429: {"model": ErrorBody, "description": "The tenant has as many queued and running jobs as allowed "
           "(`too_many_active_jobs`); retry when one ends."},
 }
-_PARENT_FIELDS = ("posttrain.job", "posttrain.candidate")
 
 
 def _invalid(field: str, message: str) -> HTTPException:
@@ -66,45 +66,55 @@ def _body_errors(exc: ValidationError) -> RequestValidationError:
     return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
 
 
+# a follow-up method's spec section, the methods its parent may have, and what it does to a candidate
+FOLLOWUPS = {"posttrain": (("structured_prune",), "post-trained"),
+             "evaluate": (("structured_prune", "posttrain", "kv_precision"), "evaluated")}
+
+
 def resolve_parent(
-    store: JobStore, tenant: str, spec: PosttrainJobSpec, fields: tuple[str, str] = _PARENT_FIELDS
+    store: JobStore, tenant: str, spec: JobSpec, fields: tuple[str, str] | None = None
 ) -> JobSpec:
-    """The posttrain `spec` with its parent job's model, data and seed (and resources, unless given) filled in.
+    """The follow-up `spec` (posttrain, evaluate) with its parent job's model, data and seed (and resources,
+    unless given) filled in.
 
     Args:
         store: The job store.
         tenant: The caller; the parent must be one of its jobs.
-        spec: A validated spec of method posttrain.
-        fields: How errors name the parent job and the candidate (body fields, or the path parameters).
+        spec: A validated spec of a follow-up method (a key of `FOLLOWUPS`).
+        fields: How errors name the parent job and the candidate (default the body fields `<method>.job` and
+            `<method>.candidate`; the route gives its path parameters).
 
     Raises:
-        HTTPException: 404 for an unknown parent or candidate; 422 for a parent that is not a structured_prune
-            job, or a model, data or seed that differs from the parent's; 409 while the parent has not yet
+        HTTPException: 404 for an unknown parent or candidate; 422 for a parent of a method the follow-up does
+            not take, or a model, data or seed that differs from the parent's; 409 while the parent has not yet
             exported its candidates.
     """
-    job_field, candidate_field = fields
-    options = spec.posttrain
+    section = spec.method
+    parents, verb = FOLLOWUPS[section]
+    job_field, candidate_field = fields or (f"{section}.job", f"{section}.candidate")
+    options = getattr(spec, section)
     try:
         parent = store.get(options.job, tenant)
     except JobNotFound:
         raise _refuse(404, "job_not_found", job_field, f"no job {options.job!r}") from None
     method = method_of(parent.spec).name
-    if method != "structured_prune":
-        raise _refuse(422, "not_a_prune_job", job_field, f"job {parent.id!r} is a {method} job; only the "
-                      "candidates of a structured_prune job can be post-trained")
+    if method not in parents:
+        raise _refuse(422, "not_a_prune_job" if parents == ("structured_prune",) else "unsupported_parent",
+                      job_field, f"job {parent.id!r} is a {method} job; only the candidates of a "
+                      f"{' or '.join(parents)} job can be {verb}")
     try:
         store.get_result(parent.id, options.candidate)
     except CandidateNotFound:
         if parent.status not in TERMINAL:
             raise _refuse(409, "job_not_finished", candidate_field, f"job {parent.id!r} is {parent.status.value};"
-                          " its front candidates are exported when it succeeds: post-train one then") from None
+                          f" its front candidates are exported when it succeeds: {section} one then") from None
         raise _refuse(404, "candidate_not_found", candidate_field, f"job {parent.id!r} has no exported "
                       f"candidate {options.candidate!r} (the front points of a succeeded job have one)") from None
     parent_spec = parse_spec(parent.spec)
     inherited = {"model": parent_spec.model, "data": parent_spec.data, "seed": parent_spec.seed}
     for name, value in inherited.items():
         if name in spec.model_fields_set and getattr(spec, name) != value:
-            raise _invalid(name, "a posttrain job uses its parent job's; leave it out")
+            raise _invalid(name, f"a {section} job uses its parent job's; leave it out")
     if "resources" not in spec.model_fields_set:
         inherited["resources"] = parent_spec.resources
     return _parse({**spec.model_dump(exclude_unset=True), **inherited})
@@ -112,9 +122,9 @@ def resolve_parent(
 
 def _validate_and_create(
     store: JobStore, settings: Settings, tenant: str, spec: JobSpec, key: str | None,
-    fields: tuple[str, str] = _PARENT_FIELDS,
+    fields: tuple[str, str] | None = None,
 ) -> JobRecord:
-    if isinstance(spec, PosttrainJobSpec):
+    if spec.method in FOLLOWUPS:
         spec = resolve_parent(store, tenant, spec, fields)
     validate_spec(spec, settings)  # looks at the file system
     return store.create(tenant, spec.model_dump(mode="json"), idempotency_key=key,

@@ -43,7 +43,7 @@ def sse(event: str, data: Any, *, event_id: str | None = None) -> str:
 
 def _snapshot(store: JobStore, job_id: str) -> tuple[JobPublic, Front]:
     job = JobPublic.from_record(store.get(job_id))
-    return job, Front(job_id=job_id, **store.get_front(job_id))
+    return job, Front(job_id=job_id, **store.get_scored_front(job_id))
 
 
 async def follow(

@@ -195,15 +195,24 @@
     });
     $('front-plot').dataset.points = String(front.points.length);
     const head = $('front-table').tHead.rows[0];
-    head.replaceChildren(...['Candidate', 'Target', ...all.map(objectiveLabel), 'Held-out KL', 'Perplexity',
-                             'Latency ms', ''].map((title) => node('th', title)));
+    const scored = front.points.some((p) => p.scores);  // lm-eval scores, once an evaluate job has run
+    const titles = ['Candidate', 'Target', ...all.map(objectiveLabel), 'Held-out KL', 'Perplexity', 'Latency ms',
+                    ...(scored ? ['lm-eval (dense)'] : []), ''];
+    head.replaceChildren(...titles.map((title) => node('th', title)));
     const body = $('front-table').tBodies[0];
     body.replaceChildren(...front.points.map((p) => {
       const button = node('button', 'download');
       button.addEventListener('click', () => download(p.candidate_id));
       return row([p.candidate_id, fmt(p.target, 2), ...all.map((o) => objectiveValue(o, p.objectives[o.name])),
-                  fmt(p.held_out_kl, 5), fmt(p.perplexity, 2), fmt(p.latency_ms, 2), button]);
+                  fmt(p.held_out_kl, 5), fmt(p.perplexity, 2), fmt(p.latency_ms, 2),
+                  ...(scored ? [scoreText(p.scores)] : []), button]);
     }));
+  }
+
+  // per task: `task metric value (dense value)`
+  function scoreText(scores) {
+    return Object.entries(scores || {}).map(([task, e]) =>
+      `${task} ${e.metric} ${fmt(e.value, 3)} (${fmt(e.dense && e.dense.value, 3)})`).join(', ');
   }
 
   // ---- hover and download --------------------------------------------------------------------------------
@@ -224,6 +233,7 @@
       `target ${fmt(point.target, 2)} · generation ${fmt(point.generation)}`,
       ...axes(state.front).all.map((o) => `${objectiveLabel(o)} ${objectiveValue(o, point.objectives[o.name])}`),
       `held-out KL ${fmt(point.held_out_kl, 5)}`,
+      ...(point.scores ? [`lm-eval: ${scoreText(point.scores)}`] : []),
     ];
   }
 
