@@ -143,6 +143,15 @@ class PruneSpec(_Strict):
         "fraction of the query heads and MLP channels; K/V heads go only with a whole attention (its top level), "
         "so candidates keep more parameters than `kv_group` ones at the same target.",
     )
+    implants: list[Literal["attn", "mlp"]] = Field(
+        default_factory=list,
+        max_length=2,
+        description="HAP's neural implants: sub-layers (`attn`, `mlp`) that may, at a level, be replaced by a "
+        "rank-r linear map of their input fitted by least squares on the dense model's calibration activations "
+        "(stored in the level database), with r chosen so the implant holds exactly the parameters the pruned "
+        "level keeps; the evolution then chooses per layer between dense, the pruned level and the implant. "
+        "Levels get an implant where that r is a whole number below the hidden size (workers/levels.py).",
+    )
     levels: int = Field(default=10, ge=1, le=4096, description="Level steps per layer and group (the target).")
     mlp_multiple: int = Field(default=8, ge=1, le=1024, description="MLP level steps are multiples of this.")
     training_aware: bool = Field(
@@ -162,6 +171,13 @@ class PruneSpec(_Strict):
     def _distinct(cls, value: list[float]) -> list[float]:
         if len(set(value)) != len(value):
             raise ValueError("targets must be distinct")
+        return sorted(value)
+
+    @field_validator("implants")
+    @classmethod
+    def _distinct_implants(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("implants must be distinct")
         return sorted(value)
 
     @field_validator("criterion")
