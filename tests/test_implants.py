@@ -204,3 +204,15 @@ def test_configuration_rebuild_loads_the_fitted_implants(random_llama, implant_d
     tokens = _calibration(random_llama, n=2, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(tokens).logits, want(tokens).logits, atol=1e-6, rtol=0)
+
+
+def test_implants_fitted_a_few_layers_at_a_time_are_the_same(random_llama, implant_db, tmp_path, monkeypatch):
+    monkeypatch.setattr(database, "IMPLANT_MOMENT_BYTES", 1)  # one layer per pass over the calibration
+    again = database.build(random_llama, _calibration(random_llama), criterion="wanda_sp", table=implant_db.table,
+                           root=tmp_path / "other")
+    assert again.built and again.key == implant_db.key
+    for i in range(3):
+        for kind in ("attn", "mlp"):
+            for level in implant_db.table.implant_levels(kind):
+                a, b = implant_db.load_implant(i, kind, level), again.load_implant(i, kind, level)
+                torch.testing.assert_close(a["out"] @ a["in"], b["out"] @ b["in"], atol=1e-5, rtol=1e-5)  # the map

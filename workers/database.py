@@ -178,14 +178,25 @@ def _write(out: Path, model, calibration, *, criterion, options, table, key, on_
     (out / INDEX).write_text(json.dumps(index))
 
 
+IMPLANT_MOMENT_BYTES = 1 << 30  # the float64 XᵀX and XᵀY held at once while fitting implants
+
+
 def _write_implants(out: Path, model, calibration, table: LevelTable) -> None:
-    """Fit and write every neural implant of `table` (`workers.implants`), one file per layer, kind and level."""
+    """Fit and write every neural implant of `table` (`workers.implants`), one file per layer, kind and level.
+
+    Layers go in groups whose activation moments fit in `IMPLANT_MOMENT_BYTES` (one pass over the calibration
+    tokens per group: all layers at once for small models, a few at a time for 4096-wide ones)."""
     ranks = {kind: {level: table.implant_rank(kind, level) for level in table.implant_levels(kind)} for kind in KINDS}
-    for i, fitted in implants.implant_levels(model, calibration, ranks):
-        for kind, per_level in fitted.items():
-            for level, tensors in per_level.items():
-                save_file({k: t.to("cpu").contiguous() for k, t in tensors.items()},
-                          out / f"layer{i:03d}.{kind}.implant{level:03d}.safetensors")
+    hidden, n_layers = model.config.hidden_size, len(model.model.layers)
+    per_layer = 2 * hidden * hidden * 8 * sum(1 for kind in KINDS if ranks[kind])
+    group = max(1, IMPLANT_MOMENT_BYTES // max(per_layer, 1))
+    for start in range(0, n_layers, group):
+        layers = list(range(start, min(start + group, n_layers)))
+        for i, fitted in implants.implant_levels(model, calibration, ranks, layers=layers):
+            for kind, per_level in fitted.items():
+                for level, tensors in per_level.items():
+                    save_file({k: t.to("cpu").contiguous() for k, t in tensors.items()},
+                              out / f"layer{i:03d}.{kind}.implant{level:03d}.safetensors")
 
 
 class LayerHelpers(Protocol):
