@@ -216,3 +216,24 @@ def test_implants_fitted_a_few_layers_at_a_time_are_the_same(random_llama, impla
             for level in implant_db.table.implant_levels(kind):
                 a, b = implant_db.load_implant(i, kind, level), again.load_implant(i, kind, level)
                 torch.testing.assert_close(a["out"] @ a["in"], b["out"] @ b["in"], atol=1e-5, rtol=1e-5)  # the map
+
+
+@pytest.mark.parametrize("kind", ["llama_bias", "qwen2_bias"])
+def test_implants_keep_the_output_bias_through_export(kind, tmp_path):
+    model = tiny_model(kind)
+    d = slicing.dims(model)
+    keep = [slicing.LayerLayout(tuple(range(2)), tuple(range(48))) for _ in range(3)]
+    keep[0] = slicing.LayerLayout((), tuple(range(48)), (("attn", 5),))
+    keep[2] = slicing.LayerLayout((1,), (), (("mlp", 7),))
+    sliced = slicing.slice_model(model, slicing.Layout(tuple(keep)))
+    generator = torch.Generator().manual_seed(0)
+    for block in (sliced.model.layers[0].self_attn, sliced.model.layers[2].mlp):
+        implants.load_into(block, {"in": torch.randn(block.rank, d.hidden, generator=generator),
+                                   "out": torch.randn(d.hidden, block.rank, generator=generator)})
+    slicing.save_pruned(sliced, None, tmp_path / "m")
+    loaded = export.load(tmp_path / "m")
+    tokens = _calibration(model, n=2, t=9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, sliced(tokens).logits, atol=1e-6, rtol=0)
+    assert slicing.count_parameters(loaded) == slicing.count_parameters(sliced)
+    assert loaded.model.layers[0].self_attn.o_bias is not None or kind == "qwen2_bias"  # qwen2: no o_proj bias
