@@ -237,3 +237,44 @@ def test_implants_keep_the_output_bias_through_export(kind, tmp_path):
         torch.testing.assert_close(loaded(tokens).logits, sliced(tokens).logits, atol=1e-6, rtol=0)
     assert slicing.count_parameters(loaded) == slicing.count_parameters(sliced)
     assert loaded.model.layers[0].self_attn.o_bias is not None or kind == "qwen2_bias"  # qwen2: no o_proj bias
+
+
+def test_the_evolution_searches_implants_and_resumes_to_the_same_run():
+    import json
+
+    from search import strategies
+    from search.genome import LevelSpace
+    from search.strategy import Stage
+
+    space = LevelSpace(n_layers=6, attn_levels=4, mlp_levels=4, attn_unit_params=1_000, mlp_level_params=300,
+                       dense_params=10**6, attn_implant_levels=(2, 3), mlp_implant_levels=(3,))
+    start = space.uniform(0.5)
+    plan = strategies.Plan(generations=3, offspring=4, stages=(Stage(2, 64), Stage(1, 128)))
+
+    def build():
+        return strategies.build("evolution", space, start, seed=7, key=1, plan=plan)
+
+    def fitness(genome):  # implants help late layers' MLPs, hurt attention
+        return float(sum(a * a + m * m for a, m in zip(genome.attn, genome.mlp, strict=True))
+                     + sum(1.0 if kind == "attn" else -0.5 * i for i, kind in genome.implants))
+
+    def run(strategy, stop_after=None):
+        asked, told = [], 0
+        while not strategy.finished:
+            for request in strategy.ask():
+                asked.append(request)
+                if told == stop_after:
+                    return asked
+                strategy.tell(request.candidate_id, fitness(request.genome))
+                told += 1
+        return asked
+
+    full = build()
+    everything = run(full)
+    assert any(r.genome.implants for r in everything)
+    assert all(space.params(r.genome) == space.params(start) for r in everything)
+    part = build()
+    first = run(part, stop_after=9)
+    resumed = build()
+    resumed.load_state_dict(json.loads(json.dumps(part.state_dict())))
+    assert first[:9] + run(resumed) == everything and resumed.best == full.best
