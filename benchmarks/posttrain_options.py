@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=65536, help="post-training tokens of every arm")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--serene-strength", type=float, default=SERENE["strength"])
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     p.add_argument("--json", default=None, help="write the full results here")
@@ -77,7 +78,8 @@ def main(argv=None) -> None:
     SERENE["strength"] = args.serene_strength
     spec, configuration = parent(args)
     results = {}
-    for arm, options in ARMS.items():
+    for arm in args.arms:
+        options = ARMS[arm]
         results[arm] = out = bench_arm(args, spec, configuration, options)
         after = out["after"]
         line = (f"{arm:14s} params {out['parameters']:,}  KL {out['before']['kl']:.4f} -> {after['kl']:.4f}  "
