@@ -26,13 +26,20 @@ def switch_count(rng: random.Random, max_switches: int) -> int:
     return min(rng.randint(1, max_switches), rng.randint(1, max_switches))
 
 
-def level_switch(parent: PruneGenome, space: LevelSpace, rng: random.Random, *, max_switches: int = 3) -> PruneGenome:
+def level_switch(
+    parent: PruneGenome, space: LevelSpace, rng: random.Random, *, max_switches: int = 3, implant_rate: float = 0.25
+) -> PruneGenome:
     """Apply `switch_count(rng, max_switches)` level switches to `parent`.
 
     Each switch picks a group with probability proportional to its number of levels (falling back to the
     other group when the picked one has no legal switch), then one layer whose level can go up and a
     different layer whose level can go down, and moves one step from the second to the first. Successive
     switches may undo each other, so the result can equal `parent`; `offspring` rejects such copies.
+
+    In a space with neural implants (`LevelSpace.implant_levels`), each move is instead, with probability
+    `implant_rate`, an implant flip: one layer whose level allows it turns its sub-layer into an implant or back
+    (the count stays). Implants a switch moves to a level without one are dropped. A space without implants
+    draws exactly what it drew before implants existed.
 
     Raises:
         InvalidSpec: `parent` does not fit `space`, or neither group has a legal switch (every layer of
@@ -41,14 +48,21 @@ def level_switch(parent: PruneGenome, space: LevelSpace, rng: random.Random, *, 
     space.check(parent)
     levels = {"attn": list(parent.attn), "mlp": list(parent.mlp)}
     tops = {"attn": space.attn_levels, "mlp": space.mlp_levels}
+    implants = set(parent.implants)
     for _ in range(switch_count(rng, max_switches)):
+        if space.has_implants and rng.random() < implant_rate:
+            here = PruneGenome(tuple(levels["attn"]), tuple(levels["mlp"]))
+            slots = space.implant_slots(here)
+            if slots:
+                implants ^= {rng.choice(slots)}
+                continue
         first = "attn" if rng.random() * (space.attn_levels + space.mlp_levels) < space.attn_levels else "mlp"
         for group in (first, "mlp" if first == "attn" else "attn"):
             if _switch_in_group(levels[group], tops[group], rng):
                 break
         else:
             raise InvalidSpec("genome", f"no legal level switch in {parent.key()}")
-    return PruneGenome(attn=tuple(levels["attn"]), mlp=tuple(levels["mlp"]))
+    return space.settle(PruneGenome(attn=tuple(levels["attn"]), mlp=tuple(levels["mlp"]), implants=tuple(implants)))
 
 
 def _switch_in_group(levels: list[int], top: int, rng: random.Random) -> bool:
@@ -148,4 +162,7 @@ def single_switches(genome: PruneGenome, space: LevelSpace) -> Iterator[PruneGen
                 moved = list(levels)
                 moved[up] += 1
                 moved[down] -= 1
-                yield PruneGenome(**{"attn": genome.attn, "mlp": genome.mlp, group: tuple(moved)})
+                yield space.settle(PruneGenome(**{"attn": genome.attn, "mlp": genome.mlp, group: tuple(moved),
+                                                  "implants": genome.implants}))
+    for slot in space.implant_slots(genome):  # implant flips (spaces with implants only)
+        yield PruneGenome(genome.attn, genome.mlp, tuple(set(genome.implants) ^ {slot}))

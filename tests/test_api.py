@@ -66,6 +66,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[dict | bytes, str, str]]:
         "wrong type": (_with(search={"generations": "ten"}), "search.generations", "valid integer"),
         "model not an object": (_with(model="builtin:tiny-llama"), "model", "valid dictionary"),
         "unknown field": (_with(prune={"sparsity": 0.5}), "prune.sparsity", "Extra inputs are not permitted"),
+        "unknown implant": (_with(prune={"implants": ["ffn"]}), "prune.implants.0", "'attn' or 'mlp'"),
+        "bad serene": (_with(prune={"train_serene": {"strength": 1}}), "prune.train_serene.strength", "less than 1"),
         "model outside roots": (
             _with(model={"source": str(tmp_path / "elsewhere")}), "model.source", "outside the allowed directories"
         ),

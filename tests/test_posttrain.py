@@ -59,6 +59,14 @@ def test_a_posttrain_spec_needs_no_model_and_plans_one_evaluation():
         ({"prune": {"targets": [0.5]}}, ("prune",), "does not apply to method posttrain"),
         ({"search": {"generations": 1}}, ("search",), "does not apply to method posttrain"),
         ({"kv": {}}, ("kv",), "does not apply to method posttrain"),
+        ({"posttrain": {"job": "p", "candidate": "c", "serene": {"strength": 1.5}}}, ("posttrain", "serene",
+                                                                                      "strength"), "less than 1"),
+        ({"posttrain": {"job": "p", "candidate": "c", "serene": {"cut": -0.1}}}, ("posttrain", "serene", "cut"),
+         "greater than or equal to 0"),
+        ({"posttrain": {"job": "p", "candidate": "c", "loss": "ce", "block_distill": {}}},
+         ("posttrain", "block_distill"), "needs loss kd"),
+        ({"posttrain": {"job": "p", "candidate": "c", "block_distill": {"cap": 0.5}}},
+         ("posttrain", "block_distill", "cap"), "greater than or equal to 1"),
     ],
 )
 def test_bad_posttrain_specs_name_the_field(changes, field, words):
@@ -266,3 +274,43 @@ def test_cancel_and_a_lost_lease_stop_the_training_between_steps(store, jobs):
     with pytest.raises(LeaseLost):
         PosttrainJob(store, job_id, data_dir=jobs["data_dir"], lease_lost=lost, in_process=True).run()
     assert store.get(job_id).progress == {}
+
+
+def test_serene_adds_its_follow_up_cut_as_a_second_front_point(store, jobs, parent, tmp_path):
+    job_id = jobs["follow_up"](serene={"strength": 0.3, "threshold": 1.0, "cut": 0.5})
+    PosttrainJob(store, job_id, data_dir=jobs["data_dir"], in_process=True).run()
+    trained = store.get_result(job_id, CANDIDATE)
+    cut_id = f"{CANDIDATE}.serene-cut"
+    cut = store.get_result(job_id, cut_id)
+    assert trained["posttrain"]["serene"] == {"strength": 0.3, "threshold": 1.0, "cut": 0.5}
+    assert cut["serene_cut"]["from"] == CANDIDATE and sum(cut["serene_cut"]["removed"].values()) > 0
+    assert cut["parameters"] < trained["parameters"] == parent["configuration"]["parameters"]
+    assert cut["posttrain"]["before"] == trained["posttrain"]["after"]
+    points = {p["candidate_id"]: p for p in store.get_front(job_id)["points"]}
+    assert set(points) == {CANDIDATE, cut_id}
+    assert points[cut_id]["objectives"] == {"kl": cut["metrics"]["kl"], "params": cut["parameters"]}
+    meta = store.get_artifact(job_id, cut_id)
+    with tarfile.open(jobs["data_dir"] / "artifacts" / meta["path"]) as archive:
+        archive.extractall(tmp_path / "out", filter="data")
+    model, _ = slicing.load_pruned(tmp_path / "out" / cut_id)
+    assert slicing.count_parameters(model) == cut["parameters"]
+    from workers import modeling
+
+    dense, _ = modeling.load_model(parent["spec"]["model"]["source"], dtype="float32", device="cpu")
+    assert slicing.count_parameters(slicing.apply_configuration(dense, cut)) == cut["parameters"]
+
+
+def test_block_distillation_trains_each_block_at_a_rate_inverse_to_its_sensitivity(parent):
+    from workers import block_distill
+
+    trainer = _trainer(parent, block_distill={"freeze_early": 1, "cap": 4.0, "sequences": 4})
+    plan = trainer.describe()
+    s = torch.tensor(plan["block_sensitivities"], dtype=torch.float64)
+    want = block_distill.block_weights(s, cap=4.0, freeze_early=1)
+    assert plan["block_weights"] == want.tolist() and want[0] == 0 and (want[1:] > 0).all()
+    assert torch.equal(s, block_distill.block_sensitivities(trainer.model, trainer.calibration[:4]))
+    rates = sorted(g["lr"] for g in trainer.optimizer.param_groups)
+    assert rates == sorted([OPTIONS["lr"] * w for w in want.tolist()] + [OPTIONS["lr"]])
+    first = [p.detach().clone() for p in trainer.model.model.layers[0].parameters()]
+    _run(trainer)
+    assert all(torch.equal(a, b) for a, b in zip(first, trainer.model.model.layers[0].parameters(), strict=True))

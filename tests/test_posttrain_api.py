@@ -52,7 +52,7 @@ def test_the_route_creates_a_follow_up_job_and_leaves_the_parent_untouched(api_c
     spec = job["spec"]
     assert spec["method"] == "posttrain" and job["name"] == "longer"
     assert spec["posttrain"] == {"job": parent, "candidate": CANDIDATE, "tokens": 8192, "loss": "ce", "lr": 1e-4,
-                                 "batch_size": 8, "seed": 0}
+                                 "batch_size": 8, "seed": 0, "serene": None, "block_distill": None}
     parent_spec = store.get(parent).spec
     assert {k: spec[k] for k in ("model", "data", "seed", "resources")} == {
         k: parent_spec[k] for k in ("model", "data", "seed", "resources")}  # inherited
@@ -118,6 +118,8 @@ def test_a_parent_that_is_not_a_finished_prune_job_is_refused(api_client, store)
         ({"loss": "mse"}, "loss", "'kd' or 'ce'"),
         ({"job": "other"}, "job", "Extra inputs are not permitted"),
         ({"model": {"source": "builtin:tiny-llama"}}, "model", "Extra inputs are not permitted"),
+        ({"serene": {"threshold": 0}}, "serene.threshold", "greater than 0"),
+        ({"loss": "ce", "block_distill": {"freeze_early": 1}}, "block_distill", "needs loss kd"),
     ],
 )
 def test_bad_options_are_422_naming_the_field(api_client, store, body, field, words):

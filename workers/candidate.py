@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from search.genome import PruneGenome
-from workers import levels, slicing
+from workers import implants, levels, slicing
 from workers.database import LevelDatabase
 from workers.levels import KINDS
 
@@ -49,6 +49,17 @@ class LevelWeights:
         self._cache.move_to_end(key)
         return self._cache[key]
 
+    def implant(self, layer: int, kind: str, level: int) -> dict[str, torch.Tensor]:
+        """The fitted neural implant of `kind` in `layer` at `level` (`in`, `out`), cached like the levels."""
+        key = (layer, f"{kind}:implant", level)
+        if key not in self._cache:
+            stored = self.database.load_implant(layer, kind, level)
+            self._cache[key] = {name: t.to(self.like.device, self.like.dtype) for name, t in stored.items()}
+            while len(self._cache) > 1 and self._bytes() > self.cache_bytes:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return self._cache[key]
+
     def _bytes(self) -> int:
         return sum(t.nbytes for tensors in self._cache.values() for t in tensors.values())
 
@@ -67,8 +78,9 @@ def build(
         model: the dense model (read, never written).
         database: its level database; its removal orders say which units go.
         genome: the candidate's levels.
-        weights: the stored level tensors of a database that stores them; None cuts the dense weights,
-            which gives the structure alone (what `slicing.apply_configuration` gives on the dense model).
+        weights: the stored level tensors of a database that stores them or has neural implants; None cuts
+            the dense weights and leaves implants zero, which gives the structure alone (what
+            `slicing.apply_configuration` gives on the dense model).
         trainable: also give the candidate its own copy of the linears its genome keeps whole (levels 0), so
             that training it writes no dense decoder weight; without it those linears are shared.
 
@@ -76,9 +88,10 @@ def build(
         A model with `config.darwinfront_layout` set, as `slicing.slice_model` leaves one (`save_pruned` takes it).
     """
     candidate = _shell(model)
+    implanted = set(genome.implants)
     carried = {(i, kind): weights(i, kind, level) for i in range(len(genome.attn))
                for kind, level in zip(KINDS, (genome.attn[i], genome.mlp[i]), strict=True)
-               if level and weights is not None}
+               if level and weights is not None and database.stores_weights and (i, kind) not in implanted}
     for (i, kind), tensors in carried.items():
         if "weight" in tensors:
             _hold_level_weight(candidate.model.layers[i], kind, tensors["weight"])
@@ -86,6 +99,9 @@ def build(
     for (i, kind), tensors in carried.items():
         if "shift" in tensors:
             slicing.add_output_shift(candidate.model.layers[i], kind, tensors["shift"])
+    for i, kind in implanted if weights is not None else ():  # without weights an implant stays zero (structure)
+        level = genome.attn[i] if kind == "attn" else genome.mlp[i]
+        implants.load_into(implants.block_of(candidate.model.layers[i], kind), weights.implant(i, kind, level))
     if trainable:
         _own_whole_linears(candidate, model)
     return candidate

@@ -70,7 +70,7 @@ def rebuild(model: torch.nn.Module, tokenizer, configuration: dict) -> torch.nn.
     """
     from darwinfront.core.errors import InvalidSpec
     from darwinfront.core.spec import DataSpec
-    from workers import criteria, database, levels, slicing
+    from workers import criteria, database, implants, levels, slicing
     from workers.criteria._common import target_linear
     from workers.job_inputs import token_pools
 
@@ -83,7 +83,9 @@ def rebuild(model: torch.nn.Module, tokenizer, configuration: dict) -> torch.nn.
                           "load the job's model.source as it was, in float32")
     table = levels.LevelTable.from_dict(configuration["level_table"])
     criterion, options = named["criterion"], named.get("options", {})
-    if not criteria.stores_weights(criteria.get(criterion, attention_unit=table.attention_unit, **options)):
+    genome = PruneGenome.from_dict(configuration["genome"])
+    stores = criteria.stores_weights(criteria.get(criterion, attention_unit=table.attention_unit, **options))
+    if not stores and not genome.implants:
         return slicing.apply_configuration(model, configuration)
     tokens = token_pools(tokenizer, DataSpec.model_validate(configuration["data"]), configuration["seed"])
     db = database.build(model, tokens["database"].to(next(model.parameters()).device), criterion=criterion,
@@ -91,9 +93,9 @@ def rebuild(model: torch.nn.Module, tokenizer, configuration: dict) -> torch.nn.
     if named.get("key") and db.key != named["key"]:
         raise InvalidSpec("configuration.database", f"rebuilt database {db.key}, the configuration names "
                           f"{named['key']}: the model, data or criterion options differ from the job's")
-    genome = PruneGenome.from_dict(configuration["genome"])
     carried = {(i, kind): db.load_level(i, kind, level) for i in range(len(model.model.layers))
-               for kind, level in (("attn", genome.attn[i]), ("mlp", genome.mlp[i])) if level}
+               for kind, level in (("attn", genome.attn[i]), ("mlp", genome.mlp[i]))
+               if level and stores and (i, kind) not in genome.implants}
     for (i, kind), tensors in carried.items():
         if "weight" in tensors:
             linear = target_linear(model.model.layers[i], kind)
@@ -102,4 +104,9 @@ def rebuild(model: torch.nn.Module, tokenizer, configuration: dict) -> torch.nn.
     for (i, kind), tensors in carried.items():
         if "shift" in tensors:
             slicing.add_output_shift(model.model.layers[i], kind, tensors["shift"])
+    for i, kind in genome.implants:  # HAP's implants, fitted in the database
+        level = genome.attn[i] if kind == "attn" else genome.mlp[i]
+        block = implants.block_of(model.model.layers[i], kind)
+        stored = db.load_implant(i, kind, level)
+        implants.load_into(block, {k: t.to(block.implant_in.weight) for k, t in stored.items()})
     return model

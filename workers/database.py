@@ -6,7 +6,9 @@ see `workers.criteria.base.LevelCriterion`) also has, per level, what its `level
 down_proj weight after ZipLM's OBS updates (`obs`; the removed columns zero, computed on the dense model's
 activations so that levels of different layers combine freely, as in DarwinLM), or the output shift of FLAP's
 bias compensation (`flap` with `bias_compensation`). Other criteria cut masks: their levels keep the dense
-weights of the kept columns (`workers.candidate` cuts them either way).
+weights of the kept columns (`workers.candidate` cuts them either way). A table with neural implants
+(`LevelTable.implant_ranks`) also holds, whatever the criterion, each implant fitted on the dense model's
+activations (`workers.implants`), one file per layer, group and implant level.
 
 A database is named by (model fingerprint, calibration digest, criterion and its options, level table) and
 stored under `<database dir>/<criterion>-<key>/`: `index.json` plus, for a criterion whose levels carry
@@ -28,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from darwinfront.core import settings
-from workers import criteria
+from workers import criteria, implants
 from workers.configuration import model_fingerprint
 from workers.levels import KINDS, LevelTable, removal_orders
 from workers.reference import build_once
@@ -91,6 +93,15 @@ class LevelDatabase:
         if not self.stores_weights or level < 1:
             raise ValueError(f"{self.criterion} database stores no weight for layer {layer} {kind} level {level}")
         return load_file(self.weight_path(layer, kind, level), device=str(device or "cpu"))
+
+    def implant_path(self, layer: int, kind: str, level: int) -> Path:
+        return self.directory / f"layer{layer:03d}.{kind}.implant{level:03d}.safetensors"
+
+    def load_implant(self, layer: int, kind: str, level: int, *, device=None) -> dict[str, torch.Tensor]:
+        """The fitted neural implant of `kind` in `layer` at `level`: `in` (r, hidden) and `out` (hidden, r)."""
+        if not self.table.implant_rank(kind, level):
+            raise ValueError(f"database {self.key} has no implant for layer {layer} {kind} level {level}")
+        return load_file(self.implant_path(layer, kind, level), device=str(device or "cpu"))
 
     def removed(self, layer: int, kind: str, level: int) -> tuple[int, ...]:
         """Units of `layer` that `level` of `kind` removes."""
@@ -160,9 +171,32 @@ def _write(out: Path, model, calibration, *, criterion, options, table, key, on_
         orders = _write_levels(out, scorer, model, calibration, table, on_layer, helpers)
     else:
         orders = removal_orders(scorer.score(model, calibration))
+    if table.implant_ranks:
+        _write_implants(out, model, calibration, table)
     index = {"format": FORMAT, "key": key, "criterion": criterion, "options": options, "table": table.to_dict(),
              "stores_weights": criteria.stores_weights(scorer), "orders": orders}
     (out / INDEX).write_text(json.dumps(index))
+
+
+IMPLANT_MOMENT_BYTES = 1 << 30  # the float64 XᵀX and XᵀY held at once while fitting implants
+
+
+def _write_implants(out: Path, model, calibration, table: LevelTable) -> None:
+    """Fit and write every neural implant of `table` (`workers.implants`), one file per layer, kind and level.
+
+    Layers go in groups whose activation moments fit in `IMPLANT_MOMENT_BYTES` (one pass over the calibration
+    tokens per group: all layers at once for small models, a few at a time for 4096-wide ones)."""
+    ranks = {kind: {level: table.implant_rank(kind, level) for level in table.implant_levels(kind)} for kind in KINDS}
+    hidden, n_layers = model.config.hidden_size, len(model.model.layers)
+    per_layer = 2 * hidden * hidden * 8 * sum(1 for kind in KINDS if ranks[kind])
+    group = max(1, IMPLANT_MOMENT_BYTES // max(per_layer, 1))
+    for start in range(0, n_layers, group):
+        layers = list(range(start, min(start + group, n_layers)))
+        for i, fitted in implants.implant_levels(model, calibration, ranks, layers=layers):
+            for kind, per_level in fitted.items():
+                for level, tensors in per_level.items():
+                    save_file({k: t.to("cpu").contiguous() for k, t in tensors.items()},
+                              out / f"layer{i:03d}.{kind}.implant{level:03d}.safetensors")
 
 
 class LayerHelpers(Protocol):

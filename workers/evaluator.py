@@ -34,9 +34,10 @@ class Evaluator:
         self.database = open_database(self.inputs)
         model = self.inputs.model
         like = model.model.layers[0].self_attn.o_proj.weight
-        self.weights = candidate.LevelWeights(self.database, like) if self.database.stores_weights else None
+        carries = self.database.stores_weights or bool(self.database.table.implant_ranks)
+        self.weights = candidate.LevelWeights(self.database, like) if carries else None
         self.snapshot = finetune.Snapshot([p for p in candidate.shared_parameters(model) if p.requires_grad])
-        self.train_settings = finetune.TrainSettings(lr=spec.prune.train_lr, batch_size=spec.prune.train_batch_size)
+        self.train_settings = finetune.light_training(spec.prune)
         self.teacher = fitness.Teacher.of(model, self.inputs.calibration, topk=spec.search.kl_topk)
         self.teacher_held_out = fitness.Teacher.of(model, self.inputs.held_out, topk=spec.search.kl_topk)
         self._targets: dict[tuple[int, int], list[torch.Tensor]] = {}
@@ -144,11 +145,13 @@ class Evaluator:
         document["level_table"] = self.database.table.to_dict()
         document["database"] = {"key": self.database.key, "criterion": self.database.criterion,
                                 "options": self.database.options}
-        document["weights"] = "trained" if train_tokens else "database" if self.database.stores_weights else "dense"
+        document["weights"] = "trained" if train_tokens else "database" if self.weights is not None else "dense"
         document["training"] = {"seed": int(request["seed"]), "tokens": train_tokens,
                                 "lr": self.train_settings.lr, "batch_size": self.train_settings.batch_size,
-                                "loss": self.inputs.spec.prune.train_loss} if train_tokens else None
-        one_shot = "kl_oneshot" if self.database.stores_weights else "kl_cut"
+                                "loss": self.inputs.spec.prune.train_loss,
+                                **({"serene": self.inputs.spec.prune.train_serene.model_dump()}
+                                   if self.inputs.spec.prune.train_serene else {})} if train_tokens else None
+        one_shot = "kl_oneshot" if self.weights is not None else "kl_cut"
         document["gives"] = {"rebuild": one_shot, "apply_configuration": "kl_cut",
                              "archive": "kl" if train_tokens else one_shot}
         return document

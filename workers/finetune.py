@@ -9,6 +9,7 @@ leaves them free to drift). A candidate shares the dense model's embeddings and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers import metrics
+from workers import metrics, serene
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,20 @@ class TrainSettings:
     lr: float = 3e-4
     batch_size: int = 8
     weight_decay: float = 0.01
+    serene_strength: float = 0.0  # SeReNe's λ (`workers.serene`); 0: no regulariser
+    serene_threshold: float = 1.0  # SeReNe's τ
+
+    def regulariser(self, model: nn.Module) -> serene.Serene | None:
+        """SeReNe's regulariser on `model` when these settings ask for it."""
+        return serene.Serene(model, self.serene_strength, self.serene_threshold) if self.serene_strength else None
+
+
+def light_training(prune) -> TrainSettings:
+    """The light-training settings of a job's prune section (`darwinfront.core.spec.PruneSpec`)."""
+    regulariser = prune.train_serene
+    return TrainSettings(lr=prune.train_lr, batch_size=prune.train_batch_size,
+                         serene_strength=regulariser.strength if regulariser else 0.0,
+                         serene_threshold=regulariser.threshold if regulariser else 1.0)
 
 
 def stage_batches(pool: torch.Tensor, tokens: int, seed: int, batch_size: int) -> list[torch.Tensor]:
@@ -73,23 +88,28 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     batch: torch.Tensor,
     teacher: torch.Tensor | None = None,
+    regulariser: serene.Serene | None = None,
 ) -> float:
     """One optimiser step on `batch` (B, T); returns the loss before the step.
 
     `teacher` None trains on next-token cross-entropy, else on the mean KL(teacher ‖ model) per position with
-    `teacher` the dense model's next-token log-probs (B, T-1, vocab).
+    `teacher` the dense model's next-token log-probs (B, T-1, vocab). With `regulariser` (SeReNe) the step's
+    unit sensitivities are gathered during the backward and the insensitive units shrunk after the step.
     """
     device = next(model.parameters()).device
     batch = batch.to(device)
-    if teacher is None:
-        loss = model(input_ids=batch, labels=batch).loss
-    else:
-        student = F.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)  # (B, T-1, vocab)
-        target = teacher.to(device, torch.float32)
-        loss = metrics.kl_sum(target, student) / target.shape[:2].numel()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    with regulariser.watch() if regulariser is not None else contextlib.nullcontext():
+        if teacher is None:
+            loss = model(input_ids=batch, labels=batch).loss
+        else:
+            student = F.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)  # (B, T-1, vocab)
+            target = teacher.to(device, torch.float32)
+            loss = metrics.kl_sum(target, student) / target.shape[:2].numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
     optimizer.step()
+    if regulariser is not None:
+        regulariser.shrink()
     return loss.item()
 
 
@@ -113,11 +133,13 @@ def finetune(
     """
     start = time.perf_counter()
     optimizer = make_optimizer(model, settings)
+    regulariser = settings.regulariser(model)
     losses = []
     model.train()
     try:
         for step, batch in enumerate(batches):
-            losses.append(train_step(model, optimizer, batch, None if teacher is None else teacher[step]))
+            losses.append(train_step(model, optimizer, batch, None if teacher is None else teacher[step],
+                                     regulariser))
     finally:
         model.eval()
         optimizer.zero_grad(set_to_none=True)

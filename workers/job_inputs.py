@@ -81,7 +81,8 @@ def stores_weights(spec: PruneJobSpec) -> bool:
 def job_table(inputs: JobInputs) -> levels.LevelTable:
     """The level table of the job's model under its prune section."""
     prune = inputs.spec.prune
-    return levels.table_for(inputs.model, prune.levels, prune.mlp_multiple, prune.attention_unit)
+    return levels.table_for(inputs.model, prune.levels, prune.mlp_multiple, prune.attention_unit,
+                            implants=prune.implants)
 
 
 def open_database(

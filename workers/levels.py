@@ -33,8 +33,11 @@ class LevelTable:
     mlp_units: int
     mlp_step: int
     attention_unit: str = "kv_group"
+    implant_ranks: tuple[tuple[str, int, int], ...] = ()  # (kind, level, rank) where a neural implant may go
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "implant_ranks", tuple(sorted((str(k), int(lv), int(r))
+                                                               for k, lv, r in self.implant_ranks)))
         if not (1 <= self.attn_step <= self.attn_units and 1 <= self.mlp_step <= self.mlp_units):
             raise InvalidSpec("prune.levels", f"bad level table {self}")
         if self.attention_unit not in slicing.ATTENTION_UNITS:
@@ -67,14 +70,25 @@ class LevelTable:
         """Removed units at every level 0..top, the snapshots a level database holds."""
         return [self.removed(kind, level) for level in range(self.top(kind) + 1)]
 
+    def implant_rank(self, kind: str, level: int) -> int:
+        """The rank of `kind`'s neural implant at `level`, 0 where the table has none."""
+        return next((r for k, lv, r in self.implant_ranks if (k, lv) == (kind, level)), 0)
+
+    def implant_levels(self, kind: str) -> tuple[int, ...]:
+        return tuple(lv for k, lv, _ in self.implant_ranks if k == kind)
+
     def to_dict(self) -> dict:
-        return {"attn_units": self.attn_units, "attn_step": self.attn_step,
-                "mlp_units": self.mlp_units, "mlp_step": self.mlp_step, "attention_unit": self.attention_unit}
+        out = {"attn_units": self.attn_units, "attn_step": self.attn_step,
+               "mlp_units": self.mlp_units, "mlp_step": self.mlp_step, "attention_unit": self.attention_unit}
+        if self.implant_ranks:  # only tables with implants carry it: other databases keep their keys
+            out["implant_ranks"] = [list(x) for x in self.implant_ranks]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> LevelTable:
         sizes = {k: int(data[k]) for k in ("attn_units", "attn_step", "mlp_units", "mlp_step")}
-        return cls(**sizes, attention_unit=data.get("attention_unit", "kv_group"))
+        ranks = tuple(tuple(x) for x in data.get("implant_ranks") or ())
+        return cls(**sizes, attention_unit=data.get("attention_unit", "kv_group"), implant_ranks=ranks)
 
 
 def attention_step(units: int, levels: int) -> int:
@@ -99,20 +113,46 @@ def mlp_step(width: int, levels: int, multiple: int) -> int:
     return max(multiple, round(width / levels / multiple) * multiple)
 
 
-def table_for(model: nn.Module, levels: int, multiple: int, attention_unit: str = "kv_group") -> LevelTable:
+def table_for(
+    model: nn.Module, levels: int, multiple: int, attention_unit: str = "kv_group", implants: Sequence[str] = ()
+) -> LevelTable:
     """The level table of a dense Llama-family model for `levels` target steps and MLP multiple `multiple`.
 
     `attention_unit` "kv_group" steps through KV groups, "q_head" through query heads (K/V heads kept).
+    `implants` names the sub-layers ("attn", "mlp") that may become neural implants (`implant_ranks`).
     """
     d = slicing.dims(model)
     units = d.attn_units(attention_unit)
-    return LevelTable(
+    table = LevelTable(
         attn_units=units,
         attn_step=attention_step(units, levels),
         mlp_units=d.intermediate,
         mlp_step=mlp_step(d.intermediate, levels, multiple),
         attention_unit=attention_unit,
     )
+    ranks = tuple((kind, level, rank) for kind in implants for level, rank in implant_ranks(d, table, kind).items())
+    return LevelTable(**{**table.__dict__, "implant_ranks": ranks})
+
+
+def implant_ranks(d: slicing.Dims, table: LevelTable, kind: str) -> dict[int, int]:
+    """Level -> rank of the neural implant that costs exactly what `kind`'s sub-layer keeps at that level.
+
+    An implant is a rank-r map hidden -> r -> hidden, 2·hidden·r parameters; a level gets one when what it keeps
+    (its units' weights and biases, and under `q_head` the K/V heads; not the output bias, which an implant
+    keeps too) is a multiple of 2·hidden with 1 <= r < hidden (a map of lower than full rank; above hidden / 2 its
+    two factors hold more than one full hidden x hidden matrix would). Level 0 (dense) and the top level (nothing
+    kept) never have one.
+    """
+    unit, channel = slicing.unit_params(d, table.attention_unit)
+    shared = slicing.shared_attention_params(d, table.attention_unit)
+    out = {}
+    for level in range(1, table.top(kind)):
+        left = table.units(kind) - table.removed(kind, level)
+        params = left * unit + shared if kind == "attn" else left * channel
+        rank, rest = divmod(params, 2 * d.hidden)
+        if rest == 0 and 1 <= rank < d.hidden:
+            out[level] = rank
+    return out
 
 
 def level_space(model: nn.Module, table: LevelTable) -> LevelSpace:
@@ -132,6 +172,8 @@ def level_space(model: nn.Module, table: LevelTable) -> LevelSpace:
         dense_params=slicing.count_parameters(model),
         # the K/V heads go with the attention only when the top level removes every query head
         attn_shared_params=shared if table.removed("attn", table.attn_levels) == units else 0,
+        attn_implant_levels=table.implant_levels("attn"),
+        mlp_implant_levels=table.implant_levels("mlp"),
     )
 
 
@@ -154,10 +196,16 @@ def layout(genome: PruneGenome, orders: Sequence[dict[str, Sequence[int]]], tabl
     if len(genome.attn) != len(orders) or len(genome.mlp) != len(orders):
         raise InvalidSpec("genome", f"{len(genome.attn)} layers in the genome, {len(orders)} in the database")
     layers = []
+    implanted = set(genome.implants)
     for i, order in enumerate(orders):
-        kept = {}
+        kept, implants = {}, []
         for kind, level in (("attn", genome.attn[i]), ("mlp", genome.mlp[i])):
             gone = set(order[kind][: table.removed(kind, level)])
             kept[kind] = tuple(u for u in range(table.units(kind)) if u not in gone)
-        layers.append(slicing.LayerLayout(kept["attn"], kept["mlp"]))
+            if (i, kind) in implanted:  # the implant replaces the whole sub-layer, at the level's cost
+                if not table.implant_rank(kind, level):
+                    raise InvalidSpec("genome.implants", f"layer {i} {kind} level {level} has no implant")
+                kept[kind] = ()
+                implants.append((kind, table.implant_rank(kind, level)))
+        layers.append(slicing.LayerLayout(kept["attn"], kept["mlp"], tuple(implants)))
     return slicing.Layout(tuple(layers), table.attention_unit)

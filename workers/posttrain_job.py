@@ -13,6 +13,7 @@ batch at a time and checks for cancellation, a lost lease and a stopping driver 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import tarfile
@@ -28,7 +29,7 @@ from torch import nn
 from darwinfront.core.errors import CandidateNotFound, InvalidSpec
 from darwinfront.core.methods import parse_spec
 from darwinfront.core.spec import PosttrainJobSpec, PosttrainOptions, PruneJobSpec
-from workers import artifacts, data, finetune, fitness, metrics, modeling, slicing
+from workers import artifacts, block_distill, data, finetune, fitness, metrics, modeling, serene, slicing
 from workers.job import Job
 from workers.pruned_hf import model_card
 
@@ -150,8 +151,24 @@ class Posttrainer:
         self.batches = batch_rows(len(self.training), self.options.tokens, spec.data.seq_len, self.options.seed,
                                   self.options.batch_size)
         torch.manual_seed(self.options.seed)
-        settings = finetune.TrainSettings(lr=self.options.lr, batch_size=self.options.batch_size)
-        self.optimizer = finetune.make_optimizer(self.model, settings)
+        regulariser = self.options.serene
+        settings = finetune.TrainSettings(lr=self.options.lr, batch_size=self.options.batch_size,
+                                          serene_strength=regulariser.strength if regulariser else 0.0,
+                                          serene_threshold=regulariser.threshold if regulariser else 1.0)
+        self.regulariser = settings.regulariser(self.model)
+        self.norms_before = serene.unit_norms(self.model)
+        self.block_weights = None
+        if self.options.block_distill is not None:
+            blocks = self.options.block_distill
+            sensitivities = block_distill.block_sensitivities(self.model, self.calibration[: blocks.sequences])
+            self.block_weights = block_distill.block_weights(sensitivities, cap=blocks.cap,
+                                                             freeze_early=blocks.freeze_early)
+            self.block_sensitivities = sensitivities
+            self.optimizer = block_distill.make_optimizer(self.model, self.block_weights, settings.lr,
+                                                          settings.weight_decay)
+        else:
+            self.optimizer = finetune.make_optimizer(self.model, settings)
+        self.cut_model: nn.Module | None = None
         self.done = self.tokens_done = 0
         self.losses: list[float] = []
         self.seconds = 0.0
@@ -159,15 +176,35 @@ class Posttrainer:
     def describe(self) -> dict:
         """What the run will do: steps, tokens, where the weights came from, model sizes."""
         tokens = sum(len(rows) for rows in self.batches) * self.training.shape[1]
-        return {"steps": len(self.batches), "tokens": tokens, "start": self.source,
+        plan = {"steps": len(self.batches), "tokens": tokens, "start": self.source,
                 "parameters": slicing.count_parameters(self.model), "dense_parameters": self.dense_params,
                 "training_sequences": len(self.training)}
+        if self.block_weights is not None:
+            plan["block_sensitivities"] = self.block_sensitivities.tolist()
+            plan["block_weights"] = self.block_weights.tolist()
+        return plan
 
-    def measure(self) -> dict:
-        """KL(dense ‖ model) on the fitness pool (`kl`) and held out, and held-out perplexity, as the model is now."""
-        held_out_kl, perplexity = fitness.kl_and_perplexity(self.model, self.held_out, self.teacher_held_out)
-        return {"kl": fitness.kl(self.model, self.calibration, self.teacher), "held_out_kl": held_out_kl,
+    def measure(self, which: str = "trained") -> dict:
+        """KL(dense ‖ model) on the fitness pool (`kl`) and held out, and held-out perplexity, as the model is now
+        (`which`: the trained model, or its SeReNe follow-up cut)."""
+        model = self.model if which == "trained" else self.cut_model
+        held_out_kl, perplexity = fitness.kl_and_perplexity(model, self.held_out, self.teacher_held_out)
+        return {"kl": fitness.kl(model, self.calibration, self.teacher), "held_out_kl": held_out_kl,
                 "perplexity": perplexity}
+
+    def follow_up_cut(self) -> dict | None:
+        """SeReNe's follow-up cut: a copy of the trained model without the units whose weight norm fell below
+        `serene.cut` of what it was before training. None when SeReNe is off, the cut is 0 or no unit fell."""
+        options = self.options.serene
+        if options is None or options.cut == 0:
+            return None
+        drops = serene.cut_shrunk(self.norms_before, serene.unit_norms(self.model), options.cut)
+        if not drops:
+            return None
+        self.cut_model = slicing.cut_further(copy.deepcopy(self.model), drops)
+        return {"parameters": slicing.count_parameters(self.cut_model),
+                "layout": self.cut_model.config.darwinfront_layout, "ratio": options.cut,
+                "removed": {f"{i}.{kind}": len(units) for (i, kind), units in sorted(drops.items())}}
 
     def step(self) -> dict:
         """Train on the next batch; returns the step number (from 1), its loss and the tokens trained so far."""
@@ -178,7 +215,7 @@ class Posttrainer:
         teacher = None if self.dense is None else metrics.teacher_logprobs(self.dense, batch, len(batch))
         self.model.train()
         try:
-            loss = finetune.train_step(self.model, self.optimizer, batch, teacher)
+            loss = finetune.train_step(self.model, self.optimizer, batch, teacher, self.regulariser)
         finally:
             self.model.eval()
         self.done += 1
@@ -192,10 +229,11 @@ class Posttrainer:
         return {"steps": self.done, "first_loss": self.losses[0] if self.losses else None,
                 "last_loss": self.losses[-1] if self.losses else None, "seconds": self.seconds}
 
-    def save(self, directory: str) -> dict:
-        """Save the trained sliced model (safetensors + config) and its tokenizer under `directory`."""
-        slicing.save_pruned(self.model.to("cpu"), self.tokenizer, Path(directory))
-        return {"params": slicing.count_parameters(self.model)}
+    def save(self, directory: str, which: str = "trained") -> dict:
+        """Save the trained sliced model (or its follow-up cut) with its tokenizer under `directory`."""
+        model = self.model if which == "trained" else self.cut_model
+        slicing.save_pruned(copy.deepcopy(model).to("cpu"), self.tokenizer, Path(directory))
+        return {"params": slicing.count_parameters(model)}
 
 
 class FollowupActor:
@@ -250,15 +288,23 @@ class PosttrainJob(Job):
             self._train(trainer, plan["steps"])
             after = trainer.call("measure")
             document = posttrained_configuration(configuration, spec, plan, trainer.call("record"), before, after)
-            with tempfile.TemporaryDirectory(dir=self.data_dir) as tmp:
-                trainer.call("save", tmp)
-                model_card.write(Path(tmp), document)
-                meta = artifacts.archive(self.data_dir, self.job_id, options.candidate, Path(tmp))
+            documents = {"trained": document}
+            cut = trainer.call("follow_up_cut")
+            if cut is not None:
+                documents["cut"] = serene_cut_configuration(document, cut, trainer.call("measure", "cut"))
+                self.event("serene_cut", {"removed": cut["removed"], "parameters": cut["parameters"]})
+            metas = {}
+            for which, doc in documents.items():
+                with tempfile.TemporaryDirectory(dir=self.data_dir) as tmp:
+                    trainer.call("save", tmp, which)
+                    model_card.write(Path(tmp), doc)
+                    metas[which] = artifacts.archive(self.data_dir, self.job_id, doc["candidate_id"], Path(tmp))
         finally:
             trainer.close()
-        self.store.put_result(self.job_id, options.candidate, document)
-        self.store.put_artifact(self.job_id, options.candidate, meta)
-        self.publish_front([front_point(document)], generation=None)
+        for which, doc in documents.items():
+            self.store.put_result(self.job_id, doc["candidate_id"], doc)
+            self.store.put_artifact(self.job_id, doc["candidate_id"], metas[which])
+        self.publish_front([front_point(doc) for doc in documents.values()], generation=None)
         self.event("posttrained", {"before": before, "after": after})
 
     def _train(self, trainer: FollowupActor, steps: int) -> None:
@@ -290,7 +336,27 @@ def posttrained_configuration(parent: dict, spec: PosttrainJobSpec, plan: dict, 
             "weight_decay": finetune.TrainSettings().weight_decay, "start": plan["start"],
             "first_loss": record["first_loss"], "last_loss": record["last_loss"], "seconds": record["seconds"],
             "before": dict(before), "after": dict(after),
+            "serene": None if options.serene is None else options.serene.model_dump(),
+            "block_distill": None if options.block_distill is None else {
+                **options.block_distill.model_dump(), "sensitivities": plan["block_sensitivities"],
+                "weights": plan["block_weights"]},
         },
+    }
+
+
+def serene_cut_configuration(trained: dict, cut: dict, metrics: dict) -> dict:
+    """The configuration document of SeReNe's follow-up cut of a post-trained candidate: its layout (the units it
+    keeps, indices of the dense model), its parameters and metrics, and what was cut (`serene_cut`)."""
+    post = trained["posttrain"]
+    # no level_table: the cut is no level of the database, so a rebuild gives its structure (apply_configuration)
+    return {
+        **{k: v for k, v in trained.items() if k != "level_table"},
+        "candidate_id": f"{trained['candidate_id']}.serene-cut",
+        **cut["layout"],  # attention_unit and layers
+        "parameters": cut["parameters"],
+        "metrics": dict(metrics),
+        "posttrain": {**post, "before": dict(post["after"]), "after": dict(metrics)},
+        "serene_cut": {"from": trained["candidate_id"], "ratio": cut["ratio"], "removed": cut["removed"]},
     }
 
 

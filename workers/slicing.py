@@ -22,23 +22,36 @@ import torch
 from torch import nn
 
 from darwinfront.core.errors import InvalidSpec
-from workers.pruned_hf.pruned_layers import NoAttention, NoMLP
+from workers.pruned_hf.pruned_layers import ImplantAttention, ImplantMLP, NoAttention, NoMLP
 from workers.sliced_modules import QueryHeadAttention
 
 
 @dataclass(frozen=True)
 class LayerLayout:
-    """The units one decoder layer keeps: attention-unit indices (KV groups or query heads) and MLP channels."""
+    """The units one decoder layer keeps: attention-unit indices (KV groups or query heads) and MLP channels.
+
+    `implants` holds (kind, rank) for a sub-layer ("attn" / "mlp") replaced by a HAP neural implant, a rank-r
+    linear map of its input (`workers.implants`); such a sub-layer keeps no unit of its own.
+    """
 
     attn_units: tuple[int, ...]
     mlp_channels: tuple[int, ...]
+    implants: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attn_units", tuple(sorted(int(u) for u in self.attn_units)))
         object.__setattr__(self, "mlp_channels", tuple(sorted(int(c) for c in self.mlp_channels)))
+        object.__setattr__(self, "implants", tuple(sorted((str(k), int(r)) for k, r in self.implants)))
+
+    def implant_rank(self, kind: str) -> int:
+        """The rank of `kind`'s implant, 0 when the sub-layer is not one."""
+        return dict(self.implants).get(kind, 0)
 
     def to_dict(self) -> dict:
-        return {"attn_units": list(self.attn_units), "mlp_channels": list(self.mlp_channels)}
+        out = {"attn_units": list(self.attn_units), "mlp_channels": list(self.mlp_channels)}
+        if self.implants:  # only implanted layers carry the key: older documents stay as they were
+            out["implants"] = dict(self.implants)
+        return out
 
 
 ATTENTION_UNITS = ("kv_group", "q_head")
@@ -65,7 +78,8 @@ class Layout:
     def from_dict(cls, data: dict) -> Layout:
         """Read a layout document; one without `attention_unit` (written before query heads) means KV groups."""
         try:
-            layers = tuple(LayerLayout(tuple(d["attn_units"]), tuple(d["mlp_channels"])) for d in data["layers"])
+            layers = tuple(LayerLayout(tuple(d["attn_units"]), tuple(d["mlp_channels"]),
+                                       tuple(dict(d.get("implants") or {}).items())) for d in data["layers"])
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidSpec("layout", f"not a layout document: {e!r}") from e
         return cls(layers=layers, attention_unit=data.get("attention_unit", "kv_group"))
@@ -151,6 +165,7 @@ def slice_model(model: nn.Module, layout: Layout) -> nn.Module:
     for i, (layer, keep) in enumerate(zip(model.model.layers, layout.layers, strict=True)):
         _slice_attention(layer, i, keep.attn_units, d, layout.attention_unit)
         _slice_mlp(layer, keep.mlp_channels, d)
+        _install_implants(layer, i, keep, d)
     model.config.darwinfront_layout = layout.to_dict()
     return model
 
@@ -202,6 +217,77 @@ def add_output_shift(layer: nn.Module, kind: str, shift: torch.Tensor) -> None:
     like = next(block.parameters(), None)
     delattr(module, name)  # an unset bias (None) makes way for the buffer
     module.register_buffer(name, shift.detach().to(like if like is not None else shift).clone())
+
+
+def cut_further(model: nn.Module, drops: dict[tuple[int, str], list[int]]) -> nn.Module:
+    """Cut more units out of a sliced model in place: (layer, kind) -> indices of its current units (MLP channels,
+    or KV groups of a regularly grouped attention) to remove; `config.darwinfront_layout` follows.
+
+    A sub-layer left with no unit becomes the stand-in for a removed one (its output bias kept). Used after
+    SeReNe's training (`workers.serene`) to remove the units it drove down.
+    """
+    layout = Layout.from_dict(model.config.darwinfront_layout)
+    if drops and any(kind == "attn" for _, kind in drops) and layout.attention_unit != "kv_group":
+        raise InvalidSpec("layout.attention_unit", "only KV-group attention units can be cut further")
+    layers = list(layout.layers)
+    for (i, kind), gone in sorted(drops.items()):
+        layer, dense = model.model.layers[i], layers[i]
+        units = dense.attn_units if kind == "attn" else dense.mlp_channels
+        keep = [j for j in range(len(units)) if j not in set(gone)]
+        if kind == "mlp":
+            _cut_mlp(layer, keep)
+            layers[i] = LayerLayout(dense.attn_units, tuple(units[j] for j in keep), dense.implants)
+        else:
+            _cut_groups(layer, i, keep)
+            layers[i] = LayerLayout(tuple(units[j] for j in keep), dense.mlp_channels, dense.implants)
+    model.config.darwinfront_layout = Layout(tuple(layers), layout.attention_unit).to_dict()
+    return model
+
+
+def _cut_mlp(layer: nn.Module, keep: list[int]) -> None:
+    mlp = layer.mlp
+    if not keep:
+        layer.mlp = NoMLP(mlp.down_proj.out_features, None)
+        _carry_bias(mlp.down_proj, layer.mlp, "down_bias")
+        return
+    idx = torch.tensor(keep, dtype=torch.long, device=mlp.down_proj.weight.device)
+    mlp.gate_proj, mlp.up_proj = _take(mlp.gate_proj, idx, dim=0), _take(mlp.up_proj, idx, dim=0)
+    mlp.down_proj = _keep_bias_kind(mlp.down_proj, _take(mlp.down_proj, idx, dim=1))
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(keep)
+
+
+def _cut_groups(layer: nn.Module, index: int, keep: list[int]) -> None:
+    attn = layer.self_attn
+    if not keep:
+        layer.self_attn = NoAttention(index, attn.o_proj.out_features, None)
+        _carry_bias(attn.o_proj, layer.self_attn, "o_bias")
+        return
+    h, device = attn.head_dim, attn.o_proj.weight.device
+    width = attn.q_proj.out_features // (attn.k_proj.out_features // h)  # query rows per KV group
+    q_rows, kv_rows = _spans(tuple(keep), width, device), _spans(tuple(keep), h, device)
+    attn.q_proj, attn.o_proj = _take(attn.q_proj, q_rows, dim=0), _keep_bias_kind(attn.o_proj,
+                                                                                  _take(attn.o_proj, q_rows, dim=1))
+    attn.k_proj, attn.v_proj = _take(attn.k_proj, kv_rows, dim=0), _take(attn.v_proj, kv_rows, dim=0)
+
+
+def _keep_bias_kind(old: nn.Linear, new: nn.Linear) -> nn.Linear:
+    """Keep an output bias that was a buffer (a compensation shift, not a parameter) a buffer after `_take`."""
+    if old.bias is not None and "bias" in old._buffers:
+        del new.bias
+        new.register_buffer("bias", old.bias.detach().clone())
+    return new
+
+
+def _carry_bias(linear: nn.Linear, stand_in: nn.Module, name: str) -> None:
+    """Give a removed sub-layer's stand-in the output bias of its last linear, as the same kind of tensor."""
+    if linear.bias is None:
+        return
+    delattr(stand_in, name)
+    if "bias" in linear._buffers:
+        stand_in.register_buffer(name, linear.bias.detach().clone())
+    else:
+        setattr(stand_in, name, nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad))
 
 
 def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
@@ -266,6 +352,11 @@ def _check_layout(layout: Layout, d: Dims, field: str = "layout") -> None:
             units = getattr(layer, name)
             if len(set(units)) != len(units) or any(not 0 <= u < limit for u in units):
                 raise InvalidSpec(f"{field}.layers[{i}].{name}", f"indices must be distinct and in 0..{limit - 1}")
+        for kind, rank in layer.implants:
+            kept = layer.attn_units if kind == "attn" else layer.mlp_channels
+            if kind not in ("attn", "mlp") or not 1 <= rank <= d.hidden or kept:
+                raise InvalidSpec(f"{field}.layers[{i}].implants", f"{kind}: {rank} needs kind attn or mlp, a rank "
+                                  f"in 1..{d.hidden} and no unit of its own kept")
 
 
 def _require_dense(model: nn.Module) -> None:
@@ -306,6 +397,17 @@ def _slice_mlp(layer: nn.Module, channels: tuple[int, ...], d: Dims) -> None:
     mlp.down_proj = _take(mlp.down_proj, idx, dim=1)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(channels)
+
+
+def _install_implants(layer: nn.Module, index: int, keep: LayerLayout, d: Dims) -> None:
+    """Replace each implanted sub-layer (already cut to nothing) by a zero implant of its rank, in the dtype and on
+    the device of the layer's norm; `workers.implants` fills in the fitted weights."""
+    like = layer.input_layernorm.weight
+    if keep.implant_rank("attn"):
+        bias = getattr(layer.self_attn, "o_bias", None)
+        layer.self_attn = ImplantAttention(index, d.hidden, keep.implant_rank("attn"), bias, like=like)
+    if keep.implant_rank("mlp"):
+        layer.mlp = ImplantMLP(d.hidden, keep.implant_rank("mlp"), getattr(layer.mlp, "down_bias", None), like=like)
 
 
 def _spans(units: tuple[int, ...], width: int, device) -> torch.Tensor:

@@ -109,6 +109,36 @@ class DataSpec(_Strict):
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
+class SereneOptions(_Strict):
+    """SeReNe's neuron-sensitivity regulariser in training (workers/serene.py): after every optimiser step each
+    MLP channel and KV group n is shrunk, w_n ← (1 − λ·S̄_n)·w_n, by its insensitivity S̄_n = ReLU(1 − S_n / (τ ·
+    the layer's mean S)), with S_n the batch mean of |∂loss/∂(the unit's output)|."""
+
+    strength: float = Field(default=0.01, gt=0.0, lt=1.0, description="λ: the share of a wholly insensitive "
+                            "unit's weights removed per step.")
+    threshold: float = Field(default=1.0, gt=0.0, le=100.0, description="τ: units below τ times their layer's "
+                             "mean sensitivity shrink, the further below the faster.")
+
+
+class SerenePosttrainOptions(SereneOptions):
+    """SeReNe in post-training, with its follow-up cut."""
+
+    cut: float = Field(default=0.5, ge=0.0, lt=1.0, description="After training, remove the units whose weight "
+                       "norm fell below this fraction of their norm before it; the cut model is a second front point "
+                       "(`<candidate>.serene-cut`). 0: no cut.")
+
+
+class BlockDistillOptions(_Strict):
+    """HierarchicalPrune's sensitivity-guided distillation (workers/block_distill.py): each decoder block trains
+    at lr·w_l, w_l = min(cap, s̄ / s_l), s_l the candidate's block sensitivity
+    (KL(candidate ‖ candidate without block l) on `sequences` calibration sequences) and s̄ their mean over the
+    trained blocks; the first `freeze_early` blocks do not train."""
+
+    freeze_early: int = Field(default=0, ge=0, le=1024, description="Early blocks kept frozen.")
+    cap: float = Field(default=4.0, ge=1.0, le=1000.0, description="Largest per-block weight.")
+    sequences: int = Field(default=8, ge=1, le=4096, description="Calibration sequences the sensitivities use.")
+
+
 class PruneSpec(_Strict):
     """Structured pruning: which fractions of the prunable parameters to remove, and how units are chosen.
 
@@ -144,6 +174,15 @@ class PruneSpec(_Strict):
         "fraction of the query heads and MLP channels; K/V heads go only with a whole attention (its top level), "
         "so candidates keep more parameters than `kv_group` ones at the same target.",
     )
+    implants: list[Literal["attn", "mlp"]] = Field(
+        default_factory=list,
+        max_length=2,
+        description="HAP's neural implants: sub-layers (`attn`, `mlp`) that may, at a level, be replaced by a "
+        "rank-r linear map of their input fitted by least squares on the dense model's calibration activations "
+        "(stored in the level database), with r chosen so the implant holds exactly the parameters the pruned "
+        "level keeps; the evolution then chooses per layer between dense, the pruned level and the implant. "
+        "Levels get an implant where that r is a whole number below the hidden size (workers/levels.py).",
+    )
     levels: int = Field(default=10, ge=1, le=4096, description="Level steps per layer and group (the target).")
     mlp_multiple: int = Field(default=8, ge=1, le=1024, description="MLP level steps are multiples of this.")
     training_aware: bool = Field(
@@ -157,12 +196,21 @@ class PruneSpec(_Strict):
     )
     train_lr: float = Field(default=3e-4, gt=0.0, le=1.0, description="AdamW learning rate of the light training.")
     train_batch_size: int = Field(default=8, ge=1, le=4096, description="Sequences per light-training step.")
+    train_serene: SereneOptions | None = Field(
+        default=None, description="SeReNe's sensitivity regulariser in the light training (null: none).")
 
     @field_validator("targets")
     @classmethod
     def _distinct(cls, value: list[float]) -> list[float]:
         if len(set(value)) != len(value):
             raise ValueError("targets must be distinct")
+        return sorted(value)
+
+    @field_validator("implants")
+    @classmethod
+    def _distinct_implants(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("implants must be distinct")
         return sorted(value)
 
     @field_validator("criterion")
@@ -306,6 +354,17 @@ class PosttrainOptions(_Strict):
         default="kd", description="`kd` distillation from the dense model, or `ce` next-token cross-entropy."
     )
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the batch order (same seed, same weights).")
+    serene: SerenePosttrainOptions | None = Field(
+        default=None, description="SeReNe's sensitivity regulariser, then a follow-up cut (null: none).")
+    block_distill: BlockDistillOptions | None = Field(
+        default=None, description="HierarchicalPrune's per-block distillation weights (loss kd only; null: none).")
+
+    @field_validator("block_distill")
+    @classmethod
+    def _distillation(cls, value: BlockDistillOptions | None, info: ValidationInfo) -> BlockDistillOptions | None:
+        if value is not None and info.data.get("loss", "kd") != "kd":
+            raise ValueError("block_distill weights a distillation: it needs loss kd")
+        return value
 
 
 JobId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]

@@ -85,9 +85,13 @@ def layer_shapes(model: nn.Module) -> list[dict]:
         width = 0 if empty_mlp else mlp.down_proj.in_features
         attn_bias = attn.o_bias if empty_attn else attn.o_proj.bias
         mlp_bias = mlp.down_bias if empty_mlp else mlp.down_proj.bias
-        shapes.append({"num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": width,
-                       "kv_head_of_query": index, "attention_output_bias": attn_bias is not None,
-                       "mlp_output_bias": mlp_bias is not None})
+        shape = {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": width,
+                 "kv_head_of_query": index, "attention_output_bias": attn_bias is not None,
+                 "mlp_output_bias": mlp_bias is not None}
+        for key, block in (("attention_implant_rank", attn), ("mlp_implant_rank", mlp)):
+            if getattr(block, "rank", 0):  # a neural implant (only such layers carry the key)
+                shape[key] = block.rank
+        shapes.append(shape)
     return shapes
 
 

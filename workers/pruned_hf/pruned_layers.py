@@ -15,6 +15,10 @@ A pruned config is its family's dense config (the dense `num_attention_heads`, `
      "attention_output_bias": true,  # the attention's output carries a bias even if the family's has none
      "mlp_output_bias": false}       #   (pruning's compensation for removed units), and likewise the MLP's
 
+and, only on a layer whose attention or MLP is a neural implant (HAP), `attention_implant_rank` /
+`mlp_implant_rank`: the sub-block (0 heads / 0 channels) is replaced by a rank-r linear map of its input,
+`implant_out(implant_in(x))` with weights (r, hidden) and (hidden, r), 2·hidden·r parameters.
+
 Such a bias is a buffer named `bias` on o_proj / down_proj (`o_bias` / `down_bias` on a removed sub-block's
 stand-in), saved with the weights but not counted among the parameters.
 """
@@ -28,6 +32,7 @@ from torch import nn
 
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "kv_head_of_query",
               "attention_output_bias", "mlp_output_bias")
+IMPLANT_KEYS = ("attention_implant_rank", "mlp_implant_rank")  # optional: present only on implanted layers
 
 
 def settle_layer_shapes(config) -> None:
@@ -45,8 +50,13 @@ def settle_layer_shapes(config) -> None:
     if not isinstance(shapes, list) or len(shapes) != config.num_hidden_layers:
         raise ValueError(f"layer_shapes: expected a list of {config.num_hidden_layers} layers, got {shapes!r}")
     for i, shape in enumerate(shapes):
-        if not isinstance(shape, dict) or set(shape) != set(SHAPE_KEYS):
-            raise ValueError(f"layer_shapes[{i}]: expected the keys {SHAPE_KEYS}, got {shape!r}")
+        if not isinstance(shape, dict) or not set(SHAPE_KEYS) <= set(shape) <= set(SHAPE_KEYS + IMPLANT_KEYS):
+            raise ValueError(f"layer_shapes[{i}]: expected the keys {SHAPE_KEYS} (and optionally {IMPLANT_KEYS}), "
+                             f"got {shape!r}")
+        for key, width in zip(IMPLANT_KEYS, ("num_attention_heads", "intermediate_size"), strict=True):
+            rank = shape.get(key, 0)
+            if not isinstance(rank, int) or rank < 0 or (rank and shape[width]):
+                raise ValueError(f"layer_shapes[{i}].{key}: a rank >= 0, and > 0 only where {width} is 0")
         heads, kv_heads, index = shape["num_attention_heads"], shape["num_key_value_heads"], shape["kv_head_of_query"]
         if (heads == 0) != (kv_heads == 0) or heads < 0 or kv_heads < 0 or shape["intermediate_size"] < 0:
             raise ValueError(f"layer_shapes[{i}]: {heads} query heads on {kv_heads} KV heads")
@@ -76,11 +86,16 @@ def cut_layers(model: nn.Module, attention_class: type, mlp_class: type) -> None
     config = model.config
     for i, layer in enumerate(model.layers):
         shape = config.layer_shapes[i]
-        if shape["num_attention_heads"] == 0:
+        attn_rank, mlp_rank = shape.get("attention_implant_rank", 0), shape.get("mlp_implant_rank", 0)
+        if attn_rank:
+            layer.self_attn = ImplantAttention(i, config.hidden_size, attn_rank, layer.self_attn.o_proj.bias)
+        elif shape["num_attention_heads"] == 0:
             layer.self_attn = NoAttention(i, config.hidden_size, layer.self_attn.o_proj.bias)
         else:
             layer.self_attn = attention_class(config, i)
-        if shape["intermediate_size"] == 0:
+        if mlp_rank:
+            layer.mlp = ImplantMLP(config.hidden_size, mlp_rank, layer.mlp.down_proj.bias)
+        elif shape["intermediate_size"] == 0:
             layer.mlp = NoMLP(config.hidden_size, layer.mlp.down_proj.bias)
         else:
             layer.mlp = mlp_class(layer_config(config, i))
@@ -177,3 +192,41 @@ class NoMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x.new_zeros(*x.shape[:-1], self.hidden)
         return out if self.down_bias is None else out + self.down_bias
+
+
+def _implant_linears(module: nn.Module, hidden: int, rank: int, like: torch.Tensor | None) -> None:
+    """The two factors of a rank-`rank` map hidden -> hidden, zero until fitted weights are loaded."""
+    kwargs = {} if like is None else {"device": like.device, "dtype": like.dtype}
+    module.implant_in = nn.Linear(hidden, rank, bias=False, **kwargs)  # weight (r, hidden)
+    module.implant_out = nn.Linear(rank, hidden, bias=False, **kwargs)  # weight (hidden, r)
+    with torch.no_grad():
+        module.implant_in.weight.zero_()
+        module.implant_out.weight.zero_()
+
+
+class ImplantAttention(NoAttention):
+    """A HAP neural implant in place of a self-attention block: a rank-r linear map of each token's input,
+    `implant_out(implant_in(x))` (plus the output bias, if any). It attends to nothing, so, like `NoAttention`,
+    it writes a one-wide placeholder into the KV cache."""
+
+    def __init__(self, layer_idx: int, hidden: int, rank: int, bias: torch.Tensor | None,
+                 like: torch.Tensor | None = None):
+        super().__init__(layer_idx, hidden, bias)
+        self.rank = rank
+        _implant_linears(self, hidden, rank, like)
+
+    def forward(self, hidden_states: torch.Tensor, *args, cache=None, **kwargs) -> tuple[torch.Tensor, None]:
+        empty, _ = super().forward(hidden_states, *args, cache=cache, **kwargs)  # the bias, the cache placeholder
+        return empty + self.implant_out(self.implant_in(hidden_states)), None
+
+
+class ImplantMLP(NoMLP):
+    """A HAP neural implant in place of an MLP: a rank-r linear map `implant_out(implant_in(x))` (+ the bias)."""
+
+    def __init__(self, hidden: int, rank: int, bias: torch.Tensor | None, like: torch.Tensor | None = None):
+        super().__init__(hidden, bias)
+        self.rank = rank
+        _implant_linears(self, hidden, rank, like)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.implant_out(self.implant_in(x))
