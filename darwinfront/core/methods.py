@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Tag, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from darwinfront.core.errors import InvalidSpec
+from darwinfront.core.joint_spec import JointJobSpec
 from darwinfront.core.spec import JobSpec, KVJobSpec, PosttrainJobSpec, PruneJobSpec
 
 DEFAULT_METHOD = "structured_prune"  # what a spec without `method` is
@@ -175,4 +176,9 @@ register(JobMethod(
     name="posttrain", spec=PosttrainJobSpec, runner="workers.posttrain_job:PosttrainJob",
     objectives=(Objective(name="kl", direction="minimize", unit="nats"),
                 Objective(name="params", direction="minimize", unit="parameters")),
+))
+register(JobMethod(
+    name="joint", spec=JointJobSpec, runner="workers.joint_job:JointJob",
+    objectives=(Objective(name="kl", direction="minimize", unit="nats"),
+                Objective(name="memory", direction="minimize", unit="bytes")),
 ))
