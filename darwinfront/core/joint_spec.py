@@ -98,7 +98,8 @@ class JointJobSpec(JobSpec):
     def _scored_as_cut(self) -> JointJobSpec:
         if self.prune.training_aware:
             raise ValueError("prune.training_aware: a joint job scores candidates as cut (leave it out or false)")
-        if {"trials", "max_bits", "sampler", "population"} & self.kv.model_fields_set:
+        defaults = KVSpec()
+        if any(getattr(self.kv, k) != getattr(defaults, k) for k in ("trials", "max_bits", "sampler", "population")):
             raise ValueError("kv.trials, kv.max_bits, kv.sampler and kv.population are the kv_precision job's: "
                              "a joint job's are joint.evaluations, joint.memory_cap, joint.strategy and "
                              "joint.population")
