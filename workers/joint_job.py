@@ -108,7 +108,8 @@ class JointJob(Job):
                 search.tell(request.candidate_id, None if reply.get("error") else reply["kl"], reply.get("error"))
             front = joint_front(study)
             done = search.evaluations
-            progress = {"generation": search.rounds, "evaluations": done, "planned": spec.joint.evaluations,
+            progress = {"generation": search.rounds, "generations": -(-spec.joint.evaluations // spec.joint.population),
+                        "evaluations": done, "planned": spec.joint.evaluations,
                         "best": {"kl": search.best_fitness}, "deployment": spec.deployment.model_dump(),
                         "memory_cap": spec.joint.memory_cap}
             self.generation_done(search.rounds, front=front, progress=progress, checkpoint=search.state_dict(),
