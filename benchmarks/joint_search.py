@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--levels", type=int, default=8)
     parser.add_argument("--criterion", default="wanda_sp")
     parser.add_argument("--strategy", default="evolution", choices=sorted(joint_search.STRATEGIES))
+    parser.add_argument("--eps", type=float, default=0.05, help="DBSCAN radius grouping layers (the spec's)")
     parser.add_argument("--ref-kl", type=float, default=1.0, help="the reference point's KL (nats)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -61,7 +62,7 @@ def main() -> None:
         "data": {"calibration_tokens": args.tokens, "seq_len": args.seq_len, "train_tokens": 0,
                  "database_tokens": 4 * args.tokens, "eval_tokens": args.seq_len},
         "prune": {"criterion": args.criterion, "levels": args.levels, "targets": [0.25, 0.5]},
-        "kv": {"mode": "kivi", "group_size": 16, "residual": 32, "profile_sequences": 4},
+        "kv": {"mode": "kivi", "group_size": 16, "residual": 32, "profile_sequences": 4, "eps": args.eps},
         "deployment": {"batch_size": args.batch, "context": args.context, "dtype": "bfloat16"},
         "joint": {"evaluations": args.budget, "population": args.population}, "seed": args.seed,
     }).model_dump(mode="json")
@@ -135,6 +136,7 @@ def main() -> None:
     arms["joint"] = run(joint_search.build(args.strategy, space, seeds, seed=args.seed, budget=args.budget,
                                            round_size=args.population))
     t_joint = time.perf_counter() - t0
+    print(f"  joint search done: {len(kl_of)} evaluations in {t_joint:.0f} s", flush=True)
     arms["(b) pruning, 16-bit KV"] = [in_full(g, [0] * len(space.kv.groups)) for g in pruning(args.budget)]
     best_a = None
     for parts in (6, 4, 3):
@@ -151,7 +153,8 @@ def main() -> None:
         evaluated = [in_full(g, [0] * len(space.kv.groups)) for g in prune_front] + kv_genomes + pairs
         hv = hypervolume_2d(points(front_of(evaluated)), reference)
         print(f"  (a) split {s}+{s} evaluations, fronts {len(prune_front)} x {len(kv_front)} thinned to "
-              f"{n_p} x {n_k} = {len(pairs)} pairs: hypervolume {hv:.4f}")
+              f"{n_p} x {n_k} = {len(pairs)} pairs ({2 * s + len(pairs)} evaluations in all): hypervolume {hv:.4f}",
+              flush=True)
         if best_a is None or hv > best_a[0]:
             best_a = (hv, evaluated, s)
     arms[f"(a) separate fronts, every pair (split {best_a[2]}+{best_a[2]})"] = best_a[1]
