@@ -153,6 +153,10 @@ def cmd_status(args) -> int:
 def cmd_front(args) -> int:
     client = Client(args.url, args.key)
     front = client.front(args.job)
+    from darwinfront.watch import describe_deployment
+
+    if deployment := describe_deployment(client.job(args.job).spec):
+        print(deployment)
     print_front(front)
     if args.plot:
         from darwinfront.plot import plot_front

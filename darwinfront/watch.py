@@ -42,6 +42,17 @@ def describe_progress(status: str, progress: dict) -> str:
     return f"{status} gen -"
 
 
+def describe_deployment(spec: dict) -> str | None:
+    """The deployment point a joint job's memory objective is measured at (None for other methods)."""
+    deployment = spec.get("deployment")
+    if spec.get("method") != "joint" or not deployment:
+        return None
+    cap = (spec.get("joint") or {}).get("memory_cap")
+    return (f"memory at batch {deployment['batch_size']} x {deployment['context']:,} tokens, {deployment['dtype']} "
+            f"weights and KV (scales, zero points and residual window included)"
+            + (f"; cap {cap:,} B ({cap / 2**30:.3g} GiB)" if cap else ""))
+
+
 def format_front(front: Front) -> str:
     """The front as a fixed-width table, one column per objective it declares, cheapest (its last objective) first."""
     if not front.points:

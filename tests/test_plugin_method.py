@@ -37,11 +37,11 @@ def test_a_registered_method_parses_and_plans_its_evaluations(registered):
     with pytest.raises(ValidationError) as caught:
         parse_spec({**COUNT, "prune": {"targets": [0.5]}})
     assert [(e["loc"], e["msg"]) for e in caught.value.errors()] == [
-        (("prune",), "does not apply to method count (it is a section of structured_prune)")]
+        (("prune",), "does not apply to method count (it is a section of structured_prune, joint)")]
     with pytest.raises(ValidationError) as caught:
         parse_spec({**COUNT, "count": {"points": 0}})
     assert caught.value.errors()[0]["loc"] == ("count", "points")
-    with pytest.raises(ValidationError, match="'posttrain', 'evaluate' or 'count'"):
+    with pytest.raises(ValidationError, match="'posttrain', 'evaluate', 'joint' or 'count'"):
         parse_spec({**COUNT, "method": "counting"})
 
 

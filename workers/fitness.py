@@ -17,6 +17,7 @@ or 256 k (Gemma) vocabulary holds 6,144 · 12 · 256 B = 19 MB instead of 3.7 or
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,10 +90,12 @@ class Teacher:
         return int(table.shape[0])
 
 
-def kl(model: nn.Module, tokens: torch.Tensor, teacher: Teacher, *, batch_size: int = 8) -> float:
+def kl(model: nn.Module, tokens: torch.Tensor, teacher: Teacher, *, batch_size: int = 8,
+       cache: Callable[[], object] | None = None) -> float:
     """Mean over the next-token predictions of every sequence (all positions but the last) of KL(teacher ‖ model)
-    in nats (top-k KL when the teacher is top-k)."""
-    return kl_and_perplexity(model, tokens, teacher, batch_size=batch_size)[0]
+    in nats (top-k KL when the teacher is top-k); `cache()` gives each batch's forward a fresh KV cache (a
+    quantized one: K/V quantized inside the forward)."""
+    return kl_and_perplexity(model, tokens, teacher, batch_size=batch_size, cache=cache)[0]
 
 
 def _coarse_kl(top: torch.Tensor, student: torch.Tensor) -> float:
@@ -105,7 +108,8 @@ def _coarse_kl(top: torch.Tensor, student: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def kl_and_perplexity(
-    model: nn.Module, tokens: torch.Tensor, teacher: Teacher, *, batch_size: int = 8
+    model: nn.Module, tokens: torch.Tensor, teacher: Teacher, *, batch_size: int = 8,
+    cache: Callable[[], object] | None = None,
 ) -> tuple[float, float]:
     """KL(teacher ‖ model) (top-k KL when the teacher is top-k) and the model's perplexity on (N, T) `tokens`,
     from one forward pass per batch; both averaged over every predicted position."""
@@ -117,7 +121,8 @@ def kl_and_perplexity(
     kl_sum = nll_sum = 0.0
     for rows in torch.arange(n).split(batch_size):
         chunk = tokens[rows].to(device)
-        student = metrics.next_token_logprobs(model, chunk)  # (B, T-1, vocab)
+        forward = {} if cache is None else {"past_key_values": cache(), "use_cache": True}
+        student = metrics.next_token_logprobs(model, chunk, **forward)  # (B, T-1, vocab)
         part = teacher.select(rows)
         if part.logprobs is not None:
             kl_sum += metrics.kl_sum(part.logprobs.to(device), student).item()

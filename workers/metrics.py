@@ -18,9 +18,10 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def next_token_logprobs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """(B, T-1, vocab) float32 log-probabilities of the next token of (B, T) `batch`, on the model's device."""
-    logits = model(input_ids=batch.to(_device(model))).logits[:, :-1]  # (B, T-1, vocab)
+def next_token_logprobs(model: nn.Module, batch: torch.Tensor, **forward) -> torch.Tensor:
+    """(B, T-1, vocab) float32 log-probabilities of the next token of (B, T) `batch`, on the model's device;
+    `forward` goes to the model's call (e.g. `past_key_values=` a quantized cache)."""
+    logits = model(input_ids=batch.to(_device(model)), **forward).logits[:, :-1]  # (B, T-1, vocab)
     return F.log_softmax(logits.float(), dim=-1)
 
 

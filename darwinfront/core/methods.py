@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Tag, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from darwinfront.core.errors import InvalidSpec
+from darwinfront.core.joint_spec import JointJobSpec
 from darwinfront.core.spec import EvaluateJobSpec, JobSpec, KVJobSpec, PosttrainJobSpec, PruneJobSpec
 
 DEFAULT_METHOD = "structured_prune"  # what a spec without `method` is
@@ -179,4 +180,9 @@ register(JobMethod(
 register(JobMethod(
     name="evaluate", spec=EvaluateJobSpec, runner="workers.evaluate_job:EvaluateJob",
     objectives=(Objective(name="score", direction="maximize", unit="mean task metric"),),
+))
+register(JobMethod(
+    name="joint", spec=JointJobSpec, runner="workers.joint_job:JointJob",
+    objectives=(Objective(name="kl", direction="minimize", unit="nats"),
+                Objective(name="memory", direction="minimize", unit="bytes")),
 ))

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from darwinfront.core.errors import CandidateNotFound, JobNotFound
+from darwinfront.core.joint_spec import JointJobSpec
 from darwinfront.core.methods import method_of, parse_spec
 from darwinfront.core.quotas import Quota
 from darwinfront.core.settings import Settings
@@ -120,12 +121,35 @@ def resolve_parent(
     return _parse({**spec.model_dump(exclude_unset=True), **inherited})
 
 
+def check_seed_jobs(store: JobStore, tenant: str, spec: JointJobSpec) -> None:
+    """Each of a joint spec's `joint.seed_jobs` is a finished structured_prune or kv_precision job of the tenant on
+    the same model; else a 404 / 409 / 422 naming `joint.seed_jobs.<i>`."""
+    for i, job_id in enumerate(spec.joint.seed_jobs):
+        field = f"joint.seed_jobs.{i}"
+        try:
+            seed = store.get(job_id, tenant)
+        except JobNotFound:
+            raise _refuse(404, "job_not_found", field, f"no job {job_id!r} for this API key") from None
+        method = method_of(seed.spec).name
+        if method not in ("structured_prune", "kv_precision"):
+            raise _refuse(422, "not_a_seed_job", field, f"job {job_id!r} is a {method} job; seeds come from "
+                          "structured_prune and kv_precision jobs")
+        if seed.status != JobStatus.succeeded:
+            raise _refuse(409, "job_not_finished", field, f"job {job_id!r} is {seed.status.value}; seed from a "
+                          "succeeded job")
+        if seed.spec["model"]["source"] != spec.model.source:
+            raise _refuse(422, "other_model", field, f"job {job_id!r} searched {seed.spec['model']['source']}, "
+                          f"not {spec.model.source}")
+
+
 def _validate_and_create(
     store: JobStore, settings: Settings, tenant: str, spec: JobSpec, key: str | None,
     fields: tuple[str, str] | None = None,
 ) -> JobRecord:
     if spec.method in FOLLOWUPS:
         spec = resolve_parent(store, tenant, spec, fields)
+    if isinstance(spec, JointJobSpec):
+        check_seed_jobs(store, tenant, spec)
     validate_spec(spec, settings)  # looks at the file system
     return store.create(tenant, spec.model_dump(mode="json"), idempotency_key=key,
                         planned=spec.planned_evaluations(), quota=Quota.from_settings(settings))

@@ -160,6 +160,11 @@
     const generation = progress.generation;
     $('job-generation').textContent = progress.phase === 'prepare' ? (progress.message || '') :
       generation === undefined ? '' : `generation ${generation} of ${progress.generations ?? '?'}`;
+    const deployment = progress.deployment;  // a joint job: the point its memory objective is measured at
+    if (deployment) {
+      $('job-generation').textContent += ` · memory at batch ${deployment.batch_size} × ${deployment.context} ` +
+        `tokens, ${deployment.dtype}` + (progress.memory_cap ? `, cap ${DFPlot.compact(progress.memory_cap)} B` : '');
+    }
     $('job-error').textContent = job.error || '';
   }
 
@@ -175,6 +180,7 @@
     if (objective.unit === 'parameters' && state.dense && typeof value === 'number') {
       return `${DFPlot.compact(value)} (${((100 * value) / state.dense).toFixed(1)}%)`;
     }
+    if (objective.unit === 'bytes' && typeof value === 'number') return `${DFPlot.compact(value)} B`;
     return objective.unit === 'parameters' ? DFPlot.compact(value) : fmt(value, 5);
   }
 
