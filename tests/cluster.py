@@ -4,8 +4,8 @@ node in its own mount namespace, with private tmpfs mounts over its own director
 head and the driver (their Ray temp, cache and data directories), so a file one node writes is invisible to the
 others, as on separate machines.
 
-Token authentication stays on: the cluster's token reaches the nodes as `RAY_AUTH_TOKEN` and the driver (this test
-process and its children) as `RAY_AUTH_TOKEN_PATH`, a 0600 file, with `RAY_AUTH_MODE=token` everywhere.
+Token authentication stays on: the cluster's token reaches the nodes as `RAY_AUTH_TOKEN` (with
+`RAY_AUTH_MODE=token`) and the driver as `RAY_AUTH_TOKEN_PATH`, a 0600 file.
 
 Needs root (CI runs as root) for `unshare --mount --pid`; `available()` says whether it works here.
 """
@@ -111,9 +111,10 @@ class Cluster:
         return self.head_dir / "ray_auth_token"
 
     def driver_env(self) -> dict[str, str]:
-        """What the driver (the embedded stack) needs to join: the address, the token file, its own cache."""
+        """What the driver (the embedded stack) needs to join: the address, the token file, its own cache. No
+        `RAY_AUTH_MODE`: given a token and an address, `init_ray` turns token mode on itself."""
         return {
-            "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file),
+            "RAY_ADDRESS": self.address, "RAY_AUTH_TOKEN_PATH": str(self.token_file),
             "DARWINFRONT_CACHE_DIR": str(self.head_dir / "cache"),
             "DARWINFRONT_EVALUATOR_RESOURCES": json.dumps({EVALUATOR_RESOURCE: 1}),
         }

@@ -59,9 +59,13 @@ def cluster(tmp_path_factory, micro_dir):
 
 @pytest.fixture(scope="module")
 def http(cluster):
-    env = {**cluster.driver_env(), "DARWINFRONT_PLACEMENT_TIMEOUT_SECONDS": "5"}
+    env = {**cluster.driver_env(), "DARWINFRONT_PLACEMENT_TIMEOUT_SECONDS": "5", "RAY_AUTH_MODE": None}
     saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     try:
         with EmbeddedStack(cluster.head_dir / "data", port=0) as stack, over_http.client(stack) as client:
             client.stack = stack
