@@ -19,11 +19,13 @@ from pathlib import Path
 
 import over_http
 import pytest
+import redis
 from cluster import Cluster, available
 from test_end_to_end import download_model
 from test_golden_fronts import GOLDEN, SPECS, front_of
 
 from darwinfront.core.methods import parse_spec
+from darwinfront.core.store import JobStore
 from darwinfront.stack import EmbeddedStack
 from workers import slicing
 from workers.kv.cache import KVPrecisionConfig
@@ -177,7 +179,12 @@ def test_a_lost_node_mid_job_leaves_the_job_whole(cluster, http):
     study = tracking.open_study(http.stack.redis_url, job_id)
     trials = study.get_trials(deepcopy=False)
     ids = [t.user_attrs["candidate_id"] for t in trials]
-    assert len(ids) == len(set(ids)) == planned  # none lost, none counted twice
+    with redis.Redis.from_url(http.stack.redis_url) as client:
+        _, state = JobStore(client).load_checkpoint(job_id)
+    [told] = [search["evaluations"] for search in state["strategies"]]  # results the search was told
+    assert len(ids) == len(set(ids)) == told <= planned  # every candidate recorded once: none lost or doubled
+    assert state["strategies"][0]["completed"] == LOSS_SPEC["search"]["generations"] or state["strategies"][0][
+        "exhausted"]  # the search ran to its end (or ran out of unseen offspring)
     assert lost["candidate_id"] in ids
     failed = [t.user_attrs for t in trials if t.state.name != "COMPLETE"]
     assert not failed, failed
@@ -185,5 +192,5 @@ def test_a_lost_node_mid_job_leaves_the_job_whole(cluster, http):
     assert front and {p["candidate_id"] for p in front} <= set(ids)
 
     assert job["status"] == "succeeded", job
-    assert job["progress"]["evaluations"] == planned
+    assert job["progress"]["evaluations"] == told
     assert kinds[-1] == "succeeded"
