@@ -110,7 +110,7 @@ def test_prune_job_succeeds_its_archives_reload_and_its_front_is_the_single_node
     for point, want in zip(got, expected, strict=True):
         for name, value in want["objectives"].items():
             assert point["objectives"][name] == pytest.approx(value, rel=2e-2, abs=1e-6), (point, name)
-    assert prune_job["status"] == "succeeded", prune_job
+    assert prune_job["status"] == "succeeded", prune_job.get("error")
     for i, point in enumerate(http.get(f"/v1/jobs/{prune_job['id']}/front").json()["points"]):
         cid = point["candidate_id"]
         members = _archive_members(http, prune_job["id"], cid)
@@ -123,7 +123,7 @@ def test_prune_job_succeeds_its_archives_reload_and_its_front_is_the_single_node
 
 def test_kv_job_succeeds_with_the_single_node_front_and_its_configurations_load(http):
     job = _run(http, {**SPECS["kv_precision"], **TWO, "name": "multinode kv"})
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", job.get("error")
     expected = json.loads(GOLDEN.read_text())["kv_precision"]
     got = front_of(http, job["id"])
     assert [p["candidate_id"] for p in got] == [p["candidate_id"] for p in expected]
@@ -137,13 +137,13 @@ def test_kv_job_succeeds_with_the_single_node_front_and_its_configurations_load(
 
 
 def test_posttrain_job_succeeds_and_its_archive_reloads(http, prune_job, tmp_path):
-    assert prune_job["status"] == "succeeded", prune_job
+    assert prune_job["status"] == "succeeded", prune_job.get("error")
     point = http.get(f"/v1/jobs/{prune_job['id']}/front").json()["points"][0]
     cid = point["candidate_id"]
     response = http.post(f"/v1/jobs/{prune_job['id']}/candidates/{cid}/posttrain", json=POSTTRAIN)
     assert response.status_code == 201, response.text
     job = over_http.wait(http, response.json()["id"], over_http.finished, timeout=600)
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", job.get("error")
     members = _archive_members(http, job["id"], cid)
     assert any(name.endswith(".safetensors") for name in members), members
     model = download_model(http, job["id"], cid, tmp_path)
@@ -191,6 +191,6 @@ def test_a_lost_node_mid_job_leaves_the_job_whole(cluster, http):
     front = http.get(f"/v1/jobs/{job_id}/front").json()["points"]
     assert front and {p["candidate_id"] for p in front} <= set(ids)
 
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", job.get("error")
     assert job["progress"]["evaluations"] == told
     assert kinds[-1] == "succeeded"
