@@ -50,8 +50,10 @@ def run_search(spec: dict, prepared: dict, size: int) -> dict:
     pool = EvaluatorPool(spec, prepared, size=size)
     pool.wait_ready()
     started, waiting, evaluations, busy, capacity = time.perf_counter(), 0.0, 0, 0.0, 0.0
+    per_generation: dict[int, list[float]] = {}  # generation -> [busy evaluator s, evaluator s held]
     try:
         while not evolution.finished:
+            generation = evolution.generation
             batch = evolution.ask()
             requests = [_request_dict(r, 0.5, job.data.seq_len) for r in batch]
             stage_start = time.perf_counter()
@@ -66,13 +68,16 @@ def run_search(spec: dict, prepared: dict, size: int) -> dict:
                 waiting += time.perf_counter() - before
                 evolution.tell(request["candidate_id"], reply.get("kl"), reply.get("error"))
                 busy += reply["seconds"]
+                per_generation.setdefault(generation, [0.0, 0.0])[0] += reply["seconds"]
                 evaluations += 1
             capacity += (time.perf_counter() - stage_start) * size
+            per_generation[generation][1] += (time.perf_counter() - stage_start) * size
     finally:
         pool.shutdown()
     wall = time.perf_counter() - started
     return {"evaluators": size, "evaluations": evaluations, "wall_s": wall, "per_second": evaluations / wall,
-            "driver_ms_per_eval": 1000 * (wall - waiting) / evaluations, "idle": 1 - busy / capacity}
+            "driver_ms_per_eval": 1000 * (wall - waiting) / evaluations, "idle": 1 - busy / capacity,
+            "idle_per_generation": [1 - b / c for _, (b, c) in sorted(per_generation.items())]}
 
 
 def main() -> None:
@@ -80,22 +85,26 @@ def main() -> None:
     p.add_argument("--model", default="builtin:tiny-llama")
     p.add_argument("--criterion", default="magnitude")
     p.add_argument("--evaluators", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--cpus", type=int, default=0,
+                   help="CPUs Ray offers (default: the largest --evaluators); the pool splits them between evaluators")
     p.add_argument("--generations", type=int, default=3)
     p.add_argument("--offspring", type=int, default=8)
     p.add_argument("--calibration-tokens", type=int, default=1024)
     p.add_argument("--train-divisor", type=int, default=8, help="divides the stage training tokens 2K..32K")
     args = p.parse_args()
-    init_ray(num_cpus=max(args.evaluators))
+    init_ray(num_cpus=args.cpus or max(args.evaluators))
     spec = job_spec(args)
     prepared = prepare(spec, threads=1)
     rows = [run_search(spec, prepared, size) for size in args.evaluators]
     base = rows[0]["per_second"]
     print(f"{args.model}, {args.criterion} database, {args.generations} generations of {args.offspring} offspring, "
           f"{ray.cluster_resources().get('CPU', 0):.0f} CPUs split between the evaluators")
-    print("evaluators  evaluations  wall s  evals/s  ratio  driver ms/eval  idle at barriers")
+    print("evaluators  evaluations  wall s  evals/s  ratio  driver ms/eval  idle at barriers  idle per generation")
     for r in rows:
+        generations = " ".join(f"{100 * idle:.1f}" for idle in r["idle_per_generation"])
         print(f"{r['evaluators']:>10}  {r['evaluations']:>11}  {r['wall_s']:6.1f}  {r['per_second']:7.2f}  "
-              f"{r['per_second'] / base:5.2f}  {r['driver_ms_per_eval']:14.1f}  {100 * r['idle']:15.1f} %")
+              f"{r['per_second'] / base:5.2f}  {r['driver_ms_per_eval']:14.1f}  {100 * r['idle']:15.1f} %  "
+              f"{generations} %")
     ray.shutdown()
 
 

@@ -19,6 +19,7 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 # Variables the code reads outside `Settings`.
 OTHER_ENV = {"DARWINFRONT_CACHE_DIR", "RAY_ADDRESS", "HF_HOME", "REDIS_URL"}
+RAY_AUTH_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}  # Ray reads them (token authentication)
 
 
 def _command(service: str) -> str:
@@ -72,7 +73,7 @@ def test_gpu_workers_reserve_devices():
 
 @pytest.mark.parametrize("service", ["api", "head", "gpu-worker"])
 def test_environment_names_are_read_by_the_code(service):
-    known = _settings_env_names() | OTHER_ENV
+    known = _settings_env_names() | OTHER_ENV | RAY_AUTH_ENV
     for name in SERVICES[service].get("environment", {}):
         assert name in known, f"{service} sets {name}, which nothing reads"
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from darwinfront.core.errors import InvalidSpec
-from workers.placement import gpu_slots, wait_placeable
+from workers.placement import evaluator_demand, gpu_slots, slots, wait_placeable
 
 
 def _node(gpus: float, alive: bool = True) -> dict:
@@ -43,3 +43,25 @@ def local_ray():
     init_ray(num_cpus=1)
     yield
     ray.shutdown()
+
+
+def test_slots_take_each_nodes_scarcest_resource():
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 4.0, "darwinfront_evaluator": 2.0}},
+        {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 4.0}},  # the head: GPUs but no evaluator resource
+        {"Alive": False, "Resources": {"CPU": 8.0, "darwinfront_evaluator": 8.0}},
+    ]
+    assert slots({"GPU": 1, "darwinfront_evaluator": 1}, nodes) == 2
+    assert slots({"darwinfront_evaluator": 1}, nodes) == 2  # the dead node's 8 do not count
+    assert slots({"darwinfront_evaluator": 0.5}, nodes) == 4
+    assert slots({"GPU": 1}, nodes) == gpu_slots(1, nodes) == 8
+    assert evaluator_demand(0.0, {"darwinfront_evaluator": 1}) == {"darwinfront_evaluator": 1}
+    assert evaluator_demand(0.0) == {} and evaluator_demand(2.0) == {"GPU": 2.0}
+
+
+@pytest.mark.integration
+def test_a_cluster_without_the_evaluator_resource_refuses_the_job_in_bounded_time(local_ray):
+    with pytest.raises(InvalidSpec) as info:
+        wait_placeable(0.0, 2, timeout=0.3, poll=0.1, resources={"darwinfront_evaluator": 1})
+    assert info.value.field == "resources.evaluators"
+    assert "'darwinfront_evaluator': 1" in str(info.value) and "ray start --resources" in str(info.value)

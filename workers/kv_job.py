@@ -47,7 +47,7 @@ class KVJob(Job):
         study = tracking.open_study(self.redis_url, self.job_id, objectives=self.method.objectives)
         search = self._strategy(spec, space, study)
         pool = EvaluatorPool(self.spec_dict, prepared, size=spec.resources.evaluators, gpus=gpus, evaluator=KVEvaluator,
-                             meter=Telemetry.from_url(self.redis_url), job_id=self.job_id)
+                             meter=Telemetry.from_url(self.redis_url), job_id=self.job_id, on_event=self.event)
         try:
             pool.wait_ready(report, " (model, data, full-precision outputs)")
             self._search(spec, search, study, pool)

@@ -28,9 +28,12 @@ from torch import nn
 
 from darwinfront.core.errors import CandidateNotFound, InvalidSpec
 from darwinfront.core.methods import parse_spec
+from darwinfront.core.settings import Settings
 from darwinfront.core.spec import PosttrainJobSpec, PosttrainOptions, PruneJobSpec
 from workers import artifacts, block_distill, data, finetune, fitness, metrics, modeling, serene, slicing
 from workers.job import Job
+from workers.placement import wait_placeable
+from workers.pool import evaluator_cpus
 from workers.pruned_hf import model_card
 
 log = logging.getLogger(__name__)
@@ -246,8 +249,12 @@ class FollowupActor:
         if in_process:
             self.local = cls(*args)
             return
-        threads = max(1, int(ray.cluster_resources().get("CPU", 1))) if gpus == 0 else 0
-        remote = ray.remote(cls).options(num_cpus=1, num_gpus=gpus, max_restarts=0)
+        settings = Settings()
+        resources = settings.evaluator_resources
+        wait_placeable(gpus, 1, timeout=settings.placement_timeout_seconds, resources=resources)
+        threads = max(1, int(evaluator_cpus(resources))) if gpus == 0 else 0
+        remote = ray.remote(cls).options(num_cpus=1, num_gpus=gpus, max_restarts=0,
+                                         **({"resources": resources} if resources else {}))
         self.actor = remote.remote(*args, threads)
 
     def call(self, method: str, *args) -> object:

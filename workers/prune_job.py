@@ -45,7 +45,7 @@ class PruneJob(Job):
         study = tracking.open_study(self.redis_url, self.job_id)
         pool = EvaluatorPool(
             self.spec_dict, prepared, size=spec.resources.evaluators, gpus=spec.resources.gpus_per_evaluator,
-            meter=Telemetry.from_url(self.redis_url), job_id=self.job_id,
+            meter=Telemetry.from_url(self.redis_url), job_id=self.job_id, on_event=self.event,
         )
         try:
             teacher = f"{prepared['calibration_sequences'] * spec.data.seq_len:,} + {spec.data.eval_tokens:,} tokens"

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
             it requeues the job and exits regardless.
         placement_timeout_seconds: How long a job waits for the Ray cluster to offer the GPUs its evaluators ask
             for (an autoscaler may add a node meanwhile) before it fails saying what it asked and what is there.
+        evaluator_resources: Ray custom resources every evaluator, prepare and layer task of a job reserves, as
+            JSON (`{"darwinfront_evaluator": 1}`): they run only on nodes started with
+            `ray start --resources='{"darwinfront_evaluator": N}'` (N evaluators each), not on the head.
         metrics_per_job: Show per-job series (job ids, their evaluations and fronts) on the keyless `/metrics`;
             off by default, since job ids and per-job figures tell what tenants run.
     """
@@ -86,6 +89,7 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
     placement_timeout_seconds: float = Field(default=120.0, ge=0, le=86_400)
+    evaluator_resources: dict[str, float] = Field(default_factory=dict)
     metrics_per_job: bool = False
 
     @model_validator(mode="after")
@@ -112,6 +116,16 @@ class Settings(BaseSettings):
             password = urlsplit(self.redis_url).password
             if password is not None and password.strip().lower() in PLACEHOLDER_SECRETS:
                 raise ValueError("the Redis URL holds a placeholder password; set a real one")
+        return self
+
+    @model_validator(mode="after")
+    def _check_evaluator_resources(self) -> Settings:
+        for name, amount in self.evaluator_resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory") or amount <= 0:
+                raise ValueError(
+                    f"DARWINFRONT_EVALUATOR_RESOURCES holds {name!r}: {amount!r}; name custom Ray resources with "
+                    "positive amounts (CPUs and GPUs come from the job's `resources`)"
+                )
         return self
 
     @property
