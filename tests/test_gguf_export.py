@@ -258,7 +258,7 @@ def test_what_cannot_be_exported_is_refused_naming_it(tokenizer, tmp_path):
         (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ValueError, match=words):
             write_gguf(tmp_path / "m", tmp_path / "x.gguf")
-    assert not list(tmp_path.glob("x.gguf*"))  # nothing half-written
+    assert not list(tmp_path.glob("*x.gguf*"))  # nothing half-written
 
 
 def _stored_candidate(store, settings, tokenizer, tmp_path, job_id: str, candidate_id: str) -> None:
@@ -321,6 +321,9 @@ def test_the_module_command_converts_a_directory(tokenizer, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["tensor_types"]["Q8_0"] > 0
     assert main([str(tmp_path / "nowhere"), str(tmp_path / "x.gguf")]) == 2
     assert "error:" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"{}")  # weights without the tensors
+    assert main([str(tmp_path / "m"), str(tmp_path / "x.gguf")]) == 2
+    assert not list(tmp_path.glob("*.partial")) and not (tmp_path / "x.gguf").exists()
 
 
 def test_the_export_needs_no_torch(tokenizer, tmp_path):
