@@ -293,6 +293,10 @@ def test_the_rest_route_serves_the_gguf_of_a_stored_archive(api_client, store, s
     refused = api_client.get(f"/v1/jobs/{job_id}/candidates/junk/gguf")
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "gguf_unsupported"
     assert "not an archive of one model directory" in refused.json()["error"]["message"]
+    (service_settings.artifacts_dir / job_id / "cut.tar").write_bytes(b"\x1f\x8b not a tar at all")
+    store.put_artifact(job_id, "cut", {"path": f"{job_id}/cut.tar", "size": 20, "sha256": ""})
+    cut = api_client.get(f"/v1/jobs/{job_id}/candidates/cut/gguf")
+    assert cut.status_code == 422 and "cut.tar is not a readable model archive" in cut.json()["error"]["message"]
 
 
 def test_download_gguf_from_the_command_line(tokenizer, tmp_path):

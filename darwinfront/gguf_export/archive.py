@@ -33,8 +33,11 @@ def gguf_of_archive(archive: Path, gguf_type: str) -> Path:
     if target.is_file():
         return target
     with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".gguf-") as tmp:
-        with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(tmp, filter="data")  # no links out, no absolute paths
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(tmp, filter="data")  # no links out, no absolute paths
+        except (tarfile.TarError, EOFError) as exc:
+            raise ValueError(f"{archive.name} is not a readable model archive ({exc.__class__.__name__})") from None
         folders = [p for p in Path(tmp).iterdir() if p.is_dir()]
         if len(folders) != 1 or not (folders[0] / "config.json").is_file():
             raise ValueError(f"{archive.name} is not an archive of one model directory")
