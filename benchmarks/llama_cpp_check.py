@@ -1,7 +1,8 @@
 """llama.cpp runs darwinfront's GGUF export of a pruned candidate as PyTorch runs the candidate.
 
-Cuts the model to a candidate of non-uniform widths (per layer a different share of query heads and MLP channels,
-kept by weight magnitude; one layer without attention, one without MLP), saves it as `save_pruned` does and writes
+Cuts the model to a candidate of non-uniform widths (per layer a different share of attention units and MLP
+channels, kept by Wanda-SP scores, the first two layers whole; one layer without attention, one without MLP),
+saves it as `save_pruned` does and writes
 it and the dense model as GGUF (`darwinfront.gguf_export`). Then, side by side in one run:
 
 - perplexity of the held-out pydoc tokens in PyTorch (the loaded `load_pruned` model, float32) and in llama.cpp
@@ -103,27 +104,25 @@ def llama_side(job: dict) -> dict:
     return results
 
 
-def candidate_layout(model, unit: str):
-    """Non-uniform widths, the kept units by weight magnitude: attention keeps a cycling share of its units, the MLP
-    another; layer 1 keeps no attention and the last-but-one layer no MLP."""
+def candidate_layout(model, unit: str, calibration):
+    """Non-uniform widths, the kept units by Wanda-SP scores on `calibration` (N, T): from layer 2 on, attention
+    keeps a cycling share of its units and the MLP another (layers 0 and 1 stay whole); the third-last layer keeps
+    no attention and the second-last no MLP."""
     import torch
 
-    from workers import slicing
+    from workers import criteria, slicing
 
+    scores = criteria.get("wanda_sp", attention_unit=unit).score(model, calibration)
     d = slicing.dims(model)
     n = len(model.model.layers)
-    shares_attn, shares_mlp = (1.0, 0.75, 0.5, 0.875), (0.75, 1.0, 0.625, 0.875)
+    shares_attn, shares_mlp = (1.0, 0.67, 1.0, 0.75), (1.0, 0.875, 0.75, 0.875)
     layers = []
-    for i, layer in enumerate(model.model.layers):
-        units = d.attn_units(unit)
-        o = layer.self_attn.o_proj.weight.detach().float()  # (hidden, heads * head_dim)
-        per_head = o.reshape(o.shape[0], d.n_heads, -1).norm(dim=(0, 2))  # (heads,)
-        score = per_head if unit == "q_head" else per_head.reshape(d.n_kv, -1).sum(1)
-        keep_attn = 0 if i == 1 else max(1, round(units * shares_attn[i % 4]))
-        attn = tuple(sorted(torch.argsort(score, descending=True)[:keep_attn].tolist()))
-        channels = layer.mlp.down_proj.weight.detach().float().norm(dim=0)  # (intermediate,)
-        keep_mlp = 0 if i == n - 2 else round(d.intermediate * shares_mlp[i % 4])
-        mlp = tuple(sorted(torch.argsort(channels, descending=True)[:keep_mlp].tolist()))
+    for i, layer_scores in enumerate(scores.layers):
+        share_attn, share_mlp = (1.0, 1.0) if i < 2 else (shares_attn[i % 4], shares_mlp[i % 4])
+        keep_attn = 0 if i == n - 3 else max(1, round(d.attn_units(unit) * share_attn))
+        keep_mlp = 0 if i == n - 2 else round(d.intermediate * share_mlp)
+        attn = tuple(sorted(torch.argsort(layer_scores.attn, descending=True)[:keep_attn].tolist()))
+        mlp = tuple(sorted(torch.argsort(layer_scores.mlp, descending=True)[:keep_mlp].tolist()))
         layers.append(slicing.LayerLayout(attn, mlp))
     return slicing.Layout(tuple(layers), unit)
 
@@ -142,20 +141,22 @@ def run(args) -> dict:
     dense_dir = Path(modeling.resolve_source(args.model))
     model, tokenizer = modeling.load_model(args.model, device="cpu")
     dense_parameters = sum(p.numel() for p in model.parameters())
-    unit = "q_head" if model.config.num_attention_heads != model.config.num_key_value_heads else "kv_group"
+    unit = args.unit
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        started = time.perf_counter()
-        slicing.slice_model(model, candidate_layout(model, unit))
+        texts = data.load_texts("builtin:pydoc")
+        calibration = data.token_sequences(tokenizer, texts, n_tokens=512, seq_len=args.seq_len, split="calibration",
+                                           seed=0)  # (N, T)
+        slicing.slice_model(model, candidate_layout(model, unit, calibration))
         slicing.save_pruned(model, tokenizer, work / "candidate")
         pruned, tokenizer = slicing.load_pruned(work / "candidate")  # what a user of the archive gets
+        started = time.perf_counter()  # the three GGUF files
         summaries = {
             "pruned": write_gguf(work / "candidate", work / "pruned.f16.gguf", "f16"),
             "pruned_q8_0": write_gguf(work / "candidate", work / "pruned.q8_0.gguf", "q8_0"),
             "dense": write_gguf(dense_dir, work / "dense.f16.gguf", "f16"),
         }
         export_seconds = time.perf_counter() - started
-        texts = data.load_texts("builtin:pydoc")
         held_out = data.token_sequences(tokenizer, texts, n_tokens=args.tokens, seq_len=args.seq_len,
                                         split="evaluation", seed=0)  # (N, T)
         torch_ppl = metrics.perplexity(pruned, held_out, batch_size=4)
@@ -205,14 +206,16 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:tiny-llama")
-    parser.add_argument("--tokens", type=int, default=2048, help="held-out tokens for the perplexity")
+    parser.add_argument("--unit", choices=("kv_group", "q_head"), default="kv_group",
+                        help="attention cut by KV groups, or by query heads (uneven groups: a KV head per query head)")
+    parser.add_argument("--tokens", type=int, default=1024, help="held-out tokens for the perplexity")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens of the greedy generation")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--match", type=int, default=8, help="leading generated tokens that must match")
     parser.add_argument("--speed-tokens", type=int, default=64, help="tokens decoded per speed round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads of both (llama.cpp's spin on a busy CPU)")
     parser.add_argument("--llama-python", help="a Python with llama_cpp (default: the venv beside the cached wheel)")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--llama-side", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)

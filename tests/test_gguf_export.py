@@ -258,7 +258,7 @@ def test_what_cannot_be_exported_is_refused_naming_it(tokenizer, tmp_path):
         (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ValueError, match=words):
             write_gguf(tmp_path / "m", tmp_path / "x.gguf")
-    assert not list(tmp_path.glob("x.gguf*"))  # nothing half-written
+    assert not list(tmp_path.glob("*x.gguf*"))  # nothing half-written
 
 
 def _stored_candidate(store, settings, tokenizer, tmp_path, job_id: str, candidate_id: str) -> None:
@@ -293,6 +293,10 @@ def test_the_rest_route_serves_the_gguf_of_a_stored_archive(api_client, store, s
     refused = api_client.get(f"/v1/jobs/{job_id}/candidates/junk/gguf")
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "gguf_unsupported"
     assert "not an archive of one model directory" in refused.json()["error"]["message"]
+    (service_settings.artifacts_dir / job_id / "cut.tar").write_bytes(b"\x1f\x8b not a tar at all")
+    store.put_artifact(job_id, "cut", {"path": f"{job_id}/cut.tar", "size": 20, "sha256": ""})
+    cut = api_client.get(f"/v1/jobs/{job_id}/candidates/cut/gguf")
+    assert cut.status_code == 422 and "cut.tar is not a readable model archive" in cut.json()["error"]["message"]
 
 
 def test_download_gguf_from_the_command_line(tokenizer, tmp_path):
@@ -321,6 +325,9 @@ def test_the_module_command_converts_a_directory(tokenizer, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["tensor_types"]["Q8_0"] > 0
     assert main([str(tmp_path / "nowhere"), str(tmp_path / "x.gguf")]) == 2
     assert "error:" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"{}")  # weights without the tensors
+    assert main([str(tmp_path / "m"), str(tmp_path / "x.gguf")]) == 2
+    assert not list(tmp_path.glob("*.partial")) and not (tmp_path / "x.gguf").exists()
 
 
 def test_the_export_needs_no_torch(tokenizer, tmp_path):

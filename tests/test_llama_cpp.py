@@ -78,8 +78,8 @@ def test_every_layer_shape_gives_pytorchs_logits_in_llama_cpp(llama_python, tmp_
 
 
 def test_a_tiny_llama_candidate_matches_pytorch_in_llama_cpp(llama_python, tmp_path):
-    args = Namespace(model="builtin:tiny-llama", tokens=1024, seq_len=128, prompt=16, new_tokens=16, match=8,
-                     speed_tokens=16, rounds=1, threads=1, llama_python=llama_python)
+    args = Namespace(model="builtin:tiny-llama", unit="q_head", tokens=1024, seq_len=128, prompt=16, new_tokens=16,
+                     match=8, speed_tokens=16, rounds=1, threads=1, llama_python=llama_python)
     report = llama_cpp_check.run(args)
     assert report["ppl_rel_diff"] <= 0.01, report
     assert report["generation"]["matching_prefix"] >= 8 and report["tokenizer_agreement"] == 1.0

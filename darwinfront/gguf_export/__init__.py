@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import gguf
@@ -54,34 +55,21 @@ def write_gguf(folder: str | Path, path: str | Path, gguf_type: str = "f16", *, 
     rows = weights.shape("model.embed_tokens.weight")[0]
     words = vocab.read_vocab(folder, rows)
 
-    partial = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(partial, "deci")
-    _add_metadata(writer, geo, plans, rows, qtype, name or folder.name)
-    vocab.add_to(writer, words)
     types = [_tensor_type(t, qtype) for t in planned]
-    for tensor, ggml_type in zip(planned, types, strict=True):
-        if ggml_type == QT.Q8_0:  # a quantized tensor is declared by its bytes (rows, bytes per row)
-            byte_shape = gguf.quants.quant_shape_to_byte_shape(tensor.shape, ggml_type)
-            writer.add_tensor_info(tensor.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
-                                   raw_dtype=ggml_type)
-        else:
-            dtype = np.dtype(_NUMPY[ggml_type])
-            writer.add_tensor_info(tensor.name, tensor.shape, dtype, int(np.prod(tensor.shape)) * dtype.itemsize)
+    handle, name_of_partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(handle)  # its own name: two requests converting at once never write into one file
+    partial = Path(name_of_partial)
+    writer = gguf.GGUFWriter(partial, "deci")
     try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for tensor, ggml_type in zip(planned, types, strict=True):
-            data = np.ascontiguousarray(tensor.make(), dtype=np.float32)
-            if data.shape != tensor.shape:
-                raise ValueError(f"{tensor.name}: the weights hold {data.shape}, the layer shapes say {tensor.shape}")
-            writer.write_tensor_data(gguf.quants.quantize(data, ggml_type))
+        _add_metadata(writer, geo, plans, rows, qtype, name or folder.name)
+        vocab.add_to(writer, words)
+        _stream_tensors(writer, planned, types)
         writer.close()
+        partial.chmod(0o644)
         os.replace(partial, path)
     finally:
-        if partial.exists():  # a failure half-way: nothing half-written stays behind
-            writer.close()
-            partial.unlink()
+        writer.close()
+        partial.unlink(missing_ok=True)  # a failure half-way: nothing half-written stays behind
     counts: dict[str, int] = {}
     for ggml_type in types:
         counts[ggml_type.name] = counts.get(ggml_type.name, 0) + 1
@@ -91,6 +79,26 @@ def write_gguf(folder: str | Path, path: str | Path, gguf_type: str = "f16", *, 
 
 
 _NUMPY = {QT.F32: np.float32, QT.F16: np.float16}
+
+
+def _stream_tensors(writer: gguf.GGUFWriter, planned: list[deci.Tensor], types: list[QT]) -> None:
+    """Declare every tensor, write the header, then convert and write the tensors one at a time."""
+    for tensor, ggml_type in zip(planned, types, strict=True):
+        if ggml_type == QT.Q8_0:  # a quantized tensor is declared by its bytes (rows, bytes per row)
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(tensor.shape, ggml_type)
+            writer.add_tensor_info(tensor.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                                   raw_dtype=ggml_type)
+        else:
+            dtype = np.dtype(_NUMPY[ggml_type])
+            writer.add_tensor_info(tensor.name, tensor.shape, dtype, int(np.prod(tensor.shape)) * dtype.itemsize)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor, ggml_type in zip(planned, types, strict=True):
+        data = np.ascontiguousarray(tensor.make(), dtype=np.float32)
+        if data.shape != tensor.shape:
+            raise ValueError(f"{tensor.name}: the weights hold {data.shape}, the layer shapes say {tensor.shape}")
+        writer.write_tensor_data(gguf.quants.quantize(data, ggml_type))
 
 
 def _tensor_type(tensor: deci.Tensor, qtype: QT) -> QT:

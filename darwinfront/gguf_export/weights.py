@@ -24,9 +24,12 @@ class Weights:
         if not files:
             raise ValueError(f"{Path(folder).name} holds no .safetensors weights")
         for path in files:
-            with open(path, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
+            try:
+                with open(path, "rb") as handle:
+                    (length,) = struct.unpack("<Q", handle.read(8))
+                    header = json.loads(handle.read(length))
+            except (struct.error, ValueError) as exc:  # ValueError: JSON and UTF-8 decoding
+                raise ValueError(f"{path.name} is not a readable safetensors file ({exc})") from None
             header.pop("__metadata__", None)
             for name, info in header.items():
                 self._where[name] = (path, info, 8 + length)
@@ -38,11 +41,11 @@ class Weights:
         return sorted(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._where[name][1]["shape"])
+        return tuple(self._info(name)[1]["shape"])
 
     def get(self, name: str) -> np.ndarray:
         """Tensor `name` as a float32 array (bf16 widened exactly: its bits are float32's upper half)."""
-        path, info, start = self._where[name]
+        path, info, start = self._info(name)
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
         if end == begin:
@@ -53,3 +56,8 @@ class Weights:
         if info["dtype"] not in _DTYPES:
             raise ValueError(f"tensor {name} has dtype {info['dtype']}, which the GGUF export does not read")
         return raw.view(np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")).reshape(shape).astype(np.float32)
+
+    def _info(self, name: str) -> tuple[Path, dict, int]:
+        if name not in self._where:
+            raise ValueError(f"the weights hold no tensor {name}")
+        return self._where[name]
