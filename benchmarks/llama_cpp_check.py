@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 WHEELS = Path(os.environ.get("DARWINFRONT_WHEELS", "/var/tmp/darwinfront-wheels"))
-BUILD = f"pip wheel --no-deps -w {WHEELS} llama-cpp-python"
+LLAMA_CPP = "llama-cpp-python==0.3.36"  # the release .ci/run builds and these checks were measured with
+BUILD = f"pip wheel --no-deps -w {WHEELS} {LLAMA_CPP}"
 VENV_PACKAGES = ["numpy", "diskcache", "jinja2", "typing-extensions"]  # llama-cpp-python's own requirements
 
 

@@ -13,6 +13,7 @@ these tests skip, saying how to build it once.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -51,6 +52,8 @@ json.dump(out, open(sys.argv[2], "w"))
 def llama_python() -> str:
     python = llama_cpp_check.llama_python()
     if python is None:
+        if os.environ.get("DARWINFRONT_REQUIRE_LLAMA_CPP"):  # CI builds the wheel, so it must be there
+            pytest.fail(f"DARWINFRONT_REQUIRE_LLAMA_CPP is set but {llama_cpp_check.WHEELS} holds no wheel")
         pytest.skip(f"no llama-cpp-python wheel in {llama_cpp_check.WHEELS}; build it once with "
                     f"`{llama_cpp_check.BUILD}` (about 10 minutes on 2 cores); benchmarks/llama_cpp_check.py is the "
                     "check")
