@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from darwinfront.core.spec import DataSpec, PruneJobSpec
+from search.nirvana import UnitSaliency
 from workers import criteria, data, database, levels, modeling
 from workers.progress import StepReport, format_seconds
 
@@ -106,3 +107,18 @@ def open_database(
         how = f"built in {format_seconds(time.perf_counter() - started)}" if db.built else "found in the cache"
         report("database", f"{spec.prune.criterion} level database {db.key} {how}")
     return db
+
+
+def unit_saliency(inputs: JobInputs, db: database.LevelDatabase) -> UnitSaliency:
+    """The job criterion's unit scores, per layer in the database's removal order, for a strategy that ranks units
+    across layers (`nirvana`): the criterion's `score` on the database tokens; a criterion whose levels carry
+    tensors (`obs`) ranks by its removal step, the position in the order (its own score), without a second pass."""
+    table = db.table
+    if stores_weights(inputs.spec):
+        ranked = [{k: list(range(table.units(k))) for k in levels.KINDS} for _ in db.orders]
+    else:
+        scores = job_criterion(inputs.spec).score(inputs.model, inputs.database)
+        ranked = [{k: [float(getattr(s, k)[u]) for u in order[k]] for k in levels.KINDS}
+                  for s, order in zip(scores.layers, db.orders, strict=True)]
+    return UnitSaliency(attn=[r["attn"] for r in ranked], mlp=[r["mlp"] for r in ranked],
+                        attn_step=table.attn_step, mlp_step=table.mlp_step)

@@ -193,7 +193,23 @@ class SearchSpec(_Strict):
         default="evolution",
         description=f"One of {', '.join(strategies.names())}: `evolution` the staged (1+λ) evolution (EvoPress-"
         "style with prune.training_aware false); `random` and `nsga2` spend the evolution's budget on random or "
-        "NSGA-II genomes, each scored on the last stage's terms; `uniform` scores the uniform cut alone.",
+        "NSGA-II genomes, each scored on the last stage's terms; `uniform` scores the uniform cut alone; `pagcp` "
+        "PAGCP's greedy pass, each layer pruned as far as a shared KL budget allows; `nirvana` NIRVANA's global "
+        "ranking of the criterion's unit scores at the attention-vs-MLP balance `gamma`; `depth` "
+        "HierarchicalPrune's whole-block removal, later blocks first unless the block ablations disagree.",
+    )
+    early_layer_prior: float = Field(
+        default=0.0, ge=0.0, le=20.0,
+        description="HierarchicalPrune's early-layer protection in the evolution's mutation: a switch prunes "
+        "layer i more with weight exp(prior * i / (layers - 1)) and less with its inverse; 0 = uniform draws.",
+    )
+    gamma: float | None = Field(
+        default=None, gt=0.0, le=100.0,
+        description="`nirvana` only: MLP sparsity over attention sparsity (the paper: 3.36 for Llama-3.1-8B); "
+        "null scores a grid of values and keeps the best.",
+    )
+    layer_order: Literal["forward", "reverse"] = Field(
+        default="forward", description="`pagcp` only: visit layers first to last, or last to first."
     )
     generations: int = Field(default=30, ge=1, le=10_000)
     offspring: int = Field(default=16, ge=1, le=512)
