@@ -52,6 +52,7 @@ def prepare(
     report("dense", f"scoring the dense model on {inputs.held_out.numel():,} held-out tokens")
     return {
         "saliency": saliency,
+        "data_selection": inputs.selection,
         "space": space.to_dict(),
         "database": db.summary(),
         "dense": {
