@@ -122,7 +122,7 @@ def winner_metrics(evaluator: Evaluator, genome, post_tokens: int, seed: int) ->
     post_kl, post_ppl = evaluator.held_out_metrics()
     evaluator.unload()
     return {"held_out_kl": kl, "perplexity": ppl, "post_kl": post_kl, "post_perplexity": post_ppl,
-            "genome": genome.to_dict()}
+            "genome": genome.to_dict(), "params": evaluator.space.params(genome)}
 
 
 def arms(args, spec: dict, evaluator: Evaluator, seed: int) -> dict:
@@ -171,7 +171,8 @@ def bench_seed(args, seed: int) -> dict:
         out[arm] = {**metrics, "fitness": result["fitness"], "evaluations": result["evaluations"],
                     "overhead": result["wall_s"] / max(result["compute_s"], 1e-12),
                     "seconds": time.perf_counter() - started}
-        print(f"seed {seed} {arm:9s} evals {result['evaluations']:5d}  held-out KL {metrics['held_out_kl']:.4f}"
+        print(f"seed {seed} {arm:9s} evals {result['evaluations']:5d}  params {metrics['params']:,}"
+              f"  held-out KL {metrics['held_out_kl']:.4f}"
               f" -> post {metrics['post_kl']:.4f}  ppl {metrics['perplexity']:.2f} -> {metrics['post_perplexity']:.2f}"
               f"  overhead {out[arm]['overhead']:.3f}  {out[arm]['seconds']:.0f} s", flush=True)
     return out

@@ -82,3 +82,29 @@ def test_a_job_with_kl_selection_builds_its_database_on_the_chosen_draw(micro_di
                                                                                  inputs.database)
     first = parse_spec({**spec_dict, "data": {**spec_dict["data"], "selection": "first"}})
     assert not torch.equal(JobInputs.load(first).database, inputs.database) or record["rows"] == list(range(4))
+
+
+@pytest.mark.integration  # OBS levels of 3 draws: about a minute on a busy CPU
+def test_a_configuration_rebuilds_the_database_on_the_chosen_rows(micro_dir, tmp_path, monkeypatch):
+    from search.genome import PruneGenome
+    from workers import modeling
+    from workers.configuration import rebuild
+    from workers.evaluator import Evaluator
+    from workers.prepare import prepare
+
+    monkeypatch.setenv("DARWINFRONT_CACHE_DIR", str(tmp_path))
+    spec = parse_spec({"model": {"source": str(micro_dir), "device": "cpu"},
+                       "data": {**DATA, "selection": "kl", "selection_candidates": 2},
+                       "prune": {"criterion": "obs", "levels": 4, "training_aware": False}, "seed": 4})
+    spec_dict = spec.model_dump(mode="json")
+    prepared = prepare(spec_dict)
+    evaluator = Evaluator(spec_dict, prepared)
+    genome = PruneGenome(attn=(1, 0), mlp=(2, 3))
+    request = {"candidate_id": "c", "genome": genome.to_dict(), "target": 0.5, "generation": 1, "stage": 0,
+               "seed": 4, "sequences": 100, "train_tokens": 0, "final": True}
+    reply = evaluator.evaluate(request)
+    configuration = evaluator.configuration(request, {"candidate_id": "c", "target": 0.5, "kl": reply["kl"]})
+    assert configuration["database"]["selection_rows"] == prepared["data_selection"]["rows"]
+    monkeypatch.setenv("DARWINFRONT_CACHE_DIR", str(tmp_path / "elsewhere"))  # no cached database: rebuilt
+    model, tokenizer = modeling.load_model(str(micro_dir), device="cpu")
+    rebuild(model, tokenizer, configuration)  # raises unless it rebuilds the very database the job used
