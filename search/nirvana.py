@@ -14,9 +14,10 @@ close to the allocation as the grid allows; MLP levels only where the width left
 (`GAMMAS`, thinned to the budget) in one round, and the best scored allocation wins.
 
 What differs from the paper: the saliency is whatever criterion the job names (NIRVANA's own |W·∂f/∂W| with f
-the max-over-positions logit is closest to `taylor`), and the sizes are those of the level grid, so an
-allocation's parameter count is the target's to within the rounding of a level step per layer (the paper's
-rounding of MLP widths up to 8 also leaves it slightly under target).
+the max-over-positions logit is closest to `taylor`), and the sizes are those of the level grid. The paper's
+rounding of MLP widths up to 8 leaves a model slightly larger than the target; here an allocation short of the
+target's removed parameters is topped up with the lowest-scored next blocks (MLP first), so it is never larger
+than the target and compares at equal size with the other strategies (it can be smaller by part of a step).
 """
 
 from __future__ import annotations
@@ -149,7 +150,35 @@ def allocate(space: LevelSpace, saliency: UnitSaliency, removed: int, gamma: flo
     mlp_counts = lowest_prefixes(saliency.mlp, round(s_mlp * n_mlp * n_layers), [mlp_cap] * n_layers)
     attn = snap(attn_counts, saliency.attn_step, attn_top)
     mlp = [k0 * level for level in snap(mlp_counts, k0 * saliency.mlp_step, mlp_top)]
-    return PruneGenome(attn=tuple(attn), mlp=tuple(mlp))
+    return top_up(space, saliency, PruneGenome(attn=tuple(attn), mlp=tuple(mlp)), removed,
+                  {"attn": (1, attn_top), "mlp": (k0, mlp_top * k0)})
+
+
+def top_up(space: LevelSpace, saliency: UnitSaliency, genome: PruneGenome, removed: int,
+           moves: dict[str, tuple[int, int]]) -> PruneGenome:
+    """`genome` with more levels until it removes at least `removed` parameters, so an allocation is never larger
+    than the size asked for: each time the next block of `moves[group] = (levels per move, top level)` whose
+    units score lowest on average, MLP first (its steps are the finer ones), then attention."""
+    levels = {"attn": list(genome.attn), "mlp": list(genome.mlp)}
+    step_units = {"attn": saliency.attn_step, "mlp": saliency.mlp_step}
+
+    def short() -> bool:
+        return space.dense_params - space.params(PruneGenome(attn=levels["attn"], mlp=levels["mlp"])) < removed
+
+    def next_mean(group: str, i: int) -> tuple[float, int]:
+        """The mean score of the units layer i's next move in `group` removes (ties: the later layer)."""
+        start = levels[group][i] * step_units[group]
+        stop = (levels[group][i] + moves[group][0]) * step_units[group]
+        return sum(getattr(saliency, group)[i][start:stop]) / (stop - start), -i
+
+    for group in ("mlp", "attn"):
+        by, top = moves[group]
+        while short():
+            room = [i for i in range(space.n_layers) if levels[group][i] + by <= top]
+            if not room:
+                break
+            levels[group][min(room, key=lambda i, g=group: next_mean(g, i))] += by
+    return PruneGenome(attn=tuple(levels["attn"]), mlp=tuple(levels["mlp"]))
 
 
 def gamma_grid(gamma: float | None, room: int) -> list[float]:

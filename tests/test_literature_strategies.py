@@ -13,7 +13,16 @@ from search import strategies
 from search.depth import BlockRemoval, removal_genome
 from search.genome import LevelSpace, PruneGenome
 from search.mutation import early_layer_protection, layer_prior, level_switch
-from search.nirvana import GAMMAS, NirvanaAllocation, UnitSaliency, allocate, lowest_prefixes, snap, sparsities
+from search.nirvana import (
+    GAMMAS,
+    NirvanaAllocation,
+    UnitSaliency,
+    allocate,
+    lowest_prefixes,
+    snap,
+    sparsities,
+    top_up,
+)
 from search.pagcp import GreedyLayerwise, committed_level, grid
 from search.strategy import Stage
 
@@ -111,11 +120,17 @@ def test_nirvana_allocation_on_planted_scores():
     genome = allocate(NSPACE, PLANTED, 464, 2.0)
     assert genome == PruneGenome(attn=(3, 1), mlp=(14, 14))
     assert lowest_prefixes(PLANTED.mlp, 112, [64, 64]) == [59, 53]
+    target = NSPACE.params(NSPACE.uniform(0.5))
     for gamma in GAMMAS:
+        assert target - 100 <= NSPACE.params(allocate(NSPACE, PLANTED, 464, gamma)) <= target  # topped up
         widths = [64 - 4 * m for m in allocate(NSPACE, PLANTED, 464, gamma).mlp]
         assert all(w % 8 == 0 for w in widths), (gamma, widths)
         assert all(a <= 3 for a in allocate(NSPACE, PLANTED, 464, gamma).attn)  # one KV group stays
     assert snap([3, 1], 1, 3) == [3, 1] and snap([5, 5, 2], 4, 1) == [1, 1, 1]
+    # short of the budget by one channel: the MLP block of 8 (2 levels) whose channels score lowest is added
+    short = PruneGenome(attn=(3, 1), mlp=(14, 12))
+    assert top_up(NSPACE, PLANTED, short, NSPACE.dense_params - NSPACE.params(short) + 1,
+                  {"attn": (1, 3), "mlp": (2, 16)}) == PruneGenome(attn=(3, 1), mlp=(14, 14))
 
 
 def test_nirvana_scores_the_start_then_its_allocations():
