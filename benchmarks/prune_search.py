@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-seeds", type=int, default=0, help="seeds that also run the reference (first ones)")
     p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--selection", choices=("first", "kl"), default="first",
+                   help="data.selection: the database's sequences first in the documents, or NIRVANA's KL rule")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -83,7 +85,7 @@ def job_spec(args, seed: int) -> dict:
     return parse_spec({
         "model": {"source": args.model, "device": args.device, "dtype": args.dtype},
         "data": {"calibration_tokens": args.calibration_tokens, "eval_tokens": args.eval_tokens,
-                 "train_tokens": max(65536, args.post_train_tokens)},
+                 "train_tokens": max(65536, args.post_train_tokens), "selection": args.selection},
         "prune": {"targets": [args.target], "criterion": args.criterion, "train_lr": args.lr,
                   "train_loss": args.train_loss, "attention_unit": args.attention_unit},
         "search": {"generations": args.generations, "offspring": args.offspring, "train_tokens": train},
