@@ -3,8 +3,10 @@ otherwise, as an ask/tell strategy.
 
 A block is one layer's attention or its MLP; the level space removes one whole when its level is the top one
 (`workers.levels`: the top level removes every unit when the step divides the width, and with query-head units
-it frees the K/V heads too). The start's level sums fix how many whole blocks of each group go (the sum over
-the group's top level) and how many levels are left over, spread one per layer over the blocks that stay.
+it frees the K/V heads too; an MLP whose width is not a multiple of `prune.mlp_multiple` keeps the remainder at
+its top level, so there a "removed" MLP keeps those few channels). The start's level sums fix how many whole
+blocks of each group go (the sum over the group's top level) and how many levels are left over, spread one per
+layer over the blocks that stay.
 
 Rounds: the uniform start; then each block ablated alone (that block at its top level, the rest dense; not
 final), the later blocks first when the budget cannot pay for all; then two final genomes at the start's level
