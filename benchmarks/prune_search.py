@@ -7,9 +7,15 @@ candidate evaluations over the same level space and database:
 - random: random search at the budget's level sums;
 - nsga2: Optuna NSGA-II with repair to the budget;
 - evopress: the staged (1+λ) evolution scored as cut;
-- darwinlm: the same evolution with training-aware selection.
+- darwinlm: the same evolution with training-aware selection;
+- evopress_protect: the evopress arm with HierarchicalPrune's early-layer protection prior in the mutation
+  (`--early-layer-prior`);
+- pagcp, pagcp_reverse: PAGCP's greedy pass under a shared KL budget, layers first to last / last to first;
+- nirvana: NIRVANA's global ranking of the criterion's unit scores, γ searched over its grid;
+- depth: HierarchicalPrune's whole-block removal (later blocks first unless the ablations disagree).
 
-Each arm is a strategy of the registry (`search.strategies`) that a job's `search.strategy` names.
+`--arms` picks a subset (default: all). Each arm is a strategy of the registry (`search.strategies`) that a job's
+`search.strategy` names.
 
 Baselines score every candidate on the whole fitness pool (the evolution's last stage, as cut). Each arm's winner is
 then measured on held-out text one-shot (database weights) and after the same post-training for every arm
@@ -36,10 +42,12 @@ from search import strategies
 from search.seeding import derive_seed
 from search.strategy import Stage
 from workers.evaluator import Evaluator
+from workers.job_inputs import unit_saliency
 from workers.prepare import prepare
 from workers.prune_job import stages_for
 
-ARMS = ("uniform", "random", "nsga2", "evopress", "darwinlm")
+ARMS = ("uniform", "random", "nsga2", "evopress", "darwinlm", "evopress_protect", "pagcp", "pagcp_reverse", "nirvana",
+        "depth")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,9 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-seeds", type=int, default=0, help="seeds that also run the reference (first ones)")
     p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--selection", choices=("first", "kl"), default="first",
+                   help="data.selection: the database's sequences first in the documents, or NIRVANA's KL rule")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (default: all)")
+    p.add_argument("--early-layer-prior", type=float, default=2.0, help="strength of the evopress_protect arm")
     p.add_argument("--json", default=None, help="write the full results here")
     return p.parse_args(argv)
 
@@ -73,7 +85,7 @@ def job_spec(args, seed: int) -> dict:
     return parse_spec({
         "model": {"source": args.model, "device": args.device, "dtype": args.dtype},
         "data": {"calibration_tokens": args.calibration_tokens, "eval_tokens": args.eval_tokens,
-                 "train_tokens": max(65536, args.post_train_tokens)},
+                 "train_tokens": max(65536, args.post_train_tokens), "selection": args.selection},
         "prune": {"targets": [args.target], "criterion": args.criterion, "train_lr": args.lr,
                   "train_loss": args.train_loss, "attention_unit": args.attention_unit},
         "search": {"generations": args.generations, "offspring": args.offspring, "train_tokens": train},
@@ -112,7 +124,7 @@ def winner_metrics(evaluator: Evaluator, genome, post_tokens: int, seed: int) ->
     post_kl, post_ppl = evaluator.held_out_metrics()
     evaluator.unload()
     return {"held_out_kl": kl, "perplexity": ppl, "post_kl": post_kl, "post_perplexity": post_ppl,
-            "genome": genome.to_dict()}
+            "genome": genome.to_dict(), "params": evaluator.space.params(genome)}
 
 
 def arms(args, spec: dict, evaluator: Evaluator, seed: int) -> dict:
@@ -128,11 +140,20 @@ def arms(args, spec: dict, evaluator: Evaluator, seed: int) -> dict:
         "evopress": ("evolution", as_cut, args.generations),
         "darwinlm": ("evolution", trained, args.generations),
         "reference": ("evolution", trained, args.generations * args.reference_scale),
+        "evopress_protect": ("evolution", as_cut, args.generations, {"early_layer_prior": args.early_layer_prior}),
+        "pagcp": ("pagcp", as_cut, args.generations),
+        "pagcp_reverse": ("pagcp", as_cut, args.generations, {"layer_order": "reverse"}),
+        "nirvana": ("nirvana", as_cut, args.generations),
+        "depth": ("depth", as_cut, args.generations),
     }
+    saliency = None
+    if "nirvana" in args.arms:
+        saliency = unit_saliency(evaluator.inputs, evaluator.database)
 
-    def maker(name, stages, generations):
-        plan = strategies.Plan(generations, args.offspring, stages)
-        return lambda: strategies.build(name, space, space.uniform(args.target), seed=seed, key=0, plan=plan)
+    def maker(name, stages, generations, options=None):
+        plan = strategies.Plan(generations, args.offspring, stages, **(options or {}))
+        return lambda: strategies.build(name, space, space.uniform(args.target), seed=seed, key=0, plan=plan,
+                                        saliency=saliency)
 
     return {arm: maker(*arm_settings) for arm, arm_settings in settings.items()}
 
@@ -143,7 +164,7 @@ def bench_seed(args, seed: int) -> dict:
     evaluator = Evaluator(spec, prepared, threads=args.threads)
     seq_len = parse_spec(spec).data.seq_len
     makers = arms(args, spec, evaluator, seed)
-    names = list(ARMS) + (["reference"] if seed in args.seeds[: args.reference_seeds] else [])
+    names = list(args.arms) + (["reference"] if seed in args.seeds[: args.reference_seeds] else [])
     out = {"seed": seed, "database": prepared["database"], "dense_perplexity": prepared["dense"]["perplexity"]}
     for arm in names:
         started = time.perf_counter()
@@ -152,7 +173,8 @@ def bench_seed(args, seed: int) -> dict:
         out[arm] = {**metrics, "fitness": result["fitness"], "evaluations": result["evaluations"],
                     "overhead": result["wall_s"] / max(result["compute_s"], 1e-12),
                     "seconds": time.perf_counter() - started}
-        print(f"seed {seed} {arm:9s} evals {result['evaluations']:5d}  held-out KL {metrics['held_out_kl']:.4f}"
+        print(f"seed {seed} {arm:9s} evals {result['evaluations']:5d}  params {metrics['params']:,}"
+              f"  held-out KL {metrics['held_out_kl']:.4f}"
               f" -> post {metrics['post_kl']:.4f}  ppl {metrics['perplexity']:.2f} -> {metrics['post_perplexity']:.2f}"
               f"  overhead {out[arm]['overhead']:.3f}  {out[arm]['seconds']:.0f} s", flush=True)
     return out
@@ -169,7 +191,7 @@ def summarize(results: list[dict]) -> dict:
                                              "evaluations", "overhead", "seconds")}
              for arm in [*ARMS, "reference"] if any(arm in r for r in results)}
     ratios = {}
-    for key in ("held_out_kl", "post_kl"):
+    for key in ("held_out_kl", "post_kl") if all("darwinlm" in r and "uniform" in r for r in results) else ():
         ratios[f"darwinlm_over_uniform_{key}"] = [r["darwinlm"][key] / r["uniform"][key] for r in results]
         ratios[f"darwinlm_over_reference_{key}"] = [
             r["darwinlm"][key] / r["reference"][key] for r in results if "reference" in r

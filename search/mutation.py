@@ -7,8 +7,9 @@ level sum of each group, and with it the parameter count, exactly.
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from darwinfront.core.errors import InvalidSpec
 from search.genome import LevelSpace, PruneGenome
@@ -27,7 +28,13 @@ def switch_count(rng: random.Random, max_switches: int) -> int:
 
 
 def level_switch(
-    parent: PruneGenome, space: LevelSpace, rng: random.Random, *, max_switches: int = 3, implant_rate: float = 0.25
+    parent: PruneGenome,
+    space: LevelSpace,
+    rng: random.Random,
+    *,
+    max_switches: int = 3,
+    implant_rate: float = 0.25,
+    prior: Sequence[float] | None = None,
 ) -> PruneGenome:
     """Apply `switch_count(rng, max_switches)` level switches to `parent`.
 
@@ -40,6 +47,10 @@ def level_switch(
     `implant_rate`, an implant flip: one layer whose level allows it turns its sub-layer into an implant or back
     (the count stays). Implants a switch moves to a level without one are dropped. A space without implants
     draws exactly what it drew before implants existed.
+
+    With `prior` (a positive weight per layer, `layer_prior`), the layer to prune more is drawn with
+    probability proportional to its weight among the legal ones, and the layer to prune less proportional to
+    the inverse weight; without it, both uniformly.
 
     Raises:
         InvalidSpec: `parent` does not fit `space`, or neither group has a legal switch (every layer of
@@ -58,24 +69,51 @@ def level_switch(
                 continue
         first = "attn" if rng.random() * (space.attn_levels + space.mlp_levels) < space.attn_levels else "mlp"
         for group in (first, "mlp" if first == "attn" else "attn"):
-            if _switch_in_group(levels[group], tops[group], rng):
+            if _switch_in_group(levels[group], tops[group], rng, prior):
                 break
         else:
             raise InvalidSpec("genome", f"no legal level switch in {parent.key()}")
     return space.settle(PruneGenome(attn=tuple(levels["attn"]), mlp=tuple(levels["mlp"]), implants=tuple(implants)))
 
 
-def _switch_in_group(levels: list[int], top: int, rng: random.Random) -> bool:
+def _switch_in_group(levels: list[int], top: int, rng: random.Random, prior: Sequence[float] | None) -> bool:
     downs = [j for j, level in enumerate(levels) if level > 0]
     # a raisable layer needs some other layer to lower: any, unless it is the only lowerable one
     ups = [i for i, level in enumerate(levels) if level < top and (len(downs) > 1 or downs not in ([], [i]))]
     if not ups:
         return False
-    up = rng.choice(ups)
-    down = rng.choice([j for j in downs if j != up])
+    if prior is None:
+        up = rng.choice(ups)
+        down = rng.choice([j for j in downs if j != up])
+    else:
+        up = rng.choices(ups, weights=[prior[i] for i in ups])[0]
+        others = [j for j in downs if j != up]
+        down = rng.choices(others, weights=[1.0 / prior[j] for j in others])[0]
     levels[up] += 1
     levels[down] -= 1
     return True
+
+
+def layer_prior(n_layers: int, strength: float) -> list[float]:
+    """HierarchicalPrune's early-layer protection as switch weights: layer i weighs `exp(strength * i / (n - 1))`.
+
+    Under `level_switch(prior=...)` the last layer is `exp(strength)` times likelier than the first to be
+    pruned more, and the first that much likelier to be pruned less; strength 0 is the uniform draw.
+    """
+    if n_layers < 1 or strength < 0:
+        raise ValueError(f"need n_layers >= 1 and strength >= 0, got {n_layers}, {strength}")
+    return [math.exp(strength * i / max(1, n_layers - 1)) for i in range(n_layers)]
+
+
+def early_layer_protection(strength: float) -> Mutation:
+    """The level switch under `layer_prior(n_layers, strength)` (strength 0: the plain `level_switch`)."""
+    if strength == 0:
+        return level_switch
+
+    def mutate(parent: PruneGenome, space: LevelSpace, rng: random.Random) -> PruneGenome:
+        return level_switch(parent, space, rng, prior=layer_prior(space.n_layers, strength))
+
+    return mutate
 
 
 def offspring(

@@ -8,7 +8,16 @@ score every candidate on the last stage's terms (after its training when the job
 - `evolution`: the staged (1+λ) evolution (DarwinLM; EvoPress-style with `prune.training_aware: false`);
 - `random`: random genomes at the target's parameter count;
 - `nsga2`: Optuna's NSGA-II, repaired to the target's parameter count;
-- `uniform`: the uniform cut alone (one evaluation).
+- `uniform`: the uniform cut alone (one evaluation);
+- `pagcp`: PAGCP's performance-aware greedy pass, layer by layer under a shared loss-increase budget
+  (`search.pagcp`);
+- `nirvana`: NIRVANA's global ranking per module type at an attention-vs-MLP balance γ, given or searched
+  (`search.nirvana`; it reads the criterion's unit scores, which the runner passes in as `saliency`);
+- `depth`: HierarchicalPrune's whole-block removal, later blocks first unless the block ablations say otherwise
+  (`search.depth`).
+
+`pagcp`, `nirvana` and `depth` plan their rounds from the results so far and may end before the budget is spent.
+The evolution's mutation takes HierarchicalPrune's early-layer protection prior (`Plan.early_layer_prior`).
 """
 
 from __future__ import annotations
@@ -17,19 +26,33 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from search.baselines import RandomSearch, UniformOnly
+from search.depth import BlockRemoval
 from search.evolution import Evolution
 from search.genome import LevelSpace, PruneGenome
+from search.mutation import early_layer_protection
+from search.nirvana import NirvanaAllocation, UnitSaliency
 from search.nsga import NsgaSearch
+from search.pagcp import GreedyLayerwise
 from search.strategy import Request, Stage, Strategy, evaluations_per_generation, planned_budget
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The search settings of one target: generations of `offspring` mutants through `stages`."""
+    """The search settings of one target: generations of `offspring` mutants through `stages`, and the options
+    of the strategies that take one (each defaults to its paper's form).
+
+    Attributes:
+        early_layer_prior: the evolution's mutation prunes later layers likelier (`search.mutation.layer_prior`).
+        gamma: `nirvana`'s MLP-over-attention sparsity ratio; None searches a grid.
+        layer_order: the order `pagcp` visits layers in, `forward` or `reverse`.
+    """
 
     generations: int
     offspring: int
     stages: tuple[Stage, ...]
+    early_layer_prior: float = 0.0
+    gamma: float | None = None
+    layer_order: str = "forward"
 
     @property
     def survivors(self) -> list[int]:
@@ -44,7 +67,7 @@ class Plan:
         return evaluations_per_generation(self.offspring, self.survivors)
 
 
-Builder = Callable[[LevelSpace, PruneGenome, int, int, Plan], Strategy[Request]]
+Builder = Callable[[LevelSpace, PruneGenome, int, int, Plan, UnitSaliency | None], Strategy[Request]]
 
 
 @dataclass(frozen=True)
@@ -52,34 +75,55 @@ class Registered:
     """A strategy a prune job can run.
 
     Attributes:
-        build: `build(space, start, seed, key, plan)`, the strategy of one target.
+        build: `build(space, start, seed, key, plan, saliency)`, the strategy of one target.
         spends_budget: whether it plans the evolution's budget (else it plans one evaluation: the start).
+        needs_saliency: whether it reads the criterion's unit scores (the runner then passes a `UnitSaliency`).
     """
 
     build: Builder
     spends_budget: bool = True
+    needs_saliency: bool = False
 
 
 STRATEGIES: dict[str, Registered] = {
     "evolution": Registered(
-        lambda space, start, seed, key, plan: Evolution(
+        lambda space, start, seed, key, plan, saliency: Evolution(
             space, start, seed=seed, key=key, generations=plan.generations, offspring=plan.offspring,
-            stages=plan.stages,
+            stages=plan.stages, mutate=early_layer_protection(plan.early_layer_prior),
         )
     ),
     "random": Registered(
-        lambda space, start, seed, key, plan: RandomSearch(
+        lambda space, start, seed, key, plan, saliency: RandomSearch(
             space, start, seed=seed, key=key, budget=plan.budget, round_size=plan.round_size, stage=plan.stages[-1]
         )
     ),
     "nsga2": Registered(
-        lambda space, start, seed, key, plan: NsgaSearch(
+        lambda space, start, seed, key, plan, saliency: NsgaSearch(
             space, start, seed=seed, key=key, budget=plan.budget, round_size=plan.round_size, stage=plan.stages[-1]
         )
     ),
     "uniform": Registered(
-        lambda space, start, seed, key, plan: UniformOnly(space, start, seed=seed, key=key, stage=plan.stages[-1]),
+        lambda space, start, seed, key, plan, saliency: UniformOnly(
+            space, start, seed=seed, key=key, stage=plan.stages[-1]
+        ),
         spends_budget=False,
+    ),
+    "pagcp": Registered(
+        lambda space, start, seed, key, plan, saliency: GreedyLayerwise(
+            space, start, seed=seed, key=key, budget=plan.budget, stage=plan.stages[-1], order=plan.layer_order
+        )
+    ),
+    "nirvana": Registered(
+        lambda space, start, seed, key, plan, saliency: NirvanaAllocation(
+            space, start, seed=seed, key=key, budget=plan.budget, saliency=saliency, gamma=plan.gamma,
+            stage=plan.stages[-1],
+        ),
+        needs_saliency=True,
+    ),
+    "depth": Registered(
+        lambda space, start, seed, key, plan, saliency: BlockRemoval(
+            space, start, seed=seed, key=key, budget=plan.budget, stage=plan.stages[-1]
+        )
     ),
 }
 
@@ -99,9 +143,13 @@ def lookup(name: str) -> Registered:
     return STRATEGIES[name]
 
 
-def build(name: str, space: LevelSpace, start: PruneGenome, *, seed: int, key: int, plan: Plan) -> Strategy[Request]:
-    """Strategy `name` for one target, searching from `start` (key: the target's index, part of ids and seeds)."""
-    return lookup(name).build(space, start, seed, key, plan)
+def build(
+    name: str, space: LevelSpace, start: PruneGenome, *, seed: int, key: int, plan: Plan,
+    saliency: UnitSaliency | None = None,
+) -> Strategy[Request]:
+    """Strategy `name` for one target, searching from `start` (key: the target's index, part of ids and seeds);
+    `saliency`: the criterion's unit scores, for a strategy that `needs_saliency`."""
+    return lookup(name).build(space, start, seed, key, plan, saliency)
 
 
 def planned_evaluations(name: str, *, generations: int, offspring: int, survivors: Sequence[int]) -> int:

@@ -70,7 +70,7 @@ def rebuild(model: torch.nn.Module, tokenizer, configuration: dict) -> torch.nn.
     """
     from darwinfront.core.errors import InvalidSpec
     from darwinfront.core.spec import DataSpec
-    from workers import criteria, database, implants, levels, slicing
+    from workers import calibration_select, criteria, database, implants, levels, slicing
     from workers.criteria._common import target_linear
     from workers.job_inputs import token_pools
 
@@ -88,6 +88,8 @@ def rebuild(model: torch.nn.Module, tokenizer, configuration: dict) -> torch.nn.
     if not stores and not genome.implants:
         return slicing.apply_configuration(model, configuration)
     tokens = token_pools(tokenizer, DataSpec.model_validate(configuration["data"]), configuration["seed"])
+    if "selection_pool" in tokens:  # `data.selection: kl`: the rows the job chose (recorded with the database)
+        tokens["database"] = calibration_select.rows_of(tokens["selection_pool"], named["selection_rows"])
     db = database.build(model, tokens["database"].to(next(model.parameters()).device), criterion=criterion,
                         table=table, options=options)
     if named.get("key") and db.key != named["key"]:

@@ -28,7 +28,7 @@ class Evaluator:
     def __init__(self, spec_dict: dict, prepared: dict, threads: int = 0):
         if threads > 0:
             torch.set_num_threads(threads)
-        self.inputs = JobInputs.load(parse_spec(spec_dict))
+        self.inputs = JobInputs.load(parse_spec(spec_dict), selection=prepared.get("data_selection"))
         spec = self.inputs.spec
         self.space = LevelSpace.from_dict(prepared["space"])
         self.database = open_database(self.inputs)
@@ -145,6 +145,8 @@ class Evaluator:
         document["level_table"] = self.database.table.to_dict()
         document["database"] = {"key": self.database.key, "criterion": self.database.criterion,
                                 "options": self.database.options}
+        if self.inputs.selection is not None:  # `data.selection: kl`: the rows of the pool the database used
+            document["database"]["selection_rows"] = self.inputs.selection["rows"]
         document["weights"] = "trained" if train_tokens else "database" if self.weights is not None else "dense"
         document["training"] = {"seed": int(request["seed"]), "tokens": train_tokens,
                                 "lr": self.train_settings.lr, "batch_size": self.train_settings.batch_size,

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from darwinfront.core.spec import DataSpec, PruneJobSpec
-from workers import criteria, data, database, levels, modeling
+from search.nirvana import UnitSaliency
+from workers import calibration_select, criteria, data, database, levels, modeling
 from workers.progress import StepReport, format_seconds
 
 
@@ -28,21 +29,35 @@ class JobInputs:
     training: torch.Tensor  # (M, T) token ids, M may be 0
     database: torch.Tensor  # (D, T) token ids
     held_out: torch.Tensor  # (E, T) token ids
+    selection: dict | None = None  # `data.selection: kl`: the chosen draw's rows, every draw's KL
 
     @classmethod
-    def load(cls, spec: PruneJobSpec) -> JobInputs:
+    def load(cls, spec: PruneJobSpec, selection: dict | None = None) -> JobInputs:
+        """The job's model and pools; with `data.selection: kl` the database pool is the chosen draw, computed
+        here unless `selection` (a prepare step's record of it) is given."""
         model, tokenizer = modeling.load_model(
             spec.model.source, dtype=spec.model.dtype, device=spec.model.device, revision=spec.model.revision
         )
         modeling.check_architecture(model)
         device = next(model.parameters()).device
-        pools = token_pools(tokenizer, spec.data, spec.seed)
-        return cls(spec, model, tokenizer, **{k: v.to(device) for k, v in pools.items()})
+        pools = {k: v.to(device) for k, v in token_pools(tokenizer, spec.data, spec.seed).items()}
+        if spec.data.selection == "kl":
+            pool = pools.pop("selection_pool")
+            if selection is None:
+                table = levels.table_for(model, spec.prune.levels, spec.prune.mlp_multiple, spec.prune.attention_unit)
+                selection = calibration_select.select(
+                    model, pool, pools["calibration"], count=spec.data.selection_candidates,
+                    size=pools["database"].shape[0], seed=spec.seed, criterion=job_criterion(spec), table=table,
+                    sparsity=spec.data.selection_sparsity,
+                )
+            pools["database"] = calibration_select.rows_of(pool, selection["rows"])
+        return cls(spec, model, tokenizer, **pools, selection=selection)
 
 
 def token_pools(tokenizer, data_spec: DataSpec, seed: int) -> dict[str, torch.Tensor]:
     """A job's token pools (N, T) from its data section and seed: `calibration` (the fitness pool), `training`
-    (disjoint, after it), `database` (the first `database_tokens` of both) and `held_out` (other documents).
+    (disjoint, after it), `database` (the first `database_tokens` of both) and `held_out` (other documents);
+    with `data.selection: kl` also `selection_pool`, the first `selection_pool` sequences the draws come from.
 
     The same spec and tokenizer give the same tokens anywhere, which is what lets a downloaded configuration
     rebuild its level database (`workers.configuration.rebuild`)."""
@@ -50,14 +65,16 @@ def token_pools(tokenizer, data_spec: DataSpec, seed: int) -> dict[str, torch.Te
     t = data_spec.seq_len
     n_fit, n_train = -(-data_spec.calibration_tokens // t), -(-data_spec.train_tokens // t)
     n_db = -(-data_spec.database_tokens // t)
+    n_sel = data_spec.selection_pool if data_spec.selection == "kl" else 0
     pool = data.token_sequences(
-        tokenizer, texts, n_tokens=max(n_fit + n_train, n_db) * t, seq_len=t, split="calibration", seed=seed
+        tokenizer, texts, n_tokens=max(n_fit + n_train, n_db, n_sel) * t, seq_len=t, split="calibration", seed=seed
     )
     held_out = data.token_sequences(
         tokenizer, texts, n_tokens=data_spec.eval_tokens, seq_len=t, split="evaluation", seed=seed
     )
-    return {"calibration": pool[:n_fit], "training": pool[n_fit : n_fit + n_train], "database": pool[:n_db],
-            "held_out": held_out}
+    pools = {"calibration": pool[:n_fit], "training": pool[n_fit : n_fit + n_train], "database": pool[:n_db],
+             "held_out": held_out}
+    return {**pools, "selection_pool": pool[:n_sel]} if n_sel else pools
 
 
 def database_options(spec: PruneJobSpec) -> dict:
@@ -107,3 +124,18 @@ def open_database(
         how = f"built in {format_seconds(time.perf_counter() - started)}" if db.built else "found in the cache"
         report("database", f"{spec.prune.criterion} level database {db.key} {how}")
     return db
+
+
+def unit_saliency(inputs: JobInputs, db: database.LevelDatabase) -> UnitSaliency:
+    """The job criterion's unit scores, per layer in the database's removal order, for a strategy that ranks units
+    across layers (`nirvana`): the criterion's `score` on the database tokens; a criterion whose levels carry
+    tensors (`obs`) ranks by its removal step, the position in the order (its own score), without a second pass."""
+    table = db.table
+    if stores_weights(inputs.spec):
+        ranked = [{k: list(range(table.units(k))) for k in levels.KINDS} for _ in db.orders]
+    else:
+        scores = job_criterion(inputs.spec).score(inputs.model, inputs.database)
+        ranked = [{k: [float(getattr(s, k)[u]) for u in order[k]] for k in levels.KINDS}
+                  for s, order in zip(scores.layers, db.orders, strict=True)]
+    return UnitSaliency(attn=[r["attn"] for r in ranked], mlp=[r["mlp"] for r in ranked],
+                        attn_step=table.attn_step, mlp_step=table.mlp_step)

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 import torch
 
 from darwinfront.core.methods import parse_spec
+from search import strategies
 from workers import levels, metrics
 from workers.database import LayerHelpers
-from workers.job_inputs import JobInputs, job_criterion, job_table, open_database
+from workers.job_inputs import JobInputs, job_criterion, job_table, open_database, unit_saliency
 from workers.progress import StepReport, format_seconds
 
 
@@ -44,8 +45,14 @@ def prepare(
     report("model", f"model and data ready in {format_seconds(time.perf_counter() - started)}")
     db = open_database(inputs, report, helpers)
     space = levels.level_space(inputs.model, db.table)
+    saliency = None
+    if strategies.lookup(spec.search.strategy).needs_saliency:
+        report("database", f"unit scores of {spec.prune.criterion} for the {spec.search.strategy} strategy")
+        saliency = unit_saliency(inputs, db).to_dict()
     report("dense", f"scoring the dense model on {inputs.held_out.numel():,} held-out tokens")
     return {
+        "saliency": saliency,
+        "data_selection": inputs.selection,
         "space": space.to_dict(),
         "database": db.summary(),
         "dense": {

@@ -15,6 +15,7 @@ from pathlib import Path
 from darwinfront.core.spec import PruneJobSpec
 from search import strategies
 from search.genome import LevelSpace
+from search.nirvana import UnitSaliency
 from search.strategy import Request, Stage, Strategy
 from workers import artifacts, tracking
 from workers.job import Job
@@ -41,7 +42,8 @@ class PruneJob(Job):
         event = {k: prepared[k] for k in ("space", "dense", "database")}
         self.event("prepared", event)
         stages = stages_for(spec, prepared["calibration_sequences"])
-        searches = self._strategies(spec, space, stages)
+        saliency = UnitSaliency.from_dict(prepared["saliency"]) if prepared.get("saliency") else None
+        searches = self._strategies(spec, space, stages, saliency)
         study = tracking.open_study(self.redis_url, self.job_id)
         pool = EvaluatorPool(
             self.spec_dict, prepared, size=spec.resources.evaluators, gpus=spec.resources.gpus_per_evaluator,
@@ -55,11 +57,14 @@ class PruneJob(Job):
         finally:
             pool.shutdown()
 
-    def _strategies(self, spec: PruneJobSpec, space: LevelSpace, stages: list[Stage]) -> list[Strategy[Request]]:
+    def _strategies(
+        self, spec: PruneJobSpec, space: LevelSpace, stages: list[Stage], saliency: UnitSaliency | None
+    ) -> list[Strategy[Request]]:
         """One strategy per target from the registry; a resumed job loads each from its checkpoint."""
-        plan = strategies.Plan(spec.search.generations, spec.search.offspring, tuple(stages))
+        plan = search_plan(spec, stages)
         searches = [
-            strategies.build(spec.search.strategy, space, space.uniform(target), seed=spec.seed, key=i, plan=plan)
+            strategies.build(spec.search.strategy, space, space.uniform(target), seed=spec.seed, key=i, plan=plan,
+                             saliency=saliency)
             for i, target in enumerate(spec.prune.targets)
         ]
         checkpoint = self.store.load_checkpoint(self.job_id)
@@ -151,6 +156,14 @@ def stages_for(spec: PruneJobSpec, calibration_sequences: int) -> list[Stage]:
         Stage(survivors=s, fitness_tokens=min(f, pool_tokens), train_tokens=t if spec.prune.training_aware else 0)
         for s, f, t in zip(search.survivors, search.fitness_tokens, search.train_tokens, strict=True)
     ]
+
+
+def search_plan(spec: PruneJobSpec, stages: list[Stage]) -> strategies.Plan:
+    """The strategy settings of a job's search section."""
+    search = spec.search
+    return strategies.Plan(search.generations, search.offspring, tuple(stages),
+                           early_layer_prior=search.early_layer_prior, gamma=search.gamma,
+                           layer_order=search.layer_order)
 
 
 def _request_dict(request: Request, target: float, seq_len: int) -> dict:

@@ -80,6 +80,21 @@ class DataSpec(_Strict):
     )
     eval_tokens: int = Field(default=4096, ge=16, le=4_000_000)
     seq_len: int = Field(default=128, ge=16, le=32_768)
+    selection: Literal["first", "kl"] = Field(
+        default="first",
+        description="How the level database's sequences are chosen: `first` the first database_tokens of the "
+        "calibration documents; `kl` NIRVANA's rule: of selection_candidates seeded draws from a larger pool, the "
+        "one whose uniform cut at selection_sparsity (the criterion's lowest units) has the lowest KL to the dense "
+        "model on the fitness pool.",
+    )
+    selection_candidates: int = Field(default=8, ge=2, le=64, description="`kl` only: draws compared.")
+    selection_pool_tokens: int | None = Field(
+        default=None, ge=16, le=64_000_000,
+        description="`kl` only: the pool the draws come from (default 4 x database_tokens).",
+    )
+    selection_sparsity: float = Field(
+        default=0.5, gt=0.0, lt=1.0, description="`kl` only: the uniform cut each draw's scores are tried at."
+    )
 
     @field_validator("source")
     @classmethod
@@ -98,7 +113,14 @@ class DataSpec(_Strict):
             raise ValueError("database_tokens must hold at least one sequence of seq_len tokens")
         if 0 < self.train_tokens < self.seq_len:
             raise ValueError("train_tokens must be 0 or hold at least one sequence of seq_len tokens")
+        if self.selection == "kl" and self.selection_pool < math.ceil(self.database_tokens / self.seq_len):
+            raise ValueError("selection_pool_tokens must hold at least the database_tokens' sequences")
         return self
+
+    @property
+    def selection_pool(self) -> int:
+        """Sequences of the pool `kl` selection draws from."""
+        return math.ceil((self.selection_pool_tokens or 4 * self.database_tokens) / self.seq_len)
 
     @property
     def calibration_sequences(self) -> int:
@@ -242,7 +264,23 @@ class SearchSpec(_Strict):
         default="evolution",
         description=f"One of {', '.join(strategies.names())}: `evolution` the staged (1+λ) evolution (EvoPress-"
         "style with prune.training_aware false); `random` and `nsga2` spend the evolution's budget on random or "
-        "NSGA-II genomes, each scored on the last stage's terms; `uniform` scores the uniform cut alone.",
+        "NSGA-II genomes, each scored on the last stage's terms; `uniform` scores the uniform cut alone; `pagcp` "
+        "PAGCP's greedy pass, each layer pruned as far as a shared KL budget allows; `nirvana` NIRVANA's global "
+        "ranking of the criterion's unit scores at the attention-vs-MLP balance `gamma`; `depth` "
+        "HierarchicalPrune's whole-block removal, later blocks first unless the block ablations disagree.",
+    )
+    early_layer_prior: float = Field(
+        default=0.0, ge=0.0, le=20.0,
+        description="HierarchicalPrune's early-layer protection in the evolution's mutation: a switch prunes "
+        "layer i more with weight exp(prior * i / (layers - 1)) and less with its inverse; 0 = uniform draws.",
+    )
+    gamma: float | None = Field(
+        default=None, gt=0.0, le=100.0,
+        description="`nirvana` only: MLP sparsity over attention sparsity (the paper: 3.36 for Llama-3.1-8B); "
+        "null scores a grid of values and keeps the best.",
+    )
+    layer_order: Literal["forward", "reverse"] = Field(
+        default="forward", description="`pagcp` only: visit layers first to last, or last to first."
     )
     generations: int = Field(default=30, ge=1, le=10_000)
     offspring: int = Field(default=16, ge=1, le=512)
