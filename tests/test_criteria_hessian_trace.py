@@ -10,10 +10,12 @@ from test_criteria_support import calibration, group_rows, tiny_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from darwinfront.core.methods import parse_spec
-from workers import criteria
+from workers import criteria, database
 from workers.criteria import _gates
 from workers.criteria._common import Geometry
 from workers.criteria.hessian_trace import hutchinson, weight_norms
+from workers.job_inputs import database_options
+from workers.levels import LevelTable
 
 
 def _channel_weights(model, layer: int, unit: int) -> list[tuple[torch.Tensor, tuple]]:
@@ -98,3 +100,16 @@ def test_a_job_sets_its_probes_and_bad_options_are_refused():
     with pytest.raises(ValueError, match="criterion 'taylor' has no option 'probes'; its options: none"):
         parse_spec({"model": {"source": "builtin:micro-llama"},
                     "prune": {"criterion": "taylor", "criterion_options": {"probes": 4}}})
+
+
+def test_the_jobs_options_name_and_fill_its_level_database(tmp_path):
+    spec = parse_spec({"model": {"source": "builtin:micro-llama"},
+                       "prune": {"criterion": "hessian_trace", "criterion_options": {"probes": 2}}})
+    assert database_options(spec) == {"probes": 2}
+    model, calib = tiny_model(), calibration(n=4, t=16)
+    table = LevelTable(attn_units=2, attn_step=1, mlp_units=128, mlp_step=16)
+    db = database.build(model, calib, criterion="hessian_trace", table=table, options={"probes": 2}, root=tmp_path)
+    other = database.build(model, calib, criterion="hessian_trace", table=table, options={"probes": 3}, root=tmp_path)
+    scores = criteria.get("hessian_trace", probes=2).score(model, calib).layers[1]
+    assert db.key != other.key and db.options == {"probes": 2}
+    assert db.orders[1]["mlp"][0] == int(scores.mlp.argmin()) and db.orders[1]["attn"][0] == int(scores.attn.argmin())
