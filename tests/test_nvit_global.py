@@ -69,6 +69,18 @@ def test_the_objective_is_nvits_penalty_or_the_saliency_per_millisecond():
     assert plain[:3] == [("mlp", 0), ("mlp", 1), ("attn", 0)]
 
 
+def test_a_sub_layer_removed_unit_by_unit_saves_its_blocks_time():
+    units = [{"attn": torch.tensor([5.0, 6.0]), "mlp": torch.zeros(3)},
+             {"attn": torch.tensor([9.0, 9.5]), "mlp": torch.tensor([7.0, 8.0, 9.0])}]
+    blocks = [{"attn": 8.0, "mlp": 3.0}, {"attn": 9.0, "mlp": 7.0}]
+    ranking = global_ranking(units, blocks, TABLE, lam=0.0)
+    assert [(s.layer, s.kind) for s in ranking[:3]] == [(0, "mlp")] * 3
+    d = slicing.Dims(n_layers=2, hidden=8, n_kv=2, group=1, head_dim=4, intermediate=3, attn_bias=False,
+                     mlp_bias=False)
+    genome, saved = latency_cut(ranking[:3], TABLE, d, target_ms=100.0)
+    assert genome.mlp == (3, 0) and saved == pytest.approx(TABLE.block_ms["mlp"])  # not 3 × 0.01 ms
+
+
 def test_the_latency_table_is_measured_on_this_machine():
     table = measure_latency_table(tiny_model(), seq_len=16, repeats=2)
     assert table.dense_ms > 0 and min(table.unit_ms.values()) >= 0 and min(table.block_ms.values()) >= 0

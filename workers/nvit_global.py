@@ -158,6 +158,8 @@ def latency_cut(ranking: list[Structure], table: LatencyTable, d: slicing.Dims, 
         if s.unit >= 0:
             removed[s.layer][s.kind] += 1
             saved += s.latency_ms
+            if removed[s.layer][s.kind] == total[s.kind]:  # its last unit: the sub-layer is gone, at its own time
+                saved += table.block_ms[s.kind] - total[s.kind] * table.unit_ms[s.kind]
             continue
         for k in left:  # a block: what is left of it goes, saving the block's time less its units already gone
             saved += table.block_ms[k] - removed[s.layer][k] * table.unit_ms[k]
