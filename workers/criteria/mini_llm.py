@@ -14,7 +14,8 @@ and the ranking collapses to |W|·‖X‖ (saliency.md §2.5). The estimate is t
 the dimension is a layer's unit count: E cos(ĝ, g) ≈ √(K/(K + d + 1)) for K probes over d gates, so attention
 units (d = a few KV groups) are well estimated and MLP channels (d = the MLP width) need many probes. Cost: 2K
 forward passes per layer and kind, from that layer on; no backward, so memory is that of a forward pass plus the
-cached layer inputs. A unit with a zero input or zero output weights scores exactly 0.
+cached layer inputs. A unit with a zero input or zero output weights scores exactly 0. In bf16 the gates round
+at 2⁻⁸, so set `eps` ≥ 0.032 (`prune.criterion_options`); a smaller one is refused with that advice.
 """
 
 from __future__ import annotations
