@@ -7,11 +7,15 @@ KL(p_dense ‖ p_pruned) per token on held-out evaluation tokens. The criteria t
 or probe (ablation, gate_spsa) see only the first `--slow-tokens` calibration tokens. Two compensated variants
 are added: `obs+update` (OBS-updated o_proj / down_proj weights from `obs_levels`) and `flap+bias` (FLAP's mean
 compensation). Data-aware criteria should beat `random` and `magnitude`; the last columns give Spearman's ρ
-against `ablation` (the exact single-unit ΔKL), averaged over layers.
+against `ablation` (the exact single-unit ΔKL), averaged over layers. "peak MiB" is the memory scoring added above
+what was held when it began: CUDA's peak allocation on a GPU; on the CPU the sampled resident set, which a later
+criterion of the same run may understate (it reuses pages an earlier one freed), so compare memory across
+separate runs of one criterion each (`--criteria taylor`, `--criteria mini_llm`).
 
     .venv/bin/python benchmarks/criteria.py                      # builtin:tiny-llama, all criteria
     .venv/bin/python benchmarks/criteria.py --criteria wanda_sp,flap --fraction 0.5
     .venv/bin/python benchmarks/criteria.py --attention-unit q_head  # query heads, K/V kept
+    .venv/bin/python benchmarks/criteria.py --criteria mini_llm,hessian_trace --options mini_llm.probes=8
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from benchmarks.database_build import peak_rss
 from search.genome import PruneGenome
 from workers import criteria, data, fitness, levels, modeling, slicing
 from workers.criteria.base import UnitScores
@@ -31,7 +38,8 @@ from workers.criteria.flap import Flap
 from workers.criteria.obs import obs_levels
 
 CUTS = ("attn", "mlp", "both")
-SLOW = ("ablation", "gate_spsa")  # one or two forward passes per unit or probe: scored on --slow-tokens
+SLOW = ("ablation", "gate_spsa", "mini_llm")  # forward passes per unit or probe and layer: on --slow-tokens
+MiB = 2**20
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,36 @@ class Row:
     seconds: float
     kl: dict[str, float]
     rho: dict[str, float]
+    peak_mib: float = float("nan")
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[list[float]]:
+    """The memory the block adds at its peak, in MiB (CUDA peak allocation, else the sampled resident set)."""
+    out = [float("nan")]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield out
+        out[0] = (torch.cuda.max_memory_allocated(device) - start) / MiB
+        return
+    with peak_rss() as peak:
+        start = peak[0]
+        yield out
+    out[0] = (peak[0] - start) / MiB
+
+
+def parse_options(text: str) -> dict[str, dict]:
+    """`name.key=value,...` -> name -> {key: int or float} (criterion constructor arguments)."""
+    out: dict[str, dict] = {}
+    for item in filter(None, text.split(",")):
+        name, _, rest = item.partition(".")
+        key, _, value = rest.partition("=")
+        if not (name and key and value):
+            raise SystemExit(f"--options: expected name.key=value, got {item!r}")
+        out.setdefault(name, {})[key] = float(value) if any(c in value for c in ".e") else int(value)
+    return out
 
 
 def removal_genome(model: nn.Module, fraction: float, cut: str, unit: str = "kv_group") -> PruneGenome:
@@ -136,17 +174,23 @@ def run(args: argparse.Namespace) -> list[Row]:
     dense = fitness.Teacher.of(model, held, batch_size=args.batch_size)
     names = args.criteria.split(",") if args.criteria else criteria.names()
     timed: dict[str, tuple[float, UnitScores]] = {}
+    peaks: dict[str, float] = {}
+    extra = parse_options(args.options)
     for name in sorted(names, key=lambda n: n != "ablation"):  # the oracle first, for ρ
         options = {"attention_unit": args.attention_unit}
         if name == "random":
             options["seed"] = args.seed
         if name != "magnitude" and name != "random":
             options["batch_size"] = args.batch_size
+        options.update(extra.get(name, {}))
         tokens = calib[: max(1, args.slow_tokens // args.seq_len)] if name in SLOW else calib
-        started = time.perf_counter()
-        scores = criteria.get(name, **options).score(model, tokens)
-        timed[name] = (time.perf_counter() - started, scores)
-        print(f"  scored {name} on {tokens.numel()} tokens in {timed[name][0]:.1f} s", flush=True)
+        with peak_memory(device) as peak:
+            started = time.perf_counter()
+            scores = criteria.get(name, **options).score(model, tokens)
+            timed[name] = (time.perf_counter() - started, scores)
+        peaks[name] = peak[0]
+        print(f"  scored {name} on {tokens.numel()} tokens in {timed[name][0]:.1f} s, peak +{peak[0]:.0f} MiB",
+              flush=True)
     oracle = timed.get("ablation", (0.0, None))[1]
     rows = [
         Row(
@@ -154,6 +198,7 @@ def run(args: argparse.Namespace) -> list[Row]:
             sec,
             held_out_kl(model, scores, args.fraction, held, dense, args.batch_size, args.attention_unit),
             {k: mean_rho(scores, oracle, k) for k in ("attn", "mlp")},
+            peaks[name],
         )
         for name, (sec, scores) in timed.items()
     ]
@@ -174,13 +219,13 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
         f"({args.slow_tokens} for {', '.join(SLOW)}); "
         f"{torch.get_num_threads()} torch threads\n"
     )
-    head = f"| {'criterion':<12} | {'score s':>8} | {'KL attn':>8} | {'KL mlp':>8} | {'KL both':>8} "
+    head = f"| {'criterion':<13} | {'score s':>8} | {'peak MiB':>8} | {'KL attn':>8} | {'KL mlp':>8} | {'KL both':>8} "
     print(head + f"| {'ρ attn':>7} | {'ρ mlp':>7} |")
-    print("|" + "|".join("-" * (w + 2) for w in (12, 8, 8, 8, 8, 7, 7)) + "|")
+    print("|" + "|".join("-" * (w + 2) for w in (13, 8, 8, 8, 8, 8, 7, 7)) + "|")
     for r in sorted(rows, key=lambda r: r.kl["both"]):
         print(
-            f"| {r.name:<12} | {r.seconds:>8.2f} | {r.kl['attn']:>8.2e} | {r.kl['mlp']:>8.2e} | {r.kl['both']:>8.2e} "
-            f"| {r.rho['attn']:>7.2f} | {r.rho['mlp']:>7.2f} |"
+            f"| {r.name:<13} | {r.seconds:>8.2f} | {r.peak_mib:>8.0f} | {r.kl['attn']:>8.2e} | {r.kl['mlp']:>8.2e} "
+            f"| {r.kl['both']:>8.2e} | {r.rho['attn']:>7.2f} | {r.rho['mlp']:>7.2f} |"
         )
     base = {n: next((r.kl["both"] for r in rows if r.name == n), None) for n in ("random", "magnitude")}
     if None not in base.values():
@@ -194,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default="builtin:pydoc")
     parser.add_argument("--criteria", default="", help="comma-separated names; default: all registered")
     parser.add_argument("--fraction", type=float, default=0.25)
+    parser.add_argument("--options", default="", help="criterion settings, name.key=value,... "
+                        "(e.g. mini_llm.probes=8,hessian_trace.probes=4)")
     parser.add_argument("--attention-unit", choices=("kv_group", "q_head"), default="kv_group")
     parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--eval-tokens", type=int, default=6144)

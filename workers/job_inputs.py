@@ -78,10 +78,12 @@ def token_pools(tokenizer, data_spec: DataSpec, seed: int) -> dict[str, torch.Te
 
 
 def database_options(spec: PruneJobSpec) -> dict:
-    """The criterion options that name a job's database: the seed (for `random` only) and the job options the
-    criterion accepts (`prune.bias_compensation`, when on)."""
+    """The criterion options that name a job's database: the seed (for `random` only), the job options the
+    criterion accepts (`prune.bias_compensation`, when on) and the settings the job tunes
+    (`prune.criterion_options`)."""
     prune = spec.prune
     options = {"seed": spec.seed} if prune.criterion == "random" else {}
+    options.update(prune.criterion_options)
     return {**options, "bias_compensation": True} if prune.bias_compensation else options
 
 

@@ -8,8 +8,10 @@ entry, for example (`workers/criteria/gate.py`)::
         "gate_fisher": {"class": "Gate", "defaults": {"stat": "fisher"}},
     }
 
-An entry names the class that scores (`class`), the constructor arguments of that variant (`defaults`, optional)
-and the job options it accepts (`supports`, optional: `bias_compensation`). The catalog reads those literals
+An entry names the class that scores (`class`), the constructor arguments of that variant (`defaults`, optional),
+the job options it accepts (`supports`, optional: `bias_compensation`) and the constructor arguments a job may
+set through `prune.criterion_options` (`options`, optional: name -> `{"type": "int" | "float", "min": .., "max": ..}`,
+checked by `check_options`). The catalog reads those literals
 with `ast`, so the job spec and the API, which never import torch, know every criterion from its file alone:
 adding a criterion is adding its module. `workers.criteria.get` builds one from the same entries.
 """
@@ -19,12 +21,13 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGE = "workers.criteria"
 DECLARATION = "CRITERIA"
 OPTIONS = ("bias_compensation",)  # the job options (`prune.<option>`) a criterion may declare it supports
+OPTION_TYPES = {"int": int, "float": float}  # what a tunable constructor argument (`options`) may be
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class CriterionEntry:
         defaults: constructor arguments of this variant (`{"stat": "fisher"}` for `gate_fisher`).
         supports: job options it accepts (see `OPTIONS`).
         summary: the first line of the module's docstring.
+        options: constructor arguments a job may set (`prune.criterion_options`), name -> type and bounds.
     """
 
     name: str
@@ -46,6 +50,7 @@ class CriterionEntry:
     defaults: dict
     supports: frozenset[str]
     summary: str
+    options: dict = field(default_factory=dict)
 
 
 def package_dir() -> Path:
@@ -76,12 +81,17 @@ def read_declarations(path: Path) -> tuple[dict[str, dict], str]:
 def _entry(name: str, raw: object, module: str, summary: str, path: Path) -> CriterionEntry:
     if not isinstance(raw, dict) or not isinstance(raw.get("class"), str):
         raise RuntimeError(f"{path}: criterion {name!r} needs an entry {{'class': '<ClassName>', ...}}")
-    unknown = set(raw) - {"class", "defaults", "supports"}
+    unknown = set(raw) - {"class", "defaults", "supports", "options"}
     supports = frozenset(raw.get("supports", ()))
     if unknown or not supports <= set(OPTIONS):
         raise RuntimeError(f"{path}: criterion {name!r} declares {sorted(unknown | (supports - set(OPTIONS)))}; "
-                           f"an entry has class, defaults and supports (options: {', '.join(OPTIONS)})")
-    return CriterionEntry(name, module, raw["class"], dict(raw.get("defaults", {})), supports, summary)
+                           f"an entry has class, defaults, supports (of {', '.join(OPTIONS)}) and options")
+    options = raw.get("options", {})
+    for option, rule in options.items() if isinstance(options, dict) else [(None, None)]:
+        if not (isinstance(rule, dict) and rule.get("type") in OPTION_TYPES and {"min", "max"} <= set(rule)):
+            raise RuntimeError(f"{path}: criterion {name!r} option {option!r} needs "
+                               "{'type': 'int' | 'float', 'min': .., 'max': ..}")
+    return CriterionEntry(name, module, raw["class"], dict(raw.get("defaults", {})), supports, summary, options)
 
 
 @functools.cache
@@ -119,3 +129,28 @@ def entry(name: str) -> CriterionEntry:
 def supporting(option: str) -> tuple[str, ...]:
     """The criteria that accept job option `option` (one of `OPTIONS`), sorted."""
     return tuple(name for name in names() if option in catalog()[name].supports)
+
+
+def check_options(name: str, options: dict) -> dict:
+    """`options` for criterion `name`, checked against what its entry declares (ints stay ints, floats floats).
+
+    Raises:
+        ValueError: an option the criterion does not declare, of the wrong type or out of its bounds (the
+            message names it and what is accepted).
+    """
+    declared = entry(name).options
+    out = {}
+    for option, value in options.items():
+        if option not in declared:
+            known = ", ".join(sorted(declared)) or "none"
+            raise ValueError(f"criterion {name!r} has no option {option!r}; its options: {known}")
+        rule = declared[option]
+        kind = OPTION_TYPES[rule["type"]]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (kind is int and not isinstance(value, int)):
+            raise ValueError(f"criterion {name!r} option {option!r} must be an {rule['type']}, got {value!r}")
+        if not rule["min"] <= value <= rule["max"]:
+            raise ValueError(f"criterion {name!r} option {option!r} must be in [{rule['min']}, {rule['max']}], "
+                             f"got {value!r}")
+        out[option] = kind(value)
+    return out

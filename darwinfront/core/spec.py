@@ -189,6 +189,13 @@ class PruneSpec(_Strict):
         "and saved with the model (a constant, not counted as a parameter). Only with criteria that support it: "
         f"{', '.join(criteria.supporting('bias_compensation'))}.",
     )
+    criterion_options: dict[str, int | float] = Field(
+        default_factory=dict,
+        max_length=8,
+        description="Settings of the criterion that the job may tune (each criterion's module declares them, with "
+        "bounds): e.g. `probes` and `seed` of `hessian_trace` (Hutchinson probes), `probes`, `eps` and `seed` of "
+        "`mini_llm` (SPSA). Part of the level database's name.",
+    )
     attention_unit: Literal["kv_group", "q_head"] = Field(
         default="kv_group",
         description="Attention units: `kv_group` whole KV groups (their K/V heads and query heads), or `q_head` "
@@ -240,6 +247,12 @@ class PruneSpec(_Strict):
     def _known_criterion(cls, value: str) -> str:
         criteria.entry(value)  # a ValueError naming the known ones
         return value
+
+    @field_validator("criterion_options")
+    @classmethod
+    def _criterion_takes(cls, value: dict, info: ValidationInfo) -> dict:
+        criterion = info.data.get("criterion")
+        return value if criterion is None else criteria.check_options(criterion, value)
 
     @field_validator("bias_compensation")
     @classmethod

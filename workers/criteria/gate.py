@@ -27,7 +27,10 @@ from workers.criteria.base import LayerScores, UnitScores
 CRITERIA = {  # the catalog entries (darwinfront.core.criteria): one class, three variants
     "gate": {"class": "Gate"},
     "gate_fisher": {"class": "Gate", "defaults": {"stat": "fisher"}},
-    "gate_spsa": {"class": "Gate", "defaults": {"estimator": "spsa"}},
+    "gate_spsa": {"class": "Gate", "defaults": {"estimator": "spsa"},
+                  "options": {"probes": {"type": "int", "min": 1, "max": 4096},
+                              "eps": {"type": "float", "min": 1e-6, "max": 0.5},
+                              "seed": {"type": "int", "min": 0, "max": 2147483647}}},
 }
 STATS = ("first", "fisher")
 ESTIMATORS = ("autograd", "spsa")
@@ -161,15 +164,31 @@ class Gate:
         return UnitScores(layers=tuple(layers), criterion=self.name)
 
     def _spsa(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...]) -> _gates.Gates:
-        geo = Geometry.of(model, self.attention_unit)
-        replay = Replay(model, calibration, self.batch_size)
-        out: _gates.Gates = []
-        for layer in range(geo.n_layers):
-            per_kind = {}
-            for kind in kinds:
-                z = rademacher(self.probes, _gates.n_units(kind, geo), self.seed + 2 * layer + KINDS.index(kind))
-                per_kind[kind] = spsa_gradient(
-                    model, calibration, layer, kind, z, eps=self.eps, replay=replay, attention_unit=self.attention_unit
-                )
-            out.append(per_kind)
-        return out
+        return spsa_gradients(model, calibration, kinds, probes=self.probes, eps=self.eps, seed=self.seed,
+                              batch_size=self.batch_size, attention_unit=self.attention_unit)
+
+
+def spsa_gradients(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    kinds: tuple[str, ...],
+    *,
+    probes: int,
+    eps: float,
+    seed: int,
+    batch_size: int = 8,
+    attention_unit: str = "kv_group",
+) -> _gates.Gates:
+    """`spsa_gradient` for every layer and kind (seed + 2l + k for layer l, kind k), forward passes only."""
+    geo = Geometry.of(model, attention_unit)
+    replay = Replay(model, calibration, batch_size)
+    out: _gates.Gates = []
+    for layer in range(geo.n_layers):
+        per_kind = {}
+        for kind in kinds:
+            z = rademacher(probes, _gates.n_units(kind, geo), seed + 2 * layer + KINDS.index(kind))
+            per_kind[kind] = spsa_gradient(
+                model, calibration, layer, kind, z, eps=eps, replay=replay, attention_unit=attention_unit
+            )
+        out.append(per_kind)
+    return out

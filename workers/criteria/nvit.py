@@ -39,8 +39,40 @@ def group_products(
     return out
 
 
+BLOCKS = ("attn", "mlp", "layer")  # a layer's attention sub-layer, its MLP sub-layer, the whole decoder layer
+
+
+def saliencies(
+    model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS, *, batch_size: int = 8,
+    attention_unit: str = "kv_group",
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
+    """NViT's saliency of every unit and every block, on one scale: mean over micro-batches of (Σ_S w·g)².
+
+    A block's Σ_S w·g is the sum of its units' (every weight of an attention or MLP sub-layer belongs to exactly one
+    of its units; a layer's is its two sub-layers'), so units and blocks come from the same backward passes.
+    Returns (per layer, kind -> (n_units,)) and (per layer, block -> saliency), blocks of `kinds` only ("layer"
+    when both kinds are scored).
+    """
+    check_kinds(kinds)
+    geo = Geometry.of(model, attention_unit)
+    products = [group_products(model, ids, kinds, geo) for ids in micro_batches(calibration, batch_size)]
+    units, blocks = [], []
+    for i in range(geo.n_layers):
+        per_batch = [batch[i] for batch in products]
+        units.append({k: torch.stack([b[k] for b in per_batch]).pow(2).mean(0) for k in kinds})
+        sums = {k: torch.stack([b[k].sum() for b in per_batch]) for k in kinds}  # (batches,)
+        if len(kinds) == len(KINDS):
+            sums["layer"] = sum(sums[k] for k in KINDS)
+        blocks.append({b: v.pow(2).mean().item() for b, v in sums.items()})
+    return units, blocks
+
+
 class NViT:
-    """NViT's Hessian-aware (Fisher) group saliency, mean over micro-batches of (Σ_S w·g)²; higher = keep."""
+    """NViT's Hessian-aware (Fisher) group saliency, mean over micro-batches of (Σ_S w·g)²; higher = keep.
+
+    `saliencies` also scores whole blocks on the same scale; `workers.nvit_global` ranks units and blocks of every
+    layer in one list against their measured latency.
+    """
 
     name = "nvit"
 
@@ -50,12 +82,11 @@ class NViT:
 
     def score(self, model: nn.Module, calibration: torch.Tensor, kinds: tuple[str, ...] = KINDS) -> UnitScores:
         """One forward and backward per micro-batch; scores every attention unit / MLP channel of `kinds`."""
-        check_kinds(kinds)
-        geo = Geometry.of(model, self.attention_unit)
-        products = [group_products(model, ids, kinds, geo) for ids in micro_batches(calibration, self.batch_size)]
+        units, _ = saliencies(model, calibration, kinds, batch_size=self.batch_size,
+                              attention_unit=self.attention_unit)
         layers = []
-        for i in range(geo.n_layers):
+        for per_kind in units:
             out = {k: empty() for k in KINDS}
-            out.update({k: torch.stack([batch[i][k] for batch in products]).pow(2).mean(0) for k in kinds})
+            out.update(per_kind)
             layers.append(LayerScores(**out))
         return UnitScores(layers=tuple(layers), criterion=self.name)
