@@ -28,7 +28,7 @@ from torch import nn
 from darwinfront.core.errors import CandidateNotFound, InvalidSpec
 from darwinfront.core.methods import parse_spec
 from darwinfront.core.spec import PosttrainJobSpec, PosttrainOptions, PruneJobSpec
-from workers import artifacts, data, finetune, fitness, metrics, modeling, slicing
+from workers import artifacts, data, finetune, fitness, metrics, modeling, slicing, transfer
 from workers.job import Job
 from workers.pruned_hf import model_card
 
@@ -81,15 +81,22 @@ def load_pools(spec: PruneJobSpec, tokenizer, tokens: int) -> Pools:
     return Pools(pool[:n_fit].clone(), pool[n_fit:].clone(), held_out)
 
 
-def load_candidate(spec_dict: dict, configuration: dict, archive: str | None) -> tuple[nn.Module, object, str]:
+def load_candidate(
+    spec_dict: dict, configuration: dict, archive: str | dict | None
+) -> tuple[nn.Module, object, str]:
     """The candidate's sliced model exactly as its parent exported it, its tokenizer, and where it came from.
 
-    From `archive` (the parent's `.tar`) when given; else rebuilt the way the parent exported it (dense
-    model, level database weights, the recorded light training, slicing), which costs a few model loads.
+    From `archive` (the parent's `.tar`: a path here, or `{"node", "path", "name", "size"}`, file `name` of
+    folder `path` on Ray node `node`, streamed here through Ray) when given; else rebuilt the way the parent
+    exported it (dense model, level database weights, the recorded light training, slicing), which costs a few
+    model loads.
     """
     spec = parse_spec(spec_dict)
     dtype, device = modeling.resolve_dtype(spec.model.dtype), modeling.resolve_device(spec.model.device)
     with tempfile.TemporaryDirectory(prefix="darwinfront-posttrain-") as tmp:
+        if isinstance(archive, dict):
+            archive = str(transfer.fetch_file(transfer.Located.from_dict(archive), archive["name"],
+                                              int(archive["size"]), Path(tmp) / "parent.tar"))
         if archive is not None:
             with tarfile.open(archive) as tar:
                 tar.extractall(tmp, filter="data")
@@ -122,6 +129,7 @@ class Posttrainer:
         if threads > 0:
             torch.set_num_threads(threads)
         spec = parse_spec(spec_dict)
+        self.export_dtype = modeling.export_dtype(spec.model)
         self.options = PosttrainOptions.model_validate(options)
         self.model, self.tokenizer, self.source = load_candidate(spec_dict, configuration, archive)
         device = next(self.model.parameters()).device
@@ -180,9 +188,22 @@ class Posttrainer:
                 "last_loss": self.losses[-1] if self.losses else None, "seconds": self.seconds}
 
     def save(self, directory: str) -> dict:
-        """Save the trained sliced model (safetensors + config) and its tokenizer under `directory`."""
-        slicing.save_pruned(self.model.to("cpu"), self.tokenizer, Path(directory))
+        """Save the trained sliced model (safetensors + config, in the model's own dtype) and its tokenizer under
+        `directory`."""
+        slicing.save_pruned(self.model.to("cpu"), self.tokenizer, Path(directory), dtype=self.export_dtype)
         return {"params": slicing.count_parameters(self.model)}
+
+    def export(self, document: dict) -> dict:
+        """Save the trained model with its model card (`document`) in a fresh folder of this node's cache; return
+        the folder (`transfer.Located` as a dict) for the driver to stream into its archive."""
+        folder = transfer.scratch("exports")
+        try:
+            self.save(str(folder))
+            model_card.write(folder, document)
+        except BaseException:
+            transfer.remove(str(folder))
+            raise
+        return transfer.here(folder).to_dict()
 
 
 class _Trainer:
@@ -223,8 +244,11 @@ class PosttrainJob(Job):
         options = spec.posttrain
         parent = self.store.get(options.job)
         configuration = self.store.get_result(options.job, options.candidate)
-        args = (parent.spec, configuration, self._parent_archive(options.job, options.candidate),
-                options.model_dump(exclude={"job", "candidate"}))
+        archive = self._parent_archive(options.job, options.candidate)
+        if archive is not None and not self.in_process:  # the trainer may run on another node: stream it there
+            archive = {**transfer.here(Path(archive).parent).to_dict(), "name": Path(archive).name,
+                       "size": Path(archive).stat().st_size}
+        args = (parent.spec, configuration, archive, options.model_dump(exclude={"job", "candidate"}))
         trainer = _Trainer(args, gpus=spec.resources.gpus_per_evaluator, in_process=self.in_process)
         try:
             plan = trainer.call("describe")
@@ -235,10 +259,11 @@ class PosttrainJob(Job):
             self._train(trainer, plan["steps"])
             after = trainer.call("measure")
             document = posttrained_configuration(configuration, spec, plan, trainer.call("record"), before, after)
-            with tempfile.TemporaryDirectory(dir=self.data_dir) as tmp:
-                trainer.call("save", tmp)
-                model_card.write(Path(tmp), document)
-                meta = artifacts.archive(self.data_dir, self.job_id, options.candidate, Path(tmp))
+            files = transfer.Located.from_dict(trainer.call("export", document))
+            try:
+                meta = artifacts.archive_from(self.data_dir, self.job_id, options.candidate, files)
+            finally:
+                transfer.discard(files)
         finally:
             trainer.close()
         self.store.put_result(self.job_id, options.candidate, document)
