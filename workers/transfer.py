@@ -9,7 +9,7 @@ tests, in-process runs) the folder is read from the local disk.
 Two paths use it: the level database (and a builtin model) that a job's prepare step built comes to each node
 whose evaluators lack it (`bring`, once per node under a file lock), and the model an evaluator exported comes
 back to the driver's data directory (`workers.artifacts.archive_from`). When the cache directory is shared
-storage (`DARWINFRONT_SHARED_CACHE=1`), `bring` copies nothing.
+storage (`DARWINFRONT_SHARED_CACHE=1`, `Settings.shared_cache`), `bring` copies nothing.
 
 This module imports no torch: Ray's read tasks import it in fresh worker processes.
 """
@@ -17,7 +17,6 @@ This module imports no torch: Ray's read tasks import it in fresh worker process
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import uuid
 from collections import deque
@@ -55,11 +54,6 @@ def node_id() -> str | None:
 def here(path: str | Path) -> Located:
     """`path` on this process's node."""
     return Located(node_id(), str(path))
-
-
-def shared_cache() -> bool:
-    """Whether the operator declared the cache directory shared by every node (`DARWINFRONT_SHARED_CACHE`)."""
-    return os.environ.get("DARWINFRONT_SHARED_CACHE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def list_files(directory: str) -> list[tuple[str, int]]:
@@ -224,10 +218,10 @@ def bring(files: dict | None) -> list[str]:
     the same folder names, so opening them finds them and builds nothing. Nothing happens with a shared cache,
     without Ray, or when the folders are already here. Returns the folders copied.
     """
-    if not files or files.get("node") is None or shared_cache():
-        return []
     from darwinfront.core import settings
 
+    if not files or files.get("node") is None or settings.Settings().shared_cache:
+        return []
     roots = {"database": settings.database_dir(), "model": settings.cache_dir()}
     copied = []
     for kind, root in roots.items():

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
             it requeues the job and exits regardless.
         placement_timeout_seconds: How long a job waits for the Ray cluster to offer the GPUs its evaluators ask
             for (an autoscaler may add a node meanwhile) before it fails saying what it asked and what is there.
+        shared_cache: The cache directory (`DARWINFRONT_CACHE_DIR`, and the database directory) is one shared
+            storage that every Ray node mounts (NFS or similar): evaluators then open the level database and
+            builtin models where the prepare step built them, and nothing is copied between nodes. Off (the
+            default), each node's evaluators receive what they lack through Ray (`workers.transfer`); read by
+            the workers from `DARWINFRONT_SHARED_CACHE`.
         metrics_per_job: Show per-job series (job ids, their evaluations and fronts) on the keyless `/metrics`;
             off by default, since job ids and per-job figures tell what tenants run.
     """
@@ -87,6 +92,7 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
     placement_timeout_seconds: float = Field(default=120.0, ge=0, le=86_400)
     metrics_per_job: bool = False
+    shared_cache: bool = False
 
     @model_validator(mode="after")
     def _resolve_defaults(self) -> Settings:
