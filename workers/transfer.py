@@ -76,11 +76,15 @@ def remove(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+_REMOTE: dict = {}  # fn -> its Ray remote function, made once per process (each new one is exported to Ray again)
+
+
 def _pinned(fn, node: str):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    remote = _REMOTE.get(fn) or _REMOTE.setdefault(fn, ray.remote(fn))
     strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-    return ray.remote(fn).options(num_cpus=0, scheduling_strategy=strategy, max_retries=2)
+    return remote.options(num_cpus=0, scheduling_strategy=strategy, max_retries=2)
 
 
 def _run(where: Located, fn, *args):
