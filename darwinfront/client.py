@@ -15,6 +15,7 @@ It returns the server's own schema models (`service.schemas`), so what you read 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -286,7 +287,8 @@ class Client:
         return path
 
     def download_model(self, job_id: str, candidate_id: str, path: Path) -> Path:
-        """Save the sliced model's archive (.tar) to `path`."""
+        """Save the sliced model's archive (.tar) to `path`, streamed to disk and checked against the SHA-256
+        the server sends (`X-Checksum-SHA256`) as it is written; a mismatch removes the file and raises."""
         return self._download(f"/v1/jobs/{job_id}/candidates/{candidate_id}/model", Path(path))
 
     def download_gguf(self, job_id: str, candidate_id: str, path: Path, gguf_type: str = "f16") -> Path:
@@ -299,16 +301,23 @@ class Client:
 
     def _download(self, url: str, path: Path, *, params: dict | None = None, timeout: float | None = None) -> Path:
         extra = {} if timeout is None else {"timeout": timeout}
+        digest = hashlib.sha256()
         try:
             with self.http.stream("GET", url, params=params, **extra) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._raise_for(response)
+                expected = response.headers.get("x-checksum-sha256")
                 with path.open("wb") as out:
                     for chunk in response.iter_bytes():
+                        digest.update(chunk)
                         out.write(chunk)
         except httpx.HTTPError as exc:
             raise DarwinfrontError(f"cannot download from {self.url}: {exc}") from exc
+        if expected and digest.hexdigest() != expected:
+            path.unlink(missing_ok=True)
+            raise DarwinfrontError(f"the download of {url} from {self.url} does not match its SHA-256 "
+                                   f"({digest.hexdigest()} != {expected}); download it again")
         return path
 
     def close(self) -> None:

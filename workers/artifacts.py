@@ -1,8 +1,10 @@
 """The artifact area: sliced-model archives under `<data_dir>/artifacts/<job>/`, written atomically.
 
-An archive is a plain (uncompressed) tar of the saved model directory: safetensors weights hardly compress,
-and gzip at its highest level ran at about 2.4 MB/s here, minutes per front point of a 0.5 B model. The
-SHA-256 is taken from the bytes as they are written, so nothing reads the archive back into memory.
+An archive is a plain (uncompressed) tar of the saved model directory: safetensors weights hardly compress
+(zstd gains a few per cent on them, see docs/BENCHMARKS.md "Exports"), and gzip at its highest level ran at
+about 2.4 MB/s here, minutes per front point of a 0.5 B model. The directory may lie on another Ray node (an
+evaluator exported it there): its files come through Ray chunk by chunk (`workers.transfer`) straight into the
+tar, and the SHA-256 is taken from the bytes as they are written, so nothing holds a whole file in memory.
 """
 
 from __future__ import annotations
@@ -10,7 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+import time
 from pathlib import Path
+
+from workers import transfer
+
+_BLOCK = 1 << 20
 
 
 class _HashingWriter:
@@ -26,22 +33,44 @@ class _HashingWriter:
 
 
 def archive(data_dir: Path, job_id: str, candidate_id: str, source: Path) -> dict:
-    """Pack `source` (a saved model directory) as `<candidate_id>.tar`; return the metadata the store keeps.
+    """Pack `source` (a saved model directory here) as `<candidate_id>.tar`; return the metadata the store keeps.
 
     Raises:
         RuntimeError: `source` holds no files (an export that wrote nothing is never reported as a success).
     """
-    files = sorted(p for p in Path(source).iterdir() if p.is_file())
+    return archive_from(data_dir, job_id, candidate_id, transfer.Located(None, str(source)))
+
+
+def archive_from(data_dir: Path, job_id: str, candidate_id: str, source: transfer.Located) -> dict:
+    """Pack the saved model directory `source`, on whichever node holds it, as `<candidate_id>.tar` under
+    `data_dir`; return the metadata the store keeps (path, size, sha256, files).
+
+    Raises:
+        RuntimeError: `source` holds no files (an export that wrote nothing is never reported as a success).
+        OSError: a file came short (it changed or went away meanwhile); no archive is left behind.
+    """
+    files = transfer.listing(source)
     if not files:
-        raise RuntimeError(f"the export of {candidate_id} wrote no files to {source}")
+        where = f" on node {source.node}" if source.node else ""
+        raise RuntimeError(f"the export of {candidate_id} wrote no files to {source.path}{where}")
     folder = Path(data_dir) / "artifacts" / job_id
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{candidate_id}.tar"
     partial = target.with_suffix(".partial")
-    with open(partial, "wb") as handle:
-        writer = _HashingWriter(handle)
-        with tarfile.open(fileobj=writer, mode="w|") as tar:
-            for path in files:
-                tar.add(path, arcname=f"{candidate_id}/{path.name}")
-    os.replace(partial, target)
-    return {"path": f"{job_id}/{target.name}", "size": writer.size, "sha256": writer.digest.hexdigest()}
+    now = int(time.time())
+    try:
+        with open(partial, "wb") as handle:
+            writer = _HashingWriter(handle)
+            # 1 MiB blocks both ways: tar's stream copies its buffer on every block it passes on, so its buffer
+            # must hold what each read brings (with 8 MiB reads into its 10 KiB records it ran at ~8 MB/s)
+            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT, bufsize=_BLOCK,
+                              copybufsize=_BLOCK) as tar:
+                for relative, size in files:
+                    info = tarfile.TarInfo(f"{candidate_id}/{relative}")
+                    info.size, info.mtime, info.mode = size, now, 0o644
+                    tar.addfile(info, transfer.ChunkReader(transfer.chunks(source, relative, size)))
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return {"path": f"{job_id}/{target.name}", "size": writer.size, "sha256": writer.digest.hexdigest(),
+            "files": len(files)}

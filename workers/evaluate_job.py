@@ -24,7 +24,7 @@ from darwinfront.core.spec import EvaluateOptions
 from workers import harness, modeling
 from workers.job import Job
 from workers.kv.cache import KVPrecisionConfig
-from workers.posttrain_job import FollowupActor, load_candidate, parent_archive
+from workers.posttrain_job import FollowupActor, load_candidate, parent_archive, shipped
 
 PARENTS = ("structured_prune", "posttrain", "kv_precision")  # the methods whose candidates can be scored
 
@@ -119,7 +119,8 @@ class EvaluateJob(Job):
             raise InvalidSpec("evaluate.candidate", f"the post-trained model of {options.candidate!r} is not on "
                               f"this host (job {options.job!r} has no archive of it here); evaluate it where "
                               "the posttrain job ran")
-        args = (parent.spec, configuration, archive, options.model_dump(exclude={"job", "candidate"}))
+        args = (parent.spec, configuration, shipped(archive, self.in_process),
+                options.model_dump(exclude={"job", "candidate"}))
         scorer = FollowupActor(args, gpus=self.spec.resources.gpus_per_evaluator, in_process=self.in_process,
                                cls=Scorer)
         try:

@@ -17,7 +17,7 @@ import torch
 from darwinfront.core.errors import InvalidSpec
 from darwinfront.core.methods import parse_spec
 from search.genome import LevelSpace, PruneGenome
-from workers import candidate, finetune, fitness, latency, levels, metrics, slicing
+from workers import candidate, finetune, fitness, latency, levels, metrics, modeling, slicing, transfer
 from workers.configuration import build_configuration
 from workers.job_inputs import JobInputs, open_database
 
@@ -28,8 +28,10 @@ class Evaluator:
     def __init__(self, spec_dict: dict, prepared: dict, threads: int = 0):
         if threads > 0:
             torch.set_num_threads(threads)
+        transfer.bring(prepared.get("files"))  # the database (and builtin model) from the prepare step's node
         self.inputs = JobInputs.load(parse_spec(spec_dict), selection=prepared.get("data_selection"))
         spec = self.inputs.spec
+        self.export_dtype = modeling.export_dtype(spec.model)
         self.space = LevelSpace.from_dict(prepared["space"])
         self.database = open_database(self.inputs)
         model = self.inputs.model
@@ -191,8 +193,32 @@ class Evaluator:
                 raise InvalidSpec("configuration.parameters", f"the candidate has {params} parameters, the "
                                   f"configuration says {configuration['parameters']}: made for a different model")
             sliced_latency = latency.forward_latency(model, seq_len=self.inputs.spec.data.seq_len)
-            slicing.save_pruned(model, self.inputs.tokenizer, Path(directory))
+            slicing.save_pruned(model, self.inputs.tokenizer, Path(directory), dtype=self.export_dtype)
         finally:
             self.unload()
         return {"params": params, "latency_ms": sliced_latency["median_ms"],
-                "dense_latency_ms": dense_latency["median_ms"]}
+                "dense_latency_ms": dense_latency["median_ms"], "dtype": modeling.dtype_name(self.export_dtype)}
+
+    def export_point(self, request: dict) -> dict:
+        """Export one front point where this evaluator runs: its configuration (`request["request"]` and
+        `request["result"]`, as for `configuration`), the saved model with its timing and model card in a fresh
+        folder of this node's cache; the driver then streams the folder into its archive and deletes it.
+
+        Returns `candidate_id`, `configuration` (with the timing in its metrics), `timing` and `files` (the
+        folder, `transfer.Located` as a dict).
+        """
+        from workers.pruned_hf import model_card
+
+        configuration = self.configuration(request["request"], request["result"])
+        folder = transfer.scratch("exports")
+        try:
+            exported = self.export(configuration, str(folder))
+            timing = {k: exported[k] for k in ("latency_ms", "dense_latency_ms")}
+            configuration["metrics"].update(timing)
+            configuration["export_dtype"] = exported["dtype"]
+            model_card.write(folder, configuration)
+        except BaseException:
+            transfer.remove(str(folder))
+            raise
+        return {"candidate_id": request["candidate_id"], "configuration": configuration, "timing": timing,
+                "files": transfer.here(folder).to_dict()}

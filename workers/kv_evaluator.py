@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from darwinfront.core.methods import parse_spec
 from darwinfront.core.spec import KVJobSpec
 from search.kv_space import build_space
-from workers import data, metrics, modeling
+from workers import data, metrics, modeling, transfer
 from workers.kv.cache import KVPrecisionConfig, build_cache, kv_bits, model_shape
 from workers.kv.profile import profile_kv
 from workers.progress import StepReport
@@ -76,6 +76,7 @@ class KVEvaluator:
     def __init__(self, spec_dict: dict, prepared: dict, threads: int = 0):
         if threads > 0:
             torch.set_num_threads(threads)
+        transfer.bring(prepared.get("files"))  # a builtin model the prepare step built on another node
         self.spec = parse_spec(spec_dict)
         self.model, self.tokens = _load(self.spec)
         self.teacher = metrics.teacher_logprobs(self.model, self.tokens, batch_size=8)

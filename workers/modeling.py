@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -43,6 +44,36 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in DTYPES:
         raise InvalidSpec("model.dtype", f"unknown dtype {name!r}; known: float32, bfloat16, float16")
     return DTYPES[name]
+
+
+def stored_dtype(source: str, revision: str | None = None) -> torch.dtype | None:
+    """The dtype a source's checkpoint is stored in (its config's `dtype` / `torch_dtype`), None when unknown."""
+    path = Path(resolve_source(source))
+    try:
+        if (path / "config.json").is_file():
+            config = json.loads((path / "config.json").read_text())
+        else:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(source, revision=revision).to_dict()
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype")
+    return DTYPES.get(str(name).removeprefix("torch.")) if name else None
+
+
+def export_dtype(model_spec) -> torch.dtype:
+    """The dtype a job writes its models in: the one it ran in when that is 16-bit (what was scored), else the
+    source checkpoint's own (bf16 stays bf16, fp32 stays fp32), so an export is never wider than its source."""
+    ran = resolve_dtype(model_spec.dtype)
+    if ran != torch.float32:
+        return ran
+    return stored_dtype(model_spec.source, getattr(model_spec, "revision", None)) or torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> `bfloat16`."""
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_source(source: str, cache_dir: Path | None = None) -> str:

@@ -9,7 +9,9 @@ from collections.abc import Callable, Iterable, Iterator
 import ray
 
 from darwinfront.core.settings import Settings
+from workers import transfer
 from workers.evaluator import Evaluator
+from workers.modeling import resolve_source
 from workers.placement import wait_placeable
 from workers.prepare import level_layers, node_threads, prepare
 from workers.progress import StepReport, format_seconds
@@ -78,14 +80,26 @@ def run_prepare(
     def task(spec: dict, report: StepReport | None) -> dict:
         threads = max(1, node_threads() // (helpers + 1)) if gpus == 0 else node_threads()
         if not helpers:
-            return fn(spec, report, threads=threads)
-        return fn(spec, report, threads=threads, helpers=RemoteLayers(spec, helpers, gpus=gpus, threads=threads))
+            prepared = fn(spec, report, threads=threads)
+        else:
+            layers = RemoteLayers(spec, helpers, gpus=gpus, threads=threads)
+            prepared = fn(spec, report, threads=threads, helpers=layers)
+        return {**prepared, "files": built_folders(spec, prepared)}
 
     settings = Settings()
     resources = settings.evaluator_resources
     wait_placeable(gpus, helpers + 1, timeout=settings.placement_timeout_seconds, resources=resources)
     options = {"num_gpus": gpus, "num_cpus": 1, "max_retries": 0, **({"resources": resources} if resources else {})}
     return ray.get(ray.remote(task).options(**options).remote(spec, report))
+
+
+def built_folders(spec: dict, prepared: dict) -> dict:
+    """The folders a prepare step built on its node that evaluators elsewhere copy (`transfer.bring`): the
+    level database, and a builtin model (trained or converted into the cache; other sources load on every node
+    from the hub or the path given)."""
+    source = spec.get("model", {}).get("source", "")
+    model = resolve_source(source) if source.startswith("builtin:") else None
+    return transfer.job_files(prepared.get("database", {}).get("directory"), model)
 
 
 class RemoteLayers:
@@ -178,8 +192,9 @@ class EvaluatorPool:
             seconds = format_seconds(time.perf_counter() - started)
             report("evaluators", f"{len(self.actors)} evaluator(s) ready in {seconds}")
 
-    def map_unordered(self, requests: Iterable[dict]) -> Iterator[tuple[dict, dict]]:
-        """Yield `(request, reply)` as replies arrive, keeping every actor busy with one request.
+    def map_unordered(self, requests: Iterable[dict], method: str = "evaluate") -> Iterator[tuple[dict, dict]]:
+        """Yield `(request, reply)` as replies arrive, keeping every actor busy with one request to `method`
+        (each request has a `candidate_id`; only `evaluate` replies count as evaluations in the telemetry).
 
         An evaluator that dies (killed process, lost node) is replaced by a new actor, which Ray places on a live
         node, and its request goes to the next free evaluator, at most `max_retries` times; then the request comes
@@ -194,7 +209,7 @@ class EvaluatorPool:
         while pending or in_flight:
             while pending and self._idle:
                 request, actor = pending.pop(), self._idle.pop()
-                in_flight[actor.evaluate.remote(request)] = (request, actor)
+                in_flight[getattr(actor, method).remote(request)] = (request, actor)
             done = self._wait(list(in_flight))
             if done is None:
                 continue
@@ -212,7 +227,7 @@ class EvaluatorPool:
                 reply = _lost_reply(request, exc)
             else:
                 self._idle.append(actor)
-            if self.meter is not None:
+            if self.meter is not None and method == "evaluate":
                 self.meter.evaluation(reply.get("seconds"), failed=bool(reply.get("error")))
             yield request, reply
 

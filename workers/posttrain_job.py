@@ -30,7 +30,7 @@ from darwinfront.core.errors import CandidateNotFound, InvalidSpec
 from darwinfront.core.methods import parse_spec
 from darwinfront.core.settings import Settings
 from darwinfront.core.spec import PosttrainJobSpec, PosttrainOptions, PruneJobSpec
-from workers import artifacts, block_distill, data, finetune, fitness, metrics, modeling, serene, slicing
+from workers import artifacts, block_distill, data, finetune, fitness, metrics, modeling, serene, slicing, transfer
 from workers.job import Job
 from workers.placement import wait_placeable
 from workers.pool import evaluator_cpus
@@ -85,15 +85,22 @@ def load_pools(spec: PruneJobSpec, tokenizer, tokens: int) -> Pools:
     return Pools(pool[:n_fit].clone(), pool[n_fit:].clone(), held_out)
 
 
-def load_candidate(spec_dict: dict, configuration: dict, archive: str | None) -> tuple[nn.Module, object, str]:
+def load_candidate(
+    spec_dict: dict, configuration: dict, archive: str | dict | None
+) -> tuple[nn.Module, object, str]:
     """The candidate's sliced model exactly as its parent exported it, its tokenizer, and where it came from.
 
-    From `archive` (the parent's `.tar`) when given; else rebuilt the way the parent exported it (dense
-    model, level database weights, the recorded light training, slicing), which costs a few model loads.
+    From `archive` (the parent's `.tar`: a path here, or `{"node", "path", "name", "size"}`, file `name` of
+    folder `path` on Ray node `node`, streamed here through Ray) when given; else rebuilt the way the parent
+    exported it (dense model, level database weights, the recorded light training, slicing), which costs a few
+    model loads.
     """
     spec = parse_spec(spec_dict)
     dtype, device = modeling.resolve_dtype(spec.model.dtype), modeling.resolve_device(spec.model.device)
     with tempfile.TemporaryDirectory(prefix="darwinfront-posttrain-") as tmp:
+        if isinstance(archive, dict):
+            archive = str(transfer.fetch_file(transfer.Located.from_dict(archive), archive["name"],
+                                              int(archive["size"]), Path(tmp) / "parent.tar"))
         if archive is not None:
             with tarfile.open(archive) as tar:
                 tar.extractall(tmp, filter="data")
@@ -109,6 +116,16 @@ def load_candidate(spec_dict: dict, configuration: dict, archive: str | None) ->
         raise InvalidSpec("posttrain.candidate", f"the candidate's model has {slicing.count_parameters(model)} "
                           f"parameters, its configuration {configuration['parameters']}")
     return model, tokenizer, source
+
+
+def shipped(archive: str | None, in_process: bool) -> str | dict | None:
+    """The parent's archive as a follow-up's actor receives it: its path for one in this process, else where to
+    stream it from (`{"node", "path", "name", "size"}`, read by `load_candidate`), as the actor may run on another
+    node."""
+    if archive is None or in_process:
+        return archive
+    path = Path(archive)
+    return {**transfer.here(path.parent).to_dict(), "name": path.name, "size": path.stat().st_size}
 
 
 def parent_archive(store, data_dir: Path, parent_id: str, candidate_id: str) -> str | None:
@@ -139,6 +156,7 @@ class Posttrainer:
         if threads > 0:
             torch.set_num_threads(threads)
         spec = parse_spec(spec_dict)
+        self.export_dtype = modeling.export_dtype(spec.model)
         self.options = PosttrainOptions.model_validate(options)
         self.model, self.tokenizer, self.source = load_candidate(spec_dict, configuration, archive)
         device = next(self.model.parameters()).device
@@ -233,10 +251,23 @@ class Posttrainer:
                 "last_loss": self.losses[-1] if self.losses else None, "seconds": self.seconds}
 
     def save(self, directory: str, which: str = "trained") -> dict:
-        """Save the trained sliced model (or its follow-up cut) with its tokenizer under `directory`."""
+        """Save the trained sliced model (or its follow-up cut; safetensors + config, in the model's own dtype) with
+        its tokenizer under `directory`."""
         model = self.model if which == "trained" else self.cut_model
-        slicing.save_pruned(copy.deepcopy(model).to("cpu"), self.tokenizer, Path(directory))
+        slicing.save_pruned(model.to("cpu"), self.tokenizer, Path(directory), dtype=self.export_dtype)
         return {"params": slicing.count_parameters(model)}
+
+    def export(self, document: dict, which: str = "trained") -> dict:
+        """Save the trained model (or its follow-up cut) with its model card (`document`) in a fresh folder of this
+        node's cache; return the folder (`transfer.Located` as a dict) for the driver to stream into its archive."""
+        folder = transfer.scratch("exports")
+        try:
+            self.save(str(folder), which)
+            model_card.write(folder, document)
+        except BaseException:
+            transfer.remove(str(folder))
+            raise
+        return transfer.here(folder).to_dict()
 
 
 class FollowupActor:
@@ -283,7 +314,7 @@ class PosttrainJob(Job):
         options = spec.posttrain
         parent = self.store.get(options.job)
         configuration = self.store.get_result(options.job, options.candidate)
-        archive = parent_archive(self.store, self.data_dir, options.job, options.candidate)
+        archive = shipped(parent_archive(self.store, self.data_dir, options.job, options.candidate), self.in_process)
         args = (parent.spec, configuration, archive, options.model_dump(exclude={"job", "candidate"}))
         trainer = FollowupActor(args, gpus=spec.resources.gpus_per_evaluator, in_process=self.in_process)
         try:
@@ -302,10 +333,11 @@ class PosttrainJob(Job):
                 self.event("serene_cut", {"removed": cut["removed"], "parameters": cut["parameters"]})
             metas = {}
             for which, doc in documents.items():
-                with tempfile.TemporaryDirectory(dir=self.data_dir) as tmp:
-                    trainer.call("save", tmp, which)
-                    model_card.write(Path(tmp), doc)
-                    metas[which] = artifacts.archive(self.data_dir, self.job_id, doc["candidate_id"], Path(tmp))
+                files = transfer.Located.from_dict(trainer.call("export", doc, which))
+                try:
+                    metas[which] = artifacts.archive_from(self.data_dir, self.job_id, doc["candidate_id"], files)
+                finally:
+                    transfer.discard(files)
         finally:
             trainer.close()
         for which, doc in documents.items():

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
-from pathlib import Path
 
 from darwinfront.core.spec import PruneJobSpec
 from search import strategies
 from search.genome import LevelSpace
 from search.nirvana import UnitSaliency
 from search.strategy import Request, Stage, Strategy
-from workers import artifacts, tracking
+from workers import artifacts, tracking, transfer
 from workers.job import Job
 from workers.job_inputs import stores_weights
 from workers.pool import EvaluatorPool, run_prepare
 from workers.progress import StepReport
-from workers.pruned_hf import model_card
 from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -122,29 +119,37 @@ class PruneJob(Job):
                 self.check_stopping()  # safe mid-generation: a resumed job is told what was recorded
 
     def _finish(self, study, pool) -> None:
-        """Write the configuration of every front point, export each as a sliced model archive (with its model
-        card) and time it."""
+        """Export every front point on the evaluators, side by side: each writes the point's configuration, its
+        sliced model (in the model's own dtype) with its model card and timing into its node's cache; the
+        driver streams each folder through Ray into the archive under its data directory, then deletes it."""
         front = tracking.front(study)
         if not front:
             raise RuntimeError("every candidate evaluation failed; see the job's events")
         trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        points = {point["candidate_id"]: point for point in front}
+        requests = []
         for point in front:
             attrs = trials[point["trial"]].user_attrs
             request = {k: attrs[k] for k in ("genome", "seed", "train_tokens") if k in attrs}
             result = {"candidate_id": point["candidate_id"], "target": point["target"], "kl": point["objectives"]["kl"],
                       "held_out_kl": point.get("held_out_kl"), "perplexity": attrs.get("perplexity")}
-            configuration = pool.call("configuration", request, result)
-            with tempfile.TemporaryDirectory(dir=self.data_dir) as tmp:
-                exported = pool.call("export", configuration, tmp)
-                timing = {k: exported[k] for k in ("latency_ms", "dense_latency_ms")}
-                configuration["metrics"].update(timing)
-                model_card.write(Path(tmp), configuration)
-                meta = artifacts.archive(self.data_dir, self.job_id, point["candidate_id"], Path(tmp))
+            requests.append({"candidate_id": point["candidate_id"], "request": request, "result": result})
+        for job, reply in pool.map_unordered(requests, method="export_point"):
+            cid = job["candidate_id"]
+            if reply.get("error"):
+                raise RuntimeError(f"the export of front point {cid} failed: {reply['error']}")
+            files = transfer.Located.from_dict(reply["files"])
+            try:
+                meta = artifacts.archive_from(self.data_dir, self.job_id, cid, files)
+            finally:
+                transfer.discard(files)
+            configuration, point = reply["configuration"], points[cid]
             metrics = configuration["metrics"]
             one_shot = {k: metrics[k] for k in ("kl_cut", "kl_oneshot") if k in metrics}
-            point.update({**timing, **one_shot}, perplexity=attrs.get("perplexity"), gives=configuration["gives"])
-            self.store.put_result(self.job_id, point["candidate_id"], configuration)
-            self.store.put_artifact(self.job_id, point["candidate_id"], meta)
+            perplexity = trials[point["trial"]].user_attrs.get("perplexity")
+            point.update({**reply["timing"], **one_shot}, perplexity=perplexity, gives=configuration["gives"])
+            self.store.put_result(self.job_id, cid, configuration)
+            self.store.put_artifact(self.job_id, cid, meta)
         self.publish_front(front, generation=None)
 
 

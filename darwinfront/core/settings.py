@@ -65,6 +65,11 @@ class Settings(BaseSettings):
         evaluator_resources: Ray custom resources every evaluator, prepare and layer task of a job reserves, as
             JSON (`{"darwinfront_evaluator": 1}`): they run only on nodes started with
             `ray start --resources='{"darwinfront_evaluator": N}'` (N evaluators each), not on the head.
+        shared_cache: The cache directory (`DARWINFRONT_CACHE_DIR`, and the database directory) is one shared
+            storage that every Ray node mounts (NFS or similar): evaluators then open the level database and
+            builtin models where the prepare step built them, and nothing is copied between nodes. Off (the
+            default), each node's evaluators receive what they lack through Ray (`workers.transfer`); read by
+            the workers from `DARWINFRONT_SHARED_CACHE`.
         metrics_per_job: Show per-job series (job ids, their evaluations and fronts) on the keyless `/metrics`;
             off by default, since job ids and per-job figures tell what tenants run.
     """
@@ -91,6 +96,7 @@ class Settings(BaseSettings):
     placement_timeout_seconds: float = Field(default=120.0, ge=0, le=86_400)
     evaluator_resources: dict[str, float] = Field(default_factory=dict)
     metrics_per_job: bool = False
+    shared_cache: bool = False
 
     @model_validator(mode="after")
     def _resolve_defaults(self) -> Settings:

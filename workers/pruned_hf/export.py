@@ -95,13 +95,16 @@ def layer_shapes(model: nn.Module) -> list[dict]:
     return shapes
 
 
-def write_code(model: nn.Module, path: Path) -> None:
+def write_code(model: nn.Module, path: Path, *, dtype: torch.dtype | None = None) -> None:
     """Turn a directory `model.save_pretrained` wrote into one stock transformers loads with trust_remote_code:
-    the pruned config (`layer_shapes`, `auto_map`) over `config.json`, and the modeling code beside it."""
+    the pruned config (`layer_shapes`, `auto_map`, and `dtype`: the weights' dtype when given) over
+    `config.json`, and the modeling code beside it."""
     family = family_of(model)
     data = model.config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "layer_shapes"):
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "layer_shapes", "torch_dtype"):
         data.pop(key, None)
+    if dtype is not None:
+        data["dtype"] = str(dtype).removeprefix("torch.")
     config = family.config_class.from_dict({**data, "layer_shapes": layer_shapes(model)})
     config.architectures = [family.causal_lm_class.__name__]
     config.auto_map = family.auto_map()

@@ -20,7 +20,9 @@ _METRICS = {
 def write(path: Path, configuration: dict) -> Path:
     """Write `path/README.md` for the model saved in `path` from its configuration document."""
     path = Path(path)
-    shapes = json.loads((path / "config.json").read_text())["layer_shapes"]
+    config = json.loads((path / "config.json").read_text())
+    shapes = config["layer_shapes"]
+    stored = f" Stored in {config['dtype']}." if config.get("dtype") else ""
     model = configuration.get("model", {})
     metrics = configuration.get("metrics", {})
     kept = configuration["parameters"] / configuration["dense_parameters"]
@@ -32,7 +34,7 @@ def write(path: Path, configuration: dict) -> Path:
         f"{configuration['parameters']:,} of {configuration['dense_parameters']:,} parameters kept "
         f"(target {configuration.get('target')}), candidate `{configuration['candidate_id']}`, criterion "
         f"`{configuration.get('criterion')}`, attention units `{configuration.get('attention_unit', 'kv_group')}`, "
-        f"seed {configuration.get('seed')}. Weights: {_weights(configuration)}.",
+        f"seed {configuration.get('seed')}. Weights: {_weights(configuration)}.{stored}",
         "",
         "## Metrics", "", "| metric | value | meaning |", "| --- | --- | --- |",
         *(f"| `{k}` | {metrics[k]:.6g} | {meaning} |" for k, meaning in _METRICS.items()
