@@ -19,7 +19,7 @@ import torch
 from darwinfront.core.methods import parse_spec
 from search.joint_space import CacheGeometry, Deployment, JointGenome, JointSpace
 from search.kv_space import KVGroup, KVSpace, build_space
-from workers import candidate, fitness, latency, levels, slicing
+from workers import candidate, fitness, latency, levels, modeling, slicing, transfer
 from workers.configuration import build_configuration
 from workers.job_inputs import JobInputs, open_database
 from workers.kv.cache import KVPrecisionConfig, build_cache, model_shape
@@ -81,6 +81,7 @@ class JointEvaluator:
     def __init__(self, spec_dict: dict, prepared: dict, threads: int = 0):
         if threads > 0:
             torch.set_num_threads(threads)
+        transfer.bring(prepared.get("files"))  # the database (and builtin model) from the prepare step's node
         self.inputs = JobInputs.load(parse_spec(spec_dict))
         self.spec = self.inputs.spec
         self.space = JointSpace.from_dict(prepared["space"])
@@ -139,9 +140,26 @@ class JointEvaluator:
         if slicing.count_parameters(model) != configuration["prune"]["parameters"]:
             raise RuntimeError("the sliced candidate's parameters differ from its configuration's")
         timing = latency.forward_latency(model, seq_len=self.spec.data.seq_len)
-        slicing.save_pruned(model, self.inputs.tokenizer, Path(directory))
+        dtype = modeling.export_dtype(self.spec.model)
+        slicing.save_pruned(model, self.inputs.tokenizer, Path(directory), dtype=dtype)
         (Path(directory) / CONFIG_FILE).write_text(json.dumps(configuration, indent=1))
         return {"latency_ms": timing["median_ms"]}
+
+    def export_point(self, request: dict) -> dict:
+        """Export one front point where this evaluator runs (`request`: `candidate_id`, `genome`, `result`): its
+        configuration and saved model in a fresh folder of this node's cache, which the driver streams into its
+        archive and deletes. Returns `candidate_id`, `configuration` (timing in its metrics), `timing`, `files`."""
+        configuration = self.configuration(request["genome"], request["result"])
+        folder = transfer.scratch("exports")
+        try:
+            timing = self.export(configuration, str(folder))
+            configuration["metrics"].update(timing)
+            (folder / CONFIG_FILE).write_text(json.dumps(configuration, indent=1))
+        except BaseException:
+            transfer.remove(str(folder))
+            raise
+        return {"candidate_id": request["candidate_id"], "configuration": configuration, "timing": timing,
+                "files": transfer.here(folder).to_dict()}
 
 
 def memory_of(space: JointSpace, genome: JointGenome) -> dict:

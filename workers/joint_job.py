@@ -11,8 +11,6 @@ exported as a sliced model archive carrying its joint configuration (`joint.json
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
 
 import optuna
 from optuna.distributions import IntDistribution
@@ -24,7 +22,7 @@ from darwinfront.core.methods import method_of
 from search import joint_search
 from search.genome import PruneGenome
 from search.joint_space import JointGenome, JointSpace, kv_choice_for
-from workers import artifacts, tracking
+from workers import artifacts, tracking, transfer
 from workers.job import Job
 from workers.joint_evaluator import JointEvaluator, prepare_joint
 from workers.pool import EvaluatorPool, run_prepare
@@ -120,16 +118,22 @@ class JointJob(Job):
         front = joint_front(study)
         if not front:
             raise RuntimeError("every candidate evaluation failed; see the job's events")
-        for point in front:
-            result = {"candidate_id": point["candidate_id"], "kl": point["objectives"]["kl"]}
-            configuration = pool.call("configuration", point["genome"], result)
-            with tempfile.TemporaryDirectory(dir=self.data_dir) as tmp:
-                timing = pool.call("export", configuration, tmp)
-                configuration["metrics"].update(timing)
-                meta = artifacts.archive(self.data_dir, self.job_id, point["candidate_id"], Path(tmp))
-            point.update(timing)
-            self.store.put_result(self.job_id, point["candidate_id"], configuration)
-            self.store.put_artifact(self.job_id, point["candidate_id"], meta)
+        points = {point["candidate_id"]: point for point in front}
+        requests = [{"candidate_id": cid, "genome": point["genome"],
+                     "result": {"candidate_id": cid, "kl": point["objectives"]["kl"]}} for cid, point in points.items()]
+        # side by side on the evaluators, each into its own node's cache; the folders come back through Ray
+        for job, reply in pool.map_unordered(requests, method="export_point"):
+            cid = job["candidate_id"]
+            if reply.get("error"):
+                raise RuntimeError(f"the export of front point {cid} failed: {reply['error']}")
+            files = transfer.Located.from_dict(reply["files"])
+            try:
+                meta = artifacts.archive_from(self.data_dir, self.job_id, cid, files)
+            finally:
+                transfer.discard(files)
+            points[cid].update(reply["timing"])
+            self.store.put_result(self.job_id, cid, reply["configuration"])
+            self.store.put_artifact(self.job_id, cid, meta)
         self.publish_front(front, generation=None)
 
 
