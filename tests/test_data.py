@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,14 +65,20 @@ def test_empty_or_unknown_sources_are_refused(tmp_path):
         data.load_texts(str(tmp_path))
 
 
-def test_hub_ids_need_the_datasets_package():
+def test_hub_ids_need_the_datasets_package_and_the_hub():
     try:
         import datasets  # noqa: F401
     except ImportError:
         with pytest.raises(InvalidSpec, match="needs the `datasets` package"):
             data.load_texts("someone/some-corpus")
-    else:
-        pytest.skip("datasets is installed; a hub id would go to the network")
+        return
+    # datasets is installed (the eval extra brings it): offline, a hub id is a clear error naming the field. The
+    # hub mode is read when datasets is imported, so in a fresh process.
+    code = ("from darwinfront.core.errors import InvalidSpec\nfrom workers import data\n"
+            "try:\n    data.load_texts('someone/some-corpus')\nexcept InvalidSpec as e:\n    print(e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "data.source" in out.stdout and "cannot load 'someone/some-corpus' from the hub" in out.stdout, out
 
 
 def test_splits_are_disjoint_cover_everything_and_follow_the_seed(texts):

@@ -168,7 +168,14 @@ def _hub_texts(source: str) -> list[str]:
             f"{source!r} is not builtin:pydoc or a local .txt/.jsonl file, and loading it from the hub "
             "needs the `datasets` package (pip install datasets)",
         ) from e
-    dataset = datasets.load_dataset(source, split="train")
+    try:
+        dataset = datasets.load_dataset(source, split="train")
+    except (ConnectionError, FileNotFoundError) as e:  # offline, no such dataset, or the hub unreachable
+        raise InvalidSpec(
+            "data.source",
+            f"cannot load {source!r} from the hub ({e}); without the hub, give builtin:pydoc or a local .txt/.jsonl "
+            "file",
+        ) from e
     if "text" not in dataset.column_names:
         raise InvalidSpec("data.source", f"dataset {source!r} has no 'text' column: {dataset.column_names}")
     return list(dataset["text"])
