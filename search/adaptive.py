@@ -16,7 +16,7 @@ from search.evolution import DEFAULT_STAGES
 from search.genome import LevelSpace, PruneGenome
 from search.replay import Replayed
 from search.seeding import derive_seed
-from search.strategy import BestSoFar, Request, Stage
+from search.strategy import BestSoFar, Request, Stage, told_index
 
 
 class RoundByRound(Replayed):
@@ -98,11 +98,7 @@ class RoundByRound(Replayed):
         return fresh
 
     def _tell(self, candidate_id: str, fitness: float | None, error: str | None) -> None:
-        index = next((i for i, r in enumerate(self._requests[: self._given]) if r.candidate_id == candidate_id), None)
-        if index is None:
-            raise ValueError(f"unknown candidate {candidate_id!r}: not asked")
-        if candidate_id in self._results:
-            raise ValueError(f"candidate {candidate_id!r} was told already")
+        index = told_index(self._requests, self._given, self._results, candidate_id)
         self._results[candidate_id] = fitness
         if self._requests[index].final:
             self._best.offer(fitness, index, self._requests[index].genome)

@@ -159,6 +159,20 @@ def check_fitness(fitness: float | None, error: str | None) -> tuple[float | Non
     return float(fitness), error
 
 
+def told_index(requests: Sequence[Request], given: int, results: dict[str, float | None], candidate_id: str) -> int:
+    """The index of `candidate_id` among the first `given` requests, for a strategy's `tell`.
+
+    Raises:
+        ValueError: It was not asked, or `results` holds it already.
+    """
+    index = next((i for i, r in enumerate(requests[:given]) if r.candidate_id == candidate_id), None)
+    if index is None:
+        raise ValueError(f"unknown candidate {candidate_id!r}: not asked")
+    if candidate_id in results:
+        raise ValueError(f"candidate {candidate_id!r} was told already")
+    return index
+
+
 class BestSoFar(Generic[C]):
     """The lowest fitness offered so far and its candidate, ties to the earlier request; `start` until one succeeds."""
 

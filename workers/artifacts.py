@@ -41,6 +41,16 @@ def archive(data_dir: Path, job_id: str, candidate_id: str, source: Path) -> dic
     return archive_from(data_dir, job_id, candidate_id, transfer.Located(None, str(source)))
 
 
+def archive_exported(data_dir: Path, job_id: str, candidate_id: str, files: dict) -> dict:
+    """`archive_from` the export folder an evaluator or trainer reported (`transfer.Located` as a dict), then
+    delete that folder on its node, whether the archive was written or not."""
+    source = transfer.Located.from_dict(files)
+    try:
+        return archive_from(data_dir, job_id, candidate_id, source)
+    finally:
+        transfer.discard(source)
+
+
 def archive_from(data_dir: Path, job_id: str, candidate_id: str, source: transfer.Located) -> dict:
     """Pack the saved model directory `source`, on whichever node holds it, as `<candidate_id>.tar` under
     `data_dir`; return the metadata the store keeps (path, size, sha256, files).

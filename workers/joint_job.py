@@ -22,7 +22,7 @@ from darwinfront.core.methods import method_of
 from search import joint_search
 from search.genome import PruneGenome
 from search.joint_space import JointGenome, JointSpace, kv_choice_for
-from workers import artifacts, tracking, transfer
+from workers import artifacts, tracking
 from workers.job import Job
 from workers.joint_evaluator import JointEvaluator, prepare_joint
 from workers.pool import EvaluatorPool, run_prepare
@@ -126,11 +126,7 @@ class JointJob(Job):
             cid = job["candidate_id"]
             if reply.get("error"):
                 raise RuntimeError(f"the export of front point {cid} failed: {reply['error']}")
-            files = transfer.Located.from_dict(reply["files"])
-            try:
-                meta = artifacts.archive_from(self.data_dir, self.job_id, cid, files)
-            finally:
-                transfer.discard(files)
+            meta = artifacts.archive_exported(self.data_dir, self.job_id, cid, reply["files"])
             points[cid].update(reply["timing"])
             self.store.put_result(self.job_id, cid, reply["configuration"])
             self.store.put_artifact(self.job_id, cid, meta)

@@ -333,11 +333,8 @@ class PosttrainJob(Job):
                 self.event("serene_cut", {"removed": cut["removed"], "parameters": cut["parameters"]})
             metas = {}
             for which, doc in documents.items():
-                files = transfer.Located.from_dict(trainer.call("export", doc, which))
-                try:
-                    metas[which] = artifacts.archive_from(self.data_dir, self.job_id, doc["candidate_id"], files)
-                finally:
-                    transfer.discard(files)
+                files = trainer.call("export", doc, which)
+                metas[which] = artifacts.archive_exported(self.data_dir, self.job_id, doc["candidate_id"], files)
         finally:
             trainer.close()
         for which, doc in documents.items():

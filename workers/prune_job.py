@@ -15,7 +15,7 @@ from search import strategies
 from search.genome import LevelSpace
 from search.nirvana import UnitSaliency
 from search.strategy import Request, Stage, Strategy
-from workers import artifacts, tracking, transfer
+from workers import artifacts, tracking
 from workers.job import Job
 from workers.job_inputs import stores_weights
 from workers.pool import EvaluatorPool, run_prepare
@@ -138,11 +138,7 @@ class PruneJob(Job):
             cid = job["candidate_id"]
             if reply.get("error"):
                 raise RuntimeError(f"the export of front point {cid} failed: {reply['error']}")
-            files = transfer.Located.from_dict(reply["files"])
-            try:
-                meta = artifacts.archive_from(self.data_dir, self.job_id, cid, files)
-            finally:
-                transfer.discard(files)
+            meta = artifacts.archive_exported(self.data_dir, self.job_id, cid, reply["files"])
             configuration, point = reply["configuration"], points[cid]
             metrics = configuration["metrics"]
             one_shot = {k: metrics[k] for k in ("kl_cut", "kl_oneshot") if k in metrics}

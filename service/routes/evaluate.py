@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response, status
 
 from service.routes.candidates import CandidateId
 from service.routes.deps import JobDep, SettingsDep, StoreDep, TenantDep, blocking
-from service.routes.jobs import _CREATE_ERRORS, IdempotencyHeader, ParentId, _invalid, _parse, _validate_and_create
+from service.routes.jobs import _CREATE_ERRORS, IdempotencyHeader, ParentId, create_followup
 from service.schemas import ErrorBody, EvaluateCreate, JobPublic
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -34,16 +34,8 @@ async def evaluate_candidate(
     `/v1/jobs/{job_id}/candidates/{candidate_id}/scores`, and in the follow-up's front and result. A task name
     lm_eval does not know fails the job with the names it has.
     """
-    if body.idempotency_key and idempotency_header and body.idempotency_key != idempotency_header:
-        raise _invalid("idempotency_key", "differs from the Idempotency-Key header")
-    options = body.model_dump(exclude={"name", "resources", "idempotency_key"}, exclude_unset=True)
-    document = {"method": "evaluate", "evaluate": {**options, "job": job_id, "candidate": candidate_id}}
-    document |= body.model_dump(include={"name", "resources"}, exclude_none=True)
-    key = body.idempotency_key or idempotency_header
-    spec = _parse(document)
-    record = await blocking(_validate_and_create, store, settings, tenant, spec, key, ("job_id", "candidate_id"))
-    response.headers["Location"] = f"/v1/jobs/{record.id}"
-    return JobPublic.from_record(record)
+    return await create_followup("evaluate", job_id, candidate_id, body, tenant, store, settings, response,
+                                 idempotency_header)
 
 
 @router.get("/{job_id}/candidates/{candidate_id}/scores", responses={404: {"model": ErrorBody}})

@@ -204,10 +204,22 @@ async def posttrain_candidate(
     unless given.
     """
     body = body or PosttrainCreate()
+    return await create_followup("posttrain", job_id, candidate_id, body, tenant, store, settings, response,
+                                 idempotency_header)
+
+
+async def create_followup(
+    method: str, job_id: str, candidate_id: str, body, tenant: str, store: JobStore, settings: Settings,
+    response: Response,
+    idempotency_header: str | None,
+) -> JobPublic:
+    """Queue a follow-up job of `method` on a parent's candidate from a route's body (its options, plus `name`,
+    `resources` and `idempotency_key`), as if `{"method": method, method: {..., "job", "candidate"}}` were
+    submitted; errors in the parent's path parameters name `job_id` / `candidate_id`."""
     if body.idempotency_key and idempotency_header and body.idempotency_key != idempotency_header:
         raise _invalid("idempotency_key", "differs from the Idempotency-Key header")
     options = body.model_dump(exclude={"name", "resources", "idempotency_key"}, exclude_unset=True)
-    document = {"method": "posttrain", "posttrain": {**options, "job": job_id, "candidate": candidate_id}}
+    document = {"method": method, method: {**options, "job": job_id, "candidate": candidate_id}}
     document |= body.model_dump(include={"name", "resources"}, exclude_none=True)
     key = body.idempotency_key or idempotency_header
     spec = _parse(document)
