@@ -29,6 +29,9 @@ from pathlib import Path
 RAY = str(Path(sys.executable).with_name("ray"))
 ROOT = Path(__file__).resolve().parent.parent
 EVALUATOR_RESOURCE = "darwinfront_evaluator"
+# Ray puts `<root>/<node>/ray/session_<date>_<time>_<pid>/sockets/plasma_store` under the root: about 80
+# characters past it, and an AF_UNIX path holds 107 bytes.
+MAX_ROOT = 24
 
 
 def free_port() -> int:
@@ -120,6 +123,9 @@ class Cluster:
         }
 
     def start(self) -> Cluster:
+        if len(str(self.root)) > MAX_ROOT:
+            raise ValueError(f"cluster root {self.root} is longer than {MAX_ROOT} characters: Ray's socket "
+                             "paths under it would pass the 107-byte AF_UNIX limit; use a short one under /tmp")
         cache = self.head_dir / "cache"
         cache.mkdir(parents=True)
         for source in self.seed:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import over_http
@@ -47,9 +49,11 @@ POSTTRAIN = {"tokens": 1024, "lr": 1e-3, "batch_size": 8, "loss": "kd", "seed": 
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, micro_dir):
+def cluster(micro_dir):
+    # Not under pytest's tmp_path: Ray's socket paths inside a node's temp dir must fit in 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="dfc-", dir="/tmp"))
     hidden = [Path(os.environ[name]) for name in ("DARWINFRONT_CACHE_DIR", "DARWINFRONT_DATA_DIR")]
-    running = Cluster(tmp_path_factory.mktemp("cluster"), hidden=hidden, seed=[Path(micro_dir)])
+    running = Cluster(root, hidden=hidden, seed=[Path(micro_dir)])
     try:
         running.start()
         running.add_node("node-a", cpus=1, evaluators=1)
@@ -57,6 +61,7 @@ def cluster(tmp_path_factory, micro_dir):
         yield running
     finally:
         running.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
