@@ -14,8 +14,10 @@ import ray
 from darwinfront.core.methods import parse_spec
 from search.genome import LevelSpace
 from workers import artifacts, slicing, transfer
+from workers.evaluate_job import Scorer
 from workers.evaluator import Evaluator
-from workers.pool import init_ray, run_prepare
+from workers.pool import builtin_model_files, init_ray, run_prepare
+from workers.posttrain_job import Posttrainer, shipped
 
 pytestmark = pytest.mark.integration
 
@@ -120,3 +122,30 @@ def test_a_shared_cache_copies_nothing_and_an_empty_export_fails(prepared, elsew
     empty.mkdir()
     with pytest.raises(RuntimeError, match="wrote no files"):
         artifacts.archive_from(tmp_path / "data", "job", "c", transfer.here(empty))
+
+
+def test_a_follow_up_on_another_node_trains_against_the_driver_s_builtin_model(prepared, tmp_path):
+    """A posttrain or evaluate actor elsewhere gets the builtin dense model the parent searched against, byte for
+    byte, instead of training its own."""
+    spec = parse_spec(SPEC).model_dump(mode="json")
+    files = builtin_model_files(spec)
+    source = Path(files["model"])
+    assert files["node"] == transfer.node_id() and source == Path(prepared["files"]["model"])
+    assert builtin_model_files({**spec, "model": {**spec["model"], "source": "/some/local/model"}}) is None
+
+    space = LevelSpace.from_dict(prepared["space"])
+    evaluator = Evaluator(spec, prepared)
+    request = {"genome": space.uniform(0.5).to_dict(), "seed": 0, "train_tokens": 0}
+    configuration = evaluator.configuration(request, {"candidate_id": "c1", "target": 0.5, "kl": 0.1})
+    evaluator.export(configuration, str(tmp_path / "export"))
+    meta = artifacts.archive(tmp_path / "data", "parent", "c1", tmp_path / "export")
+    archive = shipped(str(tmp_path / "data" / "artifacts" / meta["path"]), in_process=False)
+    trains = {"tokens": 256, "lr": 1e-3, "batch_size": 2, "loss": "kd", "seed": 0}
+    scores = {"tasks": ["darwinfront_pydoc_mc"]}
+    for name, cls, options in (("trainer", Posttrainer, trains), ("scorer", Scorer, scores)):
+        node = {"cache": tmp_path / name / "cache", "database": tmp_path / name / "databases"}
+        actor = ray.remote(cls).options(num_cpus=1, runtime_env=_env(node)).remote(
+            spec, configuration, archive, options, files, 1)
+        ray.get(actor.__ray_call__.remote(lambda self: None))
+        assert _tree(node["cache"] / source.name) == _tree(source), name
+        ray.kill(actor)

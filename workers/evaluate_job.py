@@ -21,9 +21,10 @@ import torch
 from darwinfront.core.errors import InvalidSpec
 from darwinfront.core.methods import method_of, parse_spec
 from darwinfront.core.spec import EvaluateOptions
-from workers import harness, modeling
+from workers import harness, modeling, transfer
 from workers.job import Job
 from workers.kv.cache import KVPrecisionConfig
+from workers.pool import builtin_model_files
 from workers.posttrain_job import FollowupActor, load_candidate, parent_archive, shipped
 
 PARENTS = ("structured_prune", "posttrain", "kv_precision")  # the methods whose candidates can be scored
@@ -37,13 +38,16 @@ class Scorer:
         configuration: the candidate's configuration document, as the parent stored it.
         archive: the parent's model archive of the candidate, or None (a prune candidate is then rebuilt).
         options: the `evaluate` options (tasks, limit, num_fewshot, batch_size, seed).
+        files: where the driver holds a builtin dense model (`pool.builtin_model_files`), brought to this node
+            first so the dense scores are those of the model the parent searched against.
         threads: torch CPU threads (0 leaves torch's default).
     """
 
     def __init__(self, parent_spec: dict, configuration: dict, archive: str | None, options: dict,
-                 threads: int = 0):
+                 files: dict | None = None, threads: int = 0):
         if threads > 0:
             torch.set_num_threads(threads)
+        transfer.bring(files, kinds=("model",))
         self.parent_spec, self.configuration, self.archive = parent_spec, configuration, archive
         self.method = method_of(parent_spec).name
         self.options = EvaluateOptions.model_validate(options)
@@ -120,7 +124,7 @@ class EvaluateJob(Job):
                               f"this host (job {options.job!r} has no archive of it here); evaluate it where "
                               "the posttrain job ran")
         args = (parent.spec, configuration, shipped(archive, self.in_process),
-                options.model_dump(exclude={"job", "candidate"}))
+                options.model_dump(exclude={"job", "candidate"}), builtin_model_files(parent.spec))
         scorer = FollowupActor(args, gpus=self.spec.resources.gpus_per_evaluator, in_process=self.in_process,
                                cls=Scorer)
         try:

@@ -78,8 +78,14 @@ def gguf_model_dir(path: Path, cache_dir: Path | None = None, *, source: str | N
     if not path.is_file():
         raise InvalidSpec("model.source", f"GGUF file {shown!r} does not exist")
     digest = file_sha256(path)
-    final = (cache_dir or settings.cache_dir()) / f"gguf-{digest[:16]}-v{CONVERT_VERSION}"
+    final = converted_path(path, cache_dir, digest=digest)
     return build_once(final, lambda out: convert_gguf(path, out, source=shown, digest=digest))
+
+
+def converted_path(path: Path, cache_dir: Path | None = None, *, digest: str | None = None) -> Path:
+    """Where `gguf_model_dir` converts GGUF file `path` (its SHA-256 `digest`, computed when not given)."""
+    digest = digest or file_sha256(Path(path).expanduser())
+    return (cache_dir or settings.cache_dir()) / f"gguf-{digest[:16]}-v{CONVERT_VERSION}"
 
 
 def convert_gguf(path: Path, out: Path, *, source: str | None = None, digest: str | None = None) -> dict:

@@ -15,6 +15,7 @@ from workers.modeling import resolve_source
 from workers.placement import wait_placeable
 from workers.prepare import level_layers, node_threads, prepare
 from workers.progress import StepReport, format_seconds
+from workers.reference import builtin_model_path
 from workers.telemetry import Telemetry
 
 
@@ -90,7 +91,9 @@ def run_prepare(
     resources = settings.evaluator_resources
     wait_placeable(gpus, helpers + 1, timeout=settings.placement_timeout_seconds, resources=resources)
     options = {"num_gpus": gpus, "num_cpus": 1, "max_retries": 0, **({"resources": resources} if resources else {})}
-    return ray.get(ray.remote(task).options(**options).remote(spec, report))
+    prepared = ray.get(ray.remote(task).options(**options).remote(spec, report))
+    transfer.bring(prepared["files"], kinds=("model",))  # the driver keeps the builtin model for follow-ups
+    return prepared
 
 
 def built_folders(spec: dict, prepared: dict) -> dict:
@@ -100,6 +103,16 @@ def built_folders(spec: dict, prepared: dict) -> dict:
     source = spec.get("model", {}).get("source", "")
     model = resolve_source(source) if source.startswith("builtin:") else None
     return transfer.job_files(prepared.get("database", {}).get("directory"), model)
+
+
+def builtin_model_files(spec: dict) -> dict | None:
+    """Where this process holds the builtin model of `spec` (`transfer.job_files`, for a follow-up's actor to
+    `transfer.bring`), or None: not a builtin model, or none here (the actor then builds its own)."""
+    source = spec.get("model", {}).get("source", "")
+    if not source.startswith("builtin:"):
+        return None
+    path = builtin_model_path(source.removeprefix("builtin:"))
+    return transfer.job_files(None, str(path)) if path.is_dir() else None
 
 
 class RemoteLayers:

@@ -33,7 +33,7 @@ from darwinfront.core.spec import PosttrainJobSpec, PosttrainOptions, PruneJobSp
 from workers import artifacts, block_distill, data, finetune, fitness, metrics, modeling, serene, slicing, transfer
 from workers.job import Job
 from workers.placement import wait_placeable
-from workers.pool import evaluator_cpus
+from workers.pool import builtin_model_files, evaluator_cpus
 from workers.pruned_hf import model_card
 
 log = logging.getLogger(__name__)
@@ -149,12 +149,16 @@ class Posttrainer:
         configuration: the candidate's configuration document, as the parent stored it.
         archive: the parent's model archive of the candidate, or None to rebuild it.
         options: the `posttrain` options (tokens, lr, batch_size, loss, seed).
+        files: where the driver holds a builtin dense model (`pool.builtin_model_files`), brought to this node
+            first so the teacher is the model the parent searched against; None loads the source as it is.
         threads: torch CPU threads (0 leaves torch's default).
     """
 
-    def __init__(self, spec_dict: dict, configuration: dict, archive: str | None, options: dict, threads: int = 0):
+    def __init__(self, spec_dict: dict, configuration: dict, archive: str | None, options: dict,
+                 files: dict | None = None, threads: int = 0):
         if threads > 0:
             torch.set_num_threads(threads)
+        transfer.bring(files, kinds=("model",))
         spec = parse_spec(spec_dict)
         self.export_dtype = modeling.export_dtype(spec.model)
         self.options = PosttrainOptions.model_validate(options)
@@ -315,7 +319,8 @@ class PosttrainJob(Job):
         parent = self.store.get(options.job)
         configuration = self.store.get_result(options.job, options.candidate)
         archive = shipped(parent_archive(self.store, self.data_dir, options.job, options.candidate), self.in_process)
-        args = (parent.spec, configuration, archive, options.model_dump(exclude={"job", "candidate"}))
+        args = (parent.spec, configuration, archive, options.model_dump(exclude={"job", "candidate"}),
+                builtin_model_files(parent.spec))
         trainer = FollowupActor(args, gpus=spec.resources.gpus_per_evaluator, in_process=self.in_process)
         try:
             plan = trainer.call("describe")

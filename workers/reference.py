@@ -94,12 +94,19 @@ def builtin_model_dir(name: str, cache_dir: Path | None = None) -> Path:
 
     if name in PACKAGED_GGUF:
         return packaged_model_dir(name, cache_dir)
+    return build_once(builtin_model_path(name, cache_dir), lambda out: train_reference(RECIPES[name], out))
+
+
+def builtin_model_path(name: str, cache_dir: Path | None = None) -> Path:
+    """Where `builtin_model_dir` builds builtin model `name`, without building it (the directory may not exist)."""
+    from workers.gguf_import import PACKAGED_GGUF, converted_path
+
+    if name in PACKAGED_GGUF:
+        return converted_path(PACKAGED_GGUF[name].locate(name), cache_dir)
     if name not in RECIPES:
         known = ", ".join([*RECIPES, *PACKAGED_GGUF])
         raise InvalidSpec("model.source", f"unknown builtin model {name!r}; known: {known}")
-    recipe = RECIPES[name]
-    root = cache_dir or settings.cache_dir()
-    return build_once(root / f"{name}-{recipe.key()}", lambda out: train_reference(recipe, out))
+    return (cache_dir or settings.cache_dir()) / f"{name}-{RECIPES[name].key()}"
 
 
 def build_once(final: Path, build: Callable[[Path], None]) -> Path:

@@ -8,7 +8,9 @@ tests, in-process runs) the folder is read from the local disk.
 
 Two paths use it: the level database (and a builtin model) that a job's prepare step built comes to each node
 whose evaluators lack it (`bring`, once per node under a file lock), and the model an evaluator exported comes
-back to the driver's data directory (`workers.artifacts.archive_from`). When the cache directory is shared
+back to the driver's data directory (`workers.artifacts.archive_from`). The driver keeps its own copy of a
+builtin model, which follow-up jobs (posttrain, evaluate) bring to their actor's node: their dense model is the
+one the parent searched against, not one trained again elsewhere. When the cache directory is shared
 storage (`DARWINFRONT_SHARED_CACHE=1`, `Settings.shared_cache`), `bring` copies nothing.
 
 This module imports no torch: Ray's read tasks import it in fresh worker processes.
@@ -215,12 +217,12 @@ def job_files(database_directory: str | None, model_directory: str | None) -> di
     return {"node": node_id(), "database": database_directory, "model": model_directory}
 
 
-def bring(files: dict | None) -> list[str]:
+def bring(files: dict | None, kinds: tuple[str, ...] = ("database", "model")) -> list[str]:
     """Copy to this node what its evaluators need of a prepare step's folders (`job_files`), where missing.
 
     The level database lands in this node's database directory, a builtin model in its cache directory, under
-    the same folder names, so opening them finds them and builds nothing. Nothing happens with a shared cache,
-    without Ray, or when the folders are already here. Returns the folders copied.
+    the same folder names, so opening them finds them and builds nothing. `kinds` picks which of the two. Nothing
+    happens with a shared cache, without Ray, or when the folders are already here. Returns the folders copied.
     """
     from darwinfront.core import settings
 
@@ -229,7 +231,7 @@ def bring(files: dict | None) -> list[str]:
     roots = {"database": settings.database_dir(), "model": settings.cache_dir()}
     copied = []
     for kind, root in roots.items():
-        path = files.get(kind)
+        path = files.get(kind) if kind in kinds else None
         if not path:
             continue
         try:
