@@ -2,8 +2,9 @@
 
 The objectives live on different scales, so the hypervolume is taken on a fixed, bounded scaling that every job
 shares, chosen by each objective's unit (the front carries its objectives): KL in nats as `1 - exp(-KL)` (0 for a
-perfect copy, approaching 1 as the model is lost), parameters as a fraction of the dense model, bits per element
-as a fraction of 16 (half precision), against the reference point (1, ..., 1). It lies in [0, 1), grows whenever
+perfect copy, approaching 1 as the model is lost), parameters as a fraction of the dense model, bytes (a joint
+job's memory at its deployment point) as a fraction of the dense model's at 16-bit KV, bits per element as a
+fraction of 16 (half precision), against the reference point (1, ..., 1). It lies in [0, 1), grows whenever
 the front improves anywhere, and is comparable across generations of a job. A front with an objective of another
 unit, or one to maximise, has no hypervolume.
 
@@ -29,56 +30,60 @@ from darwinfront.core.studies import study_storage
 from search.pareto import hypervolume
 
 log = logging.getLogger(__name__)
-# unit -> (value, dense parameters) onto [0, 1) for a minimised objective
+# unit -> (value, the dense model's size in that unit) onto [0, 1) for a minimised objective
 UNIT_SCALES: dict[str, Callable[[float, int], float]] = {
     "nats": lambda value, dense: -math.expm1(-value),
     "parameters": lambda value, dense: value / dense,
+    "bytes": lambda value, dense: value / dense,
     "bits/element": lambda value, dense: value / 16,
 }
-SCALING = ("by unit: nats as 1 - exp(-KL), parameters as a fraction of the dense model, bits/element as a "
-           "fraction of 16; against the reference point (1, ..., 1)")
+SIZED = ("parameters", "bytes")  # the units scaled by the dense model's size, known once the job is prepared
+SCALING = ("by unit: nats as 1 - exp(-KL), parameters as a fraction of the dense model, bytes as a fraction of "
+           "the dense model's memory at the deployment point, bits/element as a fraction of 16; against the "
+           "reference point (1, ..., 1)")
+Dense = Mapping[str, int]  # unit -> the dense model's size in it ("parameters", "bytes"), where known
 optuna.logging.set_verbosity(logging.WARNING)
 
 
-def scalable(objectives: Sequence[Objective], dense_params: int | None) -> bool:
+def scalable(objectives: Sequence[Objective], dense: Dense) -> bool:
     """Whether a front of these objectives has a hypervolume (every one minimised, of a known unit, and the dense
-    size known when one counts parameters)."""
+    size known in each unit that is `SIZED`)."""
     return bool(objectives) and all(
-        o.direction == "minimize" and o.unit in UNIT_SCALES and (o.unit != "parameters" or bool(dense_params))
+        o.direction == "minimize" and o.unit in UNIT_SCALES and (o.unit not in SIZED or bool(dense.get(o.unit)))
         for o in objectives
     )
 
 
-def scaled(values: Mapping[str, float], objectives: Sequence[Objective], dense_params: int | None) -> tuple[float, ...]:
+def scaled(values: Mapping[str, float], objectives: Sequence[Objective], dense: Dense) -> tuple[float, ...]:
     """The point the hypervolume is measured on: each objective's value on its unit's scale, in their order.
 
     Raises:
         ValueError: The objectives are not `scalable`.
     """
-    if not scalable(objectives, dense_params):
+    if not scalable(objectives, dense):
         raise ValueError(f"no hypervolume scaling for objectives {[o.model_dump() for o in objectives]} "
-                         f"with dense_params {dense_params}")
-    return tuple(UNIT_SCALES[o.unit](values[o.name], dense_params or 0) for o in objectives)
+                         f"with dense sizes {dict(dense)}")
+    return tuple(UNIT_SCALES[o.unit](values[o.name], dense.get(o.unit, 0)) for o in objectives)
 
 
-def front_hypervolume(front: Mapping[str, Any], dense_params: int | None) -> float | None:
+def front_hypervolume(front: Mapping[str, Any], dense: Dense) -> float | None:
     """Hypervolume of a front snapshot (`objectives` and `points`) on the shared scaling; None if not `scalable`."""
     objectives = [Objective.model_validate(o) for o in front["objectives"]]
-    if not scalable(objectives, dense_params):
+    if not scalable(objectives, dense):
         return None
-    points = [scaled(p["objectives"], objectives, dense_params) for p in front["points"]]
+    points = [scaled(p["objectives"], objectives, dense) for p in front["points"]]
     return hypervolume(points, (1.0,) * len(objectives))
 
 
 def hypervolume_by_generation(
-    trials: Iterable[tuple[int, Mapping[str, float]]], objectives: Sequence[Objective], dense_params: int | None
+    trials: Iterable[tuple[int, Mapping[str, float]]], objectives: Sequence[Objective], dense: Dense
 ) -> dict[int, float]:
     """Hypervolume of everything scored up to each generation.
 
     Args:
         trials: (generation, objective values by name) of each final-stage candidate.
         objectives: The front's objectives (`scalable` ones).
-        dense_params: The dense model's parameter count.
+        dense: The dense model's size by unit (`dense_sizes`).
 
     Returns:
         generation -> hypervolume of the candidates of that generation and all earlier ones (non-decreasing).
@@ -87,18 +92,20 @@ def hypervolume_by_generation(
     seen: list[tuple[float, ...]] = []
     reference = (1.0,) * len(objectives)
     for generation, values in sorted(trials, key=lambda t: t[0]):
-        seen.append(scaled(values, objectives, dense_params))
+        seen.append(scaled(values, objectives, dense))
         history[generation] = hypervolume(seen, reference)  # the last trial of a generation sets its value
     return history
 
 
-def dense_params(store: JobStore, job_id: str) -> int | None:
-    """The dense model's parameter count, from the job's `prepared` event (None before it is prepared)."""
+def dense_sizes(store: JobStore, job_id: str) -> dict[str, int]:
+    """The dense model's size by unit, from the job's `prepared` event: `parameters` (its `dense.params`) and, for
+    a joint job, `bytes` (its `dense_memory`); {} before it is prepared."""
     for event in store.events(job_id, count=20):
         if event["kind"] == "prepared":
-            dense = (event["data"].get("dense") or {}).get("params")
-            return int(dense) if dense else None
-    return None
+            data = event["data"]
+            sizes = {"parameters": (data.get("dense") or {}).get("params"), "bytes": data.get("dense_memory")}
+            return {unit: int(size) for unit, size in sizes.items() if size}
+    return {}
 
 
 @functools.lru_cache(maxsize=32)
@@ -129,11 +136,12 @@ def job_history(store: JobStore, redis_url: str, job_id: str) -> dict[str, Any]:
     """Per generation: best fitness per target and front size (the driver's reports) and the hypervolume.
 
     Returns:
-        `{dense_params, points: [{generation, best, front_size, hypervolume}]}`, oldest generation first;
-        hypervolume is None when the front's objectives have no scaling yet (no front, or the dense size unknown).
+        `{dense_params, dense_bytes, points: [{generation, best, front_size, hypervolume}]}`, oldest generation
+        first; hypervolume is None when the front's objectives have no scaling yet (no front, or the dense size
+        unknown).
     """
     reports = [e["data"] for e in store.events(job_id, count=10_000) if e["kind"] == "generation"]
-    dense = dense_params(store, job_id)
+    dense = dense_sizes(store, job_id)
     objectives = [Objective.model_validate(o) for o in store.get_front(job_id)["objectives"]]
     volumes = {}
     if scalable(objectives, dense):
@@ -145,4 +153,4 @@ def job_history(store: JobStore, redis_url: str, job_id: str) -> dict[str, Any]:
         points.append({"generation": generation, "best": report.get("best") or {},
                        "front_size": report.get("front_size"),
                        "hypervolume": volumes[max(known)] if known else None})
-    return {"dense_params": dense, "points": points}
+    return {"dense_params": dense.get("parameters"), "dense_bytes": dense.get("bytes"), "points": points}

@@ -93,7 +93,7 @@ class StoreCollector:
             if progress.get("generation") is not None:
                 generation.add_metric([job_id], int(progress["generation"]))
             size.add_metric([job_id], len(front["points"]))
-            hypervolume = history.front_hypervolume(front, history.dense_params(self._store, job_id))
+            hypervolume = history.front_hypervolume(front, history.dense_sizes(self._store, job_id))
             if front["points"] and hypervolume is not None:
                 volume.add_metric([job_id], hypervolume)
         yield from (done, planned, generation, size, volume)

@@ -181,5 +181,8 @@ class History(BaseModel):
 
     job_id: str
     dense_params: int | None = Field(description="The dense model's parameters; None until the job is prepared.")
-    scaling: str = Field(description="How the two objectives are scaled for the hypervolume.")
+    dense_bytes: int | None = Field(default=None, description="A joint job's dense model's memory at its "
+                                    "deployment point, every KV group at its first pair (16-bit unless joint.kv16 "
+                                    "is off), bytes; None for other methods and until the job is prepared.")
+    scaling: str = Field(description="How the objectives are scaled for the hypervolume.")
     points: list[HistoryPoint]

@@ -111,7 +111,7 @@ def test_history_hypervolume_grows_to_the_fronts(run):
     assert all(v is not None for v in volumes) and volumes == sorted(volumes) and 0 < volumes[-1] < 1
     front = client.front(job.id)
     # the front is the non-dominated set of all candidates, so it has the same hypervolume as all of them
-    assert volumes[-1] == pytest.approx(front_hypervolume(front.model_dump(), history.dense_params))
+    assert volumes[-1] == pytest.approx(front_hypervolume(front.model_dump(), {"parameters": history.dense_params}))
     assert set(history.points[-1].best) == {str(t) for t in SPEC["prune"]["targets"]}
 
 

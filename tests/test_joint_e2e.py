@@ -11,6 +11,7 @@ import pytest
 
 from darwinfront.core.methods import parse_spec
 from darwinfront.stack import EmbeddedStack
+from service.history import front_hypervolume
 from workers import fitness, modeling
 from workers.job_inputs import token_pools
 from workers.joint_load import load_joint
@@ -72,6 +73,15 @@ def test_joint_job_end_to_end(http, tmp_path):
     kls = [p["objectives"]["kl"] for p in points]
     assert len(points) >= 2 and memory == sorted(memory) and kls == sorted(kls, reverse=True)
     assert all(m <= 2**20 for m in memory)  # the cap
+
+    # the history scales memory by the dense model's at the deployment point: every generation has a hypervolume,
+    # growing, the last one the final front's
+    history = http.get(f"/v1/jobs/{job['id']}/history").json()
+    prepared = next(e for e in http.get(f"/v1/jobs/{job['id']}/events").json()["events"] if e["kind"] == "prepared")
+    assert history["dense_bytes"] == prepared["data"]["dense_memory"] > max(memory)
+    volumes = [p["hypervolume"] for p in history["points"]]
+    assert len(volumes) >= 2 and None not in volumes and volumes == sorted(volumes) and 0 < volumes[-1] < 1
+    assert volumes[-1] == pytest.approx(front_hypervolume(front, {"bytes": history["dense_bytes"]}))
 
     point = points[len(points) // 2]
     configuration = http.get(f"/v1/jobs/{job['id']}/candidates/{point['candidate_id']}/config").json()

@@ -141,6 +141,8 @@ def record(study: optuna.Study, space: JointSpace, reply: dict) -> None:
     dists = {name: IntDistribution(0, top) for name, top in _tops(space).items()}
     attrs = {k: reply[k] for k in ("candidate_id", "genome", "round", "weight_bytes", "cache_bytes", "params",
                                    "seconds") if reply.get(k) is not None}
+    if "round" in attrs:  # the generation whose report first holds it (round r completes generation r + 1)
+        attrs["generation"] = attrs["round"] + 1
     if reply.get("error"):
         trial = optuna.trial.create_trial(state=TrialState.FAIL, params=params, distributions=dists,
                                           user_attrs={**attrs, "error": reply["error"]})
