@@ -88,21 +88,25 @@ def main() -> None:
                                             space.levels.n_layers), space.cache, space.deployment)
     targets = spec["prune"]["targets"]
 
-    def run(strategy) -> list[JointGenome]:
-        asked = []
-        while not strategy.finished:
-            for request in strategy.ask():
-                strategy.tell(request.candidate_id, score(request.genome))
-                asked.append(request.genome)
-        return asked
-
     def in_full(genome: JointGenome, choice: list[int]) -> JointGenome:
         return JointGenome(genome.attn, genome.mlp, tuple(choice))
 
+    def run(strategy, full=lambda genome: genome) -> list[JointGenome]:
+        """Run `strategy` to its end; `full` maps its genomes into the joint space, where they are scored."""
+        asked = []
+        while not strategy.finished:
+            for request in strategy.ask():
+                genome = full(request.genome)
+                strategy.tell(request.candidate_id, score(genome))
+                asked.append(genome)
+        return asked
+
     def pruning(budget: int) -> list[JointGenome]:
+        """The pruning search at 16-bit KV: its one-group genomes scored as every group at (16, 16) (choice 0)."""
         seeds = joint_search.seed_genomes(kv16, targets)
         return run(joint_search.build("evolution", kv16, seeds, seed=args.seed, budget=budget,
-                                      round_size=args.population, kv_rate=0.0))
+                                      round_size=args.population, kv_rate=0.0),
+                   full=lambda genome: in_full(genome, [0] * len(space.kv.groups)))
 
     def kv_only(budget: int) -> list[list[int]]:
         dense_kv = KVSpace(tuple(KVGroup(g.layers, tuple(p for p in g.candidates if p != (16, 16)))
@@ -137,11 +141,11 @@ def main() -> None:
                                            round_size=args.population))
     t_joint = time.perf_counter() - t0
     print(f"  joint search done: {len(kl_of)} evaluations in {t_joint:.0f} s", flush=True)
-    arms["(b) pruning, 16-bit KV"] = [in_full(g, [0] * len(space.kv.groups)) for g in pruning(args.budget)]
+    arms["(b) pruning, 16-bit KV"] = pruning(args.budget)
     best_a = None
     for parts in (6, 4, 3):
         s = args.budget // parts
-        prune_front = front_of([in_full(g, [0] * len(space.kv.groups)) for g in pruning(s)], memory=False)
+        prune_front = front_of(pruning(s), memory=False)
         kv_genomes = kv_only(s)
         kv_front = front_of(kv_genomes)
         room = args.budget - 2 * s
@@ -150,7 +154,7 @@ def main() -> None:
                  for k in _even(sorted(kv_front, key=space.memory), n_k)]
         for genome in pairs:
             score(genome)
-        evaluated = [in_full(g, [0] * len(space.kv.groups)) for g in prune_front] + kv_genomes + pairs
+        evaluated = prune_front + kv_genomes + pairs
         hv = hypervolume_2d(points(front_of(evaluated)), reference)
         print(f"  (a) split {s}+{s} evaluations, fronts {len(prune_front)} x {len(kv_front)} thinned to "
               f"{n_p} x {n_k} = {len(pairs)} pairs ({2 * s + len(pairs)} evaluations in all): hypervolume {hv:.4f}",
