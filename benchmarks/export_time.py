@@ -1,7 +1,8 @@
 """Export time and disk per front point, side by side in one run: the weights' safetensors alone, the archive as
 the issue found it (fp32, gzip at level 9 in the driver), as the driver wrote it before this change (plain tar
 of a directory on its own disk), and as it is now (saved in the model's dtype by an evaluator in another Ray
-process with its own cache directory, streamed through Ray in chunks into the driver's hashed tar).
+process with its own cache directory, then packed into the driver's hashed tar: read from the disk, as on one
+machine, or streamed through Ray in chunks, as from another node).
 
 One candidate of `--model` with `--cut` of every layer's MLP channels removed stands for a front point. The
 gzip arm compresses the first `--gzip-mib` MiB of the archive and is extrapolated linearly (level 9 on weights
@@ -154,7 +155,8 @@ def main() -> None:
 
     # before: save_pruned in fp32 on the driver's disk, then a tar of that folder (the main commit's code) and
     # the issue's gzip -9 of the same tar; after: an evaluator in another process, with its own cache dir, saves
-    # in the model's dtype and the driver streams the folder through Ray into its hashed tar. Arms interleaved,
+    # in the model's dtype and the driver packs the folder into its hashed tar, reading it from the disk (it sees
+    # the folder: one machine) or streaming it through Ray (what an evaluator on another node costs). Arms interleaved,
     # `--repeats` times, the disk synced before each; the best of each arm is kept.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     env = {"env_vars": {"DARWINFRONT_CACHE_DIR": str(scratch / "evaluator-cache"), "OMP_NUM_THREADS": "1"}}
@@ -174,11 +176,12 @@ def main() -> None:
         shutil.rmtree(folder)
         return meta
 
-    def after(dtype: str) -> dict:
+    def after(dtype: str, through_ray: bool) -> dict:
         where, save_seconds = ray.get(exporter.export.remote(dtype))
         where = transfer.Located.from_dict(where)
         peak = sum(size for _, size in transfer.listing(where))
-        meta, stream_seconds = timed(lambda: artifacts.archive_from(scratch / "data", "after", "point", where))
+        meta, stream_seconds = timed(lambda: artifacts.archive_from(scratch / "data", "after", "point", where,
+                                                                    through_ray=through_ray))
         transfer.discard(where)
         (scratch / "data" / "artifacts" / meta["path"]).unlink()
         return {"seconds": save_seconds + stream_seconds, "save_s": save_seconds, "stream_s": stream_seconds,
@@ -196,8 +199,9 @@ def main() -> None:
         best(rows, "before: fp32 + gzip -9 (issue)",
              {"seconds": seconds + meta["size"] / rate, "bytes": None, "gzip_mb_s": rate / 1e6})
         for dtype in sorted({own, "bfloat16"}):
-            os.sync()
-            best(rows, f"after: {dtype}, evaluator save + Ray stream", after(dtype))
+            for through_ray, how in ((False, "read here"), (True, "Ray stream")):
+                os.sync()
+                best(rows, f"after: {dtype}, evaluator save + {how}", after(dtype, through_ray))
     ray.shutdown()
     shutil.rmtree(scratch, ignore_errors=True)
 

@@ -38,6 +38,11 @@ def _tree(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): _sha(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _members(archive: Path) -> dict[str, str]:
+    with tarfile.open(archive, "r:") as tar:
+        return {m.name: hashlib.sha256(tar.extractfile(m).read()).hexdigest() for m in tar.getmembers()}
+
+
 @pytest.fixture(scope="module")
 def local_ray(micro_dir):
     init_ray(num_cpus=2)
@@ -80,7 +85,14 @@ def test_the_database_and_the_builtin_model_reach_an_evaluator_with_other_direct
     exported = transfer.Located.from_dict(reply["files"])
     assert Path(exported.path).is_relative_to(elsewhere["cache"])  # written where the driver does not look
     data_dir = tmp_path / "driver-data"
+    # this process sees the folder (one machine): read from the disk; another node's comes through Ray
+    assert transfer.seen_here(exported) == transfer.Located(None, exported.path)
+    elsewhere_node = transfer.Located("f" * 56, exported.path)
+    assert transfer.seen_here(elsewhere_node) == elsewhere_node
+    assert transfer.seen_here(transfer.Located(exported.node, exported.path + "-gone")).node == exported.node
+    streamed = artifacts.archive_from(data_dir, "streamed", "c1", exported, through_ray=True)
     meta = artifacts.archive_from(data_dir, "job", "c1", exported)
+    assert _members(data_dir / "artifacts" / streamed["path"]) == _members(data_dir / "artifacts" / meta["path"])
     transfer.discard(exported)
     assert not Path(exported.path).exists()
     archive = data_dir / "artifacts" / meta["path"]

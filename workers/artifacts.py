@@ -4,7 +4,8 @@ An archive is a plain (uncompressed) tar of the saved model directory: safetenso
 (zstd gains a few per cent on them, see docs/BENCHMARKS.md "Exports"), and gzip at its highest level ran at
 about 2.4 MB/s here, minutes per front point of a 0.5 B model. The directory may lie on another Ray node (an
 evaluator exported it there): its files come through Ray chunk by chunk (`workers.transfer`) straight into the
-tar, and the SHA-256 is taken from the bytes as they are written, so nothing holds a whole file in memory.
+tar (read from the disk instead when this process sees the folder), and the SHA-256 is taken from the bytes as
+they are written, so nothing holds a whole file in memory.
 """
 
 from __future__ import annotations
@@ -51,14 +52,20 @@ def archive_exported(data_dir: Path, job_id: str, candidate_id: str, files: dict
         transfer.discard(source)
 
 
-def archive_from(data_dir: Path, job_id: str, candidate_id: str, source: transfer.Located) -> dict:
+def archive_from(data_dir: Path, job_id: str, candidate_id: str, source: transfer.Located, *,
+                 through_ray: bool = False) -> dict:
     """Pack the saved model directory `source`, on whichever node holds it, as `<candidate_id>.tar` under
     `data_dir`; return the metadata the store keeps (path, size, sha256, files).
+
+    A folder this process sees (`transfer.seen_here`: an evaluator on the driver's machine) is read from the
+    disk; another node's comes through Ray. `through_ray` streams it through Ray even so (what another node's
+    export costs, for benchmarks).
 
     Raises:
         RuntimeError: `source` holds no files (an export that wrote nothing is never reported as a success).
         OSError: a file came short (it changed or went away meanwhile); no archive is left behind.
     """
+    source = source if through_ray else transfer.seen_here(source)
     files = transfer.listing(source)
     if not files:
         where = f" on node {source.node}" if source.node else ""

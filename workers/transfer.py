@@ -58,6 +58,16 @@ def here(path: str | Path) -> Located:
     return Located(node_id(), str(path))
 
 
+def seen_here(where: Located) -> Located:
+    """`where` as a folder of this process's disk when this process sees it (its Ray node, and the path is there:
+    one machine, one filesystem), so it is read without Ray; else `where` unchanged. Export folders have fresh
+    uuid names, so a path seen here is the same folder; containers of one Ray node with disks of their own do not
+    see each other's and keep reading through Ray."""
+    if where.node is not None and where.node == node_id() and Path(where.path).is_dir():
+        return Located(None, where.path)
+    return where
+
+
 def list_files(directory: str) -> list[tuple[str, int]]:
     """The regular files under `directory`, recursively: (path relative to it, POSIX style; size), sorted."""
     root = Path(directory)
