@@ -14,7 +14,7 @@ from service.history import front_hypervolume, hypervolume_by_generation, scaled
 pytest_plugins = ["service_fixtures"]
 
 SPEC = {"model": {"source": "builtin:micro-llama"}, "prune": {"targets": [0.5]}}
-DENSE = 1000
+DENSE = {"parameters": 1000}  # the dense model's size by unit, as history.dense_sizes reads it
 # (1 - e^-KL, params / dense) = (0.5, 0.5) and (0.75, 0.25): hypervolume 0.25 * 0.25 + 0.5 * 0.5 = 0.3125.
 FRONT = [
     {"candidate_id": "small", "objectives": {"kl": math.log(4), "params": 250}, "target": 0.75, "generation": 1},
@@ -45,23 +45,32 @@ def test_hypervolume_known_answers():
     snapshot = {"objectives": methods.get("structured_prune").stored_objectives(), "points": FRONT}
     assert front_hypervolume(snapshot, DENSE) == pytest.approx(0.3125)
     assert front_hypervolume({**snapshot, "points": []}, DENSE) == 0.0
-    assert front_hypervolume(snapshot, None) is None  # parameters need the dense size
+    assert front_hypervolume(snapshot, {}) is None  # parameters need the dense size
     # up to generation 0 only "half" counts; generation 1 adds "small"; a dominated point changes nothing
     trials = [(0, {"kl": math.log(2), "params": 500}), (1, {"kl": math.log(4), "params": 250}),
               (1, {"kl": 5.0, "params": 900})]
     assert hypervolume_by_generation(trials, prune, DENSE) == pytest.approx({0: 0.25, 1: 0.3125})
-    with pytest.raises(ValueError, match="dense_params"):
-        scaled({"kl": 0.1, "params": 10}, prune, 0)
+    with pytest.raises(ValueError, match="dense sizes"):
+        scaled({"kl": 0.1, "params": 10}, prune, {"parameters": 0})
 
 
 def test_a_kv_front_is_scaled_by_its_bits_and_an_unknown_unit_has_no_hypervolume():
     # (1 - e^-KL, bits / 16) = (0.5, 0.25): the box to (1, 1) is 0.5 * 0.75
     kv = {"objectives": methods.get("kv_precision").stored_objectives(),
           "points": [{"candidate_id": "kv-1", "objectives": {"kl": math.log(2), "bits": 4.0}}]}
-    assert front_hypervolume(kv, None) == pytest.approx(0.375)
+    assert front_hypervolume(kv, {}) == pytest.approx(0.375)
     odd = {"objectives": [{"name": "kl", "direction": "minimize", "unit": "nats"},
                           {"name": "latency", "direction": "minimize", "unit": "ms"}], "points": []}
     assert front_hypervolume(odd, DENSE) is None
+
+
+def test_a_joint_front_is_scaled_by_the_dense_memory():
+    # (1 - e^-KL, bytes / dense bytes) = (0.5, 0.25) and (0.75, 0.125): 0.5 * 0.75 + 0.25 * 0.125 = 0.40625
+    joint = {"objectives": methods.get("joint").stored_objectives(),
+             "points": [{"candidate_id": "a", "objectives": {"kl": math.log(2), "memory": 2000}},
+                        {"candidate_id": "b", "objectives": {"kl": math.log(4), "memory": 1000}}]}
+    assert front_hypervolume(joint, {"bytes": 8000}) == pytest.approx(0.40625)
+    assert front_hypervolume(joint, {"parameters": 8000}) is None  # the dense memory is not known
 
 
 def test_metrics_report_jobs_queue_evaluations_and_fronts(api_client, store, redis_client):
@@ -69,7 +78,7 @@ def test_metrics_report_jobs_queue_evaluations_and_fronts(api_client, store, red
     running = api_client.post("/v1/jobs", json=SPEC).json()["id"]
     assert store.claim("d1", timeout=0) == queued  # the oldest is taken first: it runs, `running` waits
     running, queued = queued, running
-    store.append_event(running, "prepared", {"dense": {"params": DENSE}})
+    store.append_event(running, "prepared", {"dense": {"params": DENSE["parameters"]}})
     store.set_front(running, FRONT, objectives=methods.get("structured_prune").stored_objectives())
     store.set_progress(running, {"generation": 1, "evaluations": 7, "planned": 20})
     telemetry = TelemetryStore(redis_client)
