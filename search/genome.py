@@ -3,8 +3,9 @@
 A genome says, for every decoder layer, how many attention level steps (KV groups or query heads) and how many
 MLP level steps (`mlp_step` channels each) are removed. All layers of a model have the same shape, so every level
 step of a group costs the same number of parameters: a mutation that raises one layer and lowers another in the
-same group keeps the parameter count exactly. (With query-head units, a layer whose attention reaches the top
-level also frees its K/V heads, `attn_shared_params`; moving a layer to or from the top changes the count by it.)
+same group keeps the parameter count exactly. (A layer whose attention reaches the top level also frees what
+the attention holds outside its units, `attn_shared_params`: its K/V heads under query-head units, its per-head q/k
+norms; moving a layer to or from the top changes the count by it.)
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ class LevelSpace:
             rows for KV-group units; biases included).
         mlp_level_params: parameters one MLP level step holds.
         dense_params: parameters of the whole dense model (embeddings included).
-        attn_shared_params: attention parameters outside the steps, freed only at the top level (K/V heads
-            under query-head units; 0 for KV groups).
+        attn_shared_params: attention parameters outside the steps, freed only at the top level (the
+            attention's own norms, such as per-head q/k norms, and the K/V heads under query-head units).
     """
 
     n_layers: int

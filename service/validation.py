@@ -6,9 +6,11 @@ job exists. Paths are resolved (symlinks followed) and must land under an allowe
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+from darwinfront.architectures import SUPPORTED_ARCHITECTURES, unsupported
 from darwinfront.core.errors import InvalidSpec
 from darwinfront.core.settings import Settings
 from darwinfront.core.spec import JobSpec
@@ -88,6 +90,19 @@ def check_model_source(source: str, settings: Settings) -> None:
         raise InvalidSpec(field, f"model directory {source!r} does not exist")
     if not _is("is_file", path / "config.json"):
         raise InvalidSpec(field, f"model directory {source!r} has no config.json (not a Hugging Face model)")
+    check_architecture(path / "config.json", field)
+
+
+def check_architecture(config: Path, field: str) -> None:
+    """Refuse a model directory whose `config.json` names only architectures darwinfront does not prune (a pruned
+    export, `Pruned<family>ForCausalLM`, is its family's); one that names none is left to the job to find out."""
+    try:
+        named = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError) as error:
+        raise InvalidSpec(field, f"{config} is not a readable JSON config: {error}") from None
+    known = set(SUPPORTED_ARCHITECTURES) | {f"Pruned{a}" for a in SUPPORTED_ARCHITECTURES}
+    if named and not known & set(map(str, named)):
+        raise InvalidSpec(field, unsupported(", ".join(map(str, named))))
 
 
 def check_data_source(source: str, settings: Settings) -> None:

@@ -43,32 +43,40 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
 
-SURGERY_KINDS = ("llama_gqa", "llama_mha", "llama_bias", "qwen2_bias")
+SURGERY_KINDS = ("llama_gqa", "llama_mha", "llama_bias", "qwen2_bias", "qwen3", "gemma2", "gemma3")
 
 
 def tiny_model(kind: str = "llama_gqa", seed: int = 0):
     """A randomly initialised tiny causal LM built from a config (no training, no download).
 
     Kinds: `llama_gqa` (4 query heads on 2 KV heads, tied embeddings), `llama_mha` (4 heads, 4 KV heads),
-    `llama_bias` (GQA with attention and MLP biases), `qwen2_bias` (Qwen2: q/k/v biases, untied embeddings).
-    Weights are drawn wider than the usual init and biases are non-zero, so every unit visibly matters.
+    `llama_bias` (GQA with attention and MLP biases), `qwen2_bias` (Qwen2: q/k/v biases, untied embeddings),
+    `qwen3` (per-head q/k norms, GQA, untied), `gemma2` (GeGLU, pre/post norms, soft-capping, sliding-window
+    layers of 4 tokens between global ones, tied) and `gemma3` (Gemma 2's layout with per-head q/k norms, a
+    sliding, a global and a sliding layer). Weights are drawn wider than the usual init and biases are
+    non-zero, so every unit visibly matters.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     common = dict(
         vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, head_dim=8,
         intermediate_size=48, max_position_embeddings=64, initializer_range=0.15,
     )
+    gqa = dict(num_key_value_heads=2)
+    window = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    name, extra = {
+        "llama_gqa": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+        "llama_mha": ("Llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
+        "llama_bias": ("Llama", dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+                                     tie_word_embeddings=False)),
+        "qwen2_bias": ("Qwen2", dict(**gqa, tie_word_embeddings=False)),
+        "qwen3": ("Qwen3", dict(**gqa, tie_word_embeddings=False)),
+        "gemma2": ("Gemma2", dict(**gqa, **window)),
+        "gemma3": ("Gemma3", dict(**gqa, **window)),
+    }[kind]
+    config_class = getattr(transformers, "Gemma3TextConfig" if name == "Gemma3" else f"{name}Config")
     torch.manual_seed(seed)
-    if kind == "qwen2_bias":
-        model = Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common))
-    else:
-        extra = {
-            "llama_gqa": dict(num_key_value_heads=2, tie_word_embeddings=True),
-            "llama_mha": dict(num_key_value_heads=4, tie_word_embeddings=True),
-            "llama_bias": dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
-        }[kind]
-        model = LlamaForCausalLM(LlamaConfig(**common, **extra))
+    model = getattr(transformers, f"{name}ForCausalLM")(config_class(**common, **extra))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
@@ -104,7 +112,7 @@ def random_llama():
 @pytest.fixture(params=SURGERY_KINDS)
 def surgery_kind(request) -> str:
     """Each tiny random architecture the slicer must handle (build it with `tiny_model(kind)`): GQA Llama, MHA
-    Llama, Llama with attention and MLP biases, Qwen2 with q/k/v biases."""
+    Llama, Llama with attention and MLP biases, Qwen2 with q/k/v biases, Qwen3, Gemma 2 and Gemma 3."""
     return request.param
 
 

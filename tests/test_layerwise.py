@@ -21,6 +21,8 @@ MODELS = {
     "llama_sdpa_fp64": lambda: tiny_model(layers=3),
     "llama_eager_fp64": lambda: tiny_model(layers=3, attn_implementation="eager"),  # a mask tensor in kwargs
     "qwen2_bias_fp32": lambda: surgery_model("qwen2_bias"),
+    # sliding-window and global layers, each with its own mask and rotary base: a walk on layer 0's kwargs differs
+    "gemma3_fp32": lambda: surgery_model("gemma3"),
 }
 
 
@@ -45,9 +47,9 @@ def test_walked_hidden_states_equal_the_full_models_layer_inputs(name):
     want = _full_model_layer_inputs(model, calib, batch_size=4)
     inputs = first_layer_inputs(model, calib, batch_size=4)
     assert [x.hidden.shape[0] for x in inputs] == [4, 4, 2]
-    for layer, expected in zip(decoder_layers(model), want, strict=True):
+    for i, (layer, expected) in enumerate(zip(decoder_layers(model), want, strict=True)):
         assert all(torch.equal(x.hidden, e) for x, e in zip(inputs, expected, strict=True))
-        run_layer(layer, inputs)
+        run_layer(layer, inputs, i)
 
 
 def test_layerwise_stats_equal_input_stats_and_stop_after_the_last_layer_asked():

@@ -170,7 +170,7 @@ def level_space(model: nn.Module, table: LevelTable) -> LevelSpace:
         attn_unit_params=table.attn_step * unit,
         mlp_level_params=table.mlp_step * channel,
         dense_params=slicing.count_parameters(model),
-        # the K/V heads go with the attention only when the top level removes every query head
+        # what the attention holds outside its units goes with it only when the top level removes every unit
         attn_shared_params=shared if table.removed("attn", table.attn_levels) == units else 0,
         attn_implant_levels=table.implant_levels("attn"),
         mlp_implant_levels=table.implant_levels("mlp"),

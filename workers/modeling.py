@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from darwinfront.architectures import SUPPORTED_ARCHITECTURES
 from darwinfront.core.errors import InvalidSpec
 from darwinfront.gguf_files import is_gguf_source
 
@@ -20,8 +19,6 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-_ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -147,32 +144,8 @@ def load_model(
 
 
 def check_architecture(model: nn.Module) -> None:
-    """Raise `InvalidSpec` unless `model` has the Llama-family layout the slicer knows.
+    """Raise `InvalidSpec` unless `model` is of a supported family (`workers.families`) with the layout its
+    adapter names; the message names the architecture and the supported ones."""
+    from workers import families
 
-    That is `model.model.layers[i].self_attn.{q,k,v,o}_proj` and `.mlp.{gate,up,down}_proj` on a
-    LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM.
-    """
-    name = next((c.__name__ for c in type(model).__mro__ if c.__name__ in SUPPORTED_ARCHITECTURES), None)
-    if name is None:  # a pruned model's class subclasses its family's, so it passes
-        raise InvalidSpec(
-            "model.source",
-            f"architecture {type(model).__name__} is not supported; darwinfront prunes "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}",
-        )
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not layers:
-        raise InvalidSpec("model.source", f"{name} has no decoder layers at model.model.layers")
-    config = model.config
-    if config.num_attention_heads % config.num_key_value_heads:
-        raise InvalidSpec(
-            "model.source",
-            f"{config.num_attention_heads} query heads do not split into {config.num_key_value_heads} KV groups",
-        )
-    for i, layer in enumerate(layers):
-        for part, projections in (("self_attn", _ATTN_PROJ), ("mlp", _MLP_PROJ)):
-            module = getattr(layer, part, None)
-            if getattr(module, "darwinfront_empty", False):
-                continue  # a sub-block the slicer removed
-            missing = [p for p in projections if not isinstance(getattr(module, p, None), nn.Linear)]
-            if missing:
-                raise InvalidSpec("model.source", f"layer {i} {part} lacks linear {', '.join(missing)}")
+    families.family_of(model).check(model)

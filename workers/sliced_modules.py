@@ -6,11 +6,10 @@ exported models' own (`workers.pruned_hf.pruned_layers`), so a sliced model comp
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
+from workers import families
 from workers.pruned_hf.pruned_layers import attend_with_kv_index, set_kv_heads
 
 
@@ -18,17 +17,21 @@ class QueryHeadAttention(nn.Module):
     """Self-attention that keeps some query heads and every K/V head (the `q_head` cut).
 
     Each kept query head reads the KV head it read in the dense model (`kv_head_of_query`, as the exported config
-    records it). Works for the architectures `workers.modeling` supports (Llama, Mistral, Qwen2).
+    records it). Runs the family's rotary and eager attention (`workers.families`), its per-head q/k norms and
+    its soft-capping where it has them.
     """
 
-    def __init__(self, attn: nn.Module, heads: tuple[int, ...], group: int):
+    def __init__(self, attn: nn.Module, heads: tuple[int, ...], group: int, family: families.Family):
         super().__init__()
         self.config, self.layer_idx = attn.config, attn.layer_idx
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.attention_dropout, self.is_causal = attn.attention_dropout, attn.is_causal
         self.sliding_window = getattr(attn, "sliding_window", None)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self._family = sys.modules[type(attn).__module__]  # the rotary and eager attention of the model's family
+        if family.head_norms:
+            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.softcap = attn.attn_logit_softcapping if family.softcap else None
+        self._family = family.transformers_code()  # the rotary and eager attention of the model's family
         set_kv_heads(self, [h // group for h in heads])
 
     def forward(
@@ -41,7 +44,8 @@ class QueryHeadAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+        extra = {"softcap": self.softcap} if self.softcap is not None else {}
         return attend_with_kv_index(self, hidden_states, position_embeddings, attention_mask, cache,
                                     rotary=self._family.apply_rotary_pos_emb,
                                     eager=self._family.eager_attention_forward,
-                                    attention_functions=ALL_ATTENTION_FUNCTIONS, **kwargs)
+                                    attention_functions=ALL_ATTENTION_FUNCTIONS, **extra, **kwargs)

@@ -1,4 +1,5 @@
-"""Physical structured slicing of Llama-family models, and the same cut applied as masks.
+"""Physical structured slicing of the supported model families (`workers.families`), and the same cut applied as
+masks.
 
 Units. An attention unit is one KV group (`kv_group`): its key and value heads and the `num_attention_heads /
 num_key_value_heads` query heads that read them. Cutting whole groups keeps `num_key_value_groups` valid, and the
@@ -22,6 +23,8 @@ import torch
 from torch import nn
 
 from darwinfront.core.errors import InvalidSpec
+from workers import families
+from workers.families import Shape
 from workers.pruned_hf.pruned_layers import ImplantAttention, ImplantMLP, NoAttention, NoMLP
 from workers.sliced_modules import QueryHeadAttention
 
@@ -85,43 +88,12 @@ class Layout:
         return cls(layers=layers, attention_unit=data.get("attention_unit", "kv_group"))
 
 
-@dataclass(frozen=True)
-class Dims:
-    """The dense shape of a Llama-family model, as slicing needs it."""
-
-    n_layers: int
-    hidden: int
-    n_kv: int
-    group: int  # query heads per KV group
-    head_dim: int
-    intermediate: int
-    attn_bias: bool
-    mlp_bias: bool
-
-    @property
-    def n_heads(self) -> int:
-        return self.n_kv * self.group
-
-    def attn_units(self, unit: str) -> int:
-        """Attention units per layer: KV groups or query heads."""
-        return self.n_heads if unit == "q_head" else self.n_kv
+Dims = Shape  # the dense shape slicing reads, from the model's family adapter (`workers.families`)
 
 
 def dims(model: nn.Module) -> Dims:
-    """The dense dimensions of `model` (from its config and first layer)."""
-    config = model.config
-    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    return Dims(
-        n_layers=config.num_hidden_layers,
-        hidden=config.hidden_size,
-        n_kv=n_kv,
-        group=n_heads // n_kv,
-        head_dim=head_dim,
-        intermediate=config.intermediate_size,
-        attn_bias=model.model.layers[0].self_attn.k_proj.bias is not None,
-        mlp_bias=model.model.layers[0].mlp.gate_proj.bias is not None,
-    )
+    """The dense dimensions of `model` (its family's reading of its config and first layer)."""
+    return families.shape(model)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -140,10 +112,11 @@ def unit_params(d: Dims, attention_unit: str = "kv_group") -> tuple[int, int]:
 
 
 def shared_attention_params(d: Dims, attention_unit: str = "kv_group") -> int:
-    """Attention parameters outside every unit, freed only with the whole attention: K/V heads under `q_head`."""
+    """Attention parameters outside every unit, freed only with the whole attention: its own norms (Qwen3 and
+    Gemma 3's per-head q/k norms), and the K/V heads under `q_head`."""
     if attention_unit != "q_head":
-        return 0
-    return 2 * (d.hidden + (1 if d.attn_bias else 0)) * d.n_kv * d.head_dim
+        return d.attn_extra_params
+    return d.attn_extra_params + 2 * (d.hidden + (1 if d.attn_bias else 0)) * d.n_kv * d.head_dim
 
 
 def dense_layout(model: nn.Module, attention_unit: str = "kv_group") -> Layout:
@@ -160,10 +133,11 @@ def slice_model(model: nn.Module, layout: Layout) -> nn.Module:
     Returns the same model object.
     """
     _require_dense(model)
-    d = dims(model)
+    family = families.family_of(model)
+    d = family.shape(model)
     _check_layout(layout, d)
-    for i, (layer, keep) in enumerate(zip(model.model.layers, layout.layers, strict=True)):
-        _slice_attention(layer, i, keep.attn_units, d, layout.attention_unit)
+    for i, (layer, keep) in enumerate(zip(family.layers(model), layout.layers, strict=True)):
+        _slice_attention(layer, i, keep.attn_units, d, layout.attention_unit, family)
         _slice_mlp(layer, keep.mlp_channels, d)
         _install_implants(layer, i, keep, d)
     model.config.darwinfront_layout = layout.to_dict()
@@ -376,7 +350,8 @@ def _require_dense(model: nn.Module) -> None:
         raise InvalidSpec("model", "the model is already sliced; slice or mask only a dense model")
 
 
-def _slice_attention(layer: nn.Module, index: int, units: tuple[int, ...], d: Dims, unit: str) -> None:
+def _slice_attention(layer: nn.Module, index: int, units: tuple[int, ...], d: Dims, unit: str,
+                     family: families.Family) -> None:
     """Keep `units` (KV groups, or query heads with every K/V head) of one layer's attention."""
     attn = layer.self_attn
     if not units:
@@ -389,7 +364,7 @@ def _slice_attention(layer: nn.Module, index: int, units: tuple[int, ...], d: Di
     attn.q_proj = _take(attn.q_proj, q_rows, dim=0)
     attn.o_proj = _take(attn.o_proj, q_rows, dim=1)
     if unit == "q_head":
-        layer.self_attn = QueryHeadAttention(attn, units, d.group)
+        layer.self_attn = QueryHeadAttention(attn, units, d.group, family)
         return
     kv_rows = _spans(units, d.head_dim, device)
     attn.k_proj = _take(attn.k_proj, kv_rows, dim=0)

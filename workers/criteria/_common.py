@@ -17,13 +17,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from workers import families
+
 KINDS = ("attn", "mlp")
 ATTENTION_UNITS = ("kv_group", "q_head")
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """The shape of a Llama-family decoder as the criteria see it."""
+    """The shape of a decoder stack as the criteria see it (read from `workers.families.shape`)."""
 
     n_layers: int
     hidden: int
@@ -57,12 +59,8 @@ class Geometry:
     def of(cls, model: nn.Module, unit: str = "kv_group") -> Geometry:
         """The geometry of `model` with attention units `unit` ("kv_group" or "q_head")."""
         check_unit(unit)
-        cfg = model.config
-        n_heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-        assert n_heads % n_kv == 0, (n_heads, n_kv)
-        return cls(cfg.num_hidden_layers, cfg.hidden_size, n_heads, n_kv, head_dim, cfg.intermediate_size, unit)
+        d = families.shape(model)
+        return cls(d.n_layers, d.hidden, d.n_heads, d.n_kv, d.head_dim, d.intermediate, unit)
 
 
 def check_unit(unit: str) -> None:
@@ -216,50 +214,69 @@ def input_stats(
 
 @dataclass
 class LayerInput:
-    """One micro-batch as a decoder layer receives it.
+    """One micro-batch as the decoder layers receive it.
 
     Attributes:
         hidden: the hidden states (B, T, d), replaced by each layer's output as the stack is walked.
-        kwargs: the keyword arguments the model passes every layer (position embeddings, attention mask,
-            position ids, cache settings), as captured at the first layer.
+        kwargs: per decoder layer, the keyword arguments the model passes it (position embeddings, attention
+            mask, position ids, cache settings). They differ between layers of different types (a sliding-window
+            layer's mask and rotary base are its own: Gemma, Qwen3); layers of one type share the same tensors.
     """
 
     hidden: torch.Tensor
-    kwargs: dict
+    kwargs: list[dict]
 
 
 class _Caught(Exception):
-    """Ends a forward pass once the first decoder layer's inputs are stored."""
+    """Ends a forward pass once every decoder layer's inputs are stored."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during `first_layer_inputs`: stores what it is called with, runs nothing."""
+
+    def __init__(self, index: int, last: bool, calls: list):
+        super().__init__()
+        self.index, self.last, self.calls = index, last, calls
+
+    def forward(self, *args, **kwargs):
+        assert len(args) == 1, f"expected the hidden states as the only positional argument, got {len(args)}"
+        self.calls.append((self.index, args[0], dict(kwargs)))
+        if self.last:
+            raise _Caught
+        return args[0]
 
 
 @torch.no_grad()
 def first_layer_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int) -> list[LayerInput]:
-    """The first decoder layer's inputs for every micro-batch of `calibration`; no decoder layer runs."""
+    """The first decoder layer's hidden states and every layer's keyword arguments, for every micro-batch of
+    `calibration`; no decoder layer runs (each is swapped for a recorder for the duration)."""
+    layers = getattr(model, "model", model).layers
+    dense = list(layers)
+    calls: list = []
     inputs: list[LayerInput] = []
-
-    def catch(_m, args, kwargs):
-        assert len(args) == 1, f"expected the hidden states as the only positional argument, got {len(args)}"
-        inputs.append(LayerInput(args[0], dict(kwargs)))
-        raise _Caught
-
-    handle = decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
+        for i in range(len(dense)):
+            layers[i] = _Recorder(i, i == len(dense) - 1, calls)
         for ids in micro_batches(calibration, batch_size):
+            calls.clear()
             with suppress(_Caught):
                 run_body(model, ids)
+            assert [i for i, _, _ in calls] == list(range(len(dense))), "the model skipped or repeated a layer"
+            inputs.append(LayerInput(calls[0][1], [kwargs for _, _, kwargs in calls]))
     finally:
-        handle.remove()
+        for i, layer in enumerate(dense):
+            layers[i] = layer
     return inputs
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> None:
-    """Run one decoder layer on every stored micro-batch, replacing its hidden states by the layer's output.
+def run_layer(layer: nn.Module, inputs: list[LayerInput], index: int) -> None:
+    """Run decoder layer `index` on every stored micro-batch, replacing its hidden states by the layer's output.
 
     In place, so that walking the stack holds one copy of the hidden states (N·T·d) at a time.
     """
     for x in inputs:
-        x.hidden = layer(x.hidden, **x.kwargs)  # (B, T, d)
+        x.hidden = layer(x.hidden, **x.kwargs[index])  # (B, T, d)
 
 
 def layerwise_stats(
@@ -285,7 +302,7 @@ def layerwise_stats(
         handles: list = []
         stats = _attach_stats(layer, kinds, gram, handles) if i in wanted else None
         try:
-            run_layer(layer, inputs)
+            run_layer(layer, inputs, i)
         finally:
             for h in handles:
                 h.remove()

@@ -8,69 +8,29 @@ classes, imported from this package rather than run from the directory, so an ar
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from darwinfront.architectures import SUPPORTED_ARCHITECTURES
 from darwinfront.core.errors import InvalidSpec
+from workers import families
+from workers.families import Family
 
 _HERE = Path(__file__).resolve().parent
 SHARED_CODE = "pruned_layers.py"
 
 
-@dataclass(frozen=True)
-class Family:
-    """One supported model family: `name` as in `modeling_pruned_<name>.py`, `prefix` as in `<prefix>ForCausalLM`."""
-
-    name: str
-    prefix: str
-
-    @property
-    def module(self) -> str:
-        return f"modeling_pruned_{self.name}"
-
-    @property
-    def model_type(self) -> str:
-        return f"darwinfront_{self.name}"
-
-    @property
-    def config_class(self) -> type:
-        return getattr(self._classes(), f"Pruned{self.prefix}Config")
-
-    @property
-    def causal_lm_class(self) -> type:
-        return getattr(self._classes(), f"Pruned{self.prefix}ForCausalLM")
-
-    def auto_map(self) -> dict:
-        return {"AutoConfig": f"{self.module}.Pruned{self.prefix}Config",
-                "AutoModelForCausalLM": f"{self.module}.Pruned{self.prefix}ForCausalLM"}
-
-    def _classes(self):
-        return importlib.import_module(f"{__package__}.{self.module}")
-
-
-FAMILIES = {f"{prefix}ForCausalLM": Family(prefix.lower(), prefix) for prefix in ("Llama", "Mistral", "Qwen2")}
-assert set(FAMILIES) == set(SUPPORTED_ARCHITECTURES)
-
-
-def family_of(model: nn.Module) -> Family:
-    """The family of a dense, sliced or pruned-class model (the first supported class it is, or subclasses)."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__]
-    raise InvalidSpec("model", f"{type(model).__name__} is none of {', '.join(FAMILIES)}")
+FAMILIES = families.FAMILIES
+family_of = families.family_of
 
 
 def layer_shapes(model: nn.Module) -> list[dict]:
     """Each decoder layer's kept widths, read from its modules: what `config.layer_shapes` records."""
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = families.head_dim(config)
     shapes = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
