@@ -144,6 +144,7 @@ def prune(form: ConvexForm, x: torch.Tensor, *, rtol: float = 1e-10) -> ConvexFo
         if rank == active.numel():
             break
         eta = vh[-1]  # (a,) a null vector: fits @ eta ≈ 0
+        eta = torch.where(eta.abs() > rtol * eta.abs().max(), eta, 0.0)  # rounding noise would steer the sign
         penalties = current.v.norm(dim=1)
         if penalties @ eta < 0 or (penalties @ eta == 0 and eta.max() <= 0):
             eta = -eta
@@ -153,6 +154,8 @@ def prune(form: ConvexForm, x: torch.Tensor, *, rtol: float = 1e-10) -> ConvexFo
         t = ratios.min()
         scale = (1.0 - t * eta).clamp_min(0.0)  # c_i ≥ 0: each variable keeps its pattern
         scale[ratios.argmin()] = 0.0
+        # a variable the exact step zeroes may keep a rounding residue (~1e-16); left in, it poisons the next SVD
+        scale[scale <= 16 * torch.finfo(scale.dtype).eps] = 0.0
         v[active] = current.v * scale[:, None]
         keep[active[scale == 0]] = False
     return ConvexForm(patterns[keep], v[keep], signs[keep])
