@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import SURGERY_KINDS, tiny_model
 
 from search.genome import PruneGenome
 from workers import candidate, database, levels, slicing
@@ -49,7 +49,7 @@ def test_mlp_step_is_an_equal_multiple(width, levels_, multiple, step):
         assert width % got == 0  # the top level drops the whole MLP
 
 
-@pytest.mark.parametrize("kind", ["llama_gqa", "llama_mha", "llama_bias", "qwen2_bias"])
+@pytest.mark.parametrize("kind", SURGERY_KINDS)
 def test_every_level_step_costs_exactly_its_parameters(kind):
     model = tiny_model(kind)
     table = levels.table_for(model, levels=4, multiple=4)
@@ -108,7 +108,8 @@ def test_second_build_is_a_cache_hit_and_the_key_names_the_inputs(random_llama, 
     assert not masks.stores_weights and not list(masks.directory.glob("*.safetensors"))
 
 
-def test_candidates_of_mask_levels_give_the_masked_and_the_sliced_logits(random_llama, tmp_path):
+def test_candidates_of_mask_levels_give_the_masked_and_the_sliced_logits(surgery_kind, tmp_path):
+    random_llama = tiny_model(surgery_kind)  # every family
     calibration = _calibration(random_llama)
     table = levels.table_for(random_llama, levels=6, multiple=8)
     db = database.build(random_llama, calibration, criterion="wanda_sp", table=table, root=tmp_path)

@@ -1,0 +1,179 @@
+"""Every registered model family on a tiny model built from its config (random weights, GQA): its adapter and
+exported code, every criterion's scores, planted dead units, OBS database levels swapped into the model, KV
+precision scoring, and one clear refusal for a model of no registered family.
+
+The slicing, masking, `generate`, save/load and parameter-count checks run on the same families through the
+`surgery_kind` fixture (tests/test_slicing.py, test_query_heads.py, test_candidate.py, test_database.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from darwinfront.architectures import SUPPORTED_ARCHITECTURES
+from darwinfront.core.errors import InvalidSpec
+from search.genome import PruneGenome
+from workers import candidate, criteria, database, families, levels, modeling, slicing
+
+KINDS = {"LlamaForCausalLM": "llama_gqa", "Qwen2ForCausalLM": "qwen2_bias", "Qwen3ForCausalLM": "qwen3",
+         "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+# What each criterion scores a unit whose output weights are zero: exactly 0, except where it cannot promise it.
+NOT_EXACTLY_ZERO = {
+    "random": "random by design",
+    "gate_spsa": "a finite-difference estimate of the gate gradient",
+    "hessian_trace": "its weight norm counts the unit's input rows, which stay",
+}
+
+
+def _calibration(model, n: int = 8, t: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(model.config.vocab_size, (n, t), generator=torch.Generator().manual_seed(seed))  # (N, T)
+
+
+def test_every_supported_architecture_has_one_adapter_and_exported_classes_of_its_family():
+    import transformers
+
+    assert tuple(families.FAMILIES) == SUPPORTED_ARCHITECTURES
+    assert len({f.model_type for f in families.FAMILIES.values()}) == len(SUPPORTED_ARCHITECTURES)
+    for architecture, family in families.FAMILIES.items():
+        assert issubclass(family.causal_lm_class, getattr(transformers, architecture))
+        assert family.config_class.model_type == family.model_type
+        assert hasattr(family.transformers_code(), "apply_rotary_pos_emb")
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS.values()))
+def test_the_adapter_reads_the_dense_shape_of_its_family(kind):
+    model = tiny_model(kind)
+    family = families.family_of(model)
+    assert family.architecture == type(model).__name__
+    shape = families.shape(model)
+    assert (shape.n_layers, shape.hidden, shape.n_heads, shape.n_kv, shape.head_dim, shape.intermediate) == \
+        (3, 32, 4, 2, 8, 48)
+    # per-head q/k norms (one head_dim weight each) are the attention's only parameters outside its projections
+    assert shape.attn_extra_params == (2 * 8 if family.head_norms else 0)
+
+
+def test_a_model_of_no_registered_family_is_refused_naming_it_and_the_families():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=4, intermediate_size=64))
+    with pytest.raises(InvalidSpec) as refused:
+        modeling.check_architecture(model)
+    assert refused.value.field == "model.source"
+    assert "GPTNeoXForCausalLM is not supported" in str(refused.value)
+    assert all(name in str(refused.value) for name in SUPPORTED_ARCHITECTURES)
+
+
+def test_a_local_directory_of_no_registered_family_is_refused_at_submission(tmp_path):
+    from service.validation import check_architecture
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"architectures": ["Phi3ForCausalLM"]}))
+    with pytest.raises(InvalidSpec, match="Phi3ForCausalLM is not supported; darwinfront prunes Llama"):
+        check_architecture(config, "model.source")
+    for fine in (["Qwen3ForCausalLM"], ["PrunedGemma3ForCausalLM"], None):  # none named: the job finds out
+        config.write_text(json.dumps({"architectures": fine}))
+        check_architecture(config, "model.source")
+
+
+@pytest.mark.parametrize("unit", ["kv_group", "q_head"])
+@pytest.mark.parametrize("kind", sorted(KINDS.values()))
+def test_every_criterion_scores_every_family_and_planted_dead_units_score_zero(kind, unit):
+    model = tiny_model(kind)
+    group_width = 8 if unit == "q_head" else 16  # o_proj columns of one query head / one KV group (2 heads)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, 5] = 0  # channel 5 of layer 0 writes nothing
+        model.model.layers[1].self_attn.o_proj.weight[:, group_width:2 * group_width] = 0  # unit 1 of layer 1
+    calibration = _calibration(model)
+    for name in criteria.names():
+        options = {} if unit == "kv_group" else {"attention_unit": unit}
+        scores = criteria.get(name, **options).score(model, calibration)
+        assert len(scores) == 3, name
+        for layer in scores.layers:
+            assert layer.attn.shape == ((4,) if unit == "q_head" else (2,)) and layer.mlp.shape == (48,), name
+            assert torch.isfinite(layer.attn).all() and torch.isfinite(layer.mlp).all(), name
+        if name not in NOT_EXACTLY_ZERO:
+            assert scores.layers[0].mlp[5].item() == 0.0, (name, scores.layers[0].mlp)
+            assert scores.layers[1].attn[1].item() == 0.0, (name, scores.layers[1].attn)
+            assert (scores.layers[0].mlp != 0).sum() > 40, name  # the live channels do not all score zero
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS.values()))
+def test_obs_database_levels_swapped_into_the_model_give_the_candidate_s_logits(kind, tmp_path):
+    """An OBS level stores the layer's output weight with the removed units' columns zero and the rest updated;
+    the dense model holding those weights computes exactly what the sliced candidate computes."""
+    model = tiny_model(kind)
+    calibration = _calibration(model)
+    table = levels.table_for(model, levels=6, multiple=8)
+    db = database.build(model, calibration, criterion="obs", table=table, root=tmp_path)
+    genome = PruneGenome(attn=(1, 0, 1), mlp=(2, 5, 0))
+    like = model.model.layers[0].self_attn.o_proj.weight
+    built = candidate.build(model, db, genome, weights=candidate.LevelWeights(db, like))
+    swapped = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, layer in enumerate(swapped.model.layers):
+            for kind_, level, linear in (("attn", genome.attn[i], layer.self_attn.o_proj),
+                                         ("mlp", genome.mlp[i], layer.mlp.down_proj)):
+                if level:
+                    linear.weight.copy_(db.load_level(i, kind_, level)["weight"])
+    with torch.inference_mode():
+        want, got = swapped(calibration).logits, built(calibration).logits
+        dense = model(calibration).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, dense, atol=1e-3)  # the levels did change the model
+
+
+def _local_model(kind: str, folder, **config):
+    """A tiny model of `kind` saved with a tokenizer of its vocabulary into `folder`, as a user's directory."""
+    from workers import reference
+
+    tokenizer = reference.train_tokenizer(["def f(x):\n    return x + 1\n", "class A:\n    pass\n"] * 8, 96)
+    model = tiny_model(kind)
+    model.resize_token_embeddings(len(tokenizer))  # the tokenizer's special tokens come on top of its 96
+    model.config.update(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_kv_precision_is_scored_on_a_full_attention_family(kind, tmp_path):
+    from workers.kv_evaluator import KVEvaluator, prepare_kv
+
+    overrides = {"layer_types": ["full_attention"] * 3} if kind == "gemma3" else {}
+    folder = _local_model(kind, tmp_path / kind, **overrides)
+    spec = {"name": "kv", "method": "kv_precision", "model": {"source": str(folder), "device": "cpu"},
+            "data": {"calibration_tokens": 256, "seq_len": 32}, "kv": {"trials": 2, "profile_sequences": 2},
+            "seed": 1}
+    prepared = prepare_kv(spec)
+    assert prepared["num_layers"] == 3 and prepared["head_dim"] == 8
+    evaluator = KVEvaluator(spec, prepared)
+    full = evaluator.evaluate({"layers": [[16, 16]] * 3})
+    low = evaluator.evaluate({"layers": [[2, 2]] * 3})
+    assert "error" not in full and "error" not in low, (full, low)
+    assert full["kl"] < 1e-6 < low["kl"]  # 16 bits leave the model as it is; 2 bits do not
+    assert (low["bits"]["nominal"], full["bits"]["nominal"]) == (2, 16)
+
+
+def test_kv_precision_refuses_sliding_window_layers_by_name(tmp_path):
+    from workers.kv.cache import InvalidKVConfig, model_shape
+
+    with pytest.raises(InvalidKVConfig, match="full-attention layers only.*sliding_attention"):
+        model_shape(tiny_model("gemma2"))
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_the_gguf_export_refuses_a_family_llama_cpp_s_deci_cannot_run(kind, tmp_path):
+    from darwinfront.gguf_export import write_gguf
+
+    model = tiny_model(kind)
+    slicing.slice_model(model, slicing.dense_layout(model))
+    slicing.save_pruned(model, None, tmp_path / "candidate")
+    with pytest.raises(ValueError, match=f"model_type 'darwinfront_{kind}': the GGUF export writes llama"):
+        write_gguf(tmp_path / "candidate", tmp_path / "out.gguf", "f16")
+    assert not (tmp_path / "out.gguf").exists()

@@ -1,0 +1,81 @@
+"""A prune job over REST on the embedded stack for a family other than Llama's: a small Qwen3 (per-head q/k norms,
+GQA) from a local directory, OBS levels. Its downloaded configuration, applied to the dense model, and its archive,
+loaded by stock transformers, give the front's KL; a directory of an unregistered family is a 422 at submission."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import time
+
+import httpx
+import pytest
+from test_families import _local_model
+
+from darwinfront.core.methods import parse_spec
+from darwinfront.stack import EmbeddedStack
+from workers import fitness, modeling, slicing
+from workers.configuration import rebuild
+from workers.job_inputs import token_pools
+
+pytestmark = pytest.mark.integration
+
+
+def spec(source: str) -> dict:
+    return {
+        "name": "qwen3",
+        "model": {"source": source, "device": "cpu"},
+        "data": {"calibration_tokens": 512, "train_tokens": 0, "database_tokens": 512, "eval_tokens": 256,
+                 "seq_len": 64},
+        "prune": {"targets": [0.5], "criterion": "obs", "training_aware": False},
+        "search": {"generations": 1, "offspring": 2, "survivors": [1]},
+        "seed": 0,
+    }
+
+
+def test_a_qwen3_prune_job_downloads_a_configuration_and_an_archive_that_give_the_fronts_kl(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = _local_model("qwen3", tmp_path / "models" / "tiny-qwen3")  # under the stack's allowed model root
+    unsupported = tmp_path / "models" / "phi3"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text(json.dumps({"architectures": ["Phi3ForCausalLM"]}))
+    with EmbeddedStack(tmp_path, port=0) as stack, httpx.Client(
+        base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=60
+    ) as http:
+        refused = http.post("/v1/jobs", json=spec(str(unsupported)))
+        assert refused.status_code == 422 and "model.source" in refused.text
+        assert "Phi3ForCausalLM is not supported" in refused.text and "Qwen3ForCausalLM" in refused.text
+
+        response = http.post("/v1/jobs", json=spec(str(folder)))
+        assert response.status_code == 201, response.text
+        job_id = response.json()["id"]
+        deadline = time.monotonic() + 600
+        while (job := http.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, f"job still {job['status']}: {job['progress']}"
+            time.sleep(0.5)
+        assert job["status"] == "succeeded", (job["error"], job["progress"])
+        best = min(http.get(f"/v1/jobs/{job_id}/front").json()["points"], key=lambda p: p["objectives"]["kl"])
+        cid = best["candidate_id"]
+        configuration = http.get(f"/v1/jobs/{job_id}/candidates/{cid}/config").json()
+        download = tmp_path / "download"
+        download.mkdir()
+        (download / "model.tar").write_bytes(http.get(f"/v1/jobs/{job_id}/candidates/{cid}/model").content)
+        with tarfile.open(download / "model.tar") as tar:
+            tar.extractall(download, filter="data")
+
+    job_spec = parse_spec(spec(str(folder)))
+    dense, tokenizer = modeling.load_model(str(folder), device="cpu")
+    calibration = token_pools(tokenizer, job_spec.data, job_spec.seed)["calibration"]
+    teacher = fitness.Teacher.of(dense, calibration)
+    front_kl = best["objectives"]["kl"]
+    assert configuration["parameters"] < 0.8 * slicing.count_parameters(dense)
+
+    model, _ = modeling.load_model(str(folder), device="cpu")
+    rebuild(model, tokenizer, configuration)  # the README's path, OBS weights included
+    assert fitness.kl(model, calibration, teacher) == pytest.approx(front_kl, abs=1e-4)
+
+    stock = AutoModelForCausalLM.from_pretrained(download / cid, trust_remote_code=True).eval()
+    assert type(stock).__name__ == "PrunedQwen3ForCausalLM"
+    assert slicing.count_parameters(stock) == configuration["parameters"]
+    assert fitness.kl(stock, calibration, teacher) == pytest.approx(front_kl, abs=1e-4)
