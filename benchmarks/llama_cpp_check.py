@@ -13,7 +13,8 @@ it and the dense model as GGUF (`darwinfront.gguf_export`). Then, side by side i
   as a ratio pruned / dense.
 
 llama.cpp comes from `llama-cpp-python`, which builds from source (about 10 minutes on two cores): build the wheel
-once with `pip wheel --no-deps -w /var/tmp/darwinfront-wheels llama-cpp-python`; this script installs it into a
+once as `BUILD` below says (for AVX2: a native build uses AMX where the CPU has it, and ggml's AMX matrix product
+crashed on small GGUFs here; `.ci/run` builds the same); this script installs it into a
 venv beside the wheel on first use (or give `--llama-python`) and runs llama.cpp there, since the project's own
 environment does not carry it.
 
@@ -33,9 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-WHEELS = Path(os.environ.get("DARWINFRONT_WHEELS", "/var/tmp/darwinfront-wheels"))
+WHEELS = Path(os.environ.get("DARWINFRONT_WHEELS", "/var/tmp/darwinfront-wheels/portable-avx2"))
 LLAMA_CPP = "llama-cpp-python==0.3.36"  # the release .ci/run builds and these checks were measured with
-BUILD = f"pip wheel --no-deps -w {WHEELS} {LLAMA_CPP}"
+BUILD = (f'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" '
+         f"pip wheel --no-cache-dir --no-deps -w {WHEELS} {LLAMA_CPP}")
 VENV_PACKAGES = ["numpy", "diskcache", "jinja2", "typing-extensions"]  # llama-cpp-python's own requirements
 
 
