@@ -16,6 +16,7 @@ separate runs of one criterion each (`--criteria taylor`, `--criteria mini_llm`)
     .venv/bin/python benchmarks/criteria.py --criteria wanda_sp,flap --fraction 0.5
     .venv/bin/python benchmarks/criteria.py --attention-unit q_head  # query heads, K/V kept
     .venv/bin/python benchmarks/criteria.py --criteria mini_llm,hessian_trace --options mini_llm.probes=8
+    .venv/bin/python benchmarks/criteria.py --families all     # one column per family, random weights
 """
 
 from __future__ import annotations
@@ -162,8 +163,27 @@ def flap_bias_kl(model, calib, fraction, held, dense, bs, unit) -> tuple[float, 
     return seconds, out
 
 
-def run(args: argparse.Namespace) -> list[Row]:
+def family_model(model: nn.Module, architecture: str, seed: int) -> nn.Module:
+    """A randomly initialised model of `architecture` (a registered family) at `model`'s sizes and vocabulary,
+    with the family's own defaults for everything else (Gemma's norms, soft-capping and sliding layers)."""
+    import transformers
+
+    config = model.config
+    name = architecture.removesuffix("ForCausalLM")
+    config_class = getattr(transformers, "Gemma3TextConfig" if name == "Gemma3" else f"{name}Config")
+    sizes = {key: getattr(config, key) for key in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                   "num_attention_heads", "num_key_value_heads",
+                                                   "intermediate_size", "max_position_embeddings")}
+    sizes["head_dim"] = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(seed)
+    built = getattr(transformers, architecture)(config_class(**sizes))
+    return built.to(dtype=next(model.parameters()).dtype, device=next(model.parameters()).device).eval()
+
+
+def run(args: argparse.Namespace, architecture: str | None = None) -> list[Row]:
     model, tokenizer = modeling.load_model(args.model, dtype=args.dtype, device=args.device)
+    if architecture is not None:
+        model = family_model(model, architecture, args.seed)
     texts = data.load_texts(args.data)
     pools = {
         split: data.token_sequences(tokenizer, texts, n_tokens=n, seq_len=args.seq_len, split=split, seed=args.seed)
@@ -233,6 +253,20 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
         print(f"\ncriteria not beating both random and magnitude (KL both): {', '.join(worse) or 'none'}")
 
 
+def print_families(tables: dict[str, list[Row]], args: argparse.Namespace) -> None:
+    """One column per family: KL (both cut) of each criterion on that family's randomly initialised model."""
+    names = sorted({r.name for rows in tables.values() for r in rows})
+    print(f"\nrandomly initialised models at {args.model}'s sizes, one per family; lowest {args.fraction:.0%} of "
+          f"units ({args.attention_unit}, channels) removed per layer; KL(dense ‖ pruned) per token on "
+          f"{args.eval_tokens} held-out tokens (compare criteria within a column)\n")
+    short = [a.removesuffix("ForCausalLM") for a in tables]
+    print("| criterion | " + " | ".join(short) + " |")
+    print("|---|" + "---|" * len(short))
+    for name in names:
+        cells = [next((f"{r.kl['both']:.2e}" for r in rows if r.name == name), "") for rows in tables.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:tiny-llama")
@@ -251,10 +285,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--families", default="", help="'all' or comma-separated architectures: score randomly "
+                        "initialised models of these families at --model's sizes, one KL column each")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.families:
+        from workers import families
+
+        chosen = list(families.FAMILIES) if args.families == "all" else args.families.split(",")
+        print_families({a: run(args, a) for a in chosen}, args)
+        return
     print_table(run(args), args)
 
 
