@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from workers import slicing
+from workers import families, slicing
 from workers.pruned_hf import export, model_card
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def _shape(heads: int, kv_heads: int, index: list[int] | None = None) -> dict:
     ([], "expected a list of 3 layers"),
 ])
 def test_bad_layer_shapes_are_refused_naming_the_layer(shapes, words):
-    config_class = export.FAMILIES["LlamaForCausalLM"].config_class
+    config_class = families.FAMILIES["LlamaForCausalLM"].config_class
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
         config_class(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
                      layer_shapes=shapes)

@@ -37,5 +37,5 @@ def family_of(model: nn.Module) -> Family:
 
 
 def shape(model: nn.Module) -> Shape:
-    """The dense shape of `model` (its family's reading of its config and first layer)."""
+    """The dense shape of `model` (its family's reading of its config and layers)."""
     return family_of(model).shape(model)

@@ -55,7 +55,6 @@ class Family:
         transformers_module: the family's modeling module in transformers (its rotary and eager attention).
         head_norms: q_norm / k_norm over each head's head_dim inside the attention (Qwen3, Gemma 3).
         softcap: the attention passes `attn_logit_softcapping` to the attention function (Gemma 2).
-        notes: what the family brings beyond Llama's layout, for the docs' table.
     """
 
     name: str
@@ -63,7 +62,6 @@ class Family:
     transformers_module: str
     head_norms: bool = False
     softcap: bool = False
-    notes: str = ""
 
     @property
     def architecture(self) -> str:

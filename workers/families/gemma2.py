@@ -5,5 +5,4 @@ norm after it, as the masked model's does."""
 
 from .base import Family
 
-FAMILY = Family("gemma2", "Gemma2", "transformers.models.gemma2.modeling_gemma2", softcap=True,
-                notes="GeGLU, pre/post norms, attention and final soft-capping, sliding/global layers")
+FAMILY = Family("gemma2", "Gemma2", "transformers.models.gemma2.modeling_gemma2", softcap=True)

@@ -3,5 +3,4 @@ and five sliding-window layers to each global one, each kind with its own rotary
 
 from .base import Family
 
-FAMILY = Family("gemma3", "Gemma3", "transformers.models.gemma3.modeling_gemma3", head_norms=True,
-                notes="GeGLU, pre/post norms, per-head q/k norms, 5:1 sliding/global layers")
+FAMILY = Family("gemma3", "Gemma3", "transformers.models.gemma3.modeling_gemma3", head_norms=True)

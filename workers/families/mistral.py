@@ -2,5 +2,4 @@
 
 from .base import Family
 
-FAMILY = Family("mistral", "Mistral", "transformers.models.mistral.modeling_mistral",
-                notes="Mistral 7B, Ministral: a sliding window over every layer")
+FAMILY = Family("mistral", "Mistral", "transformers.models.mistral.modeling_mistral")

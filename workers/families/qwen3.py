@@ -3,5 +3,4 @@ weight is shared by every head, so cutting heads leaves it as it is. Layers may 
 
 from .base import Family
 
-FAMILY = Family("qwen3", "Qwen3", "transformers.models.qwen3.modeling_qwen3", head_norms=True,
-                notes="per-head q/k norms; head_dim given apart from hidden / heads")
+FAMILY = Family("qwen3", "Qwen3", "transformers.models.qwen3.modeling_qwen3", head_norms=True)

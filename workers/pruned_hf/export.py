@@ -23,10 +23,6 @@ _HERE = Path(__file__).resolve().parent
 SHARED_CODE = "pruned_layers.py"
 
 
-FAMILIES = families.FAMILIES
-family_of = families.family_of
-
-
 def layer_shapes(model: nn.Module) -> list[dict]:
     """Each decoder layer's kept widths, read from its modules: what `config.layer_shapes` records."""
     config = model.config
@@ -59,7 +55,7 @@ def write_code(model: nn.Module, path: Path, *, dtype: torch.dtype | None = None
     """Turn a directory `model.save_pretrained` wrote into one stock transformers loads with trust_remote_code:
     the pruned config (`layer_shapes`, `auto_map`, and `dtype`: the weights' dtype when given) over
     `config.json`, and the modeling code beside it."""
-    family = family_of(model)
+    family = families.family_of(model)
     data = model.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "layer_shapes", "torch_dtype"):
         data.pop(key, None)
@@ -79,7 +75,7 @@ def read_family(path: Path) -> Family | None:
     if not file.is_file():
         return None
     model_type = json.loads(file.read_text()).get("model_type")
-    return next((f for f in FAMILIES.values() if f.model_type == model_type), None)
+    return next((f for f in families.FAMILIES.values() if f.model_type == model_type), None)
 
 
 def load(path: Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
@@ -92,7 +88,7 @@ def load(path: Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu")
     family = read_family(path)
     if family is None:
         raise InvalidSpec("model.source", f"{path} is not a pruned model directory (config.json model_type is none "
-                          f"of {', '.join(f.model_type for f in FAMILIES.values())}); export it again")
+                          f"of {', '.join(f.model_type for f in families.FAMILIES.values())}); export it again")
     if not any(path.glob("*.safetensors")):
         raise InvalidSpec("model.source", f"{path} holds no .safetensors weights")
     model, info = family.causal_lm_class.from_pretrained(path, dtype=dtype, output_loading_info=True)
