@@ -140,12 +140,12 @@ def _local_model(kind: str, folder, **config):
     return folder
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
-def test_kv_precision_is_scored_on_a_full_attention_family(kind, tmp_path):
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3"])
+def test_kv_precision_is_scored_on_every_family(kind, tmp_path):
+    """Gemma 2 and 3 with sliding-window layers (window 4, sequences of 32) as well as global ones."""
     from workers.kv_evaluator import KVEvaluator, prepare_kv
 
-    overrides = {"layer_types": ["full_attention"] * 3} if kind == "gemma3" else {}
-    folder = _local_model(kind, tmp_path / kind, **overrides)
+    folder = _local_model(kind, tmp_path / kind)
     spec = {"name": "kv", "method": "kv_precision", "model": {"source": str(folder), "device": "cpu"},
             "data": {"calibration_tokens": 256, "seq_len": 32}, "kv": {"trials": 2, "profile_sequences": 2},
             "seed": 1}
@@ -159,11 +159,24 @@ def test_kv_precision_is_scored_on_a_full_attention_family(kind, tmp_path):
     assert (low["bits"]["nominal"], full["bits"]["nominal"]) == (2, 16)
 
 
-def test_kv_precision_refuses_sliding_window_layers_by_name(tmp_path):
-    from workers.kv.cache import InvalidKVConfig, model_shape
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_a_16_bit_kv_cache_on_sliding_window_layers_decodes_as_the_dense_model(kind):
+    """The cache keeps a sliding layer's whole history and the model's mask keeps it to the window: token by
+    token over three times the window, the logits are the uncached forward's."""
+    from workers.kv.cache import build_cache
 
-    with pytest.raises(InvalidKVConfig, match="full-attention layers only.*sliding_attention"):
-        model_shape(tiny_model("gemma2"))
+    model = tiny_model(kind)
+    assert "sliding_attention" in model.config.layer_types and model.config.sliding_window == 4
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    cache = build_cache(model, {"layers": [[16, 16]] * 3})
+    with torch.inference_mode():
+        want = model(ids).logits
+        steps = [model(ids[:, :2], past_key_values=cache, use_cache=True).logits]
+        steps += [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(2, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), want, atol=1e-5, rtol=0)
+    model.config.sliding_window = 64  # the window matters: attending further back gives other logits
+    with torch.inference_mode():
+        assert not torch.allclose(model(ids).logits, want, atol=1e-3)
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "gemma3"])

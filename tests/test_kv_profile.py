@@ -50,10 +50,49 @@ def test_attention_output_matches_sdpa_with_gqa():
     assert torch.allclose(attention_output(q[..., 6:, :], k, v, 8**-0.5), ref[..., 6:, :], atol=1e-5)
 
 
+def test_attention_output_with_a_window_and_a_soft_cap_matches_an_explicit_mask():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 7, 8, generator=gen) * 3 for h in (4, 2, 2))
+    window, cap, scaling = 3, 2.0, 8**-0.5
+    positions = torch.arange(7)
+    visible = (positions[None, :] <= positions[:, None]) & (positions[None, :] > positions[:, None] - window)
+    scores = cap * torch.tanh(q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * scaling / cap)
+    want = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v.repeat_interleave(2, dim=1)
+    got = attention_output(q, k, v, scaling, window=window, softcap=cap)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, attention_output(q, k, v, scaling), atol=1e-3)  # both change the output
+    # The last 2 queries against all 7 keys: the bottom rows of the full windowed attention.
+    torch.testing.assert_close(attention_output(q[..., 5:, :], k, v, scaling, window=window, softcap=cap),
+                               want[..., 5:, :], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_capture_sees_each_layer_s_window_and_soft_cap_and_keeps_the_forward(kind):
+    from conftest import tiny_model
+
+    model = tiny_model(kind)
+    before = model.config._attn_implementation
+    seen = {}
+
+    def record(layer_idx, q, k, v, scaling, window, softcap):
+        seen[layer_idx] = (window, softcap)
+
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with capture_attention(model, record):
+            captured = model(ids, use_cache=False).logits
+    cap = model.config.attn_logit_softcapping if kind == "gemma2" else None
+    assert seen == {0: (4, cap), 1: (None, cap), 2: (4, cap)}  # sliding, global, sliding
+    torch.testing.assert_close(captured, ref, atol=1e-5, rtol=0)
+    assert model.config._attn_implementation == before
+
+
 def test_capture_sees_the_real_attention_inputs(model, calibration):
     seen = {}
 
-    def record(layer_idx, q, k, v, scaling):
+    def record(layer_idx, q, k, v, scaling, window, softcap):
+        assert window is None and softcap is None  # Llama has neither
         seen[layer_idx] = (q.shape, k.shape, scaling, attention_output(q, k, v, scaling))
 
     ids = calibration[:1]

@@ -372,12 +372,15 @@ class KVPrecisionCache(Cache):
 
 
 def model_shape(model_or_config) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a model or its config; refuses non-full-attention layers."""
+    """(num_layers, num_kv_heads, head_dim) of a model or its config.
+
+    Sliding-window layers (Mistral, Gemma 2 / 3, Qwen3's optional ones) are cached like full-attention ones: each
+    layer keeps its whole history and the model's own sliding-window mask limits what the layer attends to, so
+    the logits are those of transformers' sliding cache. What that costs: past the window, a sliding layer
+    holds more tokens than transformers' sliding layer would (docs/FAMILIES.md).
+    """
     config = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds - {"full_attention"}:
-        raise InvalidKVConfig("model", f"the KV cache needs full-attention layers only, found {sorted(kinds)}")
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return config.num_hidden_layers, kv_heads, head_dim
 

@@ -3,9 +3,10 @@
 A forward on calibration sequences captures every layer's real q, k, v (after rotary embedding, before the GQA
 repeat) through a registered attention function. For each layer and each (k_bits, v_bits) pair, the captured K
 and V are quantized offline (no residual window: every token is quantized, so the figure is the quantizer's
-own error) and the causal attention output is recomputed:
+own error) and the causal attention output is recomputed, with the layer's own sliding window and
+attention-logit soft-cap where it has them (Gemma 2):
 
-    o = softmax(q K^T * scaling + causal) V,    o_hat the same with K_hat, V_hat
+    o = softmax(cap(q K^T * scaling) + causal) V,    o_hat the same with K_hat, V_hat
 
     e_o = mean over (sequence, head, query token) of ||o - o_hat|| / ||o||   (norms over head_dim)
     e_k = mean over (sequence, kv head, token) of ||K - K_hat|| / ||K||, e_v likewise.
@@ -16,6 +17,7 @@ near-zero elements.) Errors are computed inside the forward, so memory stays at 
 
 from __future__ import annotations
 
+import importlib
 import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,18 +35,25 @@ _CAPTURE = "darwinfront_kv_capture"
 _EPS = 1e-12
 
 
-def attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+def attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, *,
+                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention in fp32: q (B, Hq, T, D), k/v (B, Hkv, S, D), Hq a multiple of Hkv -> (B, Hq, T, D).
 
-    The T queries are the last T of the S positions; kv head h serves query heads h*r .. h*r + r - 1.
+    The T queries are the last T of the S positions; kv head h serves query heads h*r .. h*r + r - 1. With a
+    `window`, a query sees its own position and the `window - 1` before it (transformers' sliding window);
+    `softcap` caps the scores as `softcap * tanh(scores / softcap)` before the mask.
     """
     rep = q.shape[1] // k.shape[1]
     k = k.float().repeat_interleave(rep, dim=1)  # (B, Hq, S, D)
     v = v.float().repeat_interleave(rep, dim=1)
     T, S = q.shape[-2], k.shape[-2]
     scores = (q.float() @ k.transpose(-1, -2)) * scaling  # (B, Hq, T, S)
-    causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    scores = scores.masked_fill(~causal, float("-inf"))
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if window is not None:
+        visible &= ~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T - window)
+    scores = scores.masked_fill(~visible, float("-inf"))
     return scores.softmax(dim=-1) @ v
 
 
@@ -55,16 +64,18 @@ def relative_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 
 def pair_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_bits: int, v_bits: int, *,
-                config: KVPrecisionConfig, scaling: float) -> dict[str, float]:
-    """e_o, e_k, e_v of one layer's captured q, k, v under (k_bits, v_bits) and ``config``'s grouping."""
+                config: KVPrecisionConfig, scaling: float, window: int | None = None,
+                softcap: float | None = None) -> dict[str, float]:
+    """e_o, e_k, e_v of one layer's captured q, k, v under (k_bits, v_bits) and ``config``'s grouping (the
+    layer's sliding `window` and `softcap`, if any, as in `attention_output`)."""
     head_dim = k.shape[-1]
     if config.mode == "kivi":
         k_hat = fake_quantize(k, k_bits, axis="channel", group=config.group_size)
     else:
         k_hat = fake_quantize(k, k_bits, axis="token", group=config.token_group(head_dim))
     v_hat = fake_quantize(v, v_bits, axis="token", group=config.token_group(head_dim))
-    o = attention_output(q, k, v, scaling)
-    o_hat = attention_output(q, k_hat, v_hat, scaling)
+    o = attention_output(q, k, v, scaling, window=window, softcap=softcap)
+    o_hat = attention_output(q, k_hat, v_hat, scaling, window=window, softcap=softcap)
     return {"e_o": float(relative_error(o, o_hat)), "e_k": float(relative_error(k, k_hat)),
             "e_v": float(relative_error(v, v_hat))}
 
@@ -72,25 +83,36 @@ def pair_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_bits: int, 
 @contextmanager
 def capture_attention(model, on_attention: Callable) -> Iterator[None]:
     """Within the block, every attention call of ``model`` first calls
-    ``on_attention(layer_idx, query, key, value, scaling)`` and then runs as SDPA.
+    ``on_attention(layer_idx, query, key, value, scaling, window, softcap)`` (the layer's sliding window and
+    logit soft-cap, None where it has none) and then runs as the model's own attention implementation did.
 
     Not thread-safe: it switches the model's attention implementation for the duration of the block.
     """
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    before = model.config._attn_implementation
+    mask = "eager" if before == "eager" else "sdpa"
 
     def capture(module, query, key, value, attention_mask, **kwargs):
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        on_attention(module.layer_idx, query, key, value, scaling)
-        return sdpa(module, query, key, value, attention_mask, **kwargs)
+        on_attention(module.layer_idx, query, key, value, scaling, kwargs.get("sliding_window"),
+                     kwargs.get("softcap"))
+        return _implementation(module, before)(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(_CAPTURE, capture)
-    AttentionMaskInterface.register(_CAPTURE, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    before = model.config._attn_implementation
+    AttentionMaskInterface.register(_CAPTURE, ALL_MASK_ATTENTION_FUNCTIONS[mask])
     model.set_attn_implementation(_CAPTURE)
     try:
         yield
     finally:
         model.set_attn_implementation(before)
+
+
+def _implementation(module, name: str) -> Callable:
+    """The attention function `name` names for `module`: a registered one, or eager as the module's family
+    defines it (transformers keeps one `eager_attention_forward` per modeling file)."""
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    code = importlib.import_module(type(module).__module__)
+    return getattr(code, "eager_attention_forward", None) or ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 
 @torch.no_grad()
@@ -99,7 +121,7 @@ def profile_kv(model, calibration: torch.Tensor, *, mode: str = "per_token", gro
     """Profile every layer under every (k_bits, v_bits) pair from ``bits`` squared.
 
     Args:
-        model: a causal LM with full-attention layers.
+        model: a causal LM (sliding-window layers are profiled under their window).
         calibration: token ids (N, T), N sequences of equal length (no padding).
         mode, group_size: the quantization mode and grouping, as in ``KVPrecisionConfig``.
         bits: bit-widths to pair (16 = untouched is allowed).
@@ -115,11 +137,12 @@ def profile_kv(model, calibration: torch.Tensor, *, mode: str = "per_token", gro
     pairs = sorted(itertools.product(bits, bits), key=lambda p: (-(p[0] + p[1]), -p[0]))
     sums = [{p: {"e_o": 0.0, "e_k": 0.0, "e_v": 0.0} for p in pairs} for _ in range(num_layers)]
 
-    def on_attention(layer_idx, query, key, value, scaling):
+    def on_attention(layer_idx, query, key, value, scaling, window, softcap):
         n = query.shape[0]
         config.check_model(num_layers, key.shape[-1])
         for p in pairs:
-            errs = pair_errors(query, key, value, *p, config=config, scaling=scaling)
+            errs = pair_errors(query, key, value, *p, config=config, scaling=scaling, window=window,
+                               softcap=softcap)
             for name, e in errs.items():
                 sums[layer_idx][p][name] += e * n
 
