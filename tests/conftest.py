@@ -43,7 +43,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
 
-SURGERY_KINDS = ("llama_gqa", "llama_mha", "llama_bias", "qwen2_bias", "qwen3", "gemma2", "gemma3")
+SURGERY_KINDS = ("llama_gqa", "llama_mha", "llama_bias", "qwen2_bias", "qwen3", "gemma2", "gemma3", "phi3")
 
 
 def tiny_model(kind: str = "llama_gqa", seed: int = 0):
@@ -53,7 +53,8 @@ def tiny_model(kind: str = "llama_gqa", seed: int = 0):
     `llama_bias` (GQA with attention and MLP biases), `qwen2_bias` (Qwen2: q/k/v biases, untied embeddings),
     `qwen3` (per-head q/k norms, GQA, untied), `gemma2` (GeGLU, pre/post norms, soft-capping, sliding-window
     layers of 4 tokens between global ones, tied) and `gemma3` (Gemma 2's layout with per-head q/k norms, a
-    sliding, a global and a sliding layer). Weights are drawn wider than the usual init and biases are
+    sliding, a global and a sliding layer), `phi3` (fused qkv_proj and gate_up_proj, as stock Phi-3 stores them: `family_of`
+    splits them on first use; half of each head rotated, as in Phi-4-mini). Weights are drawn wider than the usual init and biases are
     non-zero, so every unit visibly matters.
     """
     import transformers
@@ -73,6 +74,9 @@ def tiny_model(kind: str = "llama_gqa", seed: int = 0):
         "qwen3": ("Qwen3", dict(**gqa, tie_word_embeddings=False)),
         "gemma2": ("Gemma2", dict(**gqa, **window)),
         "gemma3": ("Gemma3", dict(**gqa, **window)),
+        "phi3": ("Phi3", dict(**gqa, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                               "partial_rotary_factor": 0.5})),
     }[kind]
     config_class = getattr(transformers, "Gemma3TextConfig" if name == "Gemma3" else f"{name}Config")
     torch.manual_seed(seed)

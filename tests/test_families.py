@@ -20,7 +20,7 @@ from darwinfront.core.errors import InvalidSpec
 from search.genome import PruneGenome
 from workers import candidate, criteria, database, families, levels, modeling, slicing
 
-KINDS = ("gemma2", "gemma3", "llama_gqa", "qwen2_bias", "qwen3")  # one tiny model per family (Mistral: Llama's layout)
+KINDS = ("gemma2", "gemma3", "llama_gqa", "phi3", "qwen2_bias", "qwen3")  # one tiny model per family (Mistral: Llama's layout)
 # What each criterion scores a unit whose output weights are zero: exactly 0, except where it cannot promise it.
 NOT_EXACTLY_ZERO = {
     "random": "random by design",
@@ -72,10 +72,10 @@ def test_a_local_directory_of_no_registered_family_is_refused_at_submission(tmp_
     from service.validation import check_architecture
 
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"architectures": ["Phi3ForCausalLM"]}))
-    with pytest.raises(InvalidSpec, match="Phi3ForCausalLM is not supported; darwinfront prunes Llama"):
+    config.write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(InvalidSpec, match="GPTNeoXForCausalLM is not supported; darwinfront prunes Llama"):
         check_architecture(config, "model.source")
-    for fine in (["Qwen3ForCausalLM"], ["PrunedGemma3ForCausalLM"], None):  # none named: the job finds out
+    for fine in (["Qwen3ForCausalLM"], ["PrunedGemma3ForCausalLM"], ["Phi3ForCausalLM"], None):  # none named: the job finds out
         config.write_text(json.dumps({"architectures": fine}))
         check_architecture(config, "model.source")
 
@@ -140,12 +140,13 @@ def _local_model(kind: str, folder, **config):
     return folder
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3", "phi3"])
 def test_kv_precision_is_scored_on_every_family(kind, tmp_path):
-    """Gemma 2 and 3 with sliding-window layers (window 4, sequences of 32) as well as global ones."""
+    """Gemma 2 and 3 with sliding-window layers (window 4, sequences of 32) as well as global ones; Phi-3 from a
+    stock (fused) directory, with a window of 4 over every layer as Phi-3-mini has one."""
     from workers.kv_evaluator import KVEvaluator, prepare_kv
 
-    folder = _local_model(kind, tmp_path / kind)
+    folder = _local_model(kind, tmp_path / kind, **({"sliding_window": 4} if kind == "phi3" else {}))
     spec = {"name": "kv", "method": "kv_precision", "model": {"source": str(folder), "device": "cpu"},
             "data": {"calibration_tokens": 256, "seq_len": 32}, "kv": {"trials": 2, "profile_sequences": 2},
             "seed": 1}
@@ -177,6 +178,54 @@ def test_a_16_bit_kv_cache_on_sliding_window_layers_decodes_as_the_dense_model(k
     model.config.sliding_window = 64  # the window matters: attending further back gives other logits
     with torch.inference_mode():
         assert not torch.allclose(model(ids).logits, want, atol=1e-3)
+
+
+def test_a_stock_phi3_is_split_into_the_same_model_with_each_unit_s_rows():
+    model = tiny_model("phi3")
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    qkv, gate_up = attn.qkv_proj.weight.detach().clone(), mlp.gate_up_proj.weight.detach().clone()
+    ids = _calibration(model, n=2, t=12)
+    with torch.inference_mode():
+        want = model(ids).logits
+        want_tokens = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False)
+    count = slicing.count_parameters(model)
+    families.family_of(model)  # splits, in place
+    layer = model.model.layers[1]
+    assert not hasattr(layer.self_attn, "qkv_proj") and not hasattr(layer.mlp, "gate_up_proj")
+    # 4 query heads, then 2 key heads, then 2 value heads of 8 rows each; gate rows, then up rows
+    assert torch.equal(layer.self_attn.q_proj.weight, qkv[:32]) and torch.equal(layer.self_attn.k_proj.weight,
+                                                                                qkv[32:48])
+    assert torch.equal(layer.self_attn.v_proj.weight, qkv[48:])
+    assert torch.equal(layer.mlp.gate_proj.weight, gate_up[:48]) and torch.equal(layer.mlp.up_proj.weight,
+                                                                                  gate_up[48:])
+    assert slicing.count_parameters(model) == count
+    modules = [id(m) for m in model.modules()]
+    families.family_of(model)  # a split model is left as it is
+    assert [id(m) for m in model.modules()] == modules
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-6, rtol=0)
+        assert torch.equal(model.generate(ids[:, :4], max_new_tokens=6, do_sample=False), want_tokens)
+
+
+def test_a_stock_phi3_directory_loads_split_and_its_cut_exports_to_stock_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = _local_model("phi3", tmp_path / "phi3")  # qkv_proj and gate_up_proj on disk, as shipped
+    model, _ = modeling.load_model(str(folder), device="cpu")
+    assert isinstance(model.model.layers[0].self_attn.k_proj, torch.nn.Linear)
+    layout = slicing.Layout(tuple(slicing.LayerLayout(a, m) for a, m in
+                                  (((1,), tuple(range(0, 48, 3))), ((), tuple(range(48))), ((0, 1), ()))))
+    ids = _calibration(model, n=2, t=10)
+    with torch.inference_mode(), slicing.masked(model, layout):
+        masked = model(ids).logits
+    slicing.slice_model(model, layout)
+    slicing.save_pruned(model, None, tmp_path / "cut")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "cut", trust_remote_code=True).eval()
+    assert type(stock).__name__ == "PrunedPhi3ForCausalLM"
+    assert slicing.count_parameters(stock) == slicing.count_parameters(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, masked, atol=1e-5, rtol=0)
+        torch.testing.assert_close(stock(ids).logits, masked, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "gemma3"])

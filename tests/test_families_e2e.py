@@ -1,5 +1,5 @@
-"""A prune job over REST on the embedded stack for a family other than Llama's: a small Qwen3 (per-head q/k norms,
-GQA) from a local directory, OBS levels. Its downloaded configuration, applied to the dense model, and its archive,
+"""A prune job over REST on the embedded stack for families other than Llama's, each from a local directory, OBS
+levels: a small Qwen3 (per-head q/k norms, GQA) and a small stock Phi-3 (fused qkv_proj and gate_up_proj on disk). Its downloaded configuration, applied to the dense model, and its archive,
 loaded by stock transformers, give the front's KL; a directory of an unregistered family is a 422 at submission."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 def spec(source: str) -> dict:
     return {
-        "name": "qwen3",
+        "name": "family",
         "model": {"source": source, "device": "cpu"},
         "data": {"calibration_tokens": 512, "train_tokens": 0, "database_tokens": 512, "eval_tokens": 256,
                  "seq_len": 64},
@@ -33,19 +33,20 @@ def spec(source: str) -> dict:
     }
 
 
-def test_a_qwen3_prune_job_downloads_a_configuration_and_an_archive_that_give_the_fronts_kl(tmp_path):
+@pytest.mark.parametrize("kind, prefix", [("qwen3", "Qwen3"), ("phi3", "Phi3")])
+def test_a_prune_job_downloads_a_configuration_and_an_archive_that_give_the_fronts_kl(kind, prefix, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    folder = _local_model("qwen3", tmp_path / "models" / "tiny-qwen3")  # under the stack's allowed model root
-    unsupported = tmp_path / "models" / "phi3"
+    folder = _local_model(kind, tmp_path / "models" / f"tiny-{kind}")  # under the stack's allowed model root
+    unsupported = tmp_path / "models" / "pythia"
     unsupported.mkdir()
-    (unsupported / "config.json").write_text(json.dumps({"architectures": ["Phi3ForCausalLM"]}))
+    (unsupported / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
     with EmbeddedStack(tmp_path, port=0) as stack, httpx.Client(
         base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=60
     ) as http:
         refused = http.post("/v1/jobs", json=spec(str(unsupported)))
         assert refused.status_code == 422 and "model.source" in refused.text
-        assert "Phi3ForCausalLM is not supported" in refused.text and "Qwen3ForCausalLM" in refused.text
+        assert "GPTNeoXForCausalLM is not supported" in refused.text and "Qwen3ForCausalLM" in refused.text
 
         response = http.post("/v1/jobs", json=spec(str(folder)))
         assert response.status_code == 201, response.text
@@ -76,6 +77,6 @@ def test_a_qwen3_prune_job_downloads_a_configuration_and_an_archive_that_give_th
     assert fitness.kl(model, calibration, teacher) == pytest.approx(front_kl, abs=1e-4)
 
     stock = AutoModelForCausalLM.from_pretrained(download / cid, trust_remote_code=True).eval()
-    assert type(stock).__name__ == "PrunedQwen3ForCausalLM"
+    assert type(stock).__name__ == f"Pruned{prefix}ForCausalLM"
     assert slicing.count_parameters(stock) == configuration["parameters"]
     assert fitness.kl(stock, calibration, teacher) == pytest.approx(front_kl, abs=1e-4)

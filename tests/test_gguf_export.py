@@ -37,8 +37,9 @@ def tokenizer():
 def small_model(kind: str, tokenizer):
     """Three layers, 4 query heads on 2 KV heads of 16, MLP 96: `llama` (tied), `llama3` (tied, Llama 3's rotary
     scaling with an original context of 32, so every branch of it acts), `llama_bias` (q/k/v/o and MLP biases,
-    untied) or `qwen2` (q/k/v biases, untied); norms and biases drawn away from their init."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    untied), `qwen2` (q/k/v biases, untied) or `phi3` (fused projections, split by its adapter when cut; untied);
+    norms and biases drawn away from their init."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, intermediate_size=96, max_position_embeddings=128,
@@ -46,6 +47,8 @@ def small_model(kind: str, tokenizer):
     torch.manual_seed(0)
     if kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **common))
+    elif kind == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, **common))
     else:
         bias = kind == "llama_bias"
         config = LlamaConfig(tie_word_embeddings=not bias, attention_bias=bias, mlp_bias=bias, **common)
@@ -152,7 +155,7 @@ def test_tensors_are_the_sliced_weights_in_llama_cpps_rotary_order(tokenizer, tm
     np.testing.assert_array_equal(tensors["output.weight"], hf(model.lm_head.weight))
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "llama_bias", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "llama_bias", "qwen2", "phi3"])
 def test_the_file_run_as_deci_gives_the_candidates_logits(kind, tokenizer, tmp_path):
     model = pruned(kind, "q_head", tokenizer, tmp_path / "m", shifts=True)
     ids, expected = logits(model, tokenizer)
@@ -254,6 +257,8 @@ def test_what_cannot_be_exported_is_refused_naming_it(tokenizer, tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     for change, words in (({"rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 5e5}},
                            "rope_type 'yarn'"), ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+                          ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}},
+                           "partial_rotary_factor 0.75"),
                           ({"model_type": "gpt2"}, "model_type 'gpt2'")):
         (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ValueError, match=words):

@@ -83,20 +83,23 @@ def run_outside(folders: list[Path], tmp_path: Path, python: str = sys.executabl
 
 
 CASES = [("llama_gqa", "q_head", True), ("llama_bias", "kv_group", True), ("llama_mha", "q_head", False),
-         ("qwen2_bias", "q_head", True), ("mistral", "kv_group", False)]
+         ("qwen2_bias", "q_head", True), ("mistral", "kv_group", False), ("qwen3", "q_head", True),
+         ("gemma2", "q_head", False), ("gemma3", "kv_group", True), ("phi3", "q_head", True),
+         ("phi3", "kv_group", False)]
 
 
 def test_every_family_exports_to_stock_transformers_with_darwinfronts_logits(tmp_path):
-    folders = []
+    folders, prefixes = [], []
     for kind, unit, shifts in CASES:
         model = tiny_mistral() if kind == "mistral" else tiny_model(kind)
+        prefixes.append(families.family_of(model).prefix)
         folders.append(tmp_path / f"{kind}-{unit}")
         export_model(model, unit, folders[-1], shifts=shifts)
     results = run_outside(folders, tmp_path)
-    for (kind, _, _), folder in zip(CASES, folders, strict=True):
+    assert set(prefixes) == {f.prefix for f in families.FAMILIES.values()}  # every family goes outside
+    for prefix, folder in zip(prefixes, folders, strict=True):
         got = results[str(folder)]
-        family = "Qwen2" if kind.startswith("qwen2") else "Mistral" if kind == "mistral" else "Llama"
-        assert got["class"] == f"Pruned{family}ForCausalLM"
+        assert got["class"] == f"Pruned{prefix}ForCausalLM"
         assert got["max_diff"] <= 1e-5 and got["round_trip_diff"] == 0.0
         assert got["generated"] == 6 and got["cache_agrees"]
         assert got["lora"] is None  # no peft here; test_outside_env attaches one

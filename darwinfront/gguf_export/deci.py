@@ -12,7 +12,7 @@ shape what we write, each kept exact:
   llama.cpp groups query heads on KV heads evenly.
 
 Query and key rows are permuted as llama.cpp's Llama converter does (its rotary pairs are adjacent, Hugging Face's
-are half a head apart); `deci` uses that rotary for every family we export, Qwen2 and Mistral included.
+are half a head apart); `deci` uses that rotary for every family we export, Qwen2, Mistral and Phi-3 included.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import numpy as np
 from darwinfront.gguf_export.weights import Weights
 
 DUMMY_FFN = 32  # one Q8_0 block: the all-zero MLP that stands in for a removed one
-FAMILIES = {"llama", "mistral", "qwen2"}  # config model types (and darwinfront_<family>) we export
+FAMILIES = {"llama", "mistral", "qwen2", "phi3"}  # config model types (and darwinfront_<family>) we export; a pruned
+# Phi-3 stores its q/k/v and gate/up apart (workers.pruned_hf.modeling_pruned_phi3), under Llama's names
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ def geometry(config: dict) -> Geometry:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3", None):
         raise ValueError(f"rope_type {kind!r}: the GGUF export writes unscaled or llama3-scaled rotary embeddings")
+    partial = float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+    if partial != 1.0:
+        raise ValueError(f"partial_rotary_factor {partial}: the GGUF export writes rotary embeddings over the whole "
+                         "head only")
     theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     return Geometry(

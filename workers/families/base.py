@@ -6,7 +6,8 @@ Every family here keeps the Llama layout inside a decoder layer: `model.model.la
 `.mlp.{gate,up,down}_proj` (channel j: row j of gate and up, column j of down). What differs between them is
 declared on the adapter: per-head q/k norms (one head_dim weight every head shares, so a cut leaves them as they
 are), attention-logit soft-capping, layer types (sliding-window layers). A family with fused or interleaved
-projections, or experts, needs its own unit map and is not registered until it has one.
+projections puts its layers in this layout first (`canonical`: Phi-3 splits `qkv_proj` and `gate_up_proj`); one
+whose units cannot be mapped so (interleaved heads, experts) is not registered until it has its own unit map.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ class Family:
     @staticmethod
     def mlp(layer: nn.Module) -> nn.Module:
         return layer.mlp
+
+    def canonical(self, model: nn.Module) -> None:
+        """Put `model`'s decoder layers, in place, in the layout this adapter names (a family with fused
+        projections splits them here); a model already in it is left as it is. Llama's layout: nothing to do."""
 
     def shape(self, model: nn.Module) -> Shape:
         """The dense shape of `model`, from its config and its layers' biases."""

@@ -126,7 +126,8 @@ def set_kv_heads(attention: nn.Module, kv_head_of_query: list[int] | None) -> No
 
 def attend_with_kv_index(attention, hidden_states, position_embeddings, attention_mask, cache, *, rotary,
                          eager, attention_functions, **kwargs):
-    """The family's attention forward, with keys and values expanded to the query heads by `kv_head_of_query`.
+    """The family's attention forward, with keys and values expanded to the query heads by `kv_head_of_query`
+(None: the usual grouping, which the attention function expands).
 
     Per-head q/k norms run where the attention has them; the caller passes what else its family hands the
     attention function (Gemma 2's `softcap`) in `kwargs`.
@@ -147,8 +148,9 @@ def attend_with_kv_index(attention, hidden_states, position_embeddings, attentio
     query, key = rotary(query, key, cos, sin)
     if cache is not None:
         key, value = cache.update(key, value, attention.layer_idx, kwargs=kwargs)
-    index = torch.tensor(attention.kv_head_of_query, dtype=torch.long, device=key.device)
-    key, value = key.index_select(1, index), value.index_select(1, index)  # (B, query heads, S, h)
+    if attention.kv_head_of_query is not None:
+        index = torch.tensor(attention.kv_head_of_query, dtype=torch.long, device=key.device)
+        key, value = key.index_select(1, index), value.index_select(1, index)  # (B, query heads, S, h)
     attend = attention_functions.get_interface(attention.config._attn_implementation, eager)
     window = getattr(attention, "sliding_window", None)
     extra = {"sliding_window": window} if window is not None else {}
