@@ -53,9 +53,9 @@ def tiny_model(kind: str = "llama_gqa", seed: int = 0):
     `llama_bias` (GQA with attention and MLP biases), `qwen2_bias` (Qwen2: q/k/v biases, untied embeddings),
     `qwen3` (per-head q/k norms, GQA, untied), `gemma2` (GeGLU, pre/post norms, soft-capping, sliding-window
     layers of 4 tokens between global ones, tied) and `gemma3` (Gemma 2's layout with per-head q/k norms, a
-    sliding, a global and a sliding layer), `phi3` (fused qkv_proj and gate_up_proj, as stock Phi-3 stores them: `family_of`
-    splits them on first use; half of each head rotated, as in Phi-4-mini). Weights are drawn wider than the usual init and biases are
-    non-zero, so every unit visibly matters.
+    sliding, a global and a sliding layer), `phi3` (fused qkv_proj and gate_up_proj, as stock Phi-3 stores
+    them: `family_of` splits them on first use; half of each head rotated, as in Phi-4-mini). Weights are drawn
+    wider than the usual init and biases are non-zero, so every unit visibly matters.
     """
     import transformers
 

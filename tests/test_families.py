@@ -20,7 +20,8 @@ from darwinfront.core.errors import InvalidSpec
 from search.genome import PruneGenome
 from workers import candidate, criteria, database, families, levels, modeling, slicing
 
-KINDS = ("gemma2", "gemma3", "llama_gqa", "phi3", "qwen2_bias", "qwen3")  # one tiny model per family (Mistral: Llama's layout)
+# one tiny model per family (Mistral: Llama's layout)
+KINDS = ("gemma2", "gemma3", "llama_gqa", "phi3", "qwen2_bias", "qwen3")
 # What each criterion scores a unit whose output weights are zero: exactly 0, except where it cannot promise it.
 NOT_EXACTLY_ZERO = {
     "random": "random by design",
@@ -75,7 +76,8 @@ def test_a_local_directory_of_no_registered_family_is_refused_at_submission(tmp_
     config.write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
     with pytest.raises(InvalidSpec, match="GPTNeoXForCausalLM is not supported; darwinfront prunes Llama"):
         check_architecture(config, "model.source")
-    for fine in (["Qwen3ForCausalLM"], ["PrunedGemma3ForCausalLM"], ["Phi3ForCausalLM"], None):  # none named: the job finds out
+    # none named: the job finds out
+    for fine in (["Qwen3ForCausalLM"], ["PrunedGemma3ForCausalLM"], ["Phi3ForCausalLM"], None):
         config.write_text(json.dumps({"architectures": fine}))
         check_architecture(config, "model.source")
 

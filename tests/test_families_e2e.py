@@ -1,6 +1,7 @@
 """A prune job over REST on the embedded stack for families other than Llama's, each from a local directory, OBS
-levels: a small Qwen3 (per-head q/k norms, GQA) and a small stock Phi-3 (fused qkv_proj and gate_up_proj on disk). Its downloaded configuration, applied to the dense model, and its archive,
-loaded by stock transformers, give the front's KL; a directory of an unregistered family is a 422 at submission."""
+levels: a small Qwen3 (per-head q/k norms, GQA) and a small stock Phi-3 (fused qkv_proj and gate_up_proj on
+disk). Its downloaded configuration, applied to the dense model, and its archive, loaded by stock transformers,
+give the front's KL; a directory of an unregistered family is a 422 at submission."""
 
 from __future__ import annotations
 

@@ -257,8 +257,8 @@ def test_what_cannot_be_exported_is_refused_naming_it(tokenizer, tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     for change, words in (({"rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 5e5}},
                            "rope_type 'yarn'"), ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-                          ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}},
-                           "partial_rotary_factor 0.75"),
+                          ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                "partial_rotary_factor": 0.75}}, "partial_rotary_factor 0.75"),
                           ({"model_type": "gpt2"}, "model_type 'gpt2'")):
         (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ValueError, match=words):
