@@ -43,7 +43,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
 
-SURGERY_KINDS = ("llama_gqa", "llama_mha", "llama_bias", "qwen2_bias", "qwen3", "gemma2", "gemma3", "phi3")
+SURGERY_KINDS = ("llama_gqa", "llama_mha", "llama_bias", "qwen2_bias", "qwen3", "gemma2", "gemma3", "phi3",
+                 "olmo2")
 
 
 def tiny_model(kind: str = "llama_gqa", seed: int = 0):
@@ -54,7 +55,8 @@ def tiny_model(kind: str = "llama_gqa", seed: int = 0):
     `qwen3` (per-head q/k norms, GQA, untied), `gemma2` (GeGLU, pre/post norms, soft-capping, sliding-window
     layers of 4 tokens between global ones, tied) and `gemma3` (Gemma 2's layout with per-head q/k norms, a
     sliding, a global and a sliding layer), `phi3` (fused qkv_proj and gate_up_proj, as stock Phi-3 stores
-    them: `family_of` splits them on first use; half of each head rotated, as in Phi-4-mini). Weights are drawn
+    them: `family_of` splits them on first use; half of each head rotated, as in Phi-4-mini) and `olmo2` (q/k
+    norms over the whole projections, norms after each sub-layer, untied). Weights are drawn
     wider than the usual init and biases are non-zero, so every unit visibly matters.
     """
     import transformers
@@ -74,6 +76,7 @@ def tiny_model(kind: str = "llama_gqa", seed: int = 0):
         "qwen3": ("Qwen3", dict(**gqa, tie_word_embeddings=False)),
         "gemma2": ("Gemma2", dict(**gqa, **window)),
         "gemma3": ("Gemma3", dict(**gqa, **window)),
+        "olmo2": ("Olmo2", dict(**gqa, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
         "phi3": ("Phi3", dict(**gqa, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                "partial_rotary_factor": 0.5})),
@@ -85,6 +88,8 @@ def tiny_model(kind: str = "llama_gqa", seed: int = 0):
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0.0, 0.1)
+            elif kind == "olmo2" and name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.uniform_(0.5, 1.5)  # each row its own scale, so a cut must keep the right rows
     return model.eval()
 
 

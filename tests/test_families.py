@@ -21,13 +21,17 @@ from search.genome import PruneGenome
 from workers import candidate, criteria, database, families, levels, modeling, slicing
 
 # one tiny model per family (Mistral: Llama's layout)
-KINDS = ("gemma2", "gemma3", "llama_gqa", "phi3", "qwen2_bias", "qwen3")
+KINDS = ("gemma2", "gemma3", "llama_gqa", "olmo2", "phi3", "qwen2_bias", "qwen3")
 # What each criterion scores a unit whose output weights are zero: exactly 0, except where it cannot promise it.
 NOT_EXACTLY_ZERO = {
     "random": "random by design",
     "gate_spsa": "a finite-difference estimate of the gate gradient",
     "hessian_trace": "its weight norm counts the unit's input rows, which stay",
 }
+# Under whole-projection q/k norms (OLMo 2) an attention unit with zero output columns is not dead: its query and
+# key rows still set the other heads' norm statistic. These criteria see that (exact removal, gradients through
+# the q/k rows) and rightly score it above zero; the others score the unit by its output alone.
+SEE_THE_NORM = {"ablation", "taylor", "nvit"}
 
 
 def _calibration(model, n: int = 8, t: int = 16, seed: int = 0) -> torch.Tensor:
@@ -100,14 +104,17 @@ def test_every_criterion_scores_every_family_and_planted_dead_units_score_zero(k
             assert torch.isfinite(layer.attn).all() and torch.isfinite(layer.mlp).all(), name
         if name not in NOT_EXACTLY_ZERO:
             assert scores.layers[0].mlp[5].item() == 0.0, (name, scores.layers[0].mlp)
-            assert scores.layers[1].attn[1].item() == 0.0, (name, scores.layers[1].attn)
+            coupled = families.family_of(model).projection_norms and name in SEE_THE_NORM
+            assert (scores.layers[1].attn[1].item() > 0.0) if coupled else \
+                (scores.layers[1].attn[1].item() == 0.0), (name, scores.layers[1].attn)
             assert (scores.layers[0].mlp != 0).sum() > 40, name  # the live channels do not all score zero
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_obs_database_levels_swapped_into_the_model_give_the_candidate_s_logits(kind, tmp_path):
     """An OBS level stores the layer's output weight with the removed units' columns zero and the rest updated;
-    the dense model holding those weights computes exactly what the sliced candidate computes."""
+    the dense model holding those weights computes exactly what the sliced candidate computes (under OLMo 2's
+    whole-projection q/k norms, with the masks that keep their statistic to the kept rows)."""
     model = tiny_model(kind)
     calibration = _calibration(model)
     table = levels.table_for(model, levels=6, multiple=8)
@@ -122,7 +129,7 @@ def test_obs_database_levels_swapped_into_the_model_give_the_candidate_s_logits(
                                          ("mlp", genome.mlp[i], layer.mlp.down_proj)):
                 if level:
                     linear.weight.copy_(db.load_level(i, kind_, level)["weight"])
-    with torch.inference_mode():
+    with torch.inference_mode(), slicing.masked(swapped, levels.layout(genome, db.orders, db.table)):
         want, got = swapped(calibration).logits, built(calibration).logits
         dense = model(calibration).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
@@ -142,7 +149,7 @@ def _local_model(kind: str, folder, **config):
     return folder
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3", "phi3", "olmo2"])
 def test_kv_precision_is_scored_on_every_family(kind, tmp_path):
     """Gemma 2 and 3 with sliding-window layers (window 4, sequences of 32) as well as global ones; Phi-3 from a
     stock (fused) directory, with a window of 4 over every layer as Phi-3-mini has one."""
@@ -180,6 +187,37 @@ def test_a_16_bit_kv_cache_on_sliding_window_layers_decodes_as_the_dense_model(k
     model.config.sliding_window = 64  # the window matters: attending further back gives other logits
     with torch.inference_mode():
         assert not torch.allclose(model(ids).logits, want, atol=1e-3)
+
+
+def test_an_olmo2_cut_rescales_the_kept_heads_and_the_masks_follow():
+    """OLMo 2's q/k norms span the whole projection: the sliced norm keeps the kept rows' weights and takes its
+    statistic over them, which zeroing the removed heads' outputs alone does not reproduce."""
+    model = tiny_model("olmo2")
+    every = tuple(range(48))
+    layout = slicing.Layout(tuple(slicing.LayerLayout(a, every) for a in ((1,), (0, 1, 2, 3), (0, 2))), "q_head")
+    norms = [model.model.layers[0].self_attn.q_norm.weight.detach().clone(),
+             model.model.layers[0].self_attn.k_norm.weight.detach().clone()]
+    ids = _calibration(model, n=2, t=10)
+    kept = [torch.zeros(32), torch.ones(32), torch.zeros(32)]  # o_proj input columns of the kept query heads
+    kept[0][8:16], kept[2][0:8], kept[2][16:24] = 1, 1, 1
+    with torch.inference_mode():
+        with slicing.masked(model, layout):
+            masked = model(ids).logits
+        hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda module, args, k=k: (args[0] * k,))
+                 for layer, k in zip(model.model.layers, kept, strict=True)]
+        outputs_only = model(ids).logits
+        for hook in hooks:
+            hook.remove()
+    sliced = slicing.slice_model(copy.deepcopy(model), layout)
+    attention = sliced.model.layers[0].self_attn
+    assert torch.equal(attention.q_norm.weight, norms[0][8:16]) and torch.equal(attention.k_norm.weight, norms[1])
+    with torch.inference_mode():
+        torch.testing.assert_close(sliced(ids).logits, masked, atol=1e-5, rtol=0)
+        assert not torch.allclose(outputs_only, masked, atol=1e-3)  # the same heads kept, not the same norm
+    groups = slicing.Layout(tuple(slicing.LayerLayout(a, every) for a in ((1,), (0, 1), (0,))))
+    attention = slicing.slice_model(copy.deepcopy(model), groups).model.layers[0].self_attn
+    assert torch.equal(attention.q_norm.weight, norms[0][16:32]) and torch.equal(attention.k_norm.weight,
+                                                                                 norms[1][8:16])
 
 
 def test_a_stock_phi3_is_split_into_the_same_model_with_each_unit_s_rows():
@@ -230,7 +268,7 @@ def test_a_stock_phi3_directory_loads_split_and_its_cut_exports_to_stock_transfo
         torch.testing.assert_close(stock(ids).logits, masked, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3", "olmo2"])
 def test_the_gguf_export_refuses_a_family_llama_cpp_s_deci_cannot_run(kind, tmp_path):
     from darwinfront.gguf_export import write_gguf
 

@@ -85,7 +85,7 @@ def run_outside(folders: list[Path], tmp_path: Path, python: str = sys.executabl
 CASES = [("llama_gqa", "q_head", True), ("llama_bias", "kv_group", True), ("llama_mha", "q_head", False),
          ("qwen2_bias", "q_head", True), ("mistral", "kv_group", False), ("qwen3", "q_head", True),
          ("gemma2", "q_head", False), ("gemma3", "kv_group", True), ("phi3", "q_head", True),
-         ("phi3", "kv_group", False)]
+         ("phi3", "kv_group", False), ("olmo2", "q_head", True), ("olmo2", "kv_group", False)]
 
 
 def test_every_family_exports_to_stock_transformers_with_darwinfronts_logits(tmp_path):

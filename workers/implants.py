@@ -98,7 +98,7 @@ def implant_levels(
     stack = decoder_layers(model)
     wanted = list(range(len(stack))) if layers is None else list(layers)
     stats = moments(model, calibration, kinds, layers=wanted, batch_size=batch_size)
-    dtype = stack[0].input_layernorm.weight.dtype
+    dtype = next(stack[0].parameters()).dtype
     for i in wanted:
         out = {}
         for kind in kinds:

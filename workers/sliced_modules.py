@@ -28,7 +28,8 @@ class QueryHeadAttention(nn.Module):
         self.attention_dropout, self.is_causal = attn.attention_dropout, attn.is_causal
         self.sliding_window = getattr(attn, "sliding_window", None)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        if family.head_norms:
+        self.projection_norms = family.projection_norms
+        if family.head_norms or family.projection_norms:
             self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.softcap = attn.attn_logit_softcapping if family.softcap else None
         self._family = family.transformers_code()  # the rotary and eager attention of the model's family

@@ -15,6 +15,7 @@ stand-ins for a removed sub-block live in `workers.pruned_hf.pruned_layers`, bes
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,19 +105,21 @@ def count_parameters(model: nn.Module) -> int:
 def unit_params(d: Dims, attention_unit: str = "kv_group") -> tuple[int, int]:
     """Parameters of one attention unit (a KV group or a query head) and of one MLP channel, biases included."""
     q_width = d.head_dim if attention_unit == "q_head" else d.group * d.head_dim
-    attn_unit = 2 * d.hidden * q_width + (q_width if d.attn_bias else 0)  # q rows (+ bias), o columns
+    norm = 1 if d.projection_norms else 0  # the unit's rows of a whole-projection q/k norm (OLMo 2)
+    attn_unit = 2 * d.hidden * q_width + (q_width if d.attn_bias else 0) + norm * q_width  # q rows (+ bias), o
     if attention_unit != "q_head":
-        attn_unit += 2 * (d.hidden + (1 if d.attn_bias else 0)) * d.head_dim  # k and v rows (+ bias)
+        attn_unit += 2 * (d.hidden + (1 if d.attn_bias else 0)) * d.head_dim + norm * d.head_dim  # k and v rows
     channel = 3 * d.hidden + (2 if d.mlp_bias else 0)  # gate and up rows (+ their bias), a down column
     return attn_unit, channel
 
 
 def shared_attention_params(d: Dims, attention_unit: str = "kv_group") -> int:
     """Attention parameters outside every unit, freed only with the whole attention: its own norms (Qwen3 and
-    Gemma 3's per-head q/k norms), and the K/V heads under `q_head`."""
+    Gemma 3's per-head q/k norms), and the K/V heads under `q_head` (with their k-norm rows, OLMo 2)."""
     if attention_unit != "q_head":
         return d.attn_extra_params
-    return d.attn_extra_params + 2 * (d.hidden + (1 if d.attn_bias else 0)) * d.n_kv * d.head_dim
+    kv_row = 2 * (d.hidden + (1 if d.attn_bias else 0)) + (1 if d.projection_norms else 0)
+    return d.attn_extra_params + kv_row * d.n_kv * d.head_dim
 
 
 def dense_layout(model: nn.Module, attention_unit: str = "kv_group") -> Layout:
@@ -149,25 +152,32 @@ def masked(model: nn.Module, layout: Layout) -> Iterator[nn.Module]:
     """Apply `layout` as masks for the duration of the block, without copying weights.
 
     Forward pre-hooks zero the inputs of o_proj (per head dimension of every dropped query head, or of every
-    dropped KV group's query heads) and of down_proj (per dropped channel); the hooks are removed on exit.
+    dropped KV group's query heads) and of down_proj (per dropped channel); the hooks are removed on exit. Where
+    the q/k norms span the whole projection (OLMo 2), they are swapped for the block for norms whose statistic
+    runs over the kept rows only, as the sliced model's do.
     """
     _require_dense(model)
     d = dims(model)
     _check_layout(layout, d)
     n_attn = d.attn_units(layout.attention_unit)
     width = d.n_heads * d.head_dim // n_attn  # o_proj columns per attention unit
-    handles = []
+    handles, norms = [], contextlib.ExitStack()
     try:
         for layer, keep in zip(model.model.layers, layout.layers, strict=True):
-            o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
-            head_mask = _mask(n_attn, keep.attn_units, o_proj.weight).repeat_interleave(width)
+            attn, down_proj = layer.self_attn, layer.mlp.down_proj
+            head_mask = _mask(n_attn, keep.attn_units, attn.o_proj.weight).repeat_interleave(width)
             channel_mask = _mask(d.intermediate, keep.mlp_channels, down_proj.weight)
-            handles.append(o_proj.register_forward_pre_hook(_multiply_input(head_mask)))
+            handles.append(attn.o_proj.register_forward_pre_hook(_multiply_input(head_mask)))
             handles.append(down_proj.register_forward_pre_hook(_multiply_input(channel_mask)))
+            if d.projection_norms and keep.attn_units:  # (an attention that keeps nothing is zeroed whole)
+                kv_mask = (None if layout.attention_unit == "q_head" else
+                           _mask(d.n_kv, keep.attn_units, attn.o_proj.weight).repeat_interleave(d.head_dim))
+                norms.enter_context(kept_rows_norms(attn, head_mask, kv_mask))
         yield model
     finally:
         for handle in handles:
             handle.remove()
+        norms.close()
 
 
 def add_output_shift(layer: nn.Module, kind: str, shift: torch.Tensor) -> None:
@@ -240,6 +250,8 @@ def _cut_groups(layer: nn.Module, index: int, keep: list[int]) -> None:
     h, device = attn.head_dim, attn.o_proj.weight.device
     width = attn.q_proj.out_features // (attn.k_proj.out_features // h)  # query rows per KV group
     q_rows, kv_rows = _spans(tuple(keep), width, device), _spans(tuple(keep), h, device)
+    _take_norm_rows(attn, "q_norm", q_rows, attn.q_proj.out_features)
+    _take_norm_rows(attn, "k_norm", kv_rows, attn.k_proj.out_features)
     attn.q_proj, attn.o_proj = _take(attn.q_proj, q_rows, dim=0), _keep_bias_kind(attn.o_proj,
                                                                                   _take(attn.o_proj, q_rows, dim=1))
     attn.k_proj, attn.v_proj = _take(attn.k_proj, kv_rows, dim=0), _take(attn.v_proj, kv_rows, dim=0)
@@ -363,12 +375,14 @@ def _slice_attention(layer: nn.Module, index: int, units: tuple[int, ...], d: Di
     q_rows = _spans(units, d.head_dim if unit == "q_head" else d.group * d.head_dim, device)
     attn.q_proj = _take(attn.q_proj, q_rows, dim=0)
     attn.o_proj = _take(attn.o_proj, q_rows, dim=1)
+    _take_norm_rows(attn, "q_norm", q_rows, d.n_heads * d.head_dim)
     if unit == "q_head":
         layer.self_attn = QueryHeadAttention(attn, units, d.group, family)
         return
     kv_rows = _spans(units, d.head_dim, device)
     attn.k_proj = _take(attn.k_proj, kv_rows, dim=0)
     attn.v_proj = _take(attn.v_proj, kv_rows, dim=0)
+    _take_norm_rows(attn, "k_norm", kv_rows, d.n_kv * d.head_dim)
 
 
 def _slice_mlp(layer: nn.Module, channels: tuple[int, ...], d: Dims) -> None:
@@ -389,7 +403,7 @@ def _slice_mlp(layer: nn.Module, channels: tuple[int, ...], d: Dims) -> None:
 def _install_implants(layer: nn.Module, index: int, keep: LayerLayout, d: Dims) -> None:
     """Replace each implanted sub-layer (already cut to nothing) by a zero implant of its rank, in the dtype and on
     the device of the layer's norm; `workers.implants` fills in the fitted weights."""
-    like = layer.input_layernorm.weight
+    like = next(layer.parameters())  # (a norm's weight, in every family)
     if keep.implant_rank("attn"):
         bias = getattr(layer.self_attn, "o_bias", None)
         layer.self_attn = ImplantAttention(index, d.hidden, keep.implant_rank("attn"), bias, like=like)
@@ -417,9 +431,52 @@ def _take(linear: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
     return new
 
 
+def _take_norm_rows(attn: nn.Module, name: str, rows: torch.Tensor, width: int) -> None:
+    """Keep `rows` of the weight of `attn`'s q/k norm `name` where it spans the whole projection of `width` rows
+    (OLMo 2). A per-head norm (one head_dim weight every head shares: Qwen3, Gemma 3) stays as it is; it has
+    `width` entries only over a single head, whose rows are then all kept or the attention is gone."""
+    norm = getattr(attn, name, None)
+    if norm is None or norm.weight.numel() != width:
+        return
+    new = copy.copy(norm)  # the norm's settings (eps), a weight of its own
+    new._parameters = {"weight": nn.Parameter(norm.weight.detach().index_select(0, rows).contiguous(),
+                                              requires_grad=norm.weight.requires_grad)}
+    setattr(attn, name, new)
+
+
 def copy_linear(linear: nn.Linear) -> nn.Linear:
     """A new nn.Linear holding copies of `linear`'s weight and bias (every row kept)."""
     return _take(linear, torch.arange(linear.out_features, device=linear.weight.device), dim=0)
+
+
+@contextlib.contextmanager
+def kept_rows_norms(attention: nn.Module, q_keep: torch.Tensor, kv_keep: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, `attention`'s whole-projection q/k norms (OLMo 2) take their statistic over the rows
+    `q_keep` / `kv_keep` mark (1 kept, 0 dropped; None: every key row), as the sliced attention's norms do."""
+    before = {name: getattr(attention, name) for name, keep in (("q_norm", q_keep), ("k_norm", kv_keep))
+              if keep is not None}
+    try:
+        for name, keep in (("q_norm", q_keep), ("k_norm", kv_keep)):
+            if keep is not None:
+                setattr(attention, name, KeptRowsNorm(before[name], keep))
+        yield
+    finally:
+        for name, norm in before.items():
+            setattr(attention, name, norm)
+
+
+class KeptRowsNorm(nn.Module):
+    """A whole-projection RMS norm (OLMo 2's q/k norm) whose statistic runs over the rows `keep` marks (1 kept,
+    0 dropped): on the kept rows, what the sliced model's norm over those rows alone computes."""
+
+    def __init__(self, norm: nn.Module, keep: torch.Tensor):
+        super().__init__()
+        self.norm, self.keep = norm, keep.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = x.float()
+        variance = (wide.pow(2) * self.keep).sum(-1, keepdim=True) / self.keep.sum()
+        return (self.norm.weight * (wide * torch.rsqrt(variance + self.norm.variance_epsilon))).to(x.dtype)
 
 
 def _mask(n: int, keep: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from darwinfront.core.errors import InvalidSpec
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+NORMS = ("q_norm", "k_norm")
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class Shape:
     intermediate: int
     attn_bias: bool
     mlp_bias: bool
-    attn_extra_params: int = 0  # the attention's parameters outside its projections (per-head q/k norms)
+    attn_extra_params: int = 0  # the attention's parameters outside its units (per-head q/k norms)
+    projection_norms: bool = False  # q/k norms over the whole projection: each unit owns its rows' norm weights
 
     @property
     def n_heads(self) -> int:
@@ -55,6 +57,9 @@ class Family:
         prefix: as in `<prefix>ForCausalLM`, `Pruned<prefix>Config`.
         transformers_module: the family's modeling module in transformers (its rotary and eager attention).
         head_norms: q_norm / k_norm over each head's head_dim inside the attention (Qwen3, Gemma 3).
+        projection_norms: q_norm / k_norm over the whole q / k projection (OLMo 2): a unit owns the norm weights of
+            its rows, and the norm's statistic runs over the kept rows only (a cut changes the other heads' scale,
+            which the masked model reproduces).
         softcap: the attention passes `attn_logit_softcapping` to the attention function (Gemma 2).
     """
 
@@ -62,6 +67,7 @@ class Family:
     prefix: str
     transformers_module: str
     head_norms: bool = False
+    projection_norms: bool = False
     softcap: bool = False
 
     @property
@@ -103,8 +109,9 @@ class Family:
                            False),
             mlp_bias=next((m.gate_proj.bias is not None for m in map(self.mlp, layers) if hasattr(m, "gate_proj")),
                           False),
-            attn_extra_params=next((extra_params(a, ATTN_PROJ) for a in map(self.attention, layers)
-                                    if hasattr(a, "k_proj")), 0),
+            attn_extra_params=next((extra_params(a, ATTN_PROJ + (NORMS if self.projection_norms else ()))
+                                    for a in map(self.attention, layers) if hasattr(a, "k_proj")), 0),
+            projection_norms=self.projection_norms,
         )
 
     def check(self, model: nn.Module) -> None:

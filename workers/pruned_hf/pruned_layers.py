@@ -129,8 +129,9 @@ def attend_with_kv_index(attention, hidden_states, position_embeddings, attentio
     """The family's attention forward, with keys and values expanded to the query heads by `kv_head_of_query`
 (None: the usual grouping, which the attention function expands).
 
-    Per-head q/k norms run where the attention has them; the caller passes what else its family hands the
-    attention function (Gemma 2's `softcap`) in `kwargs`.
+    Per-head q/k norms run where the attention has them, over the whole projection before the heads are split
+    where it says `projection_norms` (OLMo 2); the caller passes what else its family hands the attention
+    function (Gemma 2's `softcap`) in `kwargs`.
 
     Keys and values are cached once per KV head and expanded just before the attention function runs (eager,
     sdpa, ...), so the cache is no larger than the dense model's.
@@ -138,9 +139,12 @@ def attend_with_kv_index(attention, hidden_states, position_embeddings, attentio
     cache = cache if cache is not None else kwargs.pop("past_key_values", None)
     input_shape = hidden_states.shape[:-1]
     shape = (*input_shape, -1, attention.head_dim)
-    query = attention.q_proj(hidden_states).view(shape)  # (B, T, query heads, h)
-    key = attention.k_proj(hidden_states).view(shape)  # (B, T, KV heads, h)
-    if getattr(attention, "q_norm", None) is not None:  # per-head norms over head_dim (Qwen3, Gemma 3)
+    query, key = attention.q_proj(hidden_states), attention.k_proj(hidden_states)  # (B, T, heads · h)
+    whole = getattr(attention, "projection_norms", False)
+    if whole:  # norms over the whole projection (OLMo 2)
+        query, key = attention.q_norm(query), attention.k_norm(key)
+    query, key = query.view(shape), key.view(shape)  # (B, T, query heads, h), (B, T, KV heads, h)
+    if not whole and getattr(attention, "q_norm", None) is not None:  # per-head norms over head_dim (Qwen3, Gemma 3)
         query, key = attention.q_norm(query), attention.k_norm(key)
     query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, heads, T, h)
     value = attention.v_proj(hidden_states).view(shape).transpose(1, 2)
