@@ -175,8 +175,11 @@ def family_model(model: nn.Module, architecture: str, seed: int) -> nn.Module:
                                                    "num_attention_heads", "num_key_value_heads",
                                                    "intermediate_size", "max_position_embeddings")}
     sizes["head_dim"] = config.hidden_size // config.num_attention_heads
+    family_config = config_class(**sizes)
+    if (family_config.pad_token_id or 0) >= config.vocab_size:  # Phi-3's default pad id is past a small vocabulary
+        family_config.pad_token_id = None
     torch.manual_seed(seed)
-    built = getattr(transformers, architecture)(config_class(**sizes))
+    built = getattr(transformers, architecture)(family_config)
     return built.to(dtype=next(model.parameters()).dtype, device=next(model.parameters()).device).eval()
 
 
