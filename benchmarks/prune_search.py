@@ -23,15 +23,24 @@ then measured on held-out text one-shot (database weights) and after the same po
 `--reference-scale` times the generations gives the "best KL a 10x budget finds". Overhead is the wall time per
 evaluation over the bare forward + training time measured inside it (in process: no Ray, no Redis).
 
+Each arm's search is also measured (`search_s`, `peak_rss_mib`, on CUDA `cuda_peak_mib`): the wall seconds of
+its ask/tell loop with all its evaluations, and the peak memory it adds, sampled on a thread as the process's
+resident set above its size at the arm's start. Neither counts the level database build and nirvana's unit scores
+(shared, before the arms) nor the winner's post-training and held-out metrics (identical for every arm, after).
+
     DARWINFRONT_CACHE_DIR=/tmp/dfcache .venv/bin/python benchmarks/prune_search.py --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import math
+import os
 import statistics
+import threading
 import time
 
 import torch
@@ -77,6 +86,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--early-layer-prior", type=float, default=2.0, help="strength of the evopress_protect arm")
     p.add_argument("--json", default=None, help="write the full results here")
     return p.parse_args(argv)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def measured(device: str, interval_s: float = 0.01):
+    """Wall seconds and peak memory the block adds, into the yielded dict.
+
+    `peak_rss_mib`: the largest resident set sampled every `interval_s` (and at the end) minus the one at the
+    start; a spike shorter than the interval can be missed. Freed heap is handed back to the system first, so an
+    arm does not reuse, unseen, the memory an earlier arm's post-training left in the allocator. On CUDA,
+    `cuda_peak_mib` is torch's peak allocation during the block (with what was resident at the start,
+    `cuda_start_mib`).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    cuda = device.startswith("cuda")
+    out, start, peak, done = {}, _rss_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(interval_s):
+            peak[0] = max(peak[0], _rss_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        out["cuda_start_mib"] = torch.cuda.memory_allocated() / 2**20
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        yield out
+    finally:
+        if cuda:
+            torch.cuda.synchronize()
+        out["search_s"] = time.perf_counter() - started
+        done.set()
+        sampler.join()
+        out["peak_rss_mib"] = (max(peak[0], _rss_bytes()) - start) / 2**20
+        if cuda:
+            out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
 
 
 def job_spec(args, seed: int) -> dict:
@@ -168,15 +221,17 @@ def bench_seed(args, seed: int) -> dict:
     out = {"seed": seed, "database": prepared["database"], "dense_perplexity": prepared["dense"]["perplexity"]}
     for arm in names:
         started = time.perf_counter()
-        result = run(makers[arm](), evaluator, seq_len)
+        with measured(args.device) as cost:
+            result = run(makers[arm](), evaluator, seq_len)
         metrics = winner_metrics(evaluator, result["genome"], args.post_train_tokens, seed)
         out[arm] = {**metrics, "fitness": result["fitness"], "evaluations": result["evaluations"],
-                    "overhead": result["wall_s"] / max(result["compute_s"], 1e-12),
+                    "overhead": result["wall_s"] / max(result["compute_s"], 1e-12), **cost,
                     "seconds": time.perf_counter() - started}
         print(f"seed {seed} {arm:9s} evals {result['evaluations']:5d}  params {metrics['params']:,}"
               f"  held-out KL {metrics['held_out_kl']:.4f}"
               f" -> post {metrics['post_kl']:.4f}  ppl {metrics['perplexity']:.2f} -> {metrics['post_perplexity']:.2f}"
-              f"  overhead {out[arm]['overhead']:.3f}  {out[arm]['seconds']:.0f} s", flush=True)
+              f"  overhead {out[arm]['overhead']:.3f}  search {cost['search_s']:.1f} s"
+              f" +{cost['peak_rss_mib']:.0f} MiB RSS  arm {out[arm]['seconds']:.0f} s", flush=True)
     return out
 
 
@@ -187,8 +242,9 @@ def summarize(results: list[dict]) -> dict:
         values = [r[arm][key] for r in results if arm in r]
         return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
-    table = {arm: {k: stat(arm, k) for k in ("held_out_kl", "post_kl", "perplexity", "post_perplexity",
-                                             "evaluations", "overhead", "seconds")}
+    keys = ("held_out_kl", "post_kl", "perplexity", "post_perplexity", "evaluations", "overhead", "seconds",
+            "search_s", "peak_rss_mib", "cuda_peak_mib")
+    table = {arm: {k: stat(arm, k) for k in keys if all(k in r[arm] for r in results if arm in r)}
              for arm in [*ARMS, "reference"] if any(arm in r for r in results)}
     ratios = {}
     for key in ("held_out_kl", "post_kl") if all("darwinlm" in r and "uniform" in r for r in results) else ():
@@ -205,12 +261,16 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     results = [bench_seed(args, seed) for seed in args.seeds]
     summary = summarize(results)
-    print("\narm        evals   held-out KL        post-trained KL    ppl        post ppl   overhead")
+    cuda = args.device.startswith("cuda")
+    print("\nsearch s and +RSS MiB: the arm's ask/tell loop with its evaluations (no database build, no post-training)")
+    print("arm               evals   held-out KL        post-trained KL    ppl        post ppl   overhead  search s"
+          "  +RSS MiB" + ("  CUDA peak MiB" if cuda else ""))
     for arm, row in summary["table"].items():
         cells = [f"{row[k][0]:.4f}±{row[k][1]:.4f}" for k in ("held_out_kl", "post_kl")]
         cells += [f"{row[k][0]:.2f}" for k in ("perplexity", "post_perplexity")]
-        print(f"{arm:9s} {row['evaluations'][0]:6.0f}   {cells[0]}   {cells[1]}   {cells[2]:9s}  {cells[3]:9s}"
-              f"  {row['overhead'][0]:.3f}")
+        print(f"{arm:16s} {row['evaluations'][0]:6.0f}   {cells[0]}   {cells[1]}   {cells[2]:9s}  {cells[3]:9s}"
+              f"  {row['overhead'][0]:.3f}    {row['search_s'][0]:8.1f}  {row['peak_rss_mib'][0]:8.0f}"
+              + (f"  {row['cuda_peak_mib'][0]:13.0f}" if cuda else ""))
     for name, values in summary["ratios"].items():
         print(f"{name}: {', '.join(f'{v:.3f}' for v in values)}")
     print(f"total {time.perf_counter() - started:.0f} s")
