@@ -13,8 +13,9 @@ from service.schemas import Front
 
 
 def front_figure(front: Front, *, dense_params: int | None = None, title: str | None = None):
-    """A matplotlib Figure of the front: its first objective (the quality, KL) against its last (the cost:
-    parameters, bits), one colour per target, the front as a step line.
+    """A matplotlib Figure of the front: its first objective (the quality, KL) against its second (the cost:
+    parameters, bits, memory), one colour per target, the front as a step line (a third objective, a joint job's
+    latency, is left to the table: the points are then drawn without the line).
 
     Args:
         front: The job's front.
@@ -23,21 +24,21 @@ def front_figure(front: Front, *, dense_params: int | None = None, title: str | 
         title: Defaults to the job id and generation.
 
     Raises:
-        DarwinfrontError: matplotlib is missing, or the front does not have two objectives.
+        DarwinfrontError: matplotlib is missing, or the front has fewer than two objectives.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise DarwinfrontError("plotting needs matplotlib: pip install 'darwinfront[plot]'") from exc
-    if len(front.objectives) != 2:
+    if len(front.objectives) < 2:
         raise DarwinfrontError(f"a front plot needs two objectives, this front has {len(front.objectives)}")
-    quality, cost = front.objectives
+    quality, cost, *others = front.objectives  # a third (a joint job's latency) is in the table, not the plot
     figure = Figure(figsize=(7, 4.5), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     points = sorted(front.points, key=lambda p: p.objectives[cost.name])
-    if points:
+    if points and not others:  # with more objectives the projection is no staircase
         ax.step([p.objectives[cost.name] for p in points], [p.objectives[quality.name] for p in points],
                 where="post", color="0.75", linewidth=1, zorder=1)
     for target in dict.fromkeys(p.target for p in points):

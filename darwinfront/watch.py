@@ -43,18 +43,23 @@ def describe_progress(status: str, progress: dict) -> str:
 
 
 def describe_deployment(spec: dict) -> str | None:
-    """The deployment point a joint job's memory objective is measured at (None for other methods)."""
+    """The deployment point a joint job's memory objective (and its latency, when measured) is measured at (None for
+    other methods)."""
     deployment = spec.get("deployment")
     if spec.get("method") != "joint" or not deployment:
         return None
     cap = (spec.get("joint") or {}).get("memory_cap")
+    latency = deployment.get("latency")
     return (f"memory at batch {deployment['batch_size']} x {deployment['context']:,} tokens, {deployment['dtype']} "
             f"weights and KV (scales, zero points and residual window included)"
-            + (f"; cap {cap:,} B ({cap / 2**30:.3g} GiB)" if cap else ""))
+            + (f"; cap {cap:,} B ({cap / 2**30:.3g} GiB)" if cap else "")
+            + (f"; latency: median ms of one decoding step of batch {deployment['batch_size']} with the candidate's "
+               f"cache holding {latency['context']:,} tokens (measured, noisy)" if latency else ""))
 
 
 def format_front(front: Front) -> str:
-    """The front as a fixed-width table, one column per objective it declares, cheapest (its last objective) first."""
+    """The front as a fixed-width table, one column per objective it declares, cheapest (its cost, the second
+    objective; the only one of a one-objective front) first."""
     if not front.points:
         return "(front is empty so far)"
     names = [o.name for o in front.objectives]
@@ -68,7 +73,7 @@ def format_front(front: Front) -> str:
     columns += [(task, task) for task in tasks]
     widths += [max(len(task), 15) for task in tasks]
     lines[0] += "".join(f" {task:>{w}}" for task, w in zip(tasks, widths[-len(tasks):], strict=True)) if tasks else ""
-    for p in sorted(front.points, key=lambda p: p.objectives[names[-1]]):
+    for p in sorted(front.points, key=lambda p: p.objectives[names[min(1, len(names) - 1)]]):
         scores = getattr(p, "scores", None) or {}
         values = [p.objectives[key] if key in p.objectives else getattr(p, key, None) for key, _ in columns]
         values[len(values) - len(tasks):] = [_score_cell(scores.get(task)) for task in tasks]

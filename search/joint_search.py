@@ -1,21 +1,25 @@
-"""Searches of the joint space (pruning levels + KV pairs) against (KL, memory), as ask/tell strategies.
+"""Searches of the joint space (pruning levels + KV pairs) against (KL, memory), or (KL, memory, latency) when the
+job measures latency, as ask/tell strategies.
 
-Both strategies are told the KL the driver measures and read the memory off the genome (`JointSpace.memory`,
-exact), so a genome over the memory cap is never handed out: it costs no evaluation. They hand out their seeds
-first (uniform cuts with the KV presets, and the best points of separate prune and KV jobs when the job names
-them), then rounds of `round_size` genomes, and stop after `budget` distinct evaluations.
+Both strategies are told the KL the driver measures (and the latency, `tell(..., latency=ms)`, when built with
+`latency=True`) and read the memory off the genome (`JointSpace.memory`, exact), so a genome over the memory cap
+is never handed out: it costs no evaluation. They hand out their seeds first (uniform cuts with the KV presets,
+and the best points of separate prune and KV jobs when the job names them), then rounds of `round_size`
+genomes, and stop after `budget` distinct evaluations.
 
 - `evolution`: a Pareto evolution with mixed mutation: every child is a parent drawn from the current front
-  (feasible, non-dominated in (KL, memory)) with 1..3 moves, each a KV pair change (one group's pair one step up
-  or down its candidate list) with probability `kv_rate`, else a level move (one layer's attention or MLP level
-  one step up or down, or an EvoPress level switch that keeps the parameter count).
-- `nsga2`: Optuna's NSGA-II over one integer per layer and group and one categorical per KV group.
+  (feasible, non-dominated in all the objectives) with 1..3 moves, each a KV pair change (one group's pair one
+  step up or down its candidate list) with probability `kv_rate`, else a level move (one layer's attention or MLP
+  level one step up or down, or an EvoPress level switch that keeps the parameter count).
+- `nsga2`: Optuna's NSGA-II over one integer per layer and group and one categorical per KV group, on two or
+  three objectives.
 
 Checkpoints replay asks and tells (`search.replay.Replayed`). Pure Python besides Optuna.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -82,11 +86,11 @@ class _JointBase(Replayed):
     """What both joint strategies share: seeds first, the cap, the budget, ids, the front of what was told."""
 
     def __init__(self, space: JointSpace, seeds: Sequence[JointGenome], *, seed: int, budget: int,
-                 round_size: int, memory_cap: int | None = None):
+                 round_size: int, memory_cap: int | None = None, latency: bool = False):
         super().__init__()
         if budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
-        self._space, self._seed, self._cap = space, seed, memory_cap
+        self._space, self._seed, self._cap, self._latency = space, seed, memory_cap, latency
         unique = {}
         for genome in seeds:
             space.check(genome)
@@ -97,6 +101,7 @@ class _JointBase(Replayed):
         self._given: dict[str, JointGenome] = {}
         self._keys: set[str] = set()
         self._results: dict[str, float | None] = {}  # candidate id -> KL (None: failed)
+        self._latencies: dict[str, float] = {}  # candidate id -> measured ms (latency searches)
         self._exhausted = False
         self._best: BestSoFar[JointGenome | None] = BestSoFar(None)
 
@@ -109,17 +114,39 @@ class _JointBase(Replayed):
         self._keys.add(genome.key())
         return JointRequest(cid, genome, self._rounds.current)
 
-    def _record(self, candidate_id: str, fitness: float | None) -> None:
+    def tell(self, candidate_id: str, fitness: float | None, error: str | None = None, *,
+             latency: float | None = None) -> None:
+        """Tell a candidate's KL (None: failed) and, in a latency search, its measured latency in ms.
+
+        Raises:
+            ValueError: A latency search told a KL without a finite, positive latency.
+        """
+        if self._latency and fitness is not None and not (latency is not None and 0 < latency < math.inf):
+            raise ValueError(f"candidate {candidate_id!r}: a latency search needs its measured latency, got {latency}")
+        self._logged_tell(candidate_id, fitness, error, *(() if latency is None else (float(latency),)))
+
+    def _tell(self, candidate_id: str, fitness: float | None, error: str | None, latency: float | None = None) -> None:
         if candidate_id not in self._given or candidate_id in self._results:
             raise ValueError(f"candidate {candidate_id!r} was not asked, or was told already")
         self._results[candidate_id] = fitness
+        if fitness is not None and latency is not None:
+            self._latencies[candidate_id] = latency
         self._best.offer(fitness, list(self._given).index(candidate_id), self._given[candidate_id])
+        self._told(candidate_id)
+
+    def _told(self, candidate_id: str) -> None:
+        """What a subclass does once a candidate's result is recorded."""
+
+    def objectives(self, candidate_id: str) -> tuple[float, ...]:
+        """A told, successful candidate's point: (KL, memory), and its latency in a latency search."""
+        point = (self._results[candidate_id], float(self._space.memory(self._given[candidate_id])))
+        return point + ((self._latencies[candidate_id],) if self._latency else ())
 
     def front(self) -> list[JointGenome]:
-        """The told genomes no other beats on both KL and memory, by memory."""
-        told = [(cid, kl) for cid, kl in self._results.items() if kl is not None]
-        points = [(kl, float(self._space.memory(self._given[cid]))) for cid, kl in told]
-        return sorted((self._given[told[i][0]] for i in non_dominated(points)), key=self._space.memory)
+        """The told genomes no other dominates in all the objectives, by memory."""
+        told = [cid for cid, kl in self._results.items() if kl is not None]
+        points = [self.objectives(cid) for cid in told]
+        return sorted((self._given[told[i]] for i in non_dominated(points)), key=self._space.memory)
 
     @property
     def finished(self) -> bool:
@@ -159,13 +186,15 @@ class JointEvolution(_JointBase):
         round_size: children per round after the seeds.
         memory_cap: bytes a genome may need at most (None: no cap).
         kv_rate: the probability that a move changes a KV pair rather than a level.
+        latency: the measured latency is a third objective (told with each KL).
     """
 
     name = "joint-evolution"
 
     def __init__(self, space: JointSpace, seeds: Sequence[JointGenome], *, seed: int, budget: int, round_size: int,
-                 memory_cap: int | None = None, kv_rate: float = 0.5):
-        super().__init__(space, seeds, seed=seed, budget=budget, round_size=round_size, memory_cap=memory_cap)
+                 memory_cap: int | None = None, kv_rate: float = 0.5, latency: bool = False):
+        super().__init__(space, seeds, seed=seed, budget=budget, round_size=round_size, memory_cap=memory_cap,
+                         latency=latency)
         self._rng = random.Random(derive_seed(seed, self.name))
         self._kv_rate = kv_rate
 
@@ -189,12 +218,10 @@ class JointEvolution(_JointBase):
             fresh.append(self._hand_out(child))
         return fresh
 
-    def _tell(self, candidate_id: str, fitness: float | None, error: str | None) -> None:
-        self._record(candidate_id, fitness)
-
 
 class JointNsga(_JointBase):
-    """Optuna's NSGA-II on (KL, memory) over the joint genome; the seeds are enqueued first.
+    """Optuna's NSGA-II on (KL, memory), or (KL, memory, latency), over the joint genome; the seeds are enqueued
+    first.
 
     A proposal over the cap, or one already handed out, is told to the sampler without an evaluation (as a
     failure over the cap, or with the earlier result); `budget` counts distinct evaluations.
@@ -203,10 +230,11 @@ class JointNsga(_JointBase):
     name = "joint-nsga2"
 
     def __init__(self, space: JointSpace, seeds: Sequence[JointGenome], *, seed: int, budget: int, round_size: int,
-                 memory_cap: int | None = None, population: int = 16):
-        super().__init__(space, seeds, seed=seed, budget=budget, round_size=round_size, memory_cap=memory_cap)
+                 memory_cap: int | None = None, population: int = 16, latency: bool = False):
+        super().__init__(space, seeds, seed=seed, budget=budget, round_size=round_size, memory_cap=memory_cap,
+                         latency=latency)
         sampler = NSGAIISampler(population_size=max(2, population), seed=derive_seed(seed, self.name) % 2**32)
-        self._study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+        self._study = optuna.create_study(directions=["minimize"] * (3 if latency else 2), sampler=sampler)
         for genome in self._seeds:
             self._study.enqueue_trial(self._params(genome))
         self._seeds = []  # the sampler hands them out, enqueued
@@ -253,35 +281,34 @@ class JointNsga(_JointBase):
         return fresh
 
     def _tell_trial(self, trial: optuna.Trial, candidate_id: str) -> None:
-        kl = self._results[candidate_id]
-        if kl is None:
+        if self._results[candidate_id] is None:
             self._study.tell(trial, state=optuna.trial.TrialState.FAIL)
         else:
-            self._study.tell(trial, [kl, float(self._space.memory(self._given[candidate_id]))])
+            self._study.tell(trial, list(self.objectives(candidate_id)))
 
-    def _tell(self, candidate_id: str, fitness: float | None, error: str | None) -> None:
-        self._record(candidate_id, fitness)
+    def _told(self, candidate_id: str) -> None:
         for trial in self._trials.pop(candidate_id):
             self._tell_trial(trial, candidate_id)
 
 
 Builder = Callable[..., _JointBase]
 STRATEGIES: dict[str, Builder] = {
-    "evolution": lambda space, seeds, *, seed, budget, round_size, memory_cap, kv_rate: JointEvolution(
-        space, seeds, seed=seed, budget=budget, round_size=round_size, memory_cap=memory_cap, kv_rate=kv_rate),
-    "nsga2": lambda space, seeds, *, seed, budget, round_size, memory_cap, kv_rate: JointNsga(
+    "evolution": lambda space, seeds, *, seed, budget, round_size, memory_cap, kv_rate, latency: JointEvolution(
+        space, seeds, seed=seed, budget=budget, round_size=round_size, memory_cap=memory_cap, kv_rate=kv_rate,
+        latency=latency),
+    "nsga2": lambda space, seeds, *, seed, budget, round_size, memory_cap, kv_rate, latency: JointNsga(
         space, seeds, seed=seed, budget=budget, round_size=round_size, memory_cap=memory_cap,
-        population=round_size),
+        population=round_size, latency=latency),
 }
 
 
 def build(name: str, space: JointSpace, seeds: Sequence[JointGenome], *, seed: int, budget: int, round_size: int,
-          memory_cap: int | None = None, kv_rate: float = 0.5) -> _JointBase:
-    """The joint strategy `name` (one of `STRATEGIES`)."""
+          memory_cap: int | None = None, kv_rate: float = 0.5, latency: bool = False) -> _JointBase:
+    """The joint strategy `name` (one of `STRATEGIES`); `latency`: search (KL, memory, latency)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown joint strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
     return STRATEGIES[name](space, seeds, seed=seed, budget=budget, round_size=round_size, memory_cap=memory_cap,
-                            kv_rate=kv_rate)
+                            kv_rate=kv_rate, latency=latency)
 
 
 def seed_genomes(space: JointSpace, targets: Sequence[float], extra: Sequence[JointGenome] = ()) -> list[JointGenome]:

@@ -4,7 +4,9 @@ The objectives live on different scales, so the hypervolume is taken on a fixed,
 shares, chosen by each objective's unit (the front carries its objectives): KL in nats as `1 - exp(-KL)` (0 for a
 perfect copy, approaching 1 as the model is lost), parameters as a fraction of the dense model, bytes (a joint
 job's memory at its deployment point) as a fraction of the dense model's at 16-bit KV, bits per element as a
-fraction of 16 (half precision), against the reference point (1, ..., 1). It lies in [0, 1), grows whenever
+fraction of 16 (half precision), milliseconds (a joint job's measured decoding latency) as `ms / (ms + dense)`
+with the dense model's latency measured at prepare (0.5 for the dense model's speed; bounded, since a measured
+latency may exceed the dense one), against the reference point (1, ..., 1). It lies in [0, 1), grows whenever
 the front improves anywhere, and is comparable across generations of a job. A front with an objective of another
 unit, or one to maximise, has no hypervolume.
 
@@ -36,12 +38,13 @@ UNIT_SCALES: dict[str, Callable[[float, int], float]] = {
     "parameters": lambda value, dense: value / dense,
     "bytes": lambda value, dense: value / dense,
     "bits/element": lambda value, dense: value / 16,
+    "ms": lambda value, dense: value / (value + dense),
 }
-SIZED = ("parameters", "bytes")  # the units scaled by the dense model's size, known once the job is prepared
+SIZED = ("parameters", "bytes", "ms")  # the units scaled by the dense model's, known once the job is prepared
 SCALING = ("by unit: nats as 1 - exp(-KL), parameters as a fraction of the dense model, bytes as a fraction of "
-           "the dense model's memory at the deployment point, bits/element as a fraction of 16; against the "
-           "reference point (1, ..., 1)")
-Dense = Mapping[str, int]  # unit -> the dense model's size in it ("parameters", "bytes"), where known
+           "the dense model's memory at the deployment point, bits/element as a fraction of 16, ms as "
+           "ms / (ms + the dense model's measured ms); against the reference point (1, ..., 1)")
+Dense = Mapping[str, float]  # unit -> the dense model's size in it ("parameters", "bytes", "ms"), where known
 optuna.logging.set_verbosity(logging.WARNING)
 
 
@@ -97,14 +100,16 @@ def hypervolume_by_generation(
     return history
 
 
-def dense_sizes(store: JobStore, job_id: str) -> dict[str, int]:
+def dense_sizes(store: JobStore, job_id: str) -> dict[str, float]:
     """The dense model's size by unit, from the job's `prepared` event: `parameters` (its `dense.params`) and, for
-    a joint job, `bytes` (its `dense_memory`); {} before it is prepared."""
+    a joint job, `bytes` (its `dense_memory`) and, when it measures latency, `ms` (its `dense_latency_ms`); {}
+    before it is prepared."""
     for event in store.events(job_id, count=20):
         if event["kind"] == "prepared":
             data = event["data"]
-            sizes = {"parameters": (data.get("dense") or {}).get("params"), "bytes": data.get("dense_memory")}
-            return {unit: int(size) for unit, size in sizes.items() if size}
+            sizes = {"parameters": (data.get("dense") or {}).get("params"), "bytes": data.get("dense_memory"),
+                     "ms": data.get("dense_latency_ms")}
+            return {unit: float(size) if unit == "ms" else int(size) for unit, size in sizes.items() if size}
     return {}
 
 
@@ -136,9 +141,9 @@ def job_history(store: JobStore, redis_url: str, job_id: str) -> dict[str, Any]:
     """Per generation: best fitness per target and front size (the driver's reports) and the hypervolume.
 
     Returns:
-        `{dense_params, dense_bytes, points: [{generation, best, front_size, hypervolume}]}`, oldest generation
-        first; hypervolume is None when the front's objectives have no scaling yet (no front, or the dense size
-        unknown).
+        `{dense_params, dense_bytes, dense_latency_ms, points: [{generation, best, front_size, hypervolume}]}`,
+        oldest generation first; hypervolume is None when the front's objectives have no scaling yet (no front, or
+        the dense size unknown).
     """
     reports = [e["data"] for e in store.events(job_id, count=10_000) if e["kind"] == "generation"]
     dense = dense_sizes(store, job_id)
@@ -153,4 +158,5 @@ def job_history(store: JobStore, redis_url: str, job_id: str) -> dict[str, Any]:
         points.append({"generation": generation, "best": report.get("best") or {},
                        "front_size": report.get("front_size"),
                        "hypervolume": volumes[max(known)] if known else None})
-    return {"dense_params": dense.get("parameters"), "dense_bytes": dense.get("bytes"), "points": points}
+    return {"dense_params": dense.get("parameters"), "dense_bytes": dense.get("bytes"),
+            "dense_latency_ms": dense.get("ms"), "points": points}

@@ -184,5 +184,8 @@ class History(BaseModel):
     dense_bytes: int | None = Field(default=None, description="A joint job's dense model's memory at its "
                                     "deployment point, every KV group at its first pair (16-bit unless joint.kv16 "
                                     "is off), bytes; None for other methods and until the job is prepared.")
+    dense_latency_ms: float | None = Field(default=None, description="A joint job measuring latency: the dense "
+                                           "model's decoding step with a 16-bit cache, measured at prepare (ms); "
+                                           "None otherwise.")
     scaling: str = Field(description="How the objectives are scaled for the hypervolume.")
     points: list[HistoryPoint]

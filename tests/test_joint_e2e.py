@@ -1,5 +1,6 @@
 """A joint job over real HTTP: submit, poll, front against memory, download; the downloaded model archive and its
-joint configuration give the sliced model and its mixed-precision cache in one call, and `generate` runs."""
+joint configuration give the sliced model and its mixed-precision cache in one call, and `generate` runs; a job asked
+for latency searches and reports (KL, memory, latency)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from darwinfront.core.methods import parse_spec
 from darwinfront.stack import EmbeddedStack
+from search.pareto import dominates
 from service.history import front_hypervolume
 from workers import fitness, modeling
 from workers.job_inputs import token_pools
@@ -111,3 +113,32 @@ def test_joint_job_end_to_end(http, tmp_path):
     out = model.generate(**prompt, past_key_values=held, max_new_tokens=30, do_sample=False)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 30
     assert held.nbytes() > 0 and {layer.k_bits for layer in held.layers} == {k for k, _ in config.layers}
+
+
+def test_a_joint_job_asked_for_latency_searches_and_reports_three_objectives(http):
+    spec = SPEC | {"name": "joint latency e2e",
+                   "deployment": {**SPEC["deployment"], "latency": {"context": 64, "repeats": 3}},
+                   "joint": {"strategy": "nsga2", "evaluations": 6, "population": 3, "memory_cap": "1MiB"}}
+    response = http.post("/v1/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    job = _wait(http, response.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["spec"]["deployment"]["latency"] == {"context": 64, "warmup": 2, "repeats": 3}
+
+    front = http.get(f"/v1/jobs/{job['id']}/front").json()
+    assert [(o["name"], o["unit"]) for o in front["objectives"]] == [("kl", "nats"), ("memory", "bytes"),
+                                                                    ("latency", "ms")]
+    points = [tuple(p["objectives"][name] for name in ("kl", "memory", "latency")) for p in front["points"]]
+    assert points and all(latency > 0 and memory <= 2**20 for _, memory, latency in points)
+    assert not any(dominates(a, b) for a in points for b in points)
+
+    history = http.get(f"/v1/jobs/{job['id']}/history").json()
+    assert history["dense_latency_ms"] > 0
+    dense = {"bytes": history["dense_bytes"], "ms": history["dense_latency_ms"]}
+    volume = history["points"][-1]["hypervolume"]
+    assert 0 < volume < 1 and volume == pytest.approx(front_hypervolume(front, dense))
+
+    point = front["points"][0]
+    configuration = http.get(f"/v1/jobs/{job['id']}/candidates/{point['candidate_id']}/config").json()
+    assert configuration["metrics"]["latency"] == point["objectives"]["latency"]
+    assert configuration["deployment"]["latency"] == job["spec"]["deployment"]["latency"]

@@ -1,8 +1,10 @@
-"""The joint space's exact memory and the joint strategies' ask/tell protocol, on toy objectives (no torch)."""
+"""The joint space's exact memory and the joint strategies' ask/tell protocol, on toy objectives (no torch), with
+and without a third (latency) objective."""
 
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -11,6 +13,7 @@ from search import joint_search
 from search.genome import LevelSpace
 from search.joint_space import CacheGeometry, Deployment, JointGenome, JointSpace, kv_choice_for
 from search.kv_space import KVGroup, KVSpace
+from search.pareto import dominates, non_dominated
 
 LEVELS = LevelSpace(n_layers=4, attn_levels=2, mlp_levels=4, attn_unit_params=1_000, mlp_level_params=300,
                     dense_params=100_000)
@@ -120,3 +123,62 @@ def test_the_evolution_mixes_level_moves_and_pair_changes():
     kvs = {r.genome.kv for r in children}
     prunes = {r.genome.prune.key() for r in children}
     assert len(kvs) > 2 and len(prunes) > 3
+
+
+def toy_latency(genome: JointGenome) -> float:
+    """A measured latency as the search sees it: a fixed value per genome that KL and memory do not predict."""
+    return 5.0 + 50.0 * random.Random(genome.key()).random()
+
+
+def run3(strategy, stop_after=None):
+    asked, told = [], 0
+    while not strategy.finished:
+        batch = strategy.ask()
+        asked += batch
+        for request in batch:
+            if told == stop_after:
+                return asked
+            strategy.tell(request.candidate_id, toy(request.genome), latency=toy_latency(request.genome))
+            told += 1
+    return asked
+
+
+def point3(genome: JointGenome) -> tuple[float, float, float]:
+    return toy(genome), float(SPACE.memory(genome)), toy_latency(genome)
+
+
+@pytest.mark.parametrize("name", sorted(joint_search.STRATEGIES))
+def test_a_latency_search_keeps_the_front_of_all_three_objectives(name):
+    cap = int(SPACE.memory(SPACE.dense([0, 0])) * 0.98)
+    strategy = build(name, memory_cap=cap, latency=True)
+    asked = run3(strategy)
+    assert len(asked) == strategy.evaluations == 30 and all(SPACE.memory(r.genome) <= cap for r in asked)
+    front = strategy.front()
+    points = [point3(g) for g in front]
+    assert not any(dominates(a, b) for a in points for b in points)  # non-dominated in 3 objectives
+    kept = {g.key() for g in front}
+    for request in asked:  # and complete: every genome left out is dominated by a front point (or repeats one)
+        if request.genome.key() not in kept:
+            p = point3(request.genome)
+            assert any(dominates(q, p) or q == p for q in points)
+    # latency matters: the 3-objective front keeps points the (KL, memory) front drops
+    two = {front[i].key() for i in non_dominated([p[:2] for p in points])}
+    assert len(kept) > len(two)
+    if name == "nsga2":
+        assert len(strategy._study.directions) == 3
+        assert strategy._study.trials[0].values == list(point3(asked[0].genome))
+
+
+@pytest.mark.parametrize("name", sorted(joint_search.STRATEGIES))
+def test_a_latency_search_resumes_to_the_same_requests_and_refuses_a_kl_without_latency(name):
+    full = [r.to_dict() for r in run3(build(name, latency=True))]
+    first = build(name, latency=True)
+    partial = run3(first, stop_after=14)
+    resumed = build(name, latency=True)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [r.to_dict() for r in partial[:14]] + [r.to_dict() for r in run3(resumed)] == full
+    strategy = build(name, latency=True)
+    request = strategy.ask()[0]
+    with pytest.raises(ValueError, match="latency"):
+        strategy.tell(request.candidate_id, 0.5)
+    strategy.tell(request.candidate_id, None, "failed")  # a failure has no latency to tell

@@ -51,3 +51,36 @@ def test_bad_fields_are_named(section, field):
 def test_the_other_methods_budget_and_training_are_refused(section):
     with pytest.raises(ValidationError, match="joint"):
         parse_spec({**BASE, **section})
+
+
+def test_latency_is_asked_by_the_deployment_and_adds_an_objective():
+    joint = methods.get("joint")
+    plain = parse_spec(BASE)
+    assert plain.deployment.latency is None and plain.asked_objectives() == ()
+    assert [o.name for o in joint.objectives_of(plain)] == ["kl", "memory"]
+    assert joint.stored_objectives(plain) == joint.stored_objectives()  # defaults unchanged
+
+    asked = parse_spec({**BASE, "deployment": {"context": 100, "latency": True}})
+    assert asked.deployment.latency.context == 100  # min(context, 256), resolved into the stored spec
+    assert parse_spec({**BASE, "deployment": {"latency": {}}}).deployment.latency.context == 256
+    stored = asked.model_dump(mode="json")
+    assert parse_spec(stored) == asked and stored["deployment"]["latency"] == {"context": 100, "warmup": 2,
+                                                                              "repeats": 5}
+    names = [(o.name, o.direction, o.unit) for o in joint.objectives_of(stored)]
+    assert names == [("kl", "minimize", "nats"), ("memory", "minimize", "bytes"), ("latency", "minimize", "ms")]
+    assert parse_spec({**BASE, "deployment": {"latency": False}}).deployment.latency is None
+    assert "one decoding step of batch 1 with the candidate's cache holding 100 tokens" in describe_deployment(stored)
+
+
+@pytest.mark.parametrize(("latency", "field"), [
+    ({"context": 0}, "deployment.latency.context"),
+    ({"repeats": 0}, "deployment.latency.repeats"),
+    ({"warmup": -1}, "deployment.latency.warmup"),
+    ({"budget": 3}, "deployment.latency.budget"),
+    ({"context": 5000}, "deployment.latency"),  # more than the deployment's 4096 tokens
+    ("yes", "deployment.latency"),
+])
+def test_bad_latency_settings_are_named(latency, field):
+    with pytest.raises(ValidationError) as info:
+        parse_spec({**BASE, "deployment": {"latency": latency}})
+    assert field in {".".join(map(str, e["loc"])) for e in info.value.errors()}

@@ -73,6 +73,21 @@ def test_a_joint_front_is_scaled_by_the_dense_memory():
     assert front_hypervolume(joint, {"parameters": 8000}) is None  # the dense memory is not known
 
 
+def test_a_joint_front_with_latency_is_scaled_by_the_dense_latency_in_three_dimensions():
+    # (1 - e^-KL, bytes / dense bytes, ms / (ms + dense ms)) = (0.5, 0.25, 0.5): the box to (1, 1, 1) is
+    # 0.5 * 0.75 * 0.5; a second point (0.75, 0.125, 0.25) adds 0.25 * 0.875 * 0.75 - the overlap
+    # 0.25 * 0.75 * 0.5
+    spec = {"method": "joint", "model": {"source": "builtin:tiny-llama"}, "deployment": {"latency": True}}
+    objectives = methods.get("joint").stored_objectives(spec)
+    assert [o["unit"] for o in objectives] == ["nats", "bytes", "ms"]
+    joint = {"objectives": objectives,
+             "points": [{"candidate_id": "a", "objectives": {"kl": math.log(2), "memory": 2000, "latency": 10.0}},
+                        {"candidate_id": "b", "objectives": {"kl": math.log(4), "memory": 1000, "latency": 10 / 3}}]}
+    expected = 0.5 * 0.75 * 0.5 + 0.25 * 0.875 * 0.75 - 0.25 * 0.75 * 0.5
+    assert front_hypervolume(joint, {"bytes": 8000, "ms": 10.0}) == pytest.approx(expected)
+    assert front_hypervolume(joint, {"bytes": 8000}) is None  # the dense latency is not known
+
+
 def test_metrics_report_jobs_queue_evaluations_and_fronts(api_client, store, redis_client):
     queued = api_client.post("/v1/jobs", json=SPEC).json()["id"]
     running = api_client.post("/v1/jobs", json=SPEC).json()["id"]

@@ -83,8 +83,9 @@ class Job(ABC):
         self.store.append_event(self.job_id, kind, data)
 
     def publish_front(self, points: list[dict[str, Any]], *, generation: int | None) -> None:
-        """Replace the front snapshot; it carries the method's objectives. `generation=None` for the final one."""
-        self.store.set_front(self.job_id, points, objectives=self.method.stored_objectives(), generation=generation)
+        """Replace the front snapshot; it carries the job's objectives. `generation=None` for the final one."""
+        self.store.set_front(self.job_id, points, objectives=self.method.stored_objectives(self.spec),
+                             generation=generation)
 
     def generation_done(
         self, generation: int, *, front: list[dict[str, Any]], progress: dict[str, Any], event: dict[str, Any],

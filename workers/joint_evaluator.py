@@ -5,7 +5,11 @@ job's does on the same dense model (KVTuner's profile, pruned pair lists and lay
 with the cache geometry and the deployment point. An evaluator holds the dense model, the level database and the
 dense full-precision outputs on the fitness pool; per genome it builds the sliced candidate
 (`workers.candidate.build`, the level database's weights) and measures KL(dense ‖ candidate) with a fresh
-`workers.kv.cache` cache per batch quantizing K/V inside the forward at the genome's per-layer pairs.
+`workers.kv.cache` cache per batch quantizing K/V inside the forward at the genome's per-layer pairs. When the
+spec asks for latency (`deployment.latency`) it also times the candidate as applied: one decoding step of the
+sliced model with the packed mixed-precision cache `generate` uses (`workers.latency.decode_latency`), at the
+deployment's batch size, the cache holding `deployment.latency.context` tokens, on this evaluator's device and
+threads; the prepare step times the dense model with a 16-bit cache the same way (the history's scale).
 """
 
 from __future__ import annotations
@@ -71,8 +75,25 @@ def prepare_joint(spec_dict: dict, report: StepReport | None = None, threads: in
         kv_space = with_kv16(kv_space)
     deployment = Deployment(spec.deployment.batch_size, spec.deployment.context, spec.deployment.dtype_bytes)
     space = JointSpace(level_space, kv_space, cache_geometry(inputs.model, spec, db.table), deployment)
-    return {"space": space.to_dict(), "sensitivity": table, "database": db.summary(),
-            "calibration_sequences": int(inputs.calibration.shape[0])}
+    prepared = {"space": space.to_dict(), "sensitivity": table, "database": db.summary(),
+                "calibration_sequences": int(inputs.calibration.shape[0])}
+    if spec.deployment.latency is not None:
+        report("latency", "timing the dense model's decoding step")
+        dense16 = precision(spec, [(16, 16)] * level_space.n_layers)
+        prepared["dense_latency_ms"] = decode_ms(inputs.model, dense16, spec.deployment)
+    return prepared
+
+
+def decode_ms(model, config: KVPrecisionConfig, deployment) -> float:
+    """The latency objective: the median ms of one decoding step of `model` with a packed cache of `config`, at
+    `deployment`'s batch size and latency settings (`workers.latency.decode_latency`)."""
+    settings = deployment.latency
+    timing = latency.decode_latency(model, lambda: build_cache(model, config, storage="packed"),
+                                    batch_size=deployment.batch_size, context=settings.context,
+                                    repeats=settings.repeats, warmup=settings.warmup)
+    if not timing["median_ms"] > 0:
+        raise ValueError(f"a decoding step measured {timing['median_ms']} ms")
+    return float(timing["median_ms"])
 
 
 class JointEvaluator:
@@ -96,7 +117,8 @@ class JointEvaluator:
         return model, precision(self.spec, self.space.pairs(genome))
 
     def evaluate(self, request: dict) -> dict:
-        """Score `request["genome"]`; failures come back as `error`, never raise."""
+        """Score `request["genome"]`: `kl`, the memory and its parts, and `latency` (ms) when the spec asks for it;
+        failures come back as `error`, never raise."""
         start = time.perf_counter()
         reply = {k: request[k] for k in ("candidate_id", "genome", "round") if k in request}
         try:
@@ -107,6 +129,8 @@ class JointEvaluator:
                             cache=lambda: build_cache(model, config, storage="simulated", quantize_in_forward=True))
             if not torch.isfinite(torch.tensor(kl)):
                 raise ValueError(f"non-finite KL {kl}")
+            if self.spec.deployment.latency is not None:
+                reply["latency"] = decode_ms(model, config, self.spec.deployment)
             reply["kl"] = float(kl)
         except Exception as exc:  # reported back as the candidate's failure reason
             reply["error"] = f"{type(exc).__name__}: {exc}"
@@ -128,8 +152,9 @@ class JointEvaluator:
         return {
             "format": FORMAT, "candidate_id": result["candidate_id"], "genome": genome.to_dict(),
             "prune": prune, "kv": config.to_dict(), "kv_map": config.to_kv_map(self.space.cache.head_dim),
-            "deployment": self.spec.deployment.model_dump(), "memory": memory_of(self.space, genome),
-            "metrics": {"kl": result["kl"]}, "weights": "database" if self.weights is not None else "dense",
+            "deployment": self.spec.deployment.model_dump(exclude_none=True), "memory": memory_of(self.space, genome),
+            "metrics": {k: result[k] for k in ("kl", "latency") if k in result},
+            "weights": "database" if self.weights is not None else "dense",
         }
 
     def export(self, configuration: dict, directory: str) -> dict:

@@ -1,9 +1,11 @@
-"""The `joint` job: pruning levels and KV pairs searched together against (KL, memory at the deployment point).
+"""The `joint` job: pruning levels and KV pairs searched together against (KL, memory at the deployment point), and
+the measured decoding latency when `deployment.latency` asks for it.
 
 Prepare builds the level database and the KV profile of the dense model (`workers.joint_evaluator`); the search
 (`search.joint_search`: evolution or NSGA-II) hands out genomes that fit `joint.memory_cap`, seeded with uniform
 cuts and, when the job names them, every pair of the front points of finished prune and KV jobs. Every evaluation
-is a trial of the job's Optuna study (values KL and memory); the front is its `best_trials`. Each front point is
+is a trial of the job's Optuna study (values KL, memory and latency if asked: the job's objectives, in order); the
+front is its `best_trials`. Each front point is
 exported as a sliced model archive carrying its joint configuration (`joint.json`), which
 `workers.joint_load.load_joint` turns into the model and its cache in one call.
 """
@@ -44,16 +46,18 @@ class JointJob(Job):
         self.store.put_sensitivity(self.job_id, prepared["sensitivity"])
         self.event("prepared", {"groups": [list(g.layers) for g in space.kv.groups],
                                 "deployment": space.deployment.to_dict(), "database": prepared["database"],
-                                "dense_memory": space.memory(space.dense([0] * len(space.kv.groups)))})
+                                "dense_memory": space.memory(space.dense([0] * len(space.kv.groups)))}
+                   | {k: prepared[k] for k in ("dense_latency_ms",) if k in prepared})
         seeds = joint_search.seed_genomes(space, spec.prune.targets, self._seeds_from_jobs(spec, space))
         search = joint_search.build(
             spec.joint.strategy, space, seeds, seed=spec.seed, budget=spec.joint.evaluations,
             round_size=spec.joint.population, memory_cap=spec.joint.memory_cap, kv_rate=spec.joint.kv_rate,
+            latency=spec.deployment.latency is not None,
         )
         checkpoint = self.store.load_checkpoint(self.job_id)
         if checkpoint is not None:
             search.load_state_dict(checkpoint[1])
-        study = tracking.open_study(self.redis_url, self.job_id, objectives=self.method.objectives)
+        study = tracking.open_study(self.redis_url, self.job_id, objectives=self.method.objectives_of(spec))
         pool = EvaluatorPool(self.spec_dict, prepared, size=spec.resources.evaluators, gpus=gpus,
                              evaluator=JointEvaluator, meter=Telemetry.from_url(self.redis_url), job_id=self.job_id)
         try:
@@ -103,13 +107,14 @@ class JointJob(Job):
                 self.check_stopping()
             for request in requests:  # tell in ask order: the same search whatever the completion order
                 reply = replies[request.candidate_id]
-                search.tell(request.candidate_id, None if reply.get("error") else reply["kl"], reply.get("error"))
+                search.tell(request.candidate_id, None if reply.get("error") else reply["kl"], reply.get("error"),
+                            latency=reply.get("latency"))
             front = joint_front(study)
             done = search.evaluations
             progress = {"generation": search.rounds, "generations": -(-spec.joint.evaluations // spec.joint.population),
                         "evaluations": done, "planned": spec.joint.evaluations,
-                        "best": {"kl": search.best_fitness}, "deployment": spec.deployment.model_dump(),
-                        "memory_cap": spec.joint.memory_cap}
+                        "best": {"kl": search.best_fitness}, "memory_cap": spec.joint.memory_cap,
+                        "deployment": spec.deployment.model_dump(exclude_none=True)}
             self.generation_done(search.rounds, front=front, progress=progress, checkpoint=search.state_dict(),
                                  event={"generation": search.rounds, "front_size": len(front)})
 
@@ -119,8 +124,9 @@ class JointJob(Job):
         if not front:
             raise RuntimeError("every candidate evaluation failed; see the job's events")
         points = {point["candidate_id"]: point for point in front}
-        requests = [{"candidate_id": cid, "genome": point["genome"],
-                     "result": {"candidate_id": cid, "kl": point["objectives"]["kl"]}} for cid, point in points.items()]
+        requests = [{"candidate_id": cid, "genome": point["genome"], "result": {"candidate_id": cid,
+                                                                                  **_measured(point)}}
+                    for cid, point in points.items()]
         # side by side on the evaluators, each into its own node's cache; the folders come back through Ray
         for job, reply in pool.map_unordered(requests, method="export_point"):
             cid = job["candidate_id"]
@@ -133,8 +139,14 @@ class JointJob(Job):
         self.publish_front(front, generation=None)
 
 
+def _measured(point: dict) -> dict:
+    """A front point's measured objectives (KL, and latency when asked), for its configuration's metrics."""
+    return {k: point["objectives"][k] for k in ("kl", "latency") if k in point["objectives"]}
+
+
 def record(study: optuna.Study, space: JointSpace, reply: dict) -> None:
-    """Add one evaluated genome to the study: values (KL, memory), or a failure with its reason."""
+    """Add one evaluated genome to the study: values (its objectives, in the study's order: KL, memory and latency
+    if asked), or a failure with its reason."""
     genome = JointGenome.from_dict(reply["genome"])
     params = {f"attn_{i}": a for i, a in enumerate(genome.attn)} | {f"mlp_{i}": m for i, m in enumerate(genome.mlp)}
     params |= {f"kv_{g}": c for g, c in enumerate(genome.kv)}
@@ -147,7 +159,7 @@ def record(study: optuna.Study, space: JointSpace, reply: dict) -> None:
         trial = optuna.trial.create_trial(state=TrialState.FAIL, params=params, distributions=dists,
                                           user_attrs={**attrs, "error": reply["error"]})
     else:
-        trial = optuna.trial.create_trial(values=[reply["kl"], float(reply["memory"])], params=params,
+        trial = optuna.trial.create_trial(values=[float(reply[name]) for name in study.metric_names], params=params,
                                           distributions=dists, user_attrs=attrs)
     study.add_trial(trial)
 
@@ -160,20 +172,22 @@ def _tops(space: JointSpace) -> dict[str, int]:
 
 
 def recorded_results(study: optuna.Study) -> dict[str, dict]:
-    """Every recorded genome's reply by candidate id (`kl`, or `error`), for a resumed job."""
-    out = {}
+    """Every recorded genome's reply by candidate id (its objectives: `kl`, `memory`, `latency` if asked; or
+    `error`), for a resumed job."""
+    out, names = {}, study.metric_names
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         cid = trial.user_attrs.get("candidate_id")
         if cid is None:
             continue
-        out[cid] = {"kl": trial.values[0]} if trial.state == TrialState.COMPLETE else \
+        out[cid] = dict(zip(names, trial.values, strict=True)) if trial.state == TrialState.COMPLETE else \
             {"error": trial.user_attrs.get("error", "failed")}
     return out
 
 
 def joint_front(study: optuna.Study) -> list[dict]:
-    """The front as points sorted by memory, one per genome, with the memory's parts."""
-    points, seen = [], set()
+    """The front as points sorted by memory, one per genome, with the memory's parts: the study's best trials,
+    non-dominated in all its objectives (KL, memory, and latency when the job measures it)."""
+    points, seen, names = [], set(), study.metric_names
     for trial in sorted(study.best_trials, key=lambda t: (t.values[1], t.number)):
         key = JointGenome.from_dict(trial.user_attrs["genome"]).key()
         if key in seen:
@@ -182,8 +196,10 @@ def joint_front(study: optuna.Study) -> list[dict]:
         attrs = trial.user_attrs
         points.append({
             "candidate_id": attrs["candidate_id"], "trial": trial.number, "generation": attrs.get("round"),
-            "objectives": {"kl": trial.values[0], "memory": int(trial.values[1])}, "genome": attrs["genome"],
+            "objectives": dict(zip(names, trial.values, strict=True)) | {"memory": int(trial.values[1])},
+            "genome": attrs["genome"],
             "weight_bytes": attrs.get("weight_bytes"), "cache_bytes": attrs.get("cache_bytes"),
             "params": attrs.get("params"),
         })
     return points
+

@@ -44,7 +44,7 @@ class KVJob(Job):
             "groups": [list(g.layers) for g in space.groups], "reduced_space": space.size(),
             "full_space": prepared["full_space"],
         })
-        study = tracking.open_study(self.redis_url, self.job_id, objectives=self.method.objectives)
+        study = tracking.open_study(self.redis_url, self.job_id, objectives=self.method.objectives_of(self.spec))
         search = self._strategy(spec, space, study)
         pool = EvaluatorPool(self.spec_dict, prepared, size=spec.resources.evaluators, gpus=gpus, evaluator=KVEvaluator,
                              meter=Telemetry.from_url(self.redis_url), job_id=self.job_id, on_event=self.event)

@@ -3,7 +3,8 @@
 It reuses the prune job's `prune` section (criterion, level table; its `targets` seed the first round with
 uniform cuts) and the KV job's `kv` section (mode, grouping, bits, profiling; KVTuner's pair lists and layer
 groups are computed on the dense model), and adds `deployment` (batch size, context length, dtype) and `joint`
-(strategy, budget, memory cap, seed jobs). Candidates are scored as cut (no light training).
+(strategy, budget, memory cap, seed jobs). Candidates are scored as cut (no light training). `deployment.latency`
+asks for a third objective, the measured time of one decoding step of the candidate as applied.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from darwinfront.core.spec import JobId, JobSpec, KVSpec, PruneSpec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+LATENCY_CONTEXT = 256  # tokens the cache holds before a timed decoding step, unless the deployment holds fewer
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -41,14 +43,50 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LatencySpec(_Strict):
+    """The measured latency objective: the median wall time of one decoding step of `batch_size` sequences whose
+    cache (the candidate's mixed-precision cache, as `generate` uses it) already holds `context` tokens."""
+
+    context: int = Field(default=LATENCY_CONTEXT, ge=1, le=1_048_576, description="Tokens in the cache before the "
+                         f"first timed step; default min(deployment.context, {LATENCY_CONTEXT}), at most it.")
+    warmup: int = Field(default=2, ge=0, le=100, description="Untimed decoding steps first.")
+    repeats: int = Field(default=5, ge=1, le=100, description="Timed decoding steps; their median is the objective.")
+
+
 class DeploymentSpec(_Strict):
     """The point the memory objective is measured at: `batch_size` sequences of `context` tokens, weights and K/V
-    activations in `dtype` (quantized K/V keep fp16 scales and zero points)."""
+    activations in `dtype` (quantized K/V keep fp16 scales and zero points). `latency` (true, or its settings)
+    adds the measured decoding latency at that batch size as an objective."""
 
     batch_size: int = Field(default=1, ge=1, le=4096)
     context: int = Field(default=4096, ge=1, le=1_048_576, description="Tokens held in the KV cache per sequence.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="bfloat16", description="Weights' and full-precision K/V bytes per element (4 or 2).")
+    latency: LatencySpec | None = Field(
+        default=None, description="Also minimise the measured latency (ms) of one decoding step of the candidate as "
+        "applied: `true` for the defaults, or its settings. Noisy on a shared machine.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _latency_context(cls, data: object) -> object:
+        """`latency: true` is the default settings, `false` none; an unset latency context is resolved here, so the
+        stored spec says the workload measured."""
+        if not isinstance(data, dict) or "latency" not in data:
+            return data
+        latency = data["latency"]
+        latency = {} if latency is True else None if latency is False else latency
+        if isinstance(latency, dict) and "context" not in latency:
+            context = data.get("context", cls.model_fields["context"].default)
+            latency = {**latency, "context": min(context, LATENCY_CONTEXT) if isinstance(context, int) else context}
+        return {**data, "latency": latency}
+
+    @field_validator("latency")
+    @classmethod
+    def _within_the_context(cls, value: LatencySpec | None, info: ValidationInfo) -> LatencySpec | None:
+        context = info.data.get("context")
+        if value is not None and context is not None and value.context > context:
+            raise ValueError(f"latency.context {value.context} exceeds the deployment's context {context}")
+        return value
 
     @property
     def dtype_bytes(self) -> int:
@@ -108,3 +146,7 @@ class JointJobSpec(JobSpec):
     def planned_evaluations(self) -> int:
         """One evaluation per distinct genome."""
         return self.joint.evaluations
+
+    def asked_objectives(self) -> tuple[str, ...]:
+        """`latency` when `deployment.latency` asks for it."""
+        return ("latency",) if self.deployment.latency is not None else ()

@@ -1,8 +1,9 @@
 """The job methods: what each kind of job is, declared once for the API, the CLI, the driver and the front's readers.
 
 A method names its spec class (its own sections, their validation and its planned evaluations), the objectives of
-its front (name, direction, unit), and the class that runs it as an import path string, so the API and the CLI
-read this registry without importing torch or Ray; only the driver imports a runner.
+its front (name, direction, unit), those a spec may add (`optional`, asked by `JobSpec.asked_objectives`), and the
+class that runs it as an import path string, so the API and the CLI read this registry without importing torch or
+Ray; only the driver imports a runner. A job's objectives are `JobMethod.objectives_of(spec)`.
 
 Adding a method is a spec class (a `JobSpec` subclass whose `method` is `Literal["<name>"]`), a runner (a
 `workers.job.Job` subclass) and one `register` call.
@@ -42,18 +43,39 @@ class JobMethod:
     Attributes:
         name: The spec's `method`.
         spec: Its spec class; its `planned_evaluations()` is the job's budget.
-        objectives: The front's objectives, in the order of its points' `objectives`.
+        objectives: The objectives every front of the method has, in the order of its points' `objectives`.
         runner: `"module:Class"` of the `workers.job.Job` subclass that runs it.
+        optional: Objectives a spec may add (its `asked_objectives()` names them); they follow `objectives`, in
+            this order.
     """
 
     name: str
     spec: type[JobSpec]
     objectives: tuple[Objective, ...]
     runner: str
+    optional: tuple[Objective, ...] = ()
 
-    def stored_objectives(self) -> list[dict[str, str]]:
-        """The objectives as a front snapshot stores them (`JobStore.set_front`)."""
-        return [o.model_dump() for o in self.objectives]
+    def objectives_of(self, spec: JobSpec | Mapping[str, Any]) -> tuple[Objective, ...]:
+        """The objectives of a job of this method: `objectives`, then the `optional` ones `spec` asks for.
+
+        Args:
+            spec: The parsed spec, or a stored (already validated) spec dict.
+
+        Raises:
+            ValueError: The spec asks for an objective the method does not offer.
+        """
+        if not isinstance(spec, JobSpec):
+            spec = self.spec.model_validate(dict(spec))
+        asked = set(spec.asked_objectives())
+        unknown = asked - {o.name for o in self.optional}
+        if unknown:
+            raise ValueError(f"job method {self.name!r} offers no optional objective {sorted(unknown)}")
+        return self.objectives + tuple(o for o in self.optional if o.name in asked)
+
+    def stored_objectives(self, spec: JobSpec | Mapping[str, Any] | None = None) -> list[dict[str, str]]:
+        """A job's objectives (`objectives_of(spec)`; without a spec, `objectives`) as a front snapshot stores them
+        (`JobStore.set_front`)."""
+        return [o.model_dump() for o in (self.objectives if spec is None else self.objectives_of(spec))]
 
     def load_runner(self) -> type:
         """Import the runner class (the driver's call: it may import torch and Ray)."""
@@ -69,7 +91,7 @@ def register(method: JobMethod) -> JobMethod:
 
     Raises:
         ValueError: The name is taken, the spec class's `method` is not `Literal[name]`, the runner is not
-            `"module:Class"`, or the objectives are none or repeat a name.
+            `"module:Class"`, or the objectives are none or repeat a name (optional ones included).
     """
     if method.name in _METHODS:
         raise ValueError(f"job method {method.name!r} is already registered")
@@ -80,8 +102,8 @@ def register(method: JobMethod) -> JobMethod:
     module, _, attribute = method.runner.partition(":")
     if not module or not attribute:
         raise ValueError(f"runner {method.runner!r} is not 'module:Class'")
-    names = [o.name for o in method.objectives]
-    if not names or len(set(names)) != len(names):
+    names = [o.name for o in method.objectives + method.optional]
+    if not method.objectives or len(set(names)) != len(names):
         raise ValueError(f"job method {method.name!r} needs distinct objectives, got {names}")
     _METHODS[method.name] = method
     return method
@@ -185,4 +207,5 @@ register(JobMethod(
     name="joint", spec=JointJobSpec, runner="workers.joint_job:JointJob",
     objectives=(Objective(name="kl", direction="minimize", unit="nats"),
                 Objective(name="memory", direction="minimize", unit="bytes")),
+    optional=(Objective(name="latency", direction="minimize", unit="ms"),),  # deployment.latency
 ))

@@ -488,6 +488,10 @@ class JobSpec(_Strict):
     def planned_evaluations(self) -> int:
         """Candidate evaluations the job will run at most (its progress bar's end and its quota's charge)."""
 
+    def asked_objectives(self) -> tuple[str, ...]:
+        """Names of the method's optional objectives (`JobMethod.optional`) this spec asks for; none by default."""
+        return ()
+
 
 class PruneJobSpec(JobSpec):
     """A `structured_prune` job: a (1+λ) evolution of per-layer levels at each target size (the default method)."""

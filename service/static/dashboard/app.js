@@ -163,15 +163,17 @@
     const deployment = progress.deployment;  // a joint job: the point its memory objective is measured at
     if (deployment) {
       $('job-generation').textContent += ` · memory at batch ${deployment.batch_size} × ${deployment.context} ` +
-        `tokens, ${deployment.dtype}` + (progress.memory_cap ? `, cap ${DFPlot.compact(progress.memory_cap)} B` : '');
+        `tokens, ${deployment.dtype}` + (progress.memory_cap ? `, cap ${DFPlot.compact(progress.memory_cap)} B` : '') +
+        (deployment.latency ? ` · latency: one decoding step, cache of ${deployment.latency.context} tokens` : '');
     }
     $('job-error').textContent = job.error || '';
   }
 
-  // The front says its objectives: the first (the quality, KL) is drawn against the last (the cost).
+  // The front says its objectives: the first (the quality, KL) is drawn against the second (the cost); a third
+  // (a joint job's measured latency) is a column of the table.
   function axes(front) {
     const objectives = front.objectives || [];
-    return { quality: objectives[0], cost: objectives[objectives.length - 1], all: objectives };
+    return { quality: objectives[0], cost: objectives[Math.min(1, objectives.length - 1)], all: objectives };
   }
 
   function objectiveLabel(objective) { return `${objective.name} (${objective.unit})`; }
