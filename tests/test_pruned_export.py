@@ -105,6 +105,33 @@ def test_every_family_exports_to_stock_transformers_with_darwinfronts_logits(tmp
         assert got["lora"] is None  # no peft here; test_outside_env attaches one
 
 
+def test_the_weights_are_save_pretraineds_and_the_archive_holds_the_folder_byte_for_byte(tmp_path):
+    """`save_pruned` streams the weights itself (into a file, or straight into a tar): for every family the file
+    holds exactly the tensors `save_pretrained` writes (tied weights once), and the archive the folder's files
+    (`test_exports` checks the weights written in another dtype)."""
+    import tarfile
+
+    from safetensors import safe_open
+
+    for kind in sorted({kind for kind, _, _ in CASES}):
+        model = tiny_mistral() if kind == "mistral" else tiny_model(kind)
+        slicing.slice_model(model, odd_layout(model, "kv_group"))
+        folder, reference, packed = tmp_path / kind, tmp_path / f"{kind}-reference", tmp_path / f"{kind}-archive"
+        slicing.save_pruned(model, None, folder)
+        model.save_pretrained(reference)
+        with safe_open(folder / "model.safetensors", "pt") as ours, \
+                safe_open(reference / "model.safetensors", "pt") as theirs:
+            names = sorted(theirs.keys())
+            assert sorted(ours.keys()) == names, kind
+            for key in names:
+                assert torch.equal(ours.get_tensor(key), theirs.get_tensor(key)), (kind, key)
+        archive = slicing.save_pruned(model, None, packed, archive="c1")
+        assert archive == packed / "c1.tar" and [p.name for p in packed.iterdir()] == ["c1.tar"]
+        with tarfile.open(archive, "r:") as tar:
+            members = {m.name.removeprefix("c1/"): tar.extractfile(m).read() for m in tar if m.isfile()}
+        assert members == {p.name: p.read_bytes() for p in folder.iterdir()}, kind
+
+
 def test_the_config_states_each_layers_shapes_and_names_its_code(tmp_path):
     model = tiny_model("llama_gqa")
     export_model(model, "q_head", tmp_path / "m", shifts=True)

@@ -276,31 +276,22 @@ def _carry_bias(linear: nn.Linear, stand_in: nn.Module, name: str) -> None:
         setattr(stand_in, name, nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad))
 
 
-def save_pruned(model: nn.Module, tokenizer, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+def save_pruned(model: nn.Module, tokenizer, path: str | Path, *, dtype: torch.dtype | None = None,
+                card: dict | None = None, extra: dict[str, str] | None = None, archive: str | None = None) -> Path:
     """Save a sliced model to `path` so that it loads without darwinfront (`workers.pruned_hf`): safetensors, its
-    tokenizer, the pruned config (per-layer shapes, `darwinfront_layout`, `auto_map`) and the modeling code.
+    tokenizer, the pruned config (per-layer shapes, `darwinfront_layout`, `auto_map`) and the modeling code; with
+    `card` (the configuration document) its model card, with `extra` more text files (name -> text).
 
     `dtype` (default: the model's) is what the floating-point weights are written in; the model itself is not
-    cast (a candidate shares tensors with its dense model), only the saved copy, one tensor at a time.
+    cast (a candidate shares tensors with its dense model), only the saved copy, one tensor at a time. With
+    `archive`, the directory is written as `path/<archive>.tar` instead (see `export.save`). Returns the folder
+    or the archive.
     """
     from workers.pruned_hf import export
 
     if not getattr(model.config, "darwinfront_layout", None):
         raise InvalidSpec("model", "save_pruned expects a model cut by slice_model (no darwinfront_layout)")
-    path = Path(path)
-    dtype = dtype or next(model.parameters()).dtype
-    cast: dict[int, torch.Tensor] = {}  # one copy per tensor, so tied weights stay tied (saved once)
-
-    def saved(tensor: torch.Tensor) -> torch.Tensor:
-        if not tensor.is_floating_point() or tensor.dtype == dtype:
-            return tensor
-        return cast.setdefault(id(tensor), tensor.to(dtype))
-
-    model.save_pretrained(path, state_dict={k: saved(v) for k, v in model.state_dict(keep_vars=True).items()})
-    export.write_code(model, path, dtype=dtype)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    return path
+    return export.save(model, tokenizer, Path(path), dtype=dtype, card=card, extra=extra, archive=archive)
 
 
 def load_pruned(path: str | Path, *, dtype=torch.float32, device="cpu") -> tuple[nn.Module, object]:

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from darwinfront.core.errors import InvalidSpec
-from workers import families
+from workers import artifacts, families
 from workers.families import Family
+from workers.safetensors_stream import SafetensorsPlan, unique_tensors
 
 _HERE = Path(__file__).resolve().parent
 SHARED_CODE = "pruned_layers.py"
+WEIGHTS = "model.safetensors"
 
 
 def layer_shapes(model: nn.Module) -> list[dict]:
@@ -67,6 +69,38 @@ def write_code(model: nn.Module, path: Path, *, dtype: torch.dtype | None = None
     config.save_pretrained(path)
     for name in (SHARED_CODE, f"{family.module}.py"):
         shutil.copyfile(_HERE / name, Path(path) / name)
+
+
+def save(model: nn.Module, tokenizer, path: Path, *, dtype: torch.dtype | None = None, card: dict | None = None,
+         extra: dict[str, str] | None = None, archive: str | None = None) -> Path:
+    """Write the directory of sliced `model` into folder `path` (see `slicing.save_pruned`), or with `archive` as
+    `path/<archive>.tar` (a tar of the directory under `<archive>/`).
+
+    Both ways the weights are written once: the small files (config, code, tokenizer, model card, `extra`) go to
+    the disk first, then the weights stream from the tensors into `model.safetensors` or straight into the tar,
+    whose member size is known before its first byte (`SafetensorsPlan`). Returns the folder or the archive.
+    """
+    from workers.pruned_hf import model_card
+
+    files = path / archive if archive else path
+    files.mkdir(parents=True, exist_ok=True)
+    weights = SafetensorsPlan(unique_tensors(model.state_dict()), dtype or next(model.parameters()).dtype)
+    write_code(model, files, dtype=weights.dtype)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(files)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(files)
+    for name, text in (extra or {}).items():
+        (files / name).write_text(text)
+    if card is not None:
+        model_card.write(files, card)
+    if archive is None:
+        with open(files / WEIGHTS, "wb") as handle:
+            weights.write(handle)
+        return files
+    target = artifacts.pack(files, path / f"{archive}.tar", name=archive, streamed={WEIGHTS: weights})
+    shutil.rmtree(files)
+    return target
 
 
 def read_family(path: Path) -> Family | None:
