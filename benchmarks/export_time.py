@@ -1,8 +1,9 @@
 """Export time and disk per front point, side by side in one run: the weights' safetensors alone, the archive as
-the issue found it (fp32, gzip at level 9 in the driver), as the driver wrote it before this change (plain tar
-of a directory on its own disk), and as it is now (saved in the model's dtype by an evaluator in another Ray
-process with its own cache directory, then packed into the driver's hashed tar: read from the disk, as on one
-machine, or streamed through Ray in chunks, as from another node).
+the issue found it (fp32, gzip at level 9 in the driver), as the driver wrote it before (a saved directory, then a
+plain tar of it hashed as written), and as it is now (an evaluator in another Ray process with its own cache
+directory writes the tar itself in the model's dtype, the weights streamed straight into it; the driver renames
+it into its data directory, as on one machine, or streams it through Ray in chunks and hashes it as it arrives,
+as from another node). The SHA-256 a renamed archive gets on its first download is timed apart.
 
 One candidate of `--model` with `--cut` of every layer's MLP channels removed stands for a front point. The
 gzip arm compresses the first `--gzip-mib` MiB of the archive and is extrapolated linearly (level 9 on weights
@@ -60,7 +61,7 @@ class Exporter:
 
         started = time.perf_counter()
         folder = transfer.scratch("exports")
-        slicing.save_pruned(self.model, self.tokenizer, folder, dtype=modeling.resolve_dtype(dtype))
+        slicing.save_pruned(self.model, self.tokenizer, folder, dtype=modeling.resolve_dtype(dtype), archive="point")
         return transfer.here(folder).to_dict(), time.perf_counter() - started
 
 
@@ -128,6 +129,7 @@ def main() -> None:
     import ray
     from safetensors.torch import save_file
 
+    from darwinfront.core.outputs import file_sha256
     from darwinfront.core.spec import ModelSpec
     from workers import artifacts, modeling, slicing, transfer
 
@@ -165,8 +167,8 @@ def main() -> None:
     ray.get(exporter.__ray_ready__.remote())
     warm = scratch / "warm"
     warm.mkdir()
-    (warm / "w.bin").write_bytes(b"0" * (transfer.WINDOW * transfer.CHUNK_BYTES))
-    artifacts.archive_from(scratch / "data", "warm", "w", transfer.here(warm))  # starts Ray's read workers
+    (warm / "w.tar").write_bytes(b"0" * (transfer.WINDOW * transfer.CHUNK_BYTES))
+    artifacts.take(scratch / "data", "warm", "w", transfer.here(warm), through_ray=True)  # starts Ray's readers
     own = modeling.dtype_name(modeling.export_dtype(ModelSpec(source=args.model, dtype="float32")))
 
     def before() -> dict:
@@ -180,12 +182,15 @@ def main() -> None:
         where, save_seconds = ray.get(exporter.export.remote(dtype))
         where = transfer.Located.from_dict(where)
         peak = sum(size for _, size in transfer.listing(where))
-        meta, stream_seconds = timed(lambda: artifacts.archive_from(scratch / "data", "after", "point", where,
-                                                                    through_ray=through_ray))
+        meta, take_seconds = timed(lambda: artifacts.take(scratch / "data", "after", "point", where,
+                                                          through_ray=through_ray))
         transfer.discard(where)
-        (scratch / "data" / "artifacts" / meta["path"]).unlink()
-        return {"seconds": save_seconds + stream_seconds, "save_s": save_seconds, "stream_s": stream_seconds,
-                "bytes": meta["size"], "peak_bytes": meta["size"] + peak}
+        archived = scratch / "data" / "artifacts" / meta["path"]
+        _, hash_seconds = timed(lambda: file_sha256(archived)) if meta["sha256"] is None else (None, 0.0)
+        archived.unlink()
+        return {"seconds": save_seconds + take_seconds, "save_s": save_seconds, "take_s": take_seconds,
+                "hash_s": hash_seconds, "bytes": meta["size"],
+                "peak_bytes": meta["size"] + (peak if through_ray else 0)}
 
     rate = None
     for _ in range(args.repeats):
@@ -199,7 +204,7 @@ def main() -> None:
         best(rows, "before: fp32 + gzip -9 (issue)",
              {"seconds": seconds + meta["size"] / rate, "bytes": None, "gzip_mb_s": rate / 1e6})
         for dtype in sorted({own, "bfloat16"}):
-            for through_ray, how in ((False, "read here"), (True, "Ray stream")):
+            for through_ray, how in ((False, "renamed here"), (True, "Ray stream")):
                 os.sync()
                 best(rows, f"after: {dtype}, evaluator save + {how}", after(dtype, through_ray))
     ray.shutdown()
@@ -222,8 +227,9 @@ def main() -> None:
     after = rows["after: bfloat16, evaluator save + Ray stream"]
     for arm, row in rows.items():
         if "save_s" in row:
-            print(f"{arm:44} save {row['save_s']:.2f} s (evaluator's disk) + stream {row['stream_s']:.2f} s "
-                  f"(driver's disk): × {row['save_s'] / base:.2f} and × {row['stream_s'] / base:.2f} safetensors")
+            print(f"{arm:44} archive {row['save_s']:.2f} s (evaluator) + take {row['take_s']:.2f} s (driver): "
+                  f"× {row['save_s'] / base:.2f} and × {row['take_s'] / base:.2f} safetensors; first download's "
+                  f"hash {row['hash_s']:.2f} s")
     kept = LLAMA_8B_PARAMS - args.cut * LLAMA_8B_MLP
     paper_bytes = {d: kept * b for d, b in (("fp32", 4), ("bf16", 2))}
     rate_after = after["bytes"] / after["seconds"]

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from darwinfront.client import Client
-from darwinfront.core.errors import DarwinfrontError
+from darwinfront.core import keys
+from darwinfront.core.errors import CandidateNotFound, DarwinfrontError
 from darwinfront.core.spec import ModelSpec
 from workers import artifacts, modeling, slicing, transfer
 from workers.pruned_hf import export
@@ -104,24 +105,24 @@ def test_files_larger_than_a_chunk_travel_whole(tmp_path, monkeypatch):
 
 def test_a_file_that_shrinks_while_it_travels_leaves_no_archive(tmp_path, monkeypatch):
     (tmp_path / "export").mkdir()
-    weights = tmp_path / "export" / "model.safetensors"
+    weights = tmp_path / "export" / "c.tar"
     weights.write_bytes(b"x" * 5000)
     where = transfer.Located(None, str(tmp_path / "export"))
     listed = transfer.listing(where)
     weights.write_bytes(b"x" * 10)  # changed after it was listed
     with pytest.raises(OSError):
-        list(transfer.chunks(where, "model.safetensors", listed[0][1]))
+        list(transfer.chunks(where, "c.tar", listed[0][1]))
     monkeypatch.setattr(transfer, "listing", lambda _: listed)
     with pytest.raises(OSError):
-        artifacts.archive_from(tmp_path / "data", "job", "c", where)
+        artifacts.take(tmp_path / "data", "job", "c", where, through_ray=True)
     assert not list((tmp_path / "data" / "artifacts" / "job").iterdir())
 
 
 def test_an_empty_export_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     for where in (transfer.Located(None, str(tmp_path / "empty")), transfer.Located(None, str(tmp_path / "gone"))):
-        with pytest.raises(RuntimeError, match="wrote no files"):
-            artifacts.archive_from(tmp_path / "data", "job", "c", where)
+        with pytest.raises(RuntimeError, match="wrote no archive"):
+            artifacts.take(tmp_path / "data", "job", "c", where)
 
 
 def _served(api_client, store, settings, tmp_path) -> tuple[str, dict]:
@@ -133,12 +134,19 @@ def _served(api_client, store, settings, tmp_path) -> tuple[str, dict]:
     return job_id, meta
 
 
-def test_the_recorded_hash_is_the_sha256_of_the_bytes_served(api_client, store, service_settings, tmp_path):
+def test_the_served_hash_is_the_sha256_of_the_bytes_served_and_is_kept(api_client, store, service_settings,
+                                                                           tmp_path):
     job_id, meta = _served(api_client, store, service_settings, tmp_path)
+    assert meta["sha256"] is None  # moved into place by its exporter: hashed on its first download
     response = api_client.get(f"/v1/jobs/{job_id}/candidates/c1/model")
     assert response.status_code == 200 and response.headers["content-type"] == "application/x-tar"
     digest = hashlib.sha256(response.content).hexdigest()
-    assert digest == meta["sha256"] == response.headers["x-checksum-sha256"] and len(response.content) == meta["size"]
+    assert digest == response.headers["x-checksum-sha256"] and len(response.content) == meta["size"]
+    assert store.get_artifact(job_id, "c1") == {**meta, "sha256": digest}
+    store._r.delete(keys.artifacts(job_id))  # its record gone (say, cleaned up) while a download hashed it
+    assert store.add_artifact_checksum(job_id, "c1", digest) is None  # a record gone meanwhile stays gone
+    with pytest.raises(CandidateNotFound):
+        store.get_artifact(job_id, "c1")
 
 
 def test_downloads_stream_from_disk_and_the_client_checks_the_hash(api_client, store, service_settings, tmp_path):
@@ -154,7 +162,7 @@ def test_downloads_stream_from_disk_and_the_client_checks_the_hash(api_client, s
     client = Client("http://testserver", "unused")
     client.http = api_client
     out = client.download_model(job_id, "c1", tmp_path / "got.tar")
-    assert hashlib.sha256(out.read_bytes()).hexdigest() == meta["sha256"]
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == store.get_artifact(job_id, "c1")["sha256"]
     archived = service_settings.artifacts_dir / meta["path"]
     archived.write_bytes(archived.read_bytes()[:-1] + b"!")  # corrupted on the server's disk
     with pytest.raises(DarwinfrontError, match="does not match its SHA-256"):

@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as QT
 
 from darwinfront.core.errors import InvalidSpec
 from darwinfront.core.methods import parse_spec
+from darwinfront.core.outputs import file_sha256
 from darwinfront.core.spec import BUILTIN_MODELS
 from workers import gguf_import, modeling, reference
 
@@ -345,7 +346,7 @@ def test_smollm2_builds_reloads_and_predicts_pydoc():
     folder = reference.builtin_model_dir("smollm2-135m")
     report = gguf_import.gguf_report(folder)
     packaged = gguf_import.PACKAGED_GGUF["smollm2-135m"].locate("smollm2-135m")
-    assert report["sha256"] == gguf_import.file_sha256(packaged) and report["bytes"] == 98_362_432
+    assert report["sha256"] == file_sha256(packaged) and report["bytes"] == 98_362_432
     assert report["gguf_tensor_types"]["Q4_1"] > 0
 
     model = AutoModelForCausalLM.from_pretrained(folder).eval()

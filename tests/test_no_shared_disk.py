@@ -38,11 +38,6 @@ def _tree(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): _sha(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _members(archive: Path) -> dict[str, str]:
-    with tarfile.open(archive, "r:") as tar:
-        return {m.name: hashlib.sha256(tar.extractfile(m).read()).hexdigest() for m in tar.getmembers()}
-
-
 @pytest.fixture(scope="module")
 def local_ray(micro_dir):
     init_ray(num_cpus=2)
@@ -90,13 +85,13 @@ def test_the_database_and_the_builtin_model_reach_an_evaluator_with_other_direct
     elsewhere_node = transfer.Located("f" * 56, exported.path)
     assert transfer.seen_here(elsewhere_node) == elsewhere_node
     assert transfer.seen_here(transfer.Located(exported.node, exported.path + "-gone")).node == exported.node
-    streamed = artifacts.archive_from(data_dir, "streamed", "c1", exported, through_ray=True)
-    meta = artifacts.archive_from(data_dir, "job", "c1", exported)
-    assert _members(data_dir / "artifacts" / streamed["path"]) == _members(data_dir / "artifacts" / meta["path"])
-    transfer.discard(exported)
-    assert not Path(exported.path).exists()
+    assert transfer.listing(exported)[0][0] == "c1.tar"  # the evaluator wrote the archive itself
+    streamed = artifacts.take(data_dir, "streamed", "c1", exported, through_ray=True)
+    meta = artifacts.take_exported(data_dir, "job", "c1", reply["files"])  # renamed into place, folder deleted
+    assert not Path(exported.path).exists() and meta["sha256"] is None
     archive = data_dir / "artifacts" / meta["path"]
-    assert _sha(archive) == meta["sha256"] and meta["files"] >= 4
+    assert _sha(archive) == streamed["sha256"] == _sha(data_dir / "artifacts" / streamed["path"])
+    assert meta["files"] == streamed["files"] >= 4
     with tarfile.open(archive, "r:") as tar:
         tar.extractall(tmp_path / "out", filter="data")
     model, _ = slicing.load_pruned(tmp_path / "out" / "c1")
@@ -132,8 +127,8 @@ def test_a_shared_cache_copies_nothing_and_an_empty_export_fails(prepared, elsew
     assert not fresh["cache"].exists() and not fresh["database"].exists()
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(RuntimeError, match="wrote no files"):
-        artifacts.archive_from(tmp_path / "data", "job", "c", transfer.here(empty))
+    with pytest.raises(RuntimeError, match="wrote no archive"):
+        artifacts.take(tmp_path / "data", "job", "c", transfer.here(empty))
 
 
 def test_a_follow_up_on_another_node_trains_against_the_driver_s_builtin_model(prepared, tmp_path):

@@ -171,10 +171,10 @@ class Evaluator:
             out[name] = fitness.kl(model, self.inputs.calibration, self.teacher)
         return out
 
-    def export(self, configuration: dict, directory: str) -> dict:
+    def export(self, configuration: dict, directory: str, *, archive: str | None = None) -> dict:
         """Build the candidate of `configuration` as it was scored (its database weights, trained again on the
-        same batches) and save it (safetensors + config) under `directory`; also time its forward pass against
-        the dense one.
+        same batches), time its forward pass against the dense one (into the configuration's metrics), and save it
+        (safetensors, config, model card) under `directory`, or as `directory/<archive>.tar` with `archive`.
 
         Raises:
             InvalidSpec: when the configuration's layout or parameter count is not what its genome gives here.
@@ -193,32 +193,30 @@ class Evaluator:
                 raise InvalidSpec("configuration.parameters", f"the candidate has {params} parameters, the "
                                   f"configuration says {configuration['parameters']}: made for a different model")
             sliced_latency = latency.forward_latency(model, seq_len=self.inputs.spec.data.seq_len)
-            slicing.save_pruned(model, self.inputs.tokenizer, Path(directory), dtype=self.export_dtype)
+            timing = {"latency_ms": sliced_latency["median_ms"], "dense_latency_ms": dense_latency["median_ms"]}
+            configuration["metrics"].update(timing)
+            configuration["export_dtype"] = modeling.dtype_name(self.export_dtype)
+            slicing.save_pruned(model, self.inputs.tokenizer, Path(directory), dtype=self.export_dtype,
+                                card=configuration, archive=archive)
         finally:
             self.unload()
-        return {"params": params, "latency_ms": sliced_latency["median_ms"],
-                "dense_latency_ms": dense_latency["median_ms"], "dtype": modeling.dtype_name(self.export_dtype)}
+        return {"params": params, **timing, "dtype": configuration["export_dtype"]}
 
     def export_point(self, request: dict) -> dict:
         """Export one front point where this evaluator runs: its configuration (`request["request"]` and
-        `request["result"]`, as for `configuration`), the saved model with its timing and model card in a fresh
-        folder of this node's cache; the driver then streams the folder into its archive and deletes it.
+        `request["result"]`, as for `configuration`) and the saved model with its timing and model card, as
+        `<candidate_id>.tar` in a fresh folder of this node's cache, which the driver then moves into its archive.
 
         Returns `candidate_id`, `configuration` (with the timing in its metrics), `timing` and `files` (the
         folder, `transfer.Located` as a dict).
         """
-        from workers.pruned_hf import model_card
-
         configuration = self.configuration(request["request"], request["result"])
         folder = transfer.scratch("exports")
         try:
-            exported = self.export(configuration, str(folder))
-            timing = {k: exported[k] for k in ("latency_ms", "dense_latency_ms")}
-            configuration["metrics"].update(timing)
-            configuration["export_dtype"] = exported["dtype"]
-            model_card.write(folder, configuration)
+            exported = self.export(configuration, str(folder), archive=request["candidate_id"])
         except BaseException:
             transfer.remove(str(folder))
             raise
+        timing = {k: exported[k] for k in ("latency_ms", "dense_latency_ms")}
         return {"candidate_id": request["candidate_id"], "configuration": configuration, "timing": timing,
                 "files": transfer.here(folder).to_dict()}

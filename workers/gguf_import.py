@@ -8,7 +8,6 @@ user model. The dense reference of a quantized file is therefore its dequantized
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import time
@@ -19,6 +18,7 @@ import torch
 
 from darwinfront.core import settings
 from darwinfront.core.errors import InvalidSpec
+from darwinfront.core.outputs import file_sha256
 from darwinfront.gguf_files import check_gguf_file
 from workers.reference import build_once, read_report
 
@@ -127,12 +127,3 @@ def convert_gguf(path: Path, out: Path, *, source: str | None = None, digest: st
 def gguf_report(model_dir: str | Path) -> dict:
     """The report `convert_gguf` wrote: the source file, its sha256 and size, the tensor types, the seconds."""
     return read_report(model_dir, REPORT_FILE, "converted from a GGUF file")
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """The hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -157,29 +157,30 @@ class JointEvaluator:
             "weights": "database" if self.weights is not None else "dense",
         }
 
-    def export(self, configuration: dict, directory: str) -> dict:
-        """Save the candidate as scored (sliced, the level database's weights) with its joint configuration
-        (`joint.json`) under `directory`; time a forward pass of it with its packed cache."""
+    def export(self, configuration: dict, directory: str, *, archive: str | None = None) -> dict:
+        """Time a forward pass of the candidate as scored (sliced, the level database's weights; into the
+        configuration's metrics) and save it with its joint configuration (`joint.json`) under `directory`, or as
+        `directory/<archive>.tar` with `archive`."""
         genome = JointGenome.from_dict(configuration["genome"])
         model, config = self.build(genome)
         if slicing.count_parameters(model) != configuration["prune"]["parameters"]:
             raise RuntimeError("the sliced candidate's parameters differ from its configuration's")
-        timing = latency.forward_latency(model, seq_len=self.spec.data.seq_len)
+        timing = {"latency_ms": latency.forward_latency(model, seq_len=self.spec.data.seq_len)["median_ms"]}
+        configuration["metrics"].update(timing)
         dtype = modeling.export_dtype(self.spec.model)
-        slicing.save_pruned(model, self.inputs.tokenizer, Path(directory), dtype=dtype)
-        (Path(directory) / CONFIG_FILE).write_text(json.dumps(configuration, indent=1))
-        return {"latency_ms": timing["median_ms"]}
+        slicing.save_pruned(model, self.inputs.tokenizer, Path(directory), dtype=dtype,
+                            extra={CONFIG_FILE: json.dumps(configuration, indent=1)}, archive=archive)
+        return timing
 
     def export_point(self, request: dict) -> dict:
         """Export one front point where this evaluator runs (`request`: `candidate_id`, `genome`, `result`): its
-        configuration and saved model in a fresh folder of this node's cache, which the driver streams into its
-        archive and deletes. Returns `candidate_id`, `configuration` (timing in its metrics), `timing`, `files`."""
+        configuration and saved model as `<candidate_id>.tar` in a fresh folder of this node's cache, which the
+        driver moves into its archive. Returns `candidate_id`, `configuration` (timing in its metrics), `timing`,
+        `files`."""
         configuration = self.configuration(request["genome"], request["result"])
         folder = transfer.scratch("exports")
         try:
-            timing = self.export(configuration, str(folder))
-            configuration["metrics"].update(timing)
-            (folder / CONFIG_FILE).write_text(json.dumps(configuration, indent=1))
+            timing = self.export(configuration, str(folder), archive=request["candidate_id"])
         except BaseException:
             transfer.remove(str(folder))
             raise

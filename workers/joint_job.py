@@ -132,7 +132,7 @@ class JointJob(Job):
             cid = job["candidate_id"]
             if reply.get("error"):
                 raise RuntimeError(f"the export of front point {cid} failed: {reply['error']}")
-            meta = artifacts.archive_exported(self.data_dir, self.job_id, cid, reply["files"])
+            meta = artifacts.take_exported(self.data_dir, self.job_id, cid, reply["files"])
             points[cid].update(reply["timing"])
             self.store.put_result(self.job_id, cid, reply["configuration"])
             self.store.put_artifact(self.job_id, cid, meta)

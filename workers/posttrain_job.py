@@ -34,7 +34,6 @@ from workers import artifacts, block_distill, data, finetune, fitness, metrics, 
 from workers.job import Job
 from workers.placement import wait_placeable
 from workers.pool import builtin_model_files, evaluator_cpus
-from workers.pruned_hf import model_card
 
 log = logging.getLogger(__name__)
 EVENTS_PER_RUN = 10  # `training` events over a whole run, whatever its length
@@ -254,20 +253,22 @@ class Posttrainer:
         return {"steps": self.done, "first_loss": self.losses[0] if self.losses else None,
                 "last_loss": self.losses[-1] if self.losses else None, "seconds": self.seconds}
 
-    def save(self, directory: str, which: str = "trained") -> dict:
+    def save(self, directory: str, which: str = "trained", *, card: dict | None = None,
+             archive: str | None = None) -> dict:
         """Save the trained sliced model (or its follow-up cut; safetensors + config, in the model's own dtype) with
-        its tokenizer under `directory`."""
+        its tokenizer (and model card `card`) under `directory`, or as `directory/<archive>.tar`."""
         model = self.model if which == "trained" else self.cut_model
-        slicing.save_pruned(model.to("cpu"), self.tokenizer, Path(directory), dtype=self.export_dtype)
+        slicing.save_pruned(model.to("cpu"), self.tokenizer, Path(directory), dtype=self.export_dtype, card=card,
+                            archive=archive)
         return {"params": slicing.count_parameters(model)}
 
     def export(self, document: dict, which: str = "trained") -> dict:
-        """Save the trained model (or its follow-up cut) with its model card (`document`) in a fresh folder of this
-        node's cache; return the folder (`transfer.Located` as a dict) for the driver to stream into its archive."""
+        """Save the trained model (or its follow-up cut) with its model card (`document`) as
+        `<candidate_id>.tar` in a fresh folder of this node's cache; return the folder (`transfer.Located` as a
+        dict) for the driver to move into its archive."""
         folder = transfer.scratch("exports")
         try:
-            self.save(str(folder), which)
-            model_card.write(folder, document)
+            self.save(str(folder), which, card=document, archive=document["candidate_id"])
         except BaseException:
             transfer.remove(str(folder))
             raise
@@ -339,7 +340,7 @@ class PosttrainJob(Job):
             metas = {}
             for which, doc in documents.items():
                 files = trainer.call("export", doc, which)
-                metas[which] = artifacts.archive_exported(self.data_dir, self.job_id, doc["candidate_id"], files)
+                metas[which] = artifacts.take_exported(self.data_dir, self.job_id, doc["candidate_id"], files)
         finally:
             trainer.close()
         for which, doc in documents.items():

@@ -138,7 +138,7 @@ class PruneJob(Job):
             cid = job["candidate_id"]
             if reply.get("error"):
                 raise RuntimeError(f"the export of front point {cid} failed: {reply['error']}")
-            meta = artifacts.archive_exported(self.data_dir, self.job_id, cid, reply["files"])
+            meta = artifacts.take_exported(self.data_dir, self.job_id, cid, reply["files"])
             configuration, point = reply["configuration"], points[cid]
             metrics = configuration["metrics"]
             one_shot = {k: metrics[k] for k in ("kl_cut", "kl_oneshot") if k in metrics}

@@ -8,7 +8,7 @@ tests, in-process runs) the folder is read from the local disk.
 
 Two paths use it: the level database (and a builtin model) that a job's prepare step built comes to each node
 whose evaluators lack it (`bring`, once per node under a file lock), and the model an evaluator exported comes
-back to the driver's data directory (`workers.artifacts.archive_from`). The driver keeps its own copy of a
+back to the driver's data directory (`workers.artifacts.take`). The driver keeps its own copy of a
 builtin model, which follow-up jobs (posttrain, evaluate) bring to their actor's node: their dense model is the
 one the parent searched against, not one trained again elsewhere. When the cache directory is shared
 storage (`DARWINFRONT_SHARED_CACHE=1`, `Settings.shared_cache`), `bring` copies nothing.
@@ -157,7 +157,8 @@ def _windowed(task, path: str, offsets: range, chunk: int) -> Iterator[bytes]:
 
 
 class ChunkReader:
-    """A read-only file object over `chunks` (what `tarfile.addfile` reads from); no chunk is copied whole."""
+    """A read-only file object over `chunks` (what `tarfile.addfile` reads from); no chunk is copied whole, and a
+    read inside one `memoryview` chunk is a view of it (a tensor's bytes reach the file without a copy)."""
 
     def __init__(self, parts: Iterator[bytes]):
         self._parts, self._part, self._at = parts, b"", 0
@@ -173,7 +174,7 @@ class ChunkReader:
             out.append(self._part[self._at : end] if (self._at, end) != (0, len(self._part)) else self._part)
             size -= (end - self._at) if size > 0 else 0
             self._at = end
-        return b"".join(out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
 
 def fetch_file(where: Located, relative: str, size: int, target: Path) -> Path:

@@ -4,9 +4,10 @@ and checkpoints (mixed into `JobStore`, which holds the client).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import redis
@@ -26,6 +27,15 @@ def utc_now() -> str:
 def to_json(value: Any) -> str:
     """Compact JSON, refusing NaN and infinities (how the store writes documents)."""
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB chunks (a model archive, a GGUF source)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _after_id(after: str) -> str | None:
@@ -144,6 +154,21 @@ class JobOutputs:
         if raw is None:
             raise CandidateNotFound(f"candidate {candidate_id!r} of job {job_id!r} has no exported model")
         return json.loads(raw)
+
+    def add_artifact_checksum(self, job_id: str, candidate_id: str, sha256: str) -> dict[str, Any] | None:
+        """Record the SHA-256 of an archive hashed after its export (on its first download); returns the record,
+        or None when it went away meanwhile (its job deleted), which this leaves gone."""
+
+        def write(pipe: redis.client.Pipeline) -> dict[str, Any] | None:
+            raw = pipe.hget(keys.artifacts(job_id), candidate_id)
+            if raw is None:
+                return None
+            meta = {**json.loads(raw), "sha256": sha256}
+            pipe.multi()
+            pipe.hset(keys.artifacts(job_id), candidate_id, to_json(meta))
+            return meta
+
+        return self._r.transaction(write, keys.artifacts(job_id), value_from_callable=True)
 
     def merge_scores(self, job_id: str, candidate_id: str, scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Add lm-eval scores (task -> entry) to a candidate's; a task scored again is replaced. Returns them all."""

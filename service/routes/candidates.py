@@ -12,6 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse
 
+from darwinfront.core.outputs import file_sha256
 from darwinfront.gguf_export.archive import gguf_of_archive
 from service.routes.deps import JobDep, SettingsDep, StoreDep, blocking
 from service.schemas import ErrorBody
@@ -61,9 +62,13 @@ async def _stored_archive(job_id: str, candidate_id: str, store, settings) -> tu
 async def get_model(
     job: JobDep, candidate_id: CandidateId, store: StoreDep, settings: SettingsDep
 ) -> FileResponse:
-    """The sliced model archive (a `.tar` of a Hugging Face directory; `.tar.gz` from older jobs)."""
+    """The sliced model archive (a `.tar` of a Hugging Face directory; `.tar.gz` from older jobs), with its SHA-256
+    in `X-Checksum-SHA256`: an archive the driver renamed into place is hashed on its first download, and kept."""
     meta, path = await _stored_archive(job.id, candidate_id, store, settings)
-    headers = {"X-Checksum-SHA256": meta["sha256"]} if meta.get("sha256") else None
+    if not meta.get("sha256"):
+        meta = {**meta, "sha256": await blocking(file_sha256, path)}
+        await blocking(store.add_artifact_checksum, job.id, candidate_id, meta["sha256"])
+    headers = {"X-Checksum-SHA256": meta["sha256"]}
     media_type = "application/gzip" if path.name.endswith(".gz") else "application/x-tar"
     return FileResponse(path, media_type=media_type, filename=path.name, headers=headers)
 
