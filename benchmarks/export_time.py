@@ -56,6 +56,24 @@ class Exporter:
         dense, self.tokenizer = modeling.load_model(source, device="cpu")
         self.model = candidate(dense, cut)
 
+    def safetensors(self, dtype: str) -> float:
+        """Seconds to write the point's weights alone with `safetensors.torch.save_file` in `dtype` (the cast
+        included, tied weights once) here, in the evaluator's process: the goal's yardstick, side by side."""
+        from safetensors.torch import save_file
+
+        from workers import modeling, transfer
+        from workers.safetensors_stream import unique_tensors
+
+        folder = transfer.scratch("safetensors")
+        os.sync()
+        started = time.perf_counter()
+        state = {k: v.to(modeling.resolve_dtype(dtype)).contiguous()
+                 for k, v in unique_tensors(self.model.state_dict()).items()}
+        save_file(state, folder / "model.safetensors")
+        seconds = time.perf_counter() - started
+        shutil.rmtree(folder)
+        return seconds
+
     def export(self, dtype: str) -> tuple[dict, float]:
         from workers import modeling, slicing, transfer
 
@@ -167,7 +185,9 @@ def main() -> None:
     ray.get(exporter.__ray_ready__.remote())
     warm = scratch / "warm"
     warm.mkdir()
-    (warm / "w.tar").write_bytes(b"0" * (transfer.WINDOW * transfer.CHUNK_BYTES))
+    (scratch / "warm-files").mkdir()
+    (scratch / "warm-files" / "w.bin").write_bytes(b"0" * (transfer.WINDOW * transfer.CHUNK_BYTES))
+    artifacts.pack(scratch / "warm-files", warm / "w.tar", name="w")
     artifacts.take(scratch / "data", "warm", "w", transfer.here(warm), through_ray=True)  # starts Ray's readers
     own = modeling.dtype_name(modeling.export_dtype(ModelSpec(source=args.model, dtype="float32")))
 
@@ -204,6 +224,8 @@ def main() -> None:
         best(rows, "before: fp32 + gzip -9 (issue)",
              {"seconds": seconds + meta["size"] / rate, "bytes": None, "gzip_mb_s": rate / 1e6})
         for dtype in sorted({own, "bfloat16"}):
+            yardstick = ray.get(exporter.safetensors.remote(dtype))
+            best(rows, f"safetensors {dtype}, in the evaluator", {"seconds": yardstick})
             for through_ray, how in ((False, "renamed here"), (True, "Ray stream")):
                 os.sync()
                 best(rows, f"after: {dtype}, evaluator save + {how}", after(dtype, through_ray))
@@ -224,6 +246,11 @@ def main() -> None:
         if arm.startswith("zstd"):
             print(f"{arm:44} size × {row['ratio']:.3f} at {row['mb_s']:.0f} MB/s")
 
+    for dtype in sorted({own, "bfloat16"}):
+        yardstick = rows[f"safetensors {dtype}, in the evaluator"]["seconds"]
+        point = rows[f"after: {dtype}, evaluator save + renamed here"]["seconds"]
+        print(f"goal, {dtype} on one machine: export {point:.2f} s / safetensors in the same process "
+              f"{yardstick:.2f} s = {point / yardstick:.2f} (goal ≤ 2)")
     after = rows["after: bfloat16, evaluator save + Ray stream"]
     for arm, row in rows.items():
         if "save_s" in row:
