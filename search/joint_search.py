@@ -3,14 +3,16 @@ job measures latency, as ask/tell strategies.
 
 Both strategies are told the KL the driver measures (and the latency, `tell(..., latency=ms)`, when built with
 `latency=True`) and read the memory off the genome (`JointSpace.memory`, exact), so a genome over the memory cap
-is never handed out: it costs no evaluation. They hand out their seeds first (uniform cuts with the KV presets,
-and the best points of separate prune and KV jobs when the job names them), then rounds of `round_size`
-genomes, and stop after `budget` distinct evaluations.
+is never handed out: it costs no evaluation. They hand out their seeds first (`seed_genomes`: the best points of
+separate prune and KV jobs when the job names them, then the grid of the dense model and the uniform cuts
+crossed with the uniform KV choices: every group at its highest pair, its lowest and each KVTuner preset, as the
+kv_precision job seeds its search), then rounds of `round_size` genomes, and stop after `budget` distinct
+evaluations.
 
 - `evolution`: a Pareto evolution with mixed mutation: every child is a parent drawn from the current front
   (feasible, non-dominated in all the objectives) with 1..3 moves, each a KV pair change (one group's pair one
-  step up or down its candidate list) with probability `kv_rate`, else a level move (one layer's attention or MLP
-  level one step up or down, or an EvoPress level switch that keeps the parameter count).
+  step up or down its Pareto-pruned candidate list) with probability `kv_rate`, else a level move (one layer's
+  attention or MLP level one step up or down, or an EvoPress level switch that keeps the parameter count).
 - `nsga2`: Optuna's NSGA-II over one integer per layer and group and one categorical per KV group, on two or
   three objectives.
 
@@ -27,7 +29,8 @@ from dataclasses import dataclass
 import optuna
 from optuna.samplers import NSGAIISampler
 
-from search.joint_space import JointGenome, JointSpace
+from search.joint_space import JointGenome, JointSpace, kv_choice_for
+from search.kv_space import PRESETS, preset
 from search.mutation import level_switch, switch_count
 from search.pareto import non_dominated
 from search.replay import Replayed, Rounds
@@ -51,13 +54,16 @@ class JointRequest:
 
 def mixed_mutation(parent: JointGenome, space: JointSpace, rng: random.Random, *, kv_rate: float = 0.5,
                    max_moves: int = 3) -> JointGenome:
-    """`switch_count(rng, max_moves)` moves of `parent`: KV pair changes (probability `kv_rate`) and level moves."""
+    """`switch_count(rng, max_moves)` moves of `parent`: KV pair changes (probability `kv_rate`) and level moves.
+
+    A KV move steps one group to a neighbour in its Pareto-pruned pair list (one step up or down in bits); a level
+    move is an EvoPress level switch (half the time, when one is legal) or one layer's attention or MLP level one
+    step up or down."""
     attn, mlp, kv = list(parent.attn), list(parent.mlp), list(parent.kv)
     for _ in range(switch_count(rng, max_moves)):
         if rng.random() < kv_rate:
             g = rng.randrange(len(kv))
-            top = len(space.kv.groups[g].candidates) - 1
-            kv[g] = min(top, max(0, kv[g] + rng.choice((-1, 1)))) if top else 0
+            kv[g] = kv_step(kv[g], len(space.kv.groups[g].candidates), rng)
             continue
         levels = space.levels
         if rng.random() < 0.5:  # a level switch: the same parameters, moved between layers
@@ -72,6 +78,17 @@ def mixed_mutation(parent: JointGenome, space: JointSpace, rng: random.Random, *
         i = rng.randrange(len(group))
         group[i] = min(top, max(0, group[i] + rng.choice((-1, 1))))
     return JointGenome(tuple(attn), tuple(mlp), tuple(kv))
+
+
+def kv_step(index: int, candidates: int, rng: random.Random) -> int:
+    """A neighbour of candidate `index` in a list of `candidates` pairs: one step up or down, inward at an end."""
+    if candidates < 2:
+        return 0
+    if index == 0:
+        return 1
+    if index == candidates - 1:
+        return index - 1
+    return index + rng.choice((-1, 1))
 
 
 def random_genome(space: JointSpace, rng: random.Random) -> JointGenome:
@@ -312,11 +329,19 @@ def build(name: str, space: JointSpace, seeds: Sequence[JointGenome], *, seed: i
 
 
 def seed_genomes(space: JointSpace, targets: Sequence[float], extra: Sequence[JointGenome] = ()) -> list[JointGenome]:
-    """The first round: `extra` (from separate prune and KV fronts) first, then the dense model and every uniform
-    cut at `targets`, each with the highest and lowest KV pair of every group."""
-    choices = [[0] * len(space.kv.groups), [len(g.candidates) - 1 for g in space.kv.groups]]
+    """The first round: `extra` (from separate prune and KV fronts) first, then the grid of the dense model and every
+    uniform cut at `targets` crossed with the uniform KV choices (`uniform_kv_choices`), duplicates dropped."""
     genomes = list(extra)
-    for choice in choices:
+    for choice in uniform_kv_choices(space):
         genomes.append(space.dense(choice))
         genomes.extend(space.uniform(t, choice) for t in targets)
-    return genomes
+    return list({g.key(): g for g in genomes}.values())
+
+
+def uniform_kv_choices(space: JointSpace) -> list[list[int]]:
+    """Every group at its highest pair, at its lowest, and at each of KVTuner's uniform presets (KV8, K8V4, KV4,
+    K4V2, KV2; a group whose pair list lost a preset takes its nearest pair), in that order, without repeats."""
+    n = space.levels.n_layers
+    choices = [[0] * len(space.kv.groups), [len(g.candidates) - 1 for g in space.kv.groups]]
+    choices += [kv_choice_for(space.kv, preset(name, n)) for name in PRESETS]
+    return [list(c) for c in dict.fromkeys(map(tuple, choices))]

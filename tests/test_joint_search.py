@@ -125,6 +125,30 @@ def test_the_evolution_mixes_level_moves_and_pair_changes():
     assert len(kvs) > 2 and len(prunes) > 3
 
 
+def test_the_first_round_holds_exactly_the_grid_of_uniform_cuts_and_kv_presets():
+    # choices: highest [0, 0], lowest [3, 2], KV8 and K8V4 -> [1, 1] (group 1 has no K8V4, group 2 no KV8: the
+    # nearest pairs), KV4, K4V2 -> [2, 2], KV2 -> the lowest again
+    assert joint_search.uniform_kv_choices(SPACE) == [[0, 0], [3, 2], [1, 1], [2, 2]]
+    grid = [cut(choice) for choice in ([0, 0], [3, 2], [1, 1], [2, 2])
+            for cut in (SPACE.dense, lambda c: SPACE.uniform(0.25, c), lambda c: SPACE.uniform(0.5, c))]
+    assert joint_search.seed_genomes(SPACE, [0.25, 0.5]) == grid
+    first = build("evolution").ask()
+    assert [r.genome for r in first] == grid and {r.round for r in first} == {0}
+    extra = JointGenome((1, 0, 0, 0), (0,) * 4, (2, 1))
+    assert joint_search.seed_genomes(SPACE, [0.25, 0.5], [extra, grid[0]]) == [extra] + grid  # repeats dropped
+
+
+def test_a_kv_move_steps_one_group_to_a_neighbour_in_its_pair_list():
+    rng = random.Random(0)
+    assert [joint_search.kv_step(i, 4, rng) for i in (0, 3)] == [1, 2] and joint_search.kv_step(0, 1, rng) == 0
+    assert {joint_search.kv_step(1, 4, rng) for _ in range(50)} == {0, 2}
+    parent = SPACE.uniform(0.25, [1, 1])
+    for seed in range(40):
+        child = joint_search.mixed_mutation(parent, SPACE, random.Random(seed), kv_rate=1.0, max_moves=1)
+        steps = [abs(c - p) for c, p in zip(child.kv, parent.kv, strict=True)]
+        assert sorted(steps) == [0, 1] and child.prune == parent.prune
+
+
 def toy_latency(genome: JointGenome) -> float:
     """A measured latency as the search sees it: a fixed value per genome that KL and memory do not predict."""
     return 5.0 + 50.0 * random.Random(genome.key()).random()
