@@ -34,19 +34,6 @@ class Streamed(Protocol):
     def chunks(self): ...
 
 
-class _Counting:
-    """A binary file that counts (and optionally hashes) what is written through it."""
-
-    def __init__(self, handle, digest=None):
-        self.handle, self.digest, self.size = handle, digest, 0
-
-    def write(self, data) -> int:
-        if self.digest is not None:
-            self.digest.update(data)
-        self.size += len(data)
-        return self.handle.write(data)
-
-
 def pack(folder: Path, target: Path, *, name: str, streamed: dict[str, Streamed] | None = None) -> Path:
     """Write `target`: a tar of `folder`'s files under `name/`, then each `streamed` file (relative name ->
     `Streamed`) from memory. Written beside `target` and renamed into place, so a reader never sees half of it.
@@ -141,10 +128,7 @@ def _copy(source: transfer.Located, name: str, size: int, target: Path) -> str:
     partial = target.with_name(f".{target.name}.partial")
     digest = hashlib.sha256()
     try:
-        with open(partial, "wb") as handle:
-            writer = _Counting(handle, digest)
-            for part in transfer.chunks(source, name, size):
-                writer.write(part)
+        transfer.fetch_file(source, name, size, partial, digest)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)

@@ -177,10 +177,13 @@ class ChunkReader:
         return out[0] if len(out) == 1 else b"".join(out)
 
 
-def fetch_file(where: Located, relative: str, size: int, target: Path) -> Path:
-    """Copy file `relative` (`size` bytes) of the folder to `target` here, chunk by chunk."""
+def fetch_file(where: Located, relative: str, size: int, target: Path, digest=None) -> Path:
+    """Copy file `relative` (`size` bytes) of the folder to `target` here, chunk by chunk, each also fed to
+    `digest` (a hashlib object) when given."""
     with open(target, "wb") as handle:
         for part in chunks(where, relative, size):
+            if digest is not None:
+                digest.update(part)
             handle.write(part)
     return target
 
