@@ -12,7 +12,9 @@ evaluations.
 - `evolution`: a Pareto evolution with mixed mutation: every child is a parent drawn from the current front
   (feasible, non-dominated in all the objectives) with 1..3 moves, each a KV pair change (one group's pair one
   step up or down its Pareto-pruned candidate list) with probability `kv_rate`, else a level move (one layer's
-  attention or MLP level one step up or down, or an EvoPress level switch that keeps the parameter count).
+  attention or MLP level one step up or down, or an EvoPress level switch that keeps the parameter count). The
+  rate adapts (`move_rate`): it starts at `kv_rate` and is weighted by how often children of each kind of move
+  reached the front when told.
 - `nsga2`: Optuna's NSGA-II over one integer per layer and group and one categorical per KV group, on two or
   three objectives.
 
@@ -32,7 +34,7 @@ from optuna.samplers import NSGAIISampler
 from search.joint_space import JointGenome, JointSpace, kv_choice_for
 from search.kv_space import PRESETS, preset
 from search.mutation import level_switch, switch_count
-from search.pareto import non_dominated
+from search.pareto import dominates, non_dominated
 from search.replay import Replayed, Rounds
 from search.seeding import derive_seed
 from search.strategy import BestSoFar
@@ -202,18 +204,29 @@ class JointEvolution(_JointBase):
         budget: evaluations to run.
         round_size: children per round after the seeds.
         memory_cap: bytes a genome may need at most (None: no cap).
-        kv_rate: the probability that a move changes a KV pair rather than a level.
+        kv_rate: the probability that a move changes a KV pair rather than a level; with `adapt`, where it starts.
+        adapt: the rate follows which kind of move put children on the front (`move_rate`); 0 and 1 stay fixed.
         latency: the measured latency is a third objective (told with each KL).
     """
 
     name = "joint-evolution"
 
     def __init__(self, space: JointSpace, seeds: Sequence[JointGenome], *, seed: int, budget: int, round_size: int,
-                 memory_cap: int | None = None, kv_rate: float = 0.5, latency: bool = False):
+                 memory_cap: int | None = None, kv_rate: float = 0.5, adapt: bool = True, latency: bool = False):
         super().__init__(space, seeds, seed=seed, budget=budget, round_size=round_size, memory_cap=memory_cap,
                          latency=latency)
         self._rng = random.Random(derive_seed(seed, self.name))
-        self._kv_rate = kv_rate
+        self._kv_rate, self._adapt = kv_rate, adapt and 0 < kv_rate < 1
+        self._parents: dict[str, JointGenome] = {}  # child id -> the parent it was mutated from
+        self._tries = {"kv": 0, "level": 0}  # told children whose moves included the kind
+        self._wins = {"kv": 0, "level": 0}  # ... and that were on the front when told
+
+    @property
+    def kv_rate(self) -> float:
+        """The chance the next move changes a KV pair."""
+        if not self._adapt:
+            return self._kv_rate
+        return move_rate(self._kv_rate, self._wins, self._tries)
 
     def _ask(self, limit: int | None) -> list[JointRequest]:
         want = self._room(limit)
@@ -221,10 +234,12 @@ class JointEvolution(_JointBase):
         while len(fresh) < want and self._seeds:
             fresh.append(self._hand_out(self._seeds.pop(0)))
         parents = self.front()
+        rate = self.kv_rate
         repeats = 0
         while len(fresh) < want and not self._exhausted:
-            if parents:
-                child = mixed_mutation(self._rng.choice(parents), self._space, self._rng, kv_rate=self._kv_rate)
+            parent = self._rng.choice(parents) if parents else None
+            if parent is not None:
+                child = mixed_mutation(parent, self._space, self._rng, kv_rate=rate)
             else:  # no seed fits the cap (or every one failed): random genomes until one does
                 child = random_genome(self._space, self._rng)
             if child.key() in self._keys or not self.feasible(child):
@@ -233,7 +248,30 @@ class JointEvolution(_JointBase):
                 continue
             repeats = 0
             fresh.append(self._hand_out(child))
+            if parent is not None:
+                self._parents[fresh[-1].candidate_id] = parent
         return fresh
+
+    def _told(self, candidate_id: str) -> None:
+        parent = self._parents.pop(candidate_id, None)
+        if parent is None or self._results[candidate_id] is None:
+            return
+        child = self._given[candidate_id]
+        point = self.objectives(candidate_id)
+        won = not any(dominates(self.objectives(cid), point) for cid, kl in self._results.items()
+                      if kl is not None and cid != candidate_id)
+        for kind, moved in (("kv", child.kv != parent.kv), ("level", child.prune != parent.prune)):
+            if moved:
+                self._tries[kind] += 1
+                self._wins[kind] += won
+
+
+def move_rate(prior: float, wins: dict[str, int], tries: dict[str, int], *, floor: float = 0.1) -> float:
+    """The KV move rate after `wins` of `tries` children per move kind ("kv", "level") reached the front: `prior`
+    weighted by each kind's success rate (Laplace-smoothed), kept within [floor, 1 - floor]."""
+    kv, level = ((wins[k] + 1) / (tries[k] + 2) for k in ("kv", "level"))
+    rate = prior * kv / (prior * kv + (1 - prior) * level)
+    return min(1 - floor, max(floor, rate))
 
 
 class JointNsga(_JointBase):

@@ -149,6 +149,20 @@ def test_a_kv_move_steps_one_group_to_a_neighbour_in_its_pair_list():
         assert sorted(steps) == [0, 1] and child.prune == parent.prune
 
 
+def test_the_move_rate_follows_the_kind_of_move_that_reaches_the_front():
+    none = {"kv": 0, "level": 0}
+    assert joint_search.move_rate(0.5, none, none) == 0.5 and joint_search.move_rate(0.3, none, none) == 0.3
+    # KV moves 3 of 4 on the front (4/6 smoothed), level moves 0 of 4 (1/6): 0.5 x 4/6 / (0.5 x 5/6) = 0.8
+    assert joint_search.move_rate(0.5, {"kv": 3, "level": 0}, {"kv": 4, "level": 4}) == pytest.approx(0.8)
+    assert joint_search.move_rate(0.5, {"kv": 0, "level": 40}, {"kv": 40, "level": 40}) == 0.1  # the floor
+    strategy = build("evolution")
+    run(strategy)
+    assert sum(strategy._tries.values()) >= 30 - 12 and strategy.kv_rate != 0.5
+    fixed = build("evolution", kv_rate=0.0)
+    run(fixed)
+    assert fixed.kv_rate == 0.0
+
+
 def toy_latency(genome: JointGenome) -> float:
     """A measured latency as the search sees it: a fixed value per genome that KL and memory do not predict."""
     return 5.0 + 50.0 * random.Random(genome.key()).random()

@@ -1,10 +1,11 @@
 """The `joint` job spec: structured pruning and KV-cache precision searched together against deployment memory.
 
 It reuses the prune job's `prune` section (criterion, level table; its `targets` seed the first round with
-uniform cuts) and the KV job's `kv` section (mode, grouping, bits, profiling; KVTuner's pair lists and layer
-groups are computed on the dense model), and adds `deployment` (batch size, context length, dtype) and `joint`
-(strategy, budget, memory cap, seed jobs). Candidates are scored as cut (no light training). `deployment.latency`
-asks for a third objective, the measured time of one decoding step of the candidate as applied.
+uniform cuts, each with every uniform KV preset) and the KV job's `kv` section (mode, grouping, bits, profiling;
+KVTuner's pair lists and layer groups are computed on the dense model), and adds `deployment` (batch size, context
+length, dtype) and `joint` (strategy, budget, memory cap, seed jobs). Candidates are scored as cut (no light
+training). `deployment.latency` asks for a third objective, the measured time of one decoding step of the
+candidate as applied.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class JointSearchSpec(_Strict):
         "pair changes); `nsga2`: Optuna's NSGA-II over the whole genome.")
     evaluations: int = Field(default=200, ge=1, le=100_000, description="Distinct genomes to evaluate.")
     population: int = Field(default=16, ge=2, le=1024, description="Genomes per round (NSGA-II's population).")
-    kv_rate: float = Field(default=0.5, ge=0.0, le=1.0, description="Evolution: chance a move changes a KV pair.")
+    kv_rate: float = Field(default=0.5, ge=0.0, le=1.0, description="Evolution: chance a move changes a KV pair "
+                           "at the start; it then follows which kind of move reached the front (0 and 1 stay fixed).")
     kv16: bool = Field(default=True, description="Also offer every group the unquantized 16-bit pair.")
     memory_cap: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="The most bytes a candidate may need at the deployment point (weights + KV "
