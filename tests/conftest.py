@@ -44,7 +44,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 SURGERY_KINDS = ("llama_gqa", "llama_mha", "llama_bias", "qwen2_bias", "qwen3", "gemma2", "gemma3", "phi3",
-                 "olmo2")
+                 "olmo2", "mixtral", "qwen3_moe", "olmoe")
 
 
 def tiny_model(kind: str = "llama_gqa", seed: int = 0):
@@ -67,6 +67,7 @@ def tiny_model(kind: str = "llama_gqa", seed: int = 0):
     )
     gqa = dict(num_key_value_heads=2)
     window = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    moe = dict(num_experts_per_tok=2)
     name, extra = {
         "llama_gqa": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
         "llama_mha": ("Llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
@@ -80,35 +81,51 @@ def tiny_model(kind: str = "llama_gqa", seed: int = 0):
         "phi3": ("Phi3", dict(**gqa, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                "partial_rotary_factor": 0.5})),
+        # mixtures of experts: 6 experts of 8 channels (48 in all, as the dense kinds' MLP), 2 per token
+        "mixtral": ("Mixtral", dict(**gqa, **moe, intermediate_size=8, num_local_experts=6)),
+        "qwen3_moe": ("Qwen3Moe", dict(**gqa, **moe, moe_intermediate_size=8, num_experts=6, norm_topk_prob=False,
+                                       tie_word_embeddings=False)),
+        "olmoe": ("Olmoe", dict(**gqa, **moe, intermediate_size=8, num_experts=6, norm_topk_prob=True,
+                                tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     }[kind]
     config_class = getattr(transformers, "Gemma3TextConfig" if name == "Gemma3" else f"{name}Config")
     torch.manual_seed(seed)
-    model = getattr(transformers, f"{name}ForCausalLM")(config_class(**common, **extra))
+    model = getattr(transformers, f"{name}ForCausalLM")(config_class(**{**common, **extra}))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0.0, 0.1)
-            elif kind == "olmo2" and name.endswith(("q_norm.weight", "k_norm.weight")):
+            elif name.endswith(("gate_up_proj", "experts.down_proj", "mlp.gate.weight")):  # (stock MoE init: empty)
+                param.normal_(0.0, 0.15)
+            elif kind in ("olmo2", "olmoe") and name.endswith(("q_norm.weight", "k_norm.weight")):
                 param.uniform_(0.5, 1.5)  # each row its own scale, so a cut must keep the right rows
     return model.eval()
 
 
 def unit_space(model, mlp_step: int, attention_unit: str = "kv_group"):
-    """The level space of `model` with one attention unit and `mlp_step` channels per level step."""
+    """The level space of `model` with one attention unit and `mlp_step` channels per level step (in a mixture of
+    experts, the experts those channels make: the tiny ones' experts are 8 channels wide)."""
     from workers import levels, slicing
 
-    d = slicing.dims(model)
-    table = levels.LevelTable(d.attn_units(attention_unit), 1, d.intermediate, mlp_step, attention_unit)
-    return levels.level_space(model, table)
+    return levels.level_space(model, _unit_table(slicing.dims(model), mlp_step, attention_unit))
 
 
-def layout_of(genome, scores, mlp_step: int, attention_unit: str = "kv_group"):
-    """The layout that keeps each layer's highest-scored units (ties to the lower index), one attention unit and
-    `mlp_step` channels per level step: what a level database filled by `scores` gives."""
+def _unit_table(d, mlp_step: int, attention_unit: str):
     from workers import levels
 
+    return levels.LevelTable(d.attn_units(attention_unit), 1, d.mlp_units, max(1, mlp_step // d.mlp_width),
+                             attention_unit, d.mlp_unit)
+
+
+def layout_of(genome, scores, mlp_step: int, attention_unit: str = "kv_group", model=None):
+    """The layout that keeps each layer's highest-scored units (ties to the lower index), one attention unit and
+    `mlp_step` channels per level step: what a level database filled by `scores` gives. With `model`, its MLP
+    units (experts where it has them) and steps as `unit_space` counts them."""
+    from workers import levels, slicing
+
     first = scores.layers[0]
-    table = levels.LevelTable(len(first.attn), 1, len(first.mlp), mlp_step, attention_unit)
+    table = (_unit_table(slicing.dims(model), mlp_step, attention_unit) if model is not None else
+             levels.LevelTable(len(first.attn), 1, len(first.mlp), mlp_step, attention_unit))
     return levels.layout(genome, levels.removal_orders(scores), table)
 
 

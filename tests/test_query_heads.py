@@ -36,7 +36,8 @@ def _head_scores(model, seed: int = 1) -> UnitScores:
 def _layout(model, heads: list[tuple[int, ...]]) -> slicing.Layout:
     d = slicing.dims(model)
     return slicing.Layout(
-        tuple(slicing.LayerLayout(h, tuple(range(0, d.intermediate, 2))) for h in heads), attention_unit="q_head"
+        tuple(slicing.LayerLayout(h, tuple(range(0, d.mlp_units, 2))) for h in heads), attention_unit="q_head",
+        mlp_unit=d.mlp_unit,
     )
 
 
@@ -60,7 +61,7 @@ def test_sliced_query_heads_count_exactly_and_match_the_masked_model(surgery_kin
     genomes = [space.uniform(0.5), PruneGenome(attn=(space.attn_levels, 1, 3), mlp=(2, space.mlp_levels, 1))]
     for genome in genomes:
         model = tiny_model(surgery_kind)
-        layout = layout_of(genome, scores, MLP_STEP, attention_unit="q_head")
+        layout = layout_of(genome, scores, MLP_STEP, attention_unit="q_head", model=model)
         with slicing.masked(model, layout):
             masked_logits = model(input_ids=tokens).logits
         slicing.slice_model(model, layout)
@@ -108,7 +109,7 @@ def test_query_head_model_saves_loads_and_applies_its_configuration(surgery_kind
     model = tiny_model(surgery_kind)
     space = unit_space(model, MLP_STEP, "q_head")
     genome = PruneGenome(attn=(1, space.attn_levels, 3), mlp=(1, 0, 2))
-    layout = layout_of(genome, _head_scores(model), MLP_STEP, attention_unit="q_head")
+    layout = layout_of(genome, _head_scores(model), MLP_STEP, attention_unit="q_head", model=model)
     document = {**layout.to_dict(), "parameters": space.params(genome)}
     assert document["attention_unit"] == "q_head"
     slicing.apply_configuration(model, document)

@@ -21,7 +21,7 @@ def _scores(model, seed: int = 1, attention_unit: str = "kv_group") -> UnitScore
     g = torch.Generator().manual_seed(seed)
     units = d.attn_units(attention_unit)
     layers = tuple(
-        LayerScores(attn=torch.rand(units, generator=g), mlp=torch.rand(d.intermediate, generator=g))
+        LayerScores(attn=torch.rand(units, generator=g), mlp=torch.rand(d.mlp_units, generator=g))
         for _ in range(d.n_layers)
     )
     return UnitScores(layers=layers, criterion="hand")
@@ -96,7 +96,7 @@ def test_sliced_params_equal_level_space_and_masked_logits(surgery_kind):
     space, scores, tokens = unit_space(dense, MLP_STEP), _scores(dense), _tokens(96)
     for genome in _genomes(space):
         model = tiny_model(surgery_kind)
-        layout = layout_of(genome, scores, MLP_STEP)
+        layout = layout_of(genome, scores, MLP_STEP, model=model)
         with slicing.masked(model, layout):
             masked_logits = model(input_ids=tokens).logits
         slicing.slice_model(model, layout)
@@ -128,7 +128,7 @@ def test_generate_with_cache_when_first_layer_has_no_attention(surgery_kind):
     surgery_model = tiny_model(surgery_kind)
     space = unit_space(surgery_model, MLP_STEP)
     genome = PruneGenome(attn=(space.attn_levels, 1, 0), mlp=(1, space.mlp_levels, 0))
-    layout = layout_of(genome, _scores(surgery_model), MLP_STEP)
+    layout = layout_of(genome, _scores(surgery_model), MLP_STEP, model=surgery_model)
     prompt = _tokens(surgery_model.config.vocab_size, shape=(1, 5))
     with slicing.masked(surgery_model, layout):
         expected = surgery_model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=False)
@@ -158,7 +158,7 @@ def test_save_and_load_pruned_round_trip(surgery_kind, tmp_path):
 
     surgery_model = tiny_model(surgery_kind)
     space = unit_space(surgery_model, MLP_STEP)
-    layout = layout_of(_genomes(space)[2], _scores(surgery_model), MLP_STEP)
+    layout = layout_of(_genomes(space)[2], _scores(surgery_model), MLP_STEP, model=surgery_model)
     slicing.slice_model(surgery_model, layout)
     tokens = _tokens(surgery_model.config.vocab_size)
     expected = surgery_model(input_ids=tokens).logits

@@ -33,6 +33,7 @@ class LevelTable:
     mlp_units: int
     mlp_step: int
     attention_unit: str = "kv_group"
+    mlp_unit: str = "channel"  # or "expert": the MLP units of a mixture-of-experts model
     implant_ranks: tuple[tuple[str, int, int], ...] = ()  # (kind, level, rank) where a neural implant may go
 
     def __post_init__(self) -> None:
@@ -80,6 +81,8 @@ class LevelTable:
     def to_dict(self) -> dict:
         out = {"attn_units": self.attn_units, "attn_step": self.attn_step,
                "mlp_units": self.mlp_units, "mlp_step": self.mlp_step, "attention_unit": self.attention_unit}
+        if self.mlp_unit != "channel":  # only experts are named: other databases keep their keys
+            out["mlp_unit"] = self.mlp_unit
         if self.implant_ranks:  # only tables with implants carry it: other databases keep their keys
             out["implant_ranks"] = [list(x) for x in self.implant_ranks]
         return out
@@ -88,7 +91,8 @@ class LevelTable:
     def from_dict(cls, data: dict) -> LevelTable:
         sizes = {k: int(data[k]) for k in ("attn_units", "attn_step", "mlp_units", "mlp_step")}
         ranks = tuple(tuple(x) for x in data.get("implant_ranks") or ())
-        return cls(**sizes, attention_unit=data.get("attention_unit", "kv_group"), implant_ranks=ranks)
+        return cls(**sizes, attention_unit=data.get("attention_unit", "kv_group"),
+                   mlp_unit=data.get("mlp_unit", "channel"), implant_ranks=ranks)
 
 
 def attention_step(units: int, levels: int) -> int:
@@ -126,9 +130,11 @@ def table_for(
     table = LevelTable(
         attn_units=units,
         attn_step=attention_step(units, levels),
-        mlp_units=d.intermediate,
-        mlp_step=mlp_step(d.intermediate, levels, multiple),
+        mlp_units=d.mlp_units,
+        # experts: as attention units, an even share per level or one each (no channel multiple applies)
+        mlp_step=attention_step(d.experts, levels) if d.experts else mlp_step(d.intermediate, levels, multiple),
         attention_unit=attention_unit,
+        mlp_unit=d.mlp_unit,
     )
     ranks = tuple((kind, level, rank) for kind in implants for level, rank in implant_ranks(d, table, kind).items())
     return LevelTable(**{**table.__dict__, "implant_ranks": ranks})
@@ -159,8 +165,9 @@ def level_space(model: nn.Module, table: LevelTable) -> LevelSpace:
     """The search space of a dense model under `table`, with the exact parameter cost of each level step."""
     d = slicing.dims(model)
     units = d.attn_units(table.attention_unit)
-    if (units, d.intermediate) != (table.attn_units, table.mlp_units):
-        raise InvalidSpec("prune.levels", f"level table {table} does not fit the model ({units}, {d.intermediate})")
+    if (units, d.mlp_units, d.mlp_unit) != (table.attn_units, table.mlp_units, table.mlp_unit):
+        raise InvalidSpec("prune.levels", f"level table {table} does not fit the model ({units}, {d.mlp_units} "
+                          f"{d.mlp_unit}s)")
     unit, channel = slicing.unit_params(d, table.attention_unit)
     shared = slicing.shared_attention_params(d, table.attention_unit)
     return LevelSpace(
@@ -208,4 +215,4 @@ def layout(genome: PruneGenome, orders: Sequence[dict[str, Sequence[int]]], tabl
                 kept[kind] = ()
                 implants.append((kind, table.implant_rank(kind, level)))
         layers.append(slicing.LayerLayout(kept["attn"], kept["mlp"], tuple(implants)))
-    return slicing.Layout(tuple(layers), table.attention_unit)
+    return slicing.Layout(tuple(layers), table.attention_unit, table.mlp_unit)

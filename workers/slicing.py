@@ -6,7 +6,9 @@ num_key_value_heads` query heads that read them. Cutting whole groups keeps `num
 installed attention reshapes with `-1` heads, so a sliced layer needs no config change. With `q_head` units (DarwinLM's
 `kv_ignore`) an attention unit is one query head: its q_proj rows and o_proj columns go, every K/V head stays, and
 the layer's attention becomes a `QueryHeadAttention` that pairs each kept query head with its KV head. An MLP channel
-is one row of gate_proj and up_proj and the matching column of down_proj. A sub-block that keeps no unit is replaced
+is one row of gate_proj and up_proj and the matching column of down_proj; in a mixture-of-experts layer the MLP unit
+is an expert, a block of such channels with its router row (`workers.families.moe`). A sub-block that keeps no
+unit is replaced
 by a module that returns its output bias (zeros without one), which is what the masked model computes too. The
 stand-ins for a removed sub-block live in `workers.pruned_hf.pruned_layers`, beside the exported models' code;
 `QueryHeadAttention` in `workers.sliced_modules`. `save_pruned` writes a directory stock transformers loads.
@@ -32,7 +34,8 @@ from workers.sliced_modules import QueryHeadAttention
 
 @dataclass(frozen=True)
 class LayerLayout:
-    """The units one decoder layer keeps: attention-unit indices (KV groups or query heads) and MLP channels.
+    """The units one decoder layer keeps: attention-unit indices (KV groups or query heads) and MLP units
+    (channels, or experts in a mixture-of-experts layer: `Layout.mlp_unit`).
 
     `implants` holds (kind, rank) for a sub-layer ("attn" / "mlp") replaced by a HAP neural implant, a rank-r
     linear map of its input (`workers.implants`); such a sub-layer keeps no unit of its own.
@@ -59,24 +62,33 @@ class LayerLayout:
 
 
 ATTENTION_UNITS = ("kv_group", "q_head")
+MLP_UNITS = ("channel", "expert")
 
 
 @dataclass(frozen=True)
 class Layout:
     """What a sliced model keeps, layer by layer; indices refer to the dense model's units.
 
-    `attention_unit` says what `attn_units` index: KV groups ("kv_group") or query heads ("q_head").
+    `attention_unit` says what `attn_units` index: KV groups ("kv_group") or query heads ("q_head");
+    `mlp_unit` what `mlp_channels` index: channels ("channel") or the experts of a mixture-of-experts model
+    ("expert"; a document says so, one of channels does not name it).
     """
 
     layers: tuple[LayerLayout, ...]
     attention_unit: str = "kv_group"
+    mlp_unit: str = "channel"
 
     def __post_init__(self) -> None:
         if self.attention_unit not in ATTENTION_UNITS:
             raise InvalidSpec("layout.attention_unit", f"{self.attention_unit!r} is not one of {ATTENTION_UNITS}")
+        if self.mlp_unit not in MLP_UNITS:
+            raise InvalidSpec("layout.mlp_unit", f"{self.mlp_unit!r} is not one of {MLP_UNITS}")
 
     def to_dict(self) -> dict:
-        return {"attention_unit": self.attention_unit, "layers": [layer.to_dict() for layer in self.layers]}
+        out = {"attention_unit": self.attention_unit, "layers": [layer.to_dict() for layer in self.layers]}
+        if self.mlp_unit != "channel":
+            out["mlp_unit"] = self.mlp_unit
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> Layout:
@@ -86,7 +98,8 @@ class Layout:
                                        tuple(dict(d.get("implants") or {}).items())) for d in data["layers"])
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidSpec("layout", f"not a layout document: {e!r}") from e
-        return cls(layers=layers, attention_unit=data.get("attention_unit", "kv_group"))
+        return cls(layers=layers, attention_unit=data.get("attention_unit", "kv_group"),
+                   mlp_unit=data.get("mlp_unit", "channel"))
 
 
 Dims = Shape  # the dense shape slicing reads, from the model's family adapter (`workers.families`)
@@ -103,13 +116,16 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def unit_params(d: Dims, attention_unit: str = "kv_group") -> tuple[int, int]:
-    """Parameters of one attention unit (a KV group or a query head) and of one MLP channel, biases included."""
+    """Parameters of one attention unit (a KV group or a query head) and of one MLP unit (a channel, or an expert
+    with its router row), biases included."""
     q_width = d.head_dim if attention_unit == "q_head" else d.group * d.head_dim
     norm = 1 if d.projection_norms else 0  # the unit's rows of a whole-projection q/k norm (OLMo 2)
     attn_unit = 2 * d.hidden * q_width + (q_width if d.attn_bias else 0) + norm * q_width  # q rows (+ bias), o
     if attention_unit != "q_head":
         attn_unit += 2 * (d.hidden + (1 if d.attn_bias else 0)) * d.head_dim + norm * d.head_dim  # k and v rows
     channel = 3 * d.hidden + (2 if d.mlp_bias else 0)  # gate and up rows (+ their bias), a down column
+    if d.experts:
+        return attn_unit, d.mlp_width * channel + d.hidden  # an expert's channels and its router row
     return attn_unit, channel
 
 
@@ -126,7 +142,8 @@ def dense_layout(model: nn.Module, attention_unit: str = "kv_group") -> Layout:
     """The layout that keeps every unit of `model`."""
     d = dims(model)
     attn = tuple(range(d.attn_units(attention_unit)))
-    return Layout(tuple(LayerLayout(attn, tuple(range(d.intermediate))) for _ in range(d.n_layers)), attention_unit)
+    mlp = tuple(range(d.mlp_units))
+    return Layout(tuple(LayerLayout(attn, mlp) for _ in range(d.n_layers)), attention_unit, d.mlp_unit)
 
 
 def slice_model(model: nn.Module, layout: Layout) -> nn.Module:
@@ -152,7 +169,9 @@ def masked(model: nn.Module, layout: Layout) -> Iterator[nn.Module]:
     """Apply `layout` as masks for the duration of the block, without copying weights.
 
     Forward pre-hooks zero the inputs of o_proj (per head dimension of every dropped query head, or of every
-    dropped KV group's query heads) and of down_proj (per dropped channel); the hooks are removed on exit. Where
+    dropped KV group's query heads) and of down_proj (per dropped channel); the hooks are removed on exit. A
+    mixture-of-experts layer's router never picks a dropped expert instead (its logit is -inf: what routing among
+    the kept experts alone computes), and one that keeps no expert has its down_proj input zeroed. Where
     the q/k norms span the whole projection (OLMo 2), they are swapped for the block for norms whose statistic
     runs over the kept rows only, as the sliced model's do.
     """
@@ -161,23 +180,27 @@ def masked(model: nn.Module, layout: Layout) -> Iterator[nn.Module]:
     _check_layout(layout, d)
     n_attn = d.attn_units(layout.attention_unit)
     width = d.n_heads * d.head_dim // n_attn  # o_proj columns per attention unit
-    handles, norms = [], contextlib.ExitStack()
+    handles, swaps = [], contextlib.ExitStack()
     try:
-        for layer, keep in zip(model.model.layers, layout.layers, strict=True):
-            attn, down_proj = layer.self_attn, layer.mlp.down_proj
+        for layer, keep in zip(families.family_of(model).layers(model), layout.layers, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
             head_mask = _mask(n_attn, keep.attn_units, attn.o_proj.weight).repeat_interleave(width)
-            channel_mask = _mask(d.intermediate, keep.mlp_channels, down_proj.weight)
             handles.append(attn.o_proj.register_forward_pre_hook(_multiply_input(head_mask)))
-            handles.append(down_proj.register_forward_pre_hook(_multiply_input(channel_mask)))
+            unit_mask = _mask(d.mlp_units, keep.mlp_channels, mlp.down_proj.weight)
+            if d.experts and keep.mlp_channels:
+                swaps.enter_context(_expert_mask(mlp, unit_mask))
+            else:
+                channel_mask = unit_mask.repeat_interleave(d.mlp_width)
+                handles.append(mlp.down_proj.register_forward_pre_hook(_multiply_input(channel_mask)))
             if d.projection_norms and keep.attn_units:  # (an attention that keeps nothing is zeroed whole)
                 kv_mask = (None if layout.attention_unit == "q_head" else
                            _mask(d.n_kv, keep.attn_units, attn.o_proj.weight).repeat_interleave(d.head_dim))
-                norms.enter_context(kept_rows_norms(attn, head_mask, kv_mask))
+                swaps.enter_context(kept_rows_norms(attn, head_mask, kv_mask))
         yield model
     finally:
         for handle in handles:
             handle.remove()
-        norms.close()
+        swaps.close()
 
 
 def add_output_shift(layer: nn.Module, kind: str, shift: torch.Tensor) -> None:
@@ -224,7 +247,7 @@ def cut_further(model: nn.Module, drops: dict[tuple[int, str], list[int]]) -> nn
         else:
             _cut_groups(layer, i, keep)
             layers[i] = LayerLayout(tuple(units[j] for j in keep), dense.mlp_channels, dense.implants)
-    model.config.darwinfront_layout = Layout(tuple(layers), layout.attention_unit).to_dict()
+    model.config.darwinfront_layout = Layout(tuple(layers), layout.attention_unit, layout.mlp_unit).to_dict()
     return model
 
 
@@ -234,11 +257,7 @@ def _cut_mlp(layer: nn.Module, keep: list[int]) -> None:
         layer.mlp = NoMLP(mlp.down_proj.out_features, None)
         _carry_bias(mlp.down_proj, layer.mlp, "down_bias")
         return
-    idx = torch.tensor(keep, dtype=torch.long, device=mlp.down_proj.weight.device)
-    mlp.gate_proj, mlp.up_proj = _take(mlp.gate_proj, idx, dim=0), _take(mlp.up_proj, idx, dim=0)
-    mlp.down_proj = _keep_bias_kind(mlp.down_proj, _take(mlp.down_proj, idx, dim=1))
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = len(keep)
+    _keep_mlp_units(mlp, keep, getattr(mlp, "expert_width", 0))
 
 
 def _cut_groups(layer: nn.Module, index: int, keep: list[int]) -> None:
@@ -335,7 +354,10 @@ def apply_configuration(model: nn.Module, config: dict) -> nn.Module:
 def _check_layout(layout: Layout, d: Dims, field: str = "layout") -> None:
     if len(layout.layers) != d.n_layers:
         raise InvalidSpec(field, f"{len(layout.layers)} layers given, the model has {d.n_layers}")
-    limits = {"attn_units": d.attn_units(layout.attention_unit), "mlp_channels": d.intermediate}
+    if layout.mlp_unit != d.mlp_unit:
+        raise InvalidSpec(f"{field}.mlp_unit", f"the layout's MLP units are {layout.mlp_unit}s, the model's are "
+                          f"{d.mlp_unit}s: it was made for a different model")
+    limits = {"attn_units": d.attn_units(layout.attention_unit), "mlp_channels": d.mlp_units}
     for i, layer in enumerate(layout.layers):
         for name, limit in limits.items():
             units = getattr(layer, name)
@@ -376,19 +398,30 @@ def _slice_attention(layer: nn.Module, index: int, units: tuple[int, ...], d: Di
     _take_norm_rows(attn, "k_norm", kv_rows, d.n_kv * d.head_dim)
 
 
-def _slice_mlp(layer: nn.Module, channels: tuple[int, ...], d: Dims) -> None:
+def _slice_mlp(layer: nn.Module, units: tuple[int, ...], d: Dims) -> None:
+    """Keep `units` (channels, or experts) of one layer's MLP."""
     mlp = layer.mlp
-    if not channels:
+    if not units:
         layer.mlp = NoMLP(d.hidden, mlp.down_proj.bias)
         return
-    if len(channels) == d.intermediate:
+    if len(units) == d.mlp_units:
         return
-    idx = torch.tensor(channels, dtype=torch.long, device=mlp.down_proj.weight.device)
-    mlp.gate_proj = _take(mlp.gate_proj, idx, dim=0)
-    mlp.up_proj = _take(mlp.up_proj, idx, dim=0)
-    mlp.down_proj = _take(mlp.down_proj, idx, dim=1)
+    _keep_mlp_units(mlp, list(units), d.mlp_width if d.experts else 0)
+
+
+def _keep_mlp_units(mlp: nn.Module, keep: list[int], expert_width: int) -> None:
+    """Keep the MLP units `keep` of `mlp`: channels, or with `expert_width` the experts (blocks of that many
+    channels) and their router rows."""
+    device = mlp.down_proj.weight.device
+    idx = torch.tensor(keep, dtype=torch.long, device=device)
+    if expert_width:
+        mlp.router = _take(mlp.router, idx, dim=0)
+        mlp.num_experts = len(keep)
+        idx = _spans(tuple(keep), expert_width, device)
+    mlp.gate_proj, mlp.up_proj = _take(mlp.gate_proj, idx, dim=0), _take(mlp.up_proj, idx, dim=0)
+    mlp.down_proj = _keep_bias_kind(mlp.down_proj, _take(mlp.down_proj, idx, dim=1))
     if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = len(channels)
+        mlp.intermediate_size = len(idx)
 
 
 def _install_implants(layer: nn.Module, index: int, keep: LayerLayout, d: Dims) -> None:
@@ -468,6 +501,16 @@ class KeptRowsNorm(nn.Module):
         wide = x.float()
         variance = (wide.pow(2) * self.keep).sum(-1, keepdim=True) / self.keep.sum()
         return (self.norm.weight * (wide * torch.rsqrt(variance + self.norm.variance_epsilon))).to(x.dtype)
+
+
+@contextlib.contextmanager
+def _expert_mask(mlp: nn.Module, keep: torch.Tensor) -> Iterator[None]:
+    """Within the block, the router of mixture-of-experts `mlp` never picks the experts `keep` marks 0."""
+    mlp.expert_mask = torch.zeros_like(keep, dtype=torch.float32).masked_fill(keep == 0, float("-inf"))
+    try:
+        yield
+    finally:
+        mlp.expert_mask = None
 
 
 def _mask(n: int, keep: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

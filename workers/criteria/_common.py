@@ -5,7 +5,9 @@ Units (see saliency.md §1): an attention unit is one KV group (`kv_group`), i.e
 r = H/G query heads that share it; its o_proj input columns are the contiguous block [g·r·h, (g+1)·r·h) because
 heads are head-major and query head q reads KV head q // r. With `q_head` units an attention unit is one query
 head (its h q_proj rows and o_proj columns [q·h, (q+1)·h)) and every K/V head stays. An MLP unit is one
-intermediate channel j (column j of down_proj).
+intermediate channel j (column j of down_proj), or in a mixture-of-experts layer one expert e, the block of
+down_proj columns [e·w, (e+1)·w) of its w channels (`workers.families.moe`): a criterion scores it, as it scores a
+KV group, by the sum of its columns' scores.
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ class Geometry:
     head_dim: int
     inter: int
     unit: str = "kv_group"  # what one attention unit is: a KV group or a query head
+    experts: int = 0  # the MLP's experts (its units) in a mixture-of-experts model
+
+    @property
+    def mlp_units(self) -> int:
+        """MLP units per layer: channels, or experts."""
+        return self.experts or self.inter
+
+    @property
+    def mlp_width(self) -> int:
+        """down_proj input columns per MLP unit: 1 for a channel, an expert's width."""
+        return self.inter // self.experts if self.experts else 1
 
     @property
     def group_size(self) -> int:
@@ -60,7 +73,7 @@ class Geometry:
         """The geometry of `model` with attention units `unit` ("kv_group" or "q_head")."""
         check_unit(unit)
         d = families.shape(model)
-        return cls(d.n_layers, d.hidden, d.n_heads, d.n_kv, d.head_dim, d.intermediate, unit)
+        return cls(d.n_layers, d.hidden, d.n_heads, d.n_kv, d.head_dim, d.intermediate, unit, d.experts)
 
 
 def check_unit(unit: str) -> None:
@@ -114,14 +127,16 @@ def group_reduce(col: torch.Tensor, geo: Geometry) -> torch.Tensor:
 
 def unit_reduce(col: torch.Tensor, kind: str, geo: Geometry) -> torch.Tensor:
     """Per-column scores of `kind`'s target linear -> per-unit scores."""
-    return group_reduce(col, geo) if kind == "attn" else col
+    if kind == "attn":
+        return group_reduce(col, geo)
+    return col.reshape(geo.experts, geo.mlp_width).sum(dim=1) if geo.experts else col
 
 
 def unit_columns(units: torch.Tensor, kind: str, geo: Geometry) -> torch.Tensor:
     """Bool mask over the target linear's input columns covered by `units` (attention units / channels)."""
     units = torch.as_tensor(units, dtype=torch.long).reshape(-1)
-    width = geo.attn_width if kind == "attn" else 1
-    n = geo.attn_units if kind == "attn" else geo.inter
+    width = geo.attn_width if kind == "attn" else geo.mlp_width
+    n = geo.attn_units if kind == "attn" else geo.mlp_units
     mask = torch.zeros(n, width, dtype=torch.bool)
     mask[units] = True
     return mask.reshape(-1)

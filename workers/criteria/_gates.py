@@ -22,7 +22,7 @@ Gates = list[dict[str, torch.Tensor]]  # per layer, kind -> (n_units,) or (B, n_
 
 def n_units(kind: str, geo: Geometry) -> int:
     """Units of `kind` per layer: attention units (KV groups or query heads) or MLP channels."""
-    return geo.attn_units if kind == "attn" else geo.inter
+    return geo.attn_units if kind == "attn" else geo.mlp_units
 
 
 def ones(geo: Geometry, kinds: tuple[str, ...], batch: int | None = None, device=None, grad: bool = False) -> Gates:

@@ -183,7 +183,7 @@ def obs_prune(
 
 
 def _group_width(kind: str, geo: Geometry) -> int:
-    return geo.attn_width if kind == "attn" else 1
+    return geo.attn_width if kind == "attn" else geo.mlp_width
 
 
 def obs_levels(
@@ -286,7 +286,7 @@ class Obs:
         """Remove every unit greedily with OBS updates; a unit's score is the step at which it went."""
         check_kinds(kinds)
         geo = Geometry.of(model, self.attention_unit)
-        n_units = {"attn": geo.attn_units, "mlp": geo.inter}
+        n_units = {"attn": geo.attn_units, "mlp": geo.mlp_units}
         per_layer = obs_levels(
             model,
             calibration,

@@ -31,7 +31,7 @@ class Random:
         for _ in range(geo.n_layers):
             # Always draw both kinds so a layer's attn scores do not depend on whether mlp was asked for.
             attn = torch.rand(geo.attn_units, generator=gen, dtype=torch.float64)
-            mlp = torch.rand(geo.inter, generator=gen, dtype=torch.float64)
+            mlp = torch.rand(geo.mlp_units, generator=gen, dtype=torch.float64)
             drawn = {"attn": attn, "mlp": mlp}
             layers.append(LayerScores(**{k: drawn[k] if k in kinds else empty() for k in KINDS}))
         return UnitScores(layers=tuple(layers), criterion=self.name)

@@ -2,7 +2,8 @@
 
 T is the mean next-token cross-entropy over the calibration set. A KV group couples its r·h q_proj rows, its h
 k_proj and v_proj rows and its r·h o_proj columns; a query head (K/V kept) its h q_proj rows and o_proj
-columns; an MLP channel couples its gate_proj and up_proj rows and its down_proj column. Gradients are
+columns; an MLP channel couples its gate_proj and up_proj rows and its down_proj column, and an expert of a
+mixture-of-experts layer its channels and its router row. Gradients are
 accumulated over micro-batches before |w·g| is taken, so chunking does not matter.
 """
 
@@ -12,7 +13,16 @@ import torch
 from torch import nn
 
 from workers.criteria import _gates
-from workers.criteria._common import KINDS, Geometry, check_kinds, decoder_layers, empty, group_reduce, micro_batches
+from workers.criteria._common import (
+    KINDS,
+    Geometry,
+    check_kinds,
+    decoder_layers,
+    empty,
+    group_reduce,
+    micro_batches,
+    unit_reduce,
+)
 from workers.criteria.base import LayerScores, UnitScores
 
 CRITERIA = {"taylor": {"class": "Taylor"}}  # the catalog entry (darwinfront.core.criteria)
@@ -23,13 +33,15 @@ def coupled(layer: nn.Module, kind: str) -> dict[str, nn.Linear]:
         a = layer.self_attn
         return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj}
     m = layer.mlp
-    return {"gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+    router = {"router": m.router} if hasattr(m, "router") else {}  # a mixture of experts' (one row per expert)
+    return {"gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj, **router}
 
 
 def unit_sum(saliency: dict[str, torch.Tensor], kind: str, geo: Geometry) -> torch.Tensor:
     """Aggregate per-weight saliency |w·g| of one layer's coupled matrices into per-unit scores."""
     if kind == "mlp":
-        return saliency["gate"].sum(1) + saliency["up"].sum(1) + saliency["down"].sum(0)
+        channels = unit_reduce(saliency["gate"].sum(1) + saliency["up"].sum(1) + saliency["down"].sum(0), kind, geo)
+        return channels + saliency["router"].sum(1) if "router" in saliency else channels
     q = group_reduce(saliency["q"].sum(1), geo)  # q rows are head-major, like o columns
     o = group_reduce(saliency["o"].sum(0), geo)
     if geo.unit == "q_head":  # K/V heads stay: they are not part of the unit

@@ -7,7 +7,7 @@ Every family here keeps the Llama layout inside a decoder layer: `model.model.la
 declared on the adapter: per-head q/k norms (one head_dim weight every head shares, so a cut leaves them as they
 are), attention-logit soft-capping, layer types (sliding-window layers). A family with fused or interleaved
 projections puts its layers in this layout first (`canonical`: Phi-3 splits `qkv_proj` and `gate_up_proj`); one
-whose units cannot be mapped so (interleaved heads, experts) is not registered until it has its own unit map.
+whose MLP is a mixture of experts lays its experts out as blocks of channels (`workers.families.moe`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class Shape:
     mlp_bias: bool
     attn_extra_params: int = 0  # the attention's parameters outside its units (per-head q/k norms)
     projection_norms: bool = False  # q/k norms over the whole projection: each unit owns its rows' norm weights
+    experts: int = 0  # a mixture-of-experts MLP's experts (its units), each `intermediate / experts` channels wide
 
     @property
     def n_heads(self) -> int:
@@ -46,6 +47,20 @@ class Shape:
     def attn_units(self, unit: str) -> int:
         """Attention units per layer: KV groups or query heads."""
         return self.n_heads if unit == "q_head" else self.n_kv
+
+    @property
+    def mlp_units(self) -> int:
+        """MLP units per layer: experts, or channels in a dense MLP."""
+        return self.experts or self.intermediate
+
+    @property
+    def mlp_width(self) -> int:
+        """MLP channels per unit: an expert's width, or 1."""
+        return self.intermediate // self.experts if self.experts else 1
+
+    @property
+    def mlp_unit(self) -> str:
+        return "expert" if self.experts else "channel"
 
 
 @dataclass(frozen=True)

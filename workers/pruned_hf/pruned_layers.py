@@ -15,7 +15,10 @@ A pruned config is its family's dense config (the dense `num_attention_heads`, `
      "attention_output_bias": true,  # the attention's output carries a bias even if the family's has none
      "mlp_output_bias": false}       #   (pruning's compensation for removed units), and likewise the MLP's
 
-and, only on a layer whose attention or MLP is a neural implant (HAP), `attention_implant_rank` /
+A mixture-of-experts model's config also holds `expert_width`, the channels of one expert; its layer's
+`intermediate_size` is then the kept experts' channels (experts kept x expert_width, `MoEMLP`).
+
+And, only on a layer whose attention or MLP is a neural implant (HAP), `attention_implant_rank` /
 `mlp_implant_rank`: the sub-block (0 heads / 0 channels) is replaced by a rank-r linear map of its input,
 `implant_out(implant_in(x))` with weights (r, hidden) and (hidden, r), 2·hidden·r parameters.
 
@@ -43,7 +46,7 @@ def settle_layer_shapes(config) -> None:
     if config.layer_shapes is None:
         config.layer_shapes = [{"num_attention_heads": config.num_attention_heads,
                                 "num_key_value_heads": config.num_key_value_heads,
-                                "intermediate_size": config.intermediate_size, "kv_head_of_query": None,
+                                "intermediate_size": dense_mlp_width(config), "kv_head_of_query": None,
                                 "attention_output_bias": False, "mlp_output_bias": False}
                                for _ in range(config.num_hidden_layers)]
     shapes = config.layer_shapes
@@ -65,6 +68,12 @@ def settle_layer_shapes(config) -> None:
                              "give kv_head_of_query")
         if index is not None and (len(index) != heads or any(not 0 <= k < kv_heads for k in index)):
             raise ValueError(f"layer_shapes[{i}].kv_head_of_query: {heads} indices in 0..{kv_heads - 1} expected")
+
+
+def dense_mlp_width(config) -> int:
+    """The dense MLP's channels: `intermediate_size`, or every expert's in a mixture-of-experts config."""
+    width = getattr(config, "expert_width", None)
+    return width * config.num_experts if width else config.intermediate_size
 
 
 def layer_config(config, index: int):
@@ -93,10 +102,11 @@ def cut_layers(model: nn.Module, attention_class: type, mlp_class: type) -> None
             layer.self_attn = NoAttention(i, config.hidden_size, layer.self_attn.o_proj.bias)
         else:
             layer.self_attn = attention_class(config, i)
+        mlp_bias = getattr(getattr(layer.mlp, "down_proj", None), "bias", None)  # (a stock MoE block has none)
         if mlp_rank:
-            layer.mlp = ImplantMLP(config.hidden_size, mlp_rank, layer.mlp.down_proj.bias)
+            layer.mlp = ImplantMLP(config.hidden_size, mlp_rank, mlp_bias)
         elif shape["intermediate_size"] == 0:
-            layer.mlp = NoMLP(config.hidden_size, layer.mlp.down_proj.bias)
+            layer.mlp = NoMLP(config.hidden_size, mlp_bias)
         else:
             layer.mlp = mlp_class(layer_config(config, i))
         if shape["attention_output_bias"]:
@@ -242,3 +252,88 @@ class ImplantMLP(NoMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) + self.implant_out(self.implant_in(x))
+
+
+class MoEMLP(nn.Module):
+    """A mixture-of-experts MLP (Mixtral, Qwen3-MoE, OLMoE) with its experts laid out as one wide gated MLP:
+    expert e owns rows [e·w, (e+1)·w) of `gate_proj` and `up_proj` and the same columns of `down_proj` (w the
+    expert's width), and row e of `router`. So an expert is a block of MLP channels, as a KV group is a block of
+    query heads, and a cut expert loses its block and its router row.
+
+    Each token goes to the `top_k` experts of highest router probability (softmax over the experts the layer
+    keeps; `top_k` capped at that number), weighted by their probabilities, renormalised over the chosen ones
+    where `normalize` says so. `expert_mask` (0 kept, -inf removed; None: all) removes experts without slicing
+    them: a removed expert is one the router never picks.
+
+    Only the chosen experts run, each on its tokens. While a hook watches `gate_proj`, `up_proj` or `down_proj`,
+    the layer runs them as the linears they are instead (every expert on every token, the inputs of experts a
+    token does not reach multiplied by zero weight), so a hook sees the linear's whole input; both ways compute
+    the same output.
+    """
+
+    def __init__(self, hidden: int, experts: int, width: int, top_k: int, normalize: bool, act: str,
+                 bias: bool = False):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.num_experts, self.expert_width, self.top_k, self.normalize = experts, width, top_k, normalize
+        self.hidden_act = act
+        self.act_fn = ACT2FN[act]
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.gate_proj = nn.Linear(hidden, experts * width, bias=bias)
+        self.up_proj = nn.Linear(hidden, experts * width, bias=bias)
+        self.down_proj = nn.Linear(experts * width, hidden, bias=False)
+        self.expert_mask: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, config, normalize: bool) -> MoEMLP:
+        """The MLP of a pruned MoE layer's config (`layer_config`): `intermediate_size / expert_width` experts."""
+        experts, rest = divmod(config.intermediate_size, config.expert_width)
+        if rest or not experts:
+            raise ValueError(f"intermediate_size {config.intermediate_size} is not a whole number of experts of "
+                             f"{config.expert_width} channels")
+        return cls(config.hidden_size, experts, config.expert_width, config.num_experts_per_tok, normalize,
+                   config.hidden_act)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's chosen experts and their weights, (tokens, k) each, for tokens `x` (tokens, hidden)."""
+        logits = self.router(x).float()  # (tokens, experts)
+        if self.expert_mask is not None:
+            logits = logits + self.expert_mask
+        probs = torch.softmax(logits, dim=-1)
+        weights, chosen = torch.topk(probs, min(self.top_k, self.num_experts), dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return chosen, weights.to(x.dtype)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # (tokens, hidden)
+        chosen, weights = self.route(x)
+        watched = any(m._forward_hooks or m._forward_pre_hooks for m in (self.gate_proj, self.up_proj, self.down_proj))
+        if watched:  # (the hooks see the linears' inputs in the layer's own shape, (B, T, ...))
+            return self._as_linears(hidden_states, chosen.reshape(*shape[:-1], -1), weights.reshape(*shape[:-1], -1))
+        return self._by_expert(x, chosen, weights).reshape(shape)
+
+    def _by_expert(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        w = self.expert_width
+        for e in torch.unique(chosen).tolist():
+            token, slot = torch.where(chosen == e)
+            rows = slice(e * w, (e + 1) * w)
+            h = x[token]
+            gate = nn.functional.linear(h, self.gate_proj.weight[rows], _rows(self.gate_proj.bias, rows))
+            up = nn.functional.linear(h, self.up_proj.weight[rows], _rows(self.up_proj.bias, rows))
+            y = nn.functional.linear(self.act_fn(gate) * up, self.down_proj.weight[:, rows])
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out if self.down_proj.bias is None else out + self.down_proj.bias
+
+    def _as_linears(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        spread = x.new_zeros(*x.shape[:-1], self.num_experts)  # (..., experts): each expert's weight per token
+        spread.scatter_add_(-1, chosen, weights)
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # (..., experts · width)
+        return self.down_proj(h * spread.repeat_interleave(self.expert_width, dim=-1))
+
+
+def _rows(bias: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if bias is None else bias[rows]
