@@ -12,11 +12,11 @@ what was held when it began: CUDA's peak allocation on a GPU; on the CPU the sam
 criterion of the same run may understate (it reuses pages an earlier one freed), so compare memory across
 separate runs of one criterion each (`--criteria taylor`, `--criteria mini_llm`).
 
-    .venv/bin/python benchmarks/criteria.py                      # builtin:tiny-llama, all criteria
-    .venv/bin/python benchmarks/criteria.py --criteria wanda_sp,flap --fraction 0.5
-    .venv/bin/python benchmarks/criteria.py --attention-unit q_head  # query heads, K/V kept
-    .venv/bin/python benchmarks/criteria.py --criteria mini_llm,hessian_trace --options mini_llm.probes=8
-    .venv/bin/python benchmarks/criteria.py --families all     # one column per family, random weights
+    .venv/bin/python -m benchmarks.criteria                      # builtin:tiny-llama, all criteria
+    .venv/bin/python -m benchmarks.criteria --criteria wanda_sp,flap --fraction 0.5
+    .venv/bin/python -m benchmarks.criteria --attention-unit q_head  # query heads, K/V kept
+    .venv/bin/python -m benchmarks.criteria --criteria mini_llm,hessian_trace --options mini_llm.probes=8
+    .venv/bin/python -m benchmarks.criteria --families all     # one column per family, random weights
 """
 
 from __future__ import annotations
@@ -82,17 +82,18 @@ def parse_options(text: str) -> dict[str, dict]:
 
 
 def removal_genome(model: nn.Module, fraction: float, cut: str, unit: str = "kv_group") -> PruneGenome:
-    """Every layer drops round(fraction · units) attention units (cut attn/both) and channels (cut mlp/both)."""
+    """Every layer drops round(fraction · units) attention units (cut attn/both) and MLP units (channels, or
+    experts; cut mlp/both)."""
     d = slicing.dims(model)
     attn = round(fraction * d.attn_units(unit)) if cut in ("attn", "both") else 0
-    mlp = round(fraction * d.intermediate) if cut in ("mlp", "both") else 0
+    mlp = round(fraction * d.mlp_units) if cut in ("mlp", "both") else 0
     return PruneGenome(attn=(attn,) * d.n_layers, mlp=(mlp,) * d.n_layers)
 
 
 def unit_table(model: nn.Module, unit: str) -> levels.LevelTable:
-    """One attention unit and one channel per level step: a level is a unit count."""
+    """One attention unit and one MLP unit (channel or expert) per level step: a level is a unit count."""
     d = slicing.dims(model)
-    return levels.LevelTable(d.attn_units(unit), 1, d.intermediate, 1, unit)
+    return levels.LevelTable(d.attn_units(unit), 1, d.mlp_units, 1, unit, d.mlp_unit)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -163,6 +164,12 @@ def flap_bias_kl(model, calib, fraction, held, dense, bs, unit) -> tuple[float, 
     return seconds, out
 
 
+MOE_EXPERTS = 8
+MOE_SIZES = {"MixtralForCausalLM": ("intermediate_size", "num_local_experts"),  # (expert width, expert count)
+             "Qwen3MoeForCausalLM": ("moe_intermediate_size", "num_experts"),
+             "OlmoeForCausalLM": ("intermediate_size", "num_experts")}
+
+
 def family_model(model: nn.Module, architecture: str, seed: int) -> nn.Module:
     """A randomly initialised model of `architecture` (a registered family) at `model`'s sizes and vocabulary,
     with the family's own defaults for everything else (Gemma's norms, soft-capping and sliding layers)."""
@@ -175,6 +182,10 @@ def family_model(model: nn.Module, architecture: str, seed: int) -> nn.Module:
                                                    "num_attention_heads", "num_key_value_heads",
                                                    "intermediate_size", "max_position_embeddings")}
     sizes["head_dim"] = config.hidden_size // config.num_attention_heads
+    if architecture in MOE_SIZES:  # the same MLP channels as 8 experts, 2 per token
+        width_key, count_key = MOE_SIZES[architecture]
+        sizes[width_key] = sizes.pop("intermediate_size") // MOE_EXPERTS
+        sizes.update({count_key: MOE_EXPERTS, "num_experts_per_tok": 2})
     family_config = config_class(**sizes)
     if (family_config.pad_token_id or 0) >= config.vocab_size:  # Phi-3's default pad id is past a small vocabulary
         family_config.pad_token_id = None

@@ -13,8 +13,8 @@ dense forward time, three ways:
 Each cut is sliced, timed again (the measured saving is what counts) and scored by KL(dense ‖ pruned) per token on
 held-out tokens.
 
-    .venv/bin/python benchmarks/nvit_latency.py --threads 1                       # builtin:tiny-llama
-    .venv/bin/python benchmarks/nvit_latency.py --model builtin:smollm2-135m --calibration-tokens 512
+    .venv/bin/python -m benchmarks.nvit_latency --threads 1                       # builtin:tiny-llama
+    .venv/bin/python -m benchmarks.nvit_latency --model builtin:smollm2-135m --calibration-tokens 512
 """
 
 from __future__ import annotations

@@ -95,8 +95,6 @@ def tiny_model(kind: str = "llama_gqa", seed: int = 0):
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0.0, 0.1)
-            elif name.endswith(("gate_up_proj", "experts.down_proj", "mlp.gate.weight")):  # (stock MoE init: empty)
-                param.normal_(0.0, 0.15)
             elif kind in ("olmo2", "olmoe") and name.endswith(("q_norm.weight", "k_norm.weight")):
                 param.uniform_(0.5, 1.5)  # each row its own scale, so a cut must keep the right rows
     return model.eval()

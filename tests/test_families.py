@@ -166,7 +166,7 @@ def _local_model(kind: str, folder, **config):
     return folder
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3", "phi3", "olmo2"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe", "olmoe"])
 def test_kv_precision_is_scored_on_every_family(kind, tmp_path):
     """Gemma 2 and 3 with sliding-window layers (window 4, sequences of 32) as well as global ones; Phi-3 from a
     stock (fused) directory, with a window of 4 over every layer as Phi-3-mini has one."""
@@ -285,7 +285,7 @@ def test_a_stock_phi3_directory_loads_split_and_its_cut_exports_to_stock_transfo
         torch.testing.assert_close(stock(ids).logits, masked, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma3", "olmo2"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3", "olmo2", "mixtral"])
 def test_the_gguf_export_refuses_a_family_llama_cpp_s_deci_cannot_run(kind, tmp_path):
     from darwinfront.gguf_export import write_gguf
 
@@ -295,3 +295,18 @@ def test_the_gguf_export_refuses_a_family_llama_cpp_s_deci_cannot_run(kind, tmp_
     with pytest.raises(ValueError, match=f"model_type 'darwinfront_{kind}': the GGUF export writes llama"):
         write_gguf(tmp_path / "candidate", tmp_path / "out.gguf", "f16")
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_obs_refuses_a_mixture_of_experts_too_wide_for_its_hessian(monkeypatch):
+    """OBS's Hessian spans every column of the MLP's output projection: for a mixture of experts all experts' channels
+    together, past what fits (here the limit is lowered to the tiny model's 48 channels minus one)."""
+    from workers.criteria import obs
+
+    model = tiny_model("mixtral")
+    monkeypatch.setattr(obs, "MAX_COLUMNS", 47)
+    with pytest.raises(InvalidSpec, match="obs needs a 48 x 48 Hessian per layer for the mlp .its experts are 48 "
+                                          "input columns, more than 47.: choose wanda_sp") as refused:
+        criteria.get("obs").score(model, _calibration(model))
+    assert refused.value.field == "prune.criterion"
+    monkeypatch.setattr(obs, "MAX_COLUMNS", 48)
+    assert len(criteria.get("obs").score(model, _calibration(model))) == 3

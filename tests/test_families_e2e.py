@@ -1,7 +1,8 @@
 """A prune job over REST on the embedded stack for families other than Llama's, each from a local directory, OBS
-levels: a small Qwen3 (per-head q/k norms, GQA) and a small stock Phi-3 (fused qkv_proj and gate_up_proj on
-disk). Its downloaded configuration, applied to the dense model, and its archive, loaded by stock transformers,
-give the front's KL; a directory of an unregistered family is a 422 at submission."""
+levels: a small Qwen3 (per-head q/k norms, GQA), a small stock Phi-3 (fused qkv_proj and gate_up_proj on disk)
+and a small Qwen3-MoE (6 experts, 2 per token, pruned by whole experts). Its downloaded configuration, applied to
+the dense model, and its archive, loaded by stock transformers, give the front's KL; a directory of an
+unregistered family is a 422 at submission."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def spec(source: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("kind, prefix", [("qwen3", "Qwen3"), ("phi3", "Phi3")])
+@pytest.mark.parametrize("kind, prefix", [("qwen3", "Qwen3"), ("phi3", "Phi3"), ("qwen3_moe", "Qwen3Moe")])
 def test_a_prune_job_downloads_a_configuration_and_an_archive_that_give_the_fronts_kl(kind, prefix, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -81,3 +82,8 @@ def test_a_prune_job_downloads_a_configuration_and_an_archive_that_give_the_fron
     assert type(stock).__name__ == f"Pruned{prefix}ForCausalLM"
     assert slicing.count_parameters(stock) == configuration["parameters"]
     assert fitness.kl(stock, calibration, teacher) == pytest.approx(front_kl, abs=1e-4)
+    if kind == "qwen3_moe":  # the model card counts each layer's kept experts (6 experts of 8 channels)
+        card = (download / cid / "README.md").read_text()
+        widths = [shape["intermediate_size"] for shape in stock.config.layer_shapes]
+        assert "MLP channels | experts |" in card and min(widths) < 48
+        assert all(f"| {width} | {width // 8} |" in card for width in widths)

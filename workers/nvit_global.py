@@ -57,9 +57,10 @@ class LatencyTable:
 
 
 def _keep(d: slicing.Dims, unit: str, attn: int, mlp: int) -> slicing.Layout:
-    """Every layer keeps its first `attn` attention units and `mlp` channels (the timing does not care which)."""
+    """Every layer keeps its first `attn` attention units and `mlp` MLP units (channels or experts; the timing does
+    not care which)."""
     layer = slicing.LayerLayout(tuple(range(attn)), tuple(range(mlp)))
-    return slicing.Layout((layer,) * d.n_layers, unit)
+    return slicing.Layout((layer,) * d.n_layers, unit, d.mlp_unit)
 
 
 def measure_latency_table(
@@ -83,11 +84,11 @@ def measure_latency_table(
         return ms
 
     dense = time_of(None)
-    attn_cut, mlp_cut = max(1, round(fraction * units)), max(1, round(fraction * d.intermediate))
+    attn_cut, mlp_cut = max(1, round(fraction * units)), max(1, round(fraction * d.mlp_units))
     measured = {
-        "attn": time_of(_keep(d, attention_unit, units - attn_cut, d.intermediate)),
-        "mlp": time_of(_keep(d, attention_unit, units, d.intermediate - mlp_cut)),
-        "attn_block": time_of(_keep(d, attention_unit, 0, d.intermediate)),
+        "attn": time_of(_keep(d, attention_unit, units - attn_cut, d.mlp_units)),
+        "mlp": time_of(_keep(d, attention_unit, units, d.mlp_units - mlp_cut)),
+        "attn_block": time_of(_keep(d, attention_unit, 0, d.mlp_units)),
         "mlp_block": time_of(_keep(d, attention_unit, units, 0)),
     }
     per_layer = {k: max(0.0, dense - ms) / d.n_layers for k, ms in measured.items()}
@@ -145,7 +146,7 @@ def latency_cut(ranking: list[Structure], table: LatencyTable, d: slicing.Dims, 
     Units are removed in the order the list gives them, which within a layer and kind is their saliency order, so
     the counts apply to the criterion's removal order (`levels.removal_orders`).
     """
-    total = {"attn": d.attn_units(attention_unit), "mlp": d.intermediate}
+    total = {"attn": d.attn_units(attention_unit), "mlp": d.mlp_units}
     removed = [{"attn": 0, "mlp": 0} for _ in range(d.n_layers)]
     saved = 0.0
     for s in ranking:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from darwinfront.core.errors import InvalidSpec
 from workers.criteria._common import (
     KINDS,
     Geometry,
@@ -44,6 +45,11 @@ def _prepare(
     h.diagonal().add_(rel_damp * h.diagonal().mean())
     return w, torch.cholesky_inverse(torch.linalg.cholesky(h))
 
+
+# The widest linear input OBS takes: its Hessian and inverse are N x N in fp64, 2 x 8 GiB at this width. A dense
+# MLP of 28,672 channels (Llama-3-70B) fits; a mixture of experts' E·w columns (OLMoE 65,536, Mixtral-8x7B 114,688)
+# does not.
+MAX_COLUMNS = 32_768
 
 # Greedy steps whose updates wait as low-rank factors before one GEMM applies them. Measured on SmolLM2-135M's
 # down_proj (1536 steps, 1-2 threads): 64 and 128 equally fast, 32 and 256 ~10% slower, 16 ~40% slower.
@@ -242,6 +248,12 @@ def iter_obs_levels(
     kinds = tuple(levels)
     check_kinds(kinds)
     geo = Geometry.of(model, attention_unit)
+    width = {"attn": geo.n_heads * geo.head_dim, "mlp": geo.inter}
+    if any(width[kind] > MAX_COLUMNS for kind in kinds):
+        kind = max(kinds, key=width.get)
+        raise InvalidSpec("prune.criterion", f"obs needs a {width[kind]} x {width[kind]} Hessian per layer for the "
+                          f"{kind} ({'its experts are ' if geo.experts and kind == 'mlp' else ''}{width[kind]} "
+                          f"input columns, more than {MAX_COLUMNS}): choose wanda_sp, flap or magnitude")
     wanted = list(range(geo.n_layers)) if layers is None else [int(i) for i in layers]
     if len(set(wanted)) != len(wanted) or any(not 0 <= i < geo.n_layers for i in wanted):
         raise ValueError(f"layers {wanted} must be distinct indices in 0..{geo.n_layers - 1}")

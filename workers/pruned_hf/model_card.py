@@ -43,9 +43,7 @@ def write(path: Path, configuration: dict) -> Path:
         "## Layers", "",
         "Per decoder layer, what is kept (0 query heads: no attention; 0 MLP channels: no MLP). "
         "`config.json` holds the same as `layer_shapes`.", "",
-        "| layer | query heads | KV heads | MLP channels |", "| --- | --- | --- | --- |",
-        *(f"| {i} | {s['num_attention_heads']} | {s['num_key_value_heads']} | {s['intermediate_size']} |"
-          for i, s in enumerate(shapes)),
+        *_layer_table(shapes, config.get("expert_width")),
         "",
         "## Load it", "",
         "With torch and transformers only (the modeling code ships in this directory):", "",
@@ -60,6 +58,17 @@ def write(path: Path, configuration: dict) -> Path:
     target = path / "README.md"
     target.write_text("\n".join(lines))
     return target
+
+
+def _layer_table(shapes: list[dict], expert_width: int | None) -> list[str]:
+    """The kept widths per layer; a mixture of experts' also counts its experts (channels / expert width)."""
+    experts = " experts |" if expert_width else ""
+    rows = ["| layer | query heads | KV heads | MLP channels |" + experts, "| --- | --- | --- | --- |" +
+            (" --- |" if expert_width else "")]
+    for i, s in enumerate(shapes):
+        row = f"| {i} | {s['num_attention_heads']} | {s['num_key_value_heads']} | {s['intermediate_size']} |"
+        rows.append(row + (f" {s['intermediate_size'] // expert_width} |" if expert_width else ""))
+    return rows
 
 
 def _weights(configuration: dict) -> str:
