@@ -310,3 +310,65 @@ def test_obs_refuses_a_mixture_of_experts_too_wide_for_its_hessian(monkeypatch):
     assert refused.value.field == "prune.criterion"
     monkeypatch.setattr(obs, "MAX_COLUMNS", 48)
     assert len(criteria.get("obs").score(model, _calibration(model))) == 3
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_a_stock_mixture_of_experts_is_laid_out_as_blocks_of_channels_computing_the_same(kind):
+    """`canonical` turns each sparse block into a `MoEMLP` holding expert e's gate, up and down weights as channels
+    [e·w, (e+1)·w) and its router row as row e; the logits and greedy generations are the stock model's."""
+    model = tiny_model(kind)
+    experts = model.model.layers[1].mlp.experts
+    gate_up, down = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
+    router = model.model.layers[1].mlp.gate.weight.detach().clone()
+    ids = _calibration(model, n=2, t=12)
+    with torch.inference_mode():
+        want = model(ids).logits
+        want_tokens = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False)
+    count = slicing.count_parameters(model)
+    families.family_of(model)
+    mlp = model.model.layers[1].mlp
+    assert type(mlp).__name__ == "MoEMLP" and (mlp.num_experts, mlp.expert_width, mlp.top_k) == (6, 8, 2)
+    assert torch.equal(mlp.router.weight, router)
+    assert torch.equal(mlp.gate_proj.weight[16:24], gate_up[2, :8]) and torch.equal(mlp.up_proj.weight[16:24],
+                                                                                    gate_up[2, 8:])
+    assert torch.equal(mlp.down_proj.weight[:, 16:24], down[2])
+    assert slicing.count_parameters(model) == count
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=0)
+        assert torch.equal(model.generate(ids[:, :4], max_new_tokens=6, do_sample=False), want_tokens)
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_a_layer_left_one_expert_is_that_expert_s_mlp_and_both_ways_of_running_experts_agree(kind):
+    """top-k is capped at the experts kept: with one left, every token goes to it at weight 1 (a softmax over one
+    logit), renormalised or not. Experts run one by one and as whole linears (when a hook watches) give the same."""
+    model = tiny_model(kind)
+    families.family_of(model)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    mlp = model.model.layers[0].mlp
+    with torch.inference_mode():
+        by_expert = mlp(x)
+        handle = mlp.down_proj.register_forward_pre_hook(lambda module, args: None)  # watched: as linears
+        as_linears = mlp(x)
+        handle.remove()
+    torch.testing.assert_close(as_linears, by_expert, atol=1e-6, rtol=0)
+    layout = slicing.dense_layout(model)
+    layout = slicing.Layout((slicing.LayerLayout(layout.layers[0].attn_units, (4,)), *layout.layers[1:]),
+                            mlp_unit="expert")
+    slicing.slice_model(model, layout)
+    one = model.model.layers[0].mlp
+    assert (one.num_experts, one.router.weight.shape, one.gate_proj.weight.shape) == (1, (1, 32), (8, 32))
+    with torch.inference_mode():
+        expert = one.down_proj(one.act_fn(one.gate_proj(x)) * one.up_proj(x))
+        torch.testing.assert_close(one(x), expert, atol=1e-6, rtol=0)
+
+
+def test_a_qwen3_moe_with_dense_layers_among_the_sparse_ones_is_refused_clearly():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8, intermediate_size=48, moe_intermediate_size=8,
+                            num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1])
+    with pytest.raises(InvalidSpec, match="dense MLP layers among the sparse ones .* is not supported") as refused:
+        families.family_of(Qwen3MoeForCausalLM(config))
+    assert refused.value.field == "model.source"
