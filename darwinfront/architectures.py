@@ -8,7 +8,8 @@ from __future__ import annotations
 # One per adapter module of `workers.families` (the registry there checks the two agree).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
-                           "Olmo2ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+                           "Olmo2ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
+                           "GPTNeoXForCausalLM")
 # GGUF `general.architecture` -> the transformers class a GGUF of it loads as (llama.cpp writes Mistral as
 # `llama` too; transformers tells the two apart by the model name).
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -44,7 +44,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 SURGERY_KINDS = ("llama_gqa", "llama_mha", "llama_bias", "qwen2_bias", "qwen3", "gemma2", "gemma3", "phi3",
-                 "olmo2", "mixtral", "qwen3_moe", "olmoe")
+                 "olmo2", "mixtral", "qwen3_moe", "olmoe", "gpt_neox")
 
 
 def tiny_model(kind: str = "llama_gqa", seed: int = 0):
@@ -87,6 +87,11 @@ def tiny_model(kind: str = "llama_gqa", seed: int = 0):
                                        tie_word_embeddings=False)),
         "olmoe": ("Olmoe", dict(**gqa, **moe, intermediate_size=8, num_experts=6, norm_topk_prob=True,
                                 tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+        # multi-head (no GQA in the family), fused interleaved QKV, a quarter of each head rotated, parallel residual
+        "gpt_neox": ("GPTNeoX", dict(tie_word_embeddings=False, use_parallel_residual=True, pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=2)),
+        "gpt_neox_sequential": ("GPTNeoX", dict(tie_word_embeddings=False, use_parallel_residual=False,
+                                                pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     }[kind]
     config_class = getattr(transformers, "Gemma3TextConfig" if name == "Gemma3" else f"{name}Config")
     torch.manual_seed(seed)

@@ -21,7 +21,8 @@ from search.genome import PruneGenome
 from workers import candidate, criteria, database, families, levels, modeling, slicing
 
 # one tiny model per family (Mistral: Llama's layout)
-KINDS = ("gemma2", "gemma3", "llama_gqa", "olmo2", "phi3", "qwen2_bias", "qwen3", "mixtral", "qwen3_moe", "olmoe")
+KINDS = ("gemma2", "gemma3", "llama_gqa", "olmo2", "phi3", "qwen2_bias", "qwen3", "mixtral", "qwen3_moe", "olmoe",
+         "gpt_neox")
 MOE_KINDS = ("mixtral", "qwen3_moe", "olmoe")  # 6 experts of 8 channels, 2 per token
 # What each criterion scores a unit whose output weights are zero: exactly 0, except where it cannot promise it.
 NOT_EXACTLY_ZERO = {
@@ -61,25 +62,27 @@ def test_every_supported_architecture_has_one_adapter_and_exported_classes_of_it
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_adapter_reads_the_dense_shape_of_its_family(kind):
     model = tiny_model(kind)
+    architecture = type(model).__name__
     family = families.family_of(model)
-    assert family.architecture == type(model).__name__
+    assert family.architecture == architecture
     shape = families.shape(model)
+    kv_heads = 4 if kind == "gpt_neox" else 2  # (GPT-NeoX's attention is multi-head)
     assert (shape.n_layers, shape.hidden, shape.n_heads, shape.n_kv, shape.head_dim, shape.intermediate) == \
-        (3, 32, 4, 2, 8, 48)
+        (3, 32, 4, kv_heads, 8, 48)
+    assert shape.gated == (kind != "gpt_neox")
     assert (shape.experts, shape.mlp_units, shape.mlp_width) == ((6, 6, 8) if kind in MOE_KINDS else (0, 48, 1))
     # per-head q/k norms (one head_dim weight each) are the attention's only parameters outside its projections
     assert shape.attn_extra_params == (2 * 8 if family.head_norms else 0)
 
 
 def test_a_model_of_no_registered_family_is_refused_naming_it_and_the_families():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                             num_attention_heads=4, intermediate_size=64))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32))
     with pytest.raises(InvalidSpec) as refused:
         modeling.check_architecture(model)
     assert refused.value.field == "model.source"
-    assert "GPTNeoXForCausalLM is not supported" in str(refused.value)
+    assert "GPT2LMHeadModel is not supported" in str(refused.value)
     assert all(name in str(refused.value) for name in SUPPORTED_ARCHITECTURES)
 
 
@@ -87,11 +90,12 @@ def test_a_local_directory_of_no_registered_family_is_refused_at_submission(tmp_
     from service.validation import check_architecture
 
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
-    with pytest.raises(InvalidSpec, match="GPTNeoXForCausalLM is not supported; darwinfront prunes Llama"):
+    config.write_text(json.dumps({"architectures": ["BloomForCausalLM"]}))
+    with pytest.raises(InvalidSpec, match="BloomForCausalLM is not supported; darwinfront prunes Llama"):
         check_architecture(config, "model.source")
     # none named: the job finds out
-    for fine in (["Qwen3ForCausalLM"], ["PrunedGemma3ForCausalLM"], ["Phi3ForCausalLM"], None):
+    for fine in (["Qwen3ForCausalLM"], ["PrunedGemma3ForCausalLM"], ["Phi3ForCausalLM"], ["GPTNeoXForCausalLM"],
+                 None):
         config.write_text(json.dumps({"architectures": fine}))
         check_architecture(config, "model.source")
 
@@ -101,7 +105,8 @@ def test_a_local_directory_of_no_registered_family_is_refused_at_submission(tmp_
 def test_every_criterion_scores_every_family_and_planted_dead_units_score_zero(kind, unit):
     model = tiny_model(kind)
     families.family_of(model)  # (in its family's layout: Phi-3 split, a mixture of experts as blocks of channels)
-    group_width = 8 if unit == "q_head" else 16  # o_proj columns of one query head / one KV group (2 heads)
+    mha = kind == "gpt_neox"  # a KV group is one query head
+    group_width = 8 if unit == "q_head" or mha else 16  # o_proj columns of one query head / one KV group (2 heads)
     moe = kind in MOE_KINDS
     dead = slice(8, 16) if moe else 5  # expert 1 / channel 5 of layer 0 writes nothing
     with torch.no_grad():
@@ -113,7 +118,7 @@ def test_every_criterion_scores_every_family_and_planted_dead_units_score_zero(k
         scores = criteria.get(name, **options).score(model, calibration)
         assert len(scores) == 3, name
         for layer in scores.layers:
-            assert layer.attn.shape == ((4,) if unit == "q_head" else (2,)), name
+            assert layer.attn.shape == ((4,) if unit == "q_head" or mha else (2,)), name
             assert layer.mlp.shape == ((6,) if moe else (48,)), name
             assert torch.isfinite(layer.attn).all() and torch.isfinite(layer.mlp).all(), name
         if name not in NOT_EXACTLY_ZERO:
@@ -166,7 +171,8 @@ def _local_model(kind: str, folder, **config):
     return folder
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe", "olmoe",
+                                  "gpt_neox"])
 def test_kv_precision_is_scored_on_every_family(kind, tmp_path):
     """Gemma 2 and 3 with sliding-window layers (window 4, sequences of 32) as well as global ones; Phi-3 from a
     stock (fused) directory, with a window of 4 over every layer as Phi-3-mini has one."""
@@ -264,6 +270,53 @@ def test_a_stock_phi3_is_split_into_the_same_model_with_each_unit_s_rows():
         assert torch.equal(model.generate(ids[:, :4], max_new_tokens=6, do_sample=False), want_tokens)
 
 
+@pytest.mark.parametrize("kind", ["gpt_neox", "gpt_neox_sequential"])
+def test_a_stock_gpt_neox_is_put_in_llama_s_layout_computing_the_same(kind):
+    """`canonical` de-interleaves query_key_value (per head: its 8 query rows, 8 key rows, 8 value rows) into
+    q/k/v_proj with their biases, holds the MLP as up_proj / down_proj, moves the stack to `model`; the logits and
+    greedy generations are the stock model's, with the parallel residual and with the sequential one."""
+    model = tiny_model(kind)
+    assert model.config.use_parallel_residual == (kind == "gpt_neox")
+    fused = model.gpt_neox.layers[1].attention.query_key_value
+    weight, bias = fused.weight.detach().clone(), fused.bias.detach().clone()
+    up = model.gpt_neox.layers[1].mlp.dense_h_to_4h.weight
+    ids = _calibration(model, n=2, t=12)
+    with torch.inference_mode():
+        want = model(ids).logits
+        want_tokens = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False)
+    count = slicing.count_parameters(model)
+    families.family_of(model)
+    assert type(model).__name__ == "PrunedGPTNeoXForCausalLM" and "gpt_neox" not in dict(model.named_children())
+    attention, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    head = slice(2 * 24, 3 * 24)  # head 2's rows of the fused matrix
+    assert torch.equal(attention.q_proj.weight[16:24], weight[head][:8])
+    assert torch.equal(attention.k_proj.weight[16:24], weight[head][8:16])
+    assert torch.equal(attention.v_proj.weight[16:24], weight[head][16:])
+    assert torch.equal(attention.v_proj.bias[16:24], bias[head][16:])
+    assert mlp.up_proj.weight is up and not hasattr(mlp, "gate_proj")
+    assert slicing.count_parameters(model) == count
+    modules = [id(m) for m in model.modules()]
+    families.family_of(model)  # a model in the layout is left as it is
+    assert [id(m) for m in model.modules()] == modules
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-6, rtol=0)
+        assert torch.equal(model.generate(ids[:, :4], max_new_tokens=6, do_sample=False), want_tokens)
+
+
+def test_a_gpt_neox_channel_and_head_count_what_they_hold():
+    """A non-gated channel is an up row with its bias and a down column (2·hidden + 1); a head its q, k, v rows with
+    their biases and its o_proj columns (4·hidden·8 + 3·8): the parameters a cut frees, counted on the model."""
+    model = tiny_model("gpt_neox")
+    d = slicing.dims(model)
+    assert slicing.unit_params(d) == (4 * 32 * 8 + 3 * 8, 2 * 32 + 1)
+    before = slicing.count_parameters(model)
+    every = tuple(range(48))
+    layout = slicing.Layout((slicing.LayerLayout((0, 1, 2), every), slicing.LayerLayout((0, 1, 2, 3), every[5:]),
+                             slicing.LayerLayout((0, 1, 2, 3), every)))
+    slicing.slice_model(model, layout)
+    assert before - slicing.count_parameters(model) == sum(slicing.unit_params(d)) + 4 * (2 * 32 + 1)
+
+
 def test_a_stock_phi3_directory_loads_split_and_its_cut_exports_to_stock_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -285,7 +338,7 @@ def test_a_stock_phi3_directory_loads_split_and_its_cut_exports_to_stock_transfo
         torch.testing.assert_close(stock(ids).logits, masked, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma3", "olmo2", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3", "olmo2", "mixtral", "gpt_neox"])
 def test_the_gguf_export_refuses_a_family_llama_cpp_s_deci_cannot_run(kind, tmp_path):
     from darwinfront.gguf_export import write_gguf
 

@@ -35,20 +35,21 @@ def spec(source: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("kind, prefix", [("qwen3", "Qwen3"), ("phi3", "Phi3"), ("qwen3_moe", "Qwen3Moe")])
+@pytest.mark.parametrize("kind, prefix", [("qwen3", "Qwen3"), ("phi3", "Phi3"), ("qwen3_moe", "Qwen3Moe"),
+                                          ("gpt_neox", "GPTNeoX")])
 def test_a_prune_job_downloads_a_configuration_and_an_archive_that_give_the_fronts_kl(kind, prefix, tmp_path):
     from transformers import AutoModelForCausalLM
 
     folder = _local_model(kind, tmp_path / "models" / f"tiny-{kind}")  # under the stack's allowed model root
     unsupported = tmp_path / "models" / "pythia"
     unsupported.mkdir()
-    (unsupported / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
+    (unsupported / "config.json").write_text(json.dumps({"architectures": ["BloomForCausalLM"]}))
     with EmbeddedStack(tmp_path, port=0) as stack, httpx.Client(
         base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=60
     ) as http:
         refused = http.post("/v1/jobs", json=spec(str(unsupported)))
         assert refused.status_code == 422 and "model.source" in refused.text
-        assert "GPTNeoXForCausalLM is not supported" in refused.text and "Qwen3ForCausalLM" in refused.text
+        assert "BloomForCausalLM is not supported" in refused.text and "Qwen3ForCausalLM" in refused.text
 
         response = http.post("/v1/jobs", json=spec(str(folder)))
         assert response.status_code == 201, response.text

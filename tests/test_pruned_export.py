@@ -87,7 +87,8 @@ CASES = [("llama_gqa", "q_head", True), ("llama_bias", "kv_group", True), ("llam
          ("qwen2_bias", "q_head", True), ("mistral", "kv_group", False), ("qwen3", "q_head", True),
          ("gemma2", "q_head", False), ("gemma3", "kv_group", True), ("phi3", "q_head", True),
          ("phi3", "kv_group", False), ("olmo2", "q_head", True), ("olmo2", "kv_group", False),
-         ("mixtral", "q_head", True), ("qwen3_moe", "kv_group", False), ("olmoe", "q_head", True)]
+         ("mixtral", "q_head", True), ("qwen3_moe", "kv_group", False), ("olmoe", "q_head", True),
+         ("gpt_neox", "q_head", True), ("gpt_neox", "kv_group", False)]
 
 
 def test_every_family_exports_to_stock_transformers_with_darwinfronts_logits(tmp_path):

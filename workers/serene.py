@@ -44,7 +44,8 @@ def unit_parts(layer: nn.Module, kind: str) -> tuple[nn.Linear, list[Part]] | No
     if getattr(block, "darwinfront_empty", False):
         return None
     if kind == "mlp":
-        linears, width, target = [(block.gate_proj, 1), (block.up_proj, 1)], 1, block.down_proj
+        rows = [block.gate_proj, block.up_proj] if hasattr(block, "gate_proj") else [block.up_proj]  # (GPT-NeoX)
+        linears, width, target = [(linear, 1) for linear in rows], 1, block.down_proj
     else:
         if getattr(block, "kv_head_of_query", None) is not None:
             return None

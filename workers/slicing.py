@@ -123,7 +123,8 @@ def unit_params(d: Dims, attention_unit: str = "kv_group") -> tuple[int, int]:
     attn_unit = 2 * d.hidden * q_width + (q_width if d.attn_bias else 0) + norm * q_width  # q rows (+ bias), o
     if attention_unit != "q_head":
         attn_unit += 2 * (d.hidden + (1 if d.attn_bias else 0)) * d.head_dim + norm * d.head_dim  # k and v rows
-    channel = 3 * d.hidden + (2 if d.mlp_bias else 0)  # gate and up rows (+ their bias), a down column
+    rows = 2 if d.gated else 1  # gate and up rows, or up rows alone (GPT-NeoX), each with its bias where any
+    channel = (rows + 1) * d.hidden + (rows if d.mlp_bias else 0)  # ... and a down column
     if d.experts:
         return attn_unit, d.mlp_width * channel + d.hidden  # an expert's channels and its router row
     return attn_unit, channel
@@ -418,7 +419,9 @@ def _keep_mlp_units(mlp: nn.Module, keep: list[int], expert_width: int) -> None:
         mlp.router = _take(mlp.router, idx, dim=0)
         mlp.num_experts = len(keep)
         idx = _spans(tuple(keep), expert_width, device)
-    mlp.gate_proj, mlp.up_proj = _take(mlp.gate_proj, idx, dim=0), _take(mlp.up_proj, idx, dim=0)
+    if hasattr(mlp, "gate_proj"):  # (a non-gated MLP has none: GPT-NeoX)
+        mlp.gate_proj = _take(mlp.gate_proj, idx, dim=0)
+    mlp.up_proj = _take(mlp.up_proj, idx, dim=0)
     mlp.down_proj = _keep_bias_kind(mlp.down_proj, _take(mlp.down_proj, idx, dim=1))
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(idx)

@@ -4,7 +4,7 @@ Ablation and SPSA change one layer's gates at a time, so everything below that l
 `Replay` records, per micro-batch, each decoder layer's input hidden states and the keyword arguments the model
 passed it (causal mask, rotary embeddings, ...), captured with forward pre-hooks; `logits(start)` then runs only
 layers start.. plus the final norm and LM head. Hooks on o_proj / down_proj (gates) act during the replay as in
-a full forward. Written for the Llama-family layout (`model.model.layers`, `.norm`, `model.lm_head`).
+a full forward. Reads the layers, final norm and LM head where the model's family adapter names them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from workers import families
 from workers.criteria._common import decoder_layers, micro_batches, model_device
 
 
@@ -23,6 +24,7 @@ class Replay:
     def __init__(self, model: nn.Module, calibration: torch.Tensor, batch_size: int = 8):
         self.model = model
         self.layers = decoder_layers(model)
+        self.norm = families.family_of(model).final_norm(model)
         self.batches: list[tuple[torch.Tensor, list[tuple[torch.Tensor, dict]]]] = []
         for ids in micro_batches(calibration, batch_size):
             ids = ids.to(model_device(model))
@@ -56,5 +58,5 @@ class Replay:
                 for layer, (_, kwargs) in zip(self.layers[start:], inputs[start:], strict=True):
                     out = layer(hidden, **kwargs)
                     hidden = out[0] if isinstance(out, tuple) else out  # (B, T, d)
-                logits = self.model.lm_head(self.model.model.norm(hidden))  # (B, T, vocab)
+                logits = self.model.lm_head(self.norm(hidden))  # (B, T, vocab)
                 yield ids, logits.to(torch.promote_types(logits.dtype, torch.float32))

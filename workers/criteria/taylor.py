@@ -34,13 +34,15 @@ def coupled(layer: nn.Module, kind: str) -> dict[str, nn.Linear]:
         return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj}
     m = layer.mlp
     router = {"router": m.router} if hasattr(m, "router") else {}  # a mixture of experts' (one row per expert)
-    return {"gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj, **router}
+    gate = {"gate": m.gate_proj} if hasattr(m, "gate_proj") else {}  # (a non-gated MLP has none: GPT-NeoX)
+    return {**gate, "up": m.up_proj, "down": m.down_proj, **router}
 
 
 def unit_sum(saliency: dict[str, torch.Tensor], kind: str, geo: Geometry) -> torch.Tensor:
     """Aggregate per-weight saliency |w·g| of one layer's coupled matrices into per-unit scores."""
     if kind == "mlp":
-        channels = unit_reduce(saliency["gate"].sum(1) + saliency["up"].sum(1) + saliency["down"].sum(0), kind, geo)
+        rows = saliency["up"].sum(1) + (saliency["gate"].sum(1) if "gate" in saliency else 0)
+        channels = unit_reduce(rows + saliency["down"].sum(0), kind, geo)
         return channels + saliency["router"].sum(1) if "router" in saliency else channels
     q = group_reduce(saliency["q"].sum(1), geo)  # q rows are head-major, like o columns
     o = group_reduce(saliency["o"].sum(0), geo)

@@ -15,12 +15,12 @@ from torch import nn
 from darwinfront.architectures import SUPPORTED_ARCHITECTURES, unsupported
 from darwinfront.core.errors import InvalidSpec
 
-from . import gemma2, gemma3, llama, mistral, mixtral, olmo2, olmoe, phi3, qwen2, qwen3, qwen3_moe
+from . import gemma2, gemma3, gpt_neox, llama, mistral, mixtral, olmo2, olmoe, phi3, qwen2, qwen3, qwen3_moe
 from .base import Family, Shape, head_dim
 
 FAMILIES: dict[str, Family] = {m.FAMILY.architecture: m.FAMILY for m in (llama, mistral, qwen2, qwen3, gemma2,
                                                                           gemma3, phi3, olmo2, mixtral,
-                                                                          qwen3_moe, olmoe)}
+                                                                          qwen3_moe, olmoe, gpt_neox)}
 assert tuple(FAMILIES) == SUPPORTED_ARCHITECTURES, (tuple(FAMILIES), SUPPORTED_ARCHITECTURES)
 
 __all__ = ["FAMILIES", "Family", "Shape", "family_of", "find_family", "head_dim", "shape"]

@@ -3,7 +3,8 @@ dense unit geometry, what slicing must carry along, and the classes of the expor
 
 Every family here keeps the Llama layout inside a decoder layer: `model.model.layers[i].self_attn.{q,k,v,o}_proj`
 (heads head-major: query head q owns q_proj rows and o_proj columns [q·h, (q+1)·h) and reads KV head q // r) and
-`.mlp.{gate,up,down}_proj` (channel j: row j of gate and up, column j of down). What differs between them is
+`.mlp.{gate,up,down}_proj` (channel j: row j of gate and up, column j of down; a family whose MLP is not gated has
+no gate_proj), the final norm at `model.model.norm`, the LM head at `model.lm_head`. What differs between them is
 declared on the adapter: per-head q/k norms (one head_dim weight every head shares, so a cut leaves them as they
 are), attention-logit soft-capping, layer types (sliding-window layers). A family with fused or interleaved
 projections puts its layers in this layout first (`canonical`: Phi-3 splits `qkv_proj` and `gate_up_proj`); one
@@ -21,6 +22,7 @@ from darwinfront.core.errors import InvalidSpec
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+UNGATED_MLP_PROJ = ("up_proj", "down_proj")
 NORMS = ("q_norm", "k_norm")
 
 
@@ -39,6 +41,7 @@ class Shape:
     attn_extra_params: int = 0  # the attention's parameters outside its units (per-head q/k norms)
     projection_norms: bool = False  # q/k norms over the whole projection: each unit owns its rows' norm weights
     experts: int = 0  # a mixture-of-experts MLP's experts (its units), each `intermediate / experts` channels wide
+    gated: bool = True  # the MLP has a gate_proj (a channel: a gate row, an up row, a down column)
 
     @property
     def n_heads(self) -> int:
@@ -76,6 +79,7 @@ class Family:
             its rows, and the norm's statistic runs over the kept rows only (a cut changes the other heads' scale,
             which the masked model reproduces).
         softcap: the attention passes `attn_logit_softcapping` to the attention function (Gemma 2).
+        gated: the MLP is down(act(gate(x)) * up(x)); false: down(act(up(x))) (GPT-NeoX), no gate_proj.
     """
 
     name: str
@@ -84,6 +88,7 @@ class Family:
     head_norms: bool = False
     projection_norms: bool = False
     softcap: bool = False
+    gated: bool = True
 
     @property
     def architecture(self) -> str:
@@ -102,6 +107,15 @@ class Family:
     @staticmethod
     def mlp(layer: nn.Module) -> nn.Module:
         return layer.mlp
+
+    @staticmethod
+    def final_norm(model: nn.Module) -> nn.Module:
+        """The norm between the last decoder layer and the LM head."""
+        return model.model.norm
+
+    @property
+    def mlp_projections(self) -> tuple[str, ...]:
+        return MLP_PROJ if self.gated else UNGATED_MLP_PROJ
 
     def canonical(self, model: nn.Module) -> None:
         """Put `model`'s decoder layers, in place, in the layout this adapter names (a family with fused
@@ -122,11 +136,12 @@ class Family:
             intermediate=config.intermediate_size,
             attn_bias=next((a.k_proj.bias is not None for a in map(self.attention, layers) if hasattr(a, "k_proj")),
                            False),
-            mlp_bias=next((m.gate_proj.bias is not None for m in map(self.mlp, layers) if hasattr(m, "gate_proj")),
+            mlp_bias=next((m.up_proj.bias is not None for m in map(self.mlp, layers) if hasattr(m, "up_proj")),
                           False),
             attn_extra_params=next((extra_params(a, ATTN_PROJ + (NORMS if self.projection_norms else ()))
                                     for a in map(self.attention, layers) if hasattr(a, "k_proj")), 0),
             projection_norms=self.projection_norms,
+            gated=self.gated,
         )
 
     def check(self, model: nn.Module) -> None:
@@ -141,7 +156,7 @@ class Family:
                               f"{config.num_attention_heads} query heads do not split into {n_kv} KV groups")
         for i, layer in enumerate(layers):
             for part, module, projections in (("self_attn", self.attention(layer), ATTN_PROJ),
-                                              ("mlp", self.mlp(layer), MLP_PROJ)):
+                                              ("mlp", self.mlp(layer), self.mlp_projections)):
                 if getattr(module, "darwinfront_empty", False):
                     continue  # a sub-block the slicer removed
                 missing = [p for p in projections if not isinstance(getattr(module, p, None), nn.Linear)]
