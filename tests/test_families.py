@@ -303,6 +303,18 @@ def test_a_stock_gpt_neox_is_put_in_llama_s_layout_computing_the_same(kind):
         assert torch.equal(model.generate(ids[:, :4], max_new_tokens=6, do_sample=False), want_tokens)
 
 
+def test_a_gpt_neox_is_multi_head_whatever_its_config_says():
+    """GPT-NeoX's attention has one K/V head per query head; a stray `num_key_value_heads` in its config (transformers
+    keeps unknown keys) does not make it grouped."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                             intermediate_size=48, num_key_value_heads=2))
+    shape = families.shape(model)
+    assert (shape.n_heads, shape.n_kv, shape.group) == (4, 4, 1)
+    assert model.config.num_key_value_heads == 4
+
+
 def test_a_gpt_neox_channel_and_head_count_what_they_hold():
     """A non-gated channel is an up row with its bias and a down column (2·hidden + 1); a head its q, k, v rows with
     their biases and its o_proj columns (4·hidden·8 + 3·8): the parameters a cut frees, counted on the model."""

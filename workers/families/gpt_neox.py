@@ -21,6 +21,7 @@ class GPTNeoXFamily(Family):
     def canonical(self, model: nn.Module) -> None:
         from workers.pruned_hf.modeling_pruned_gpt_neox import PrunedGPTNeoXForCausalLM, PrunedGPTNeoXLayer
 
+        model.config.num_key_value_heads = model.config.num_attention_heads  # multi-head, whatever a config says
         if isinstance(model, PrunedGPTNeoXForCausalLM):
             return
         body = model.gpt_neox

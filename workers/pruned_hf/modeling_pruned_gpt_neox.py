@@ -39,7 +39,8 @@ from .pruned_layers import attend_with_kv_index, cut_layers, layer_config, set_k
 @strict
 class PrunedGPTNeoXConfig(GPTNeoXConfig):
     """GPTNeoXConfig plus `layer_shapes`: one {num_attention_heads, num_key_value_heads, intermediate_size,
-    kv_head_of_query} per layer. GPT-NeoX's attention is multi-head: `num_key_value_heads` is the query heads."""
+    kv_head_of_query} per layer. GPT-NeoX's attention is multi-head: `num_key_value_heads` is always the query
+    heads (the dense count the layer shapes are read against)."""
 
     model_type = "darwinfront_gpt_neox"
     layer_shapes: list[dict] | None = None
@@ -47,8 +48,7 @@ class PrunedGPTNeoXConfig(GPTNeoXConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+        self.num_key_value_heads = self.num_attention_heads
         settle_layer_shapes(self)
 
 
