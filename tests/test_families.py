@@ -48,6 +48,13 @@ def _calibration(model, n: int = 8, t: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(model.config.vocab_size, (n, t), generator=torch.Generator().manual_seed(seed))  # (N, T)
 
 
+def _outputs(model, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, logits, greedy tokens from the first 4 ids): what a model laid out by `canonical` must keep."""
+    ids = _calibration(model, n=2, t=12) if ids is None else ids
+    with torch.inference_mode():
+        return ids, model(ids).logits, model.generate(ids[:, :4], max_new_tokens=6, do_sample=False)
+
+
 def test_every_supported_architecture_has_one_adapter_and_exported_classes_of_its_family():
     import transformers
 
@@ -247,10 +254,7 @@ def test_a_stock_phi3_is_split_into_the_same_model_with_each_unit_s_rows():
     model = tiny_model("phi3")
     attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
     qkv, gate_up = attn.qkv_proj.weight.detach().clone(), mlp.gate_up_proj.weight.detach().clone()
-    ids = _calibration(model, n=2, t=12)
-    with torch.inference_mode():
-        want = model(ids).logits
-        want_tokens = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False)
+    ids, want, want_tokens = _outputs(model)
     count = slicing.count_parameters(model)
     families.family_of(model)  # splits, in place
     layer = model.model.layers[1]
@@ -265,9 +269,9 @@ def test_a_stock_phi3_is_split_into_the_same_model_with_each_unit_s_rows():
     modules = [id(m) for m in model.modules()]
     families.family_of(model)  # a split model is left as it is
     assert [id(m) for m in model.modules()] == modules
-    with torch.inference_mode():
-        torch.testing.assert_close(model(ids).logits, want, atol=1e-6, rtol=0)
-        assert torch.equal(model.generate(ids[:, :4], max_new_tokens=6, do_sample=False), want_tokens)
+    _, logits, tokens = _outputs(model, ids)
+    torch.testing.assert_close(logits, want, atol=1e-6, rtol=0)
+    assert torch.equal(tokens, want_tokens)
 
 
 @pytest.mark.parametrize("kind", ["gpt_neox", "gpt_neox_sequential"])
@@ -280,10 +284,7 @@ def test_a_stock_gpt_neox_is_put_in_llama_s_layout_computing_the_same(kind):
     fused = model.gpt_neox.layers[1].attention.query_key_value
     weight, bias = fused.weight.detach().clone(), fused.bias.detach().clone()
     up = model.gpt_neox.layers[1].mlp.dense_h_to_4h.weight
-    ids = _calibration(model, n=2, t=12)
-    with torch.inference_mode():
-        want = model(ids).logits
-        want_tokens = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False)
+    ids, want, want_tokens = _outputs(model)
     count = slicing.count_parameters(model)
     families.family_of(model)
     assert type(model).__name__ == "PrunedGPTNeoXForCausalLM" and "gpt_neox" not in dict(model.named_children())
@@ -298,9 +299,9 @@ def test_a_stock_gpt_neox_is_put_in_llama_s_layout_computing_the_same(kind):
     modules = [id(m) for m in model.modules()]
     families.family_of(model)  # a model in the layout is left as it is
     assert [id(m) for m in model.modules()] == modules
-    with torch.inference_mode():
-        torch.testing.assert_close(model(ids).logits, want, atol=1e-6, rtol=0)
-        assert torch.equal(model.generate(ids[:, :4], max_new_tokens=6, do_sample=False), want_tokens)
+    _, logits, tokens = _outputs(model, ids)
+    torch.testing.assert_close(logits, want, atol=1e-6, rtol=0)
+    assert torch.equal(tokens, want_tokens)
 
 
 def test_a_gpt_neox_is_multi_head_whatever_its_config_says():
@@ -385,10 +386,7 @@ def test_a_stock_mixture_of_experts_is_laid_out_as_blocks_of_channels_computing_
     experts = model.model.layers[1].mlp.experts
     gate_up, down = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
     router = model.model.layers[1].mlp.gate.weight.detach().clone()
-    ids = _calibration(model, n=2, t=12)
-    with torch.inference_mode():
-        want = model(ids).logits
-        want_tokens = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False)
+    ids, want, want_tokens = _outputs(model)
     count = slicing.count_parameters(model)
     families.family_of(model)
     mlp = model.model.layers[1].mlp
@@ -398,9 +396,9 @@ def test_a_stock_mixture_of_experts_is_laid_out_as_blocks_of_channels_computing_
                                                                                     gate_up[2, 8:])
     assert torch.equal(mlp.down_proj.weight[:, 16:24], down[2])
     assert slicing.count_parameters(model) == count
-    with torch.inference_mode():
-        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=0)
-        assert torch.equal(model.generate(ids[:, :4], max_new_tokens=6, do_sample=False), want_tokens)
+    _, logits, tokens = _outputs(model, ids)
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
+    assert torch.equal(tokens, want_tokens)
 
 
 @pytest.mark.parametrize("kind", MOE_KINDS)
